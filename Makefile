@@ -1,0 +1,32 @@
+# make setup : system libraries (apt, when root) + .venv + requirements (idempotent)
+# make demo  : digits .beton files + the quickstart IMP run under torchrun (2 CPU processes) + its plot
+# make test  : the test suite (fast CPU tests)
+# make bench : the benchmarks under bench/ (figures printed, never asserted)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCHRUN := $(VENV)/bin/torchrun
+DATA ?= data
+NPROC ?= 2
+
+.PHONY: setup data demo test bench clean-demo
+
+setup:
+	@bash scripts/setup.sh
+
+data: setup
+	$(PY) -m utils.write_beton --dataset digits --out $(DATA) --skip-existing
+
+demo: data
+	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) harness.py --config configs/quickstart.yaml
+	$(PY) -m utils.report runs/quickstart --out runs/quickstart/accuracy_vs_density.png
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/masked_overhead.py --quick
+	$(PY) bench/pruning_speed.py --quick
+	$(PY) bench/checkpoint_cost.py
+
+clean-demo:
+	rm -rf runs/quickstart

@@ -1,0 +1,418 @@
+"""Every configuration key, declared once (fastargs Sections/Params), and the strict loader.
+
+fastargs declares and documents the keys and feeds ``@param`` in the harness, but on its own
+it silently ignores keys nobody declared, turns the string "false" into True, truncates
+3.7 to 3 for an int, and exits with status 0 on a validation error.  ``load_config`` closes
+those holes: YAML and ``--section.key=value`` overrides are merged, every key must be
+declared, every value is checked by a strict checker below, cross-field contradictions are
+refused, and any problem ends the program with ONE line on stderr and exit status 2 before
+anything is created on disk.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+from fastargs import Config, Param, Section, get_current_config, set_current_config
+from fastargs.validation import Checker
+
+from utils.dataset import DATASETS
+from utils.models import model_names
+from utils.pruning_utils import ALLOCATIONS, SCORES
+from utils.schedulers import schedule_names
+
+EXIT_CONFIG_ERROR = 2
+
+
+class ConfigError(ValueError):
+    """A bad config; the message is one line naming the key, the value and what is allowed."""
+
+
+# ----------------------------------------------------------------------------- checkers
+class StrictInt(Checker):
+    def __init__(self, low: float = -math.inf, high: float = math.inf):
+        self.low, self.high = low, high
+
+    def check(self, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise TypeError(value)
+        if not self.low <= value <= self.high:
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return _range_help("an integer", self.low, self.high, True, True)
+
+
+class StrictFloat(Checker):
+    def __init__(self, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def check(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(value)
+        value = float(value)
+        too_low = value <= self.low if self.low_open else value < self.low
+        too_high = value >= self.high if self.high_open else value > self.high
+        if too_low or too_high or math.isnan(value):
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return _range_help("a number", self.low, self.high, not self.low_open, not self.high_open)
+
+
+def _range_help(kind: str, low, high, low_closed: bool, high_closed: bool) -> str:
+    if low == -math.inf and high == math.inf:
+        return kind
+    left = "[" if low_closed else "("
+    right = "]" if high_closed else ")"
+    lo = "-inf" if low == -math.inf else f"{low:g}"
+    hi = "inf" if high == math.inf else f"{high:g}"
+    return f"{kind} in {left}{lo}, {hi}{right}"
+
+
+class StrictBool(Checker):
+    def check(self, value):
+        if isinstance(value, bool):
+            return value
+        raise TypeError(value)
+
+    def help(self):
+        return "true or false"
+
+
+class StrictStr(Checker):
+    def check(self, value):
+        if isinstance(value, str):
+            return value
+        raise TypeError(value)
+
+    def help(self):
+        return "a string"
+
+
+class Choice(Checker):
+    def __init__(self, choices: Sequence[str]):
+        self.choices = list(choices)
+
+    def check(self, value):
+        if value not in self.choices:
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return "one of " + ", ".join(self.choices)
+
+
+class ListOf(Checker):
+    def __init__(self, item: Checker, length: Optional[int] = None):
+        self.item, self.length = item, length
+
+    def check(self, value):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise TypeError(value)
+        if self.length is not None and len(value) != self.length:
+            raise ValueError(value)
+        return [self.item.check(v) for v in value]
+
+    def help(self):
+        n = f"{self.length} " if self.length is not None else ""
+        return f"a list of {n}items, each {self.item.help()}"
+
+
+class Optional_(Checker):
+    """``null`` (None) or the inner checker's value."""
+
+    def __init__(self, inner: Checker):
+        self.inner = inner
+
+    def check(self, value):
+        return None if value is None else self.inner.check(value)
+
+    def help(self):
+        return f"{self.inner.help()}, or null"
+
+
+# ------------------------------------------------------------------------------ schema
+def P(checker: Checker, desc: str, default: Any = None, required: bool = False) -> Param:
+    return Param(checker, desc, default=default, required=required)
+
+
+def declare_sections() -> Config:
+    """Declare every section and key into a fresh fastargs Config and make it current."""
+    config = Config()
+    set_current_config(config)
+
+    Section("model", "Network").params(
+        name=P(Choice(model_names()), "Registry name of the network (utils/models.py)", required=True),
+    )
+    Section("dataset", "Data (FFCV .beton files)").params(
+        name=P(Choice(sorted(DATASETS)), "Dataset; fixes resolution, channels, classes, mean/std", required=True),
+        train_path=P(StrictStr(), "Training .beton file", required=True),
+        test_path=P(StrictStr(), "Evaluation .beton file", required=True),
+        batch_size=P(StrictInt(1), "GLOBAL batch size: each of W processes takes batch_size / W", default=128),
+        num_workers=P(StrictInt(0), "Loader worker threads per process", default=4),
+        loader=P(Choice(["ffcv", "torch"]), "ffcv (fast) or torch (no JIT; debugging)", default="ffcv"),
+        resolution=P(StrictInt(0), "Training image size; 0 = the dataset's own (ImageNet: RandomResizedCrop size)", default=0),
+        eval_resolution=P(StrictInt(0), "Evaluation image size; 0 = the dataset's own (ImageNet: center crop, ratio 224/256)", default=0),
+    )
+    Section("optimizer", "Optimizer").params(
+        name=P(Choice(["sgd", "adam", "adamw"]), "Optimizer", default="sgd"),
+        lr=P(StrictFloat(0, math.inf, low_open=True), "Peak learning rate (for the global batch size)", default=0.1),
+        momentum=P(StrictFloat(0, 1, high_open=True), "SGD momentum", default=0.9),
+        nesterov=P(StrictBool(), "Nesterov momentum (sgd with momentum > 0)", default=False),
+        weight_decay=P(StrictFloat(0), "L2 / decoupled weight decay", default=1e-4),
+        betas=P(ListOf(StrictFloat(0, 1, high_open=True), 2), "Adam/AdamW betas", default=[0.9, 0.999]),
+        label_smoothing=P(StrictFloat(0, 1, high_open=True), "Label smoothing of the cross-entropy loss", default=0.0),
+    )
+    Section("schedule", "Learning-rate schedule (per iteration, epochs as units)").params(
+        name=P(Choice(schedule_names()), "Shape of the schedule", default="constant"),
+        warmup_epochs=P(StrictFloat(0), "Linear warmup length in epochs (0 = none)", default=0.0),
+        warmup_start_factor=P(StrictFloat(0, 1), "LR factor at the first warmup step", default=0.0),
+        milestones=P(ListOf(StrictFloat(0)), "multistep: epochs at which LR is multiplied by gamma", default=[]),
+        gamma=P(StrictFloat(0, 1, low_open=True), "step/multistep decay factor", default=0.1),
+        step_size=P(StrictFloat(0, math.inf, low_open=True), "step: epochs between decays", default=30.0),
+        peak_epoch=P(StrictFloat(0), "triangular: epoch at which LR peaks", default=2.0),
+        final_factor=P(StrictFloat(0, 1), "cosine/linear/triangular: LR factor at the end", default=0.0),
+    )
+    Section("training", "Training loop").params(
+        epochs=P(StrictInt(1), "Epochs per level", default=10),
+        precision=P(Choice(["fp32", "bf16", "fp16"]), "Autocast dtype on CUDA; CPU always trains in fp32", default="fp32"),
+        channels_last=P(StrictBool(), "channels_last memory format (CUDA)", default=False),
+        compile=P(StrictBool(), "torch.compile the model", default=False),
+        device=P(Choice(["auto", "cpu", "cuda"]), "auto = cuda:LOCAL_RANK when present, else cpu", default="auto"),
+        grad_clip=P(StrictFloat(0), "Clip the global gradient norm to this (0 = off)", default=0.0),
+        progress=P(StrictBool(), "Progress bar on rank 0", default=True),
+    )
+    Section("prune", "Pruning between levels").params(
+        criterion=P(Choice(sorted(SCORES)), "Score: magnitude, random, snip or synflow", default="magnitude"),
+        allocation=P(Choice(sorted(ALLOCATIONS)), "How kept weights are shared among layers", default="global"),
+        training_type=P(Choice(["imp", "wr", "lrr", "at_init"]), "What happens between levels", default="imp"),
+        rate=P(StrictFloat(0, 1, low_open=True, high_open=True), "Fraction of the remaining weights removed per level", default=0.2),
+        levels=P(Optional_(StrictInt(1)), "Number of levels, dense level 0 included", default=None),
+        target_density=P(Optional_(StrictFloat(0, 1, low_open=True)), "at_init: the density; iterative: stop at the first level at or below it", default=None),
+        rewind_epoch=P(StrictInt(0), "wr: the level-0 epoch whose end state later levels restart from", default=0),
+        exclude=P(ListOf(StrictStr()), "fnmatch patterns of layer names kept dense and uncounted", default=[]),
+        synflow_iterations=P(StrictInt(1), "SynFlow rounds (exponential density schedule)", default=100),
+        snip_batches=P(StrictInt(1), "Training batches summed for the SNIP score", default=1),
+    )
+    Section("distributed", "Process group").params(
+        backend=P(Choice(["auto", "nccl", "gloo"]), "auto = nccl on CUDA, gloo on CPU", default="auto"),
+        sync_bn=P(StrictBool(), "SyncBatchNorm across ranks (CUDA; default off: per-rank batch statistics, rank 0's running stats)", default=False),
+        timeout_s=P(StrictFloat(1), "Collective timeout in seconds", default=1800.0),
+    )
+    Section("experiment", "Where results go").params(
+        name=P(StrictStr(), "Experiment directory name under base_dir", required=True),
+        base_dir=P(StrictStr(), "Parent directory of experiment directories", default="runs"),
+        seed=P(StrictInt(0), "Seed for initialisation, data order and random scores", default=0),
+        resume=P(StrictBool(), "Resume from a checkpoint of the same config; false = start fresh in a new directory", default=True),
+    )
+    return config
+
+
+# ----------------------------------------------------------------------------- loading
+USAGE = ("usage: harness.py --config FILE.yaml [--section.key=value ...]  "
+         "(python harness.py --help lists every key)")
+
+
+def _fail(message: str) -> None:
+    raise ConfigError(message)
+
+
+def parse_argv(argv: Sequence[str]) -> Tuple[Optional[str], Dict[str, str], bool]:
+    """-> (config path, {dotted key: raw string}, wants_help)."""
+    config_path, overrides, wants_help = None, {}, False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            wants_help = True
+        elif arg in ("--config", "-C", "--config-file") or arg.startswith(("--config=", "--config-file=")):
+            if "=" in arg:
+                config_path = arg.split("=", 1)[1]
+            else:
+                if i + 1 >= len(args):
+                    _fail(f"{arg} needs a file name. {USAGE}")
+                i += 1
+                config_path = args[i]
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            if "=" in arg:
+                key, raw = arg[2:].split("=", 1)
+            else:
+                if i + 1 >= len(args):
+                    _fail(f"{arg} needs a value. {USAGE}")
+                key, raw = arg[2:], args[i + 1]
+                i += 1
+            overrides[key] = raw
+        else:
+            _fail(f"unexpected argument {arg!r}. {USAGE}")
+        i += 1
+    return config_path, overrides, wants_help
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    if not isinstance(tree, dict):
+        _fail(f"config: {prefix or 'the top level'} must be a mapping of sections, got {type(tree).__name__}")
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _known_keys(config: Config) -> Dict[str, Param]:
+    return {".".join(path): param for path, param in config.entries.items()}
+
+
+def _check_declared(flat: Dict[str, Any], known: Dict[str, Param], origin: str) -> None:
+    sections = sorted({k.split(".")[0] for k in known})
+    for key in flat:
+        if key in known:
+            continue
+        section = key.split(".")[0]
+        if section not in sections:
+            _fail(f"unknown section {section!r} ({origin} key {key}); sections: {', '.join(sections)}")
+        keys = sorted(k.split(".", 1)[1] for k in known if k.startswith(section + "."))
+        _fail(f"unknown key {key} ({origin}); keys of {section}: {', '.join(keys)}")
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    if not os.path.exists(path):
+        _fail(f"config file {path} does not exist")
+    if os.path.isdir(path):
+        _fail(f"config file {path} is a directory, not a YAML file")
+    try:
+        with open(path) as handle:
+            tree = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        _fail(f"config file {path} is not valid YAML{where}: {problem}")
+    except UnicodeDecodeError:
+        _fail(f"config file {path} is not a text (UTF-8) YAML file")
+    return tree if tree is not None else {}
+
+
+def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, Any]:
+    """Merge YAML + overrides, check each key and value; -> {dotted key: checked value}."""
+    config = declare_sections()
+    known = _known_keys(config)
+    flat = _flatten(read_yaml(config_path)) if config_path else {}
+    _check_declared(flat, known, f"in {config_path}")
+    parsed_overrides = {}
+    for key, raw in overrides.items():
+        try:
+            parsed_overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            parsed_overrides[key] = raw
+    _check_declared(parsed_overrides, known, "on the command line")
+    flat.update(parsed_overrides)
+
+    resolved: Dict[str, Any] = {}
+    for key, param in known.items():
+        if key in flat:
+            value = flat[key]
+            try:
+                resolved[key] = param.checker.check(value)
+            except Exception:
+                _fail(f"{key}={value!r} is not allowed: expected {param.checker.help()}")
+        elif param.required:
+            _fail(f"{key} is required ({param.desc}); set it in the YAML or with --{key}=...")
+        else:
+            resolved[key] = param.default
+    check_cross_fields(resolved)
+    # Hand the checked values to fastargs so @param works in the harness.
+    tree: Dict[str, Any] = {}
+    for key, value in resolved.items():
+        section, name = key.split(".", 1)
+        tree.setdefault(section, {})[name] = value
+    config.collect(tree)
+    return resolved
+
+
+def check_cross_fields(c: Dict[str, Any]) -> None:
+    """Contradictions between keys that each look fine alone."""
+    kind = c["prune.training_type"]
+    levels, target = c["prune.levels"], c["prune.target_density"]
+    epochs = c["training.epochs"]
+    if kind == "at_init":
+        if target is None:
+            _fail("prune.training_type=at_init needs prune.target_density in (0, 1]")
+        if levels not in (None, 1):
+            _fail(f"prune.levels={levels} contradicts prune.training_type=at_init, which trains once (leave levels unset or 1)")
+    else:
+        if levels is None and target is None:
+            _fail(f"prune.training_type={kind} needs prune.levels (>= 1) or prune.target_density (in (0, 1])")
+        if levels is not None and target is not None:
+            _fail(f"prune.levels={levels} and prune.target_density={target} both set; give one (levels, or the density to stop at)")
+    if kind == "wr" and c["prune.rewind_epoch"] >= epochs:
+        _fail(f"prune.rewind_epoch={c['prune.rewind_epoch']} must be less than training.epochs={epochs}")
+    if c["optimizer.nesterov"] and (c["optimizer.name"] != "sgd" or c["optimizer.momentum"] == 0):
+        _fail("optimizer.nesterov=true needs optimizer.name=sgd and optimizer.momentum > 0")
+    if c["schedule.name"] == "multistep":
+        milestones = c["schedule.milestones"]
+        if not milestones:
+            _fail("schedule.name=multistep needs schedule.milestones (a list of epochs)")
+        if list(milestones) != sorted(milestones) or any(m > epochs for m in milestones):
+            _fail(f"schedule.milestones={milestones} must increase and lie within training.epochs={epochs}")
+    if c["schedule.warmup_epochs"] >= epochs:
+        _fail(f"schedule.warmup_epochs={c['schedule.warmup_epochs']} must be less than training.epochs={epochs}")
+    if c["schedule.name"] == "triangular" and c["schedule.peak_epoch"] > epochs:
+        _fail(f"schedule.peak_epoch={c['schedule.peak_epoch']} must be within training.epochs={epochs}")
+
+
+def help_text() -> str:
+    config = declare_sections()
+    lines = [USAGE, "", "Keys (YAML: section: {key: value}; command line: --section.key=value):"]
+    current = None
+    for path, param in config.entries.items():
+        section = path[0]
+        if section != current:
+            current = section
+            lines.append(f"\n[{section}] {config.sections[(section,)].desc}")
+        default = "REQUIRED" if param.required else repr(param.default)
+        lines.append(f"  {'.'.join(path):28s} {param.desc}. Allowed: {param.checker.help()}. Default: {default}")
+    return "\n".join(lines)
+
+
+def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse argv, print help or a one-line error (exit 2), else return the resolved config."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config_path, overrides, wants_help = parse_argv(argv)
+        if wants_help:
+            print(help_text())
+            sys.exit(0)
+        if config_path is None:
+            _fail(f"no config given. {USAGE}")
+        return resolve(config_path, overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+def as_tree(resolved: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    tree: Dict[str, Dict[str, Any]] = {}
+    for key, value in resolved.items():
+        section, name = key.split(".", 1)
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
+def differing_keys(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -1,0 +1,420 @@
+"""Model registry: torchvision classifiers by name, plus the lottery-ticket families.
+
+``get_model(name, num_classes=..., in_channels=..., image_size=...)`` is the only entry
+point the harness needs.  Every builder in ``MODELS`` takes the same three plain
+arguments, so a new family is one decorated function (no if/elif over names).
+
+torchvision models (every name ``torchvision.models.list_models(module=torchvision.models)``
+offers: resnet18 ... resnet152, wide_resnet50_2, vgg11 ... vgg19_bn, mobilenet_v2,
+efficientnet_b0, densenet121, convnext_tiny, regnet_*, vit_*, swin_*, ...):
+
+* built with ``weights=None`` (never downloads) and ``num_classes``;
+* ResNet family (``torchvision.models.ResNet``: resnet*, wide_resnet*, resnext*) at
+  ``image_size <= 64`` get the CIFAR adaptation: a 3x3 stride-1 padding-1 stem conv and
+  no max-pool (``maxpool`` becomes ``nn.Identity``), as in the SynFlow / TurboPrune CIFAR
+  ResNet-18 (555 M MACs at 32 px instead of ~37 M with the ImageNet stem);
+* ``in_channels != 3``: the stem (first Conv2d in module order) is replaced by a conv with
+  the same kernel/stride/padding/dilation/groups/bias/padding_mode taking ``in_channels``;
+* every replaced stem conv is initialised ``kaiming_normal_(mode="fan_out",
+  nonlinearity="relu")``, bias 0, which is what torchvision itself uses for the convs of
+  ResNet, VGG, MobileNet, EfficientNet and RegNet;
+* GoogLeNet and Inception-v3 are built without auxiliary heads (``aux_logits=False``) so
+  every model returns one logits tensor in training mode too; ViT and MaxViT are told
+  ``image_size`` (their position embeddings / partitions depend on it).
+
+Lottery-ticket families (written here):
+
+* ``resnet20/32/44/56/110`` -- He et al. 2016, section 4.2 (CIFAR): 3x3 stem conv with 16
+  filters, three stages of (depth-2)/6 basic blocks with 16/32/64 filters, stride 2 at
+  the start of stages 2 and 3, global average pool, one linear layer.  Shortcuts where
+  the shape changes are **option B**: 1x1 conv (stride 2, no bias) + BatchNorm, as in
+  open_lth's ``cifar_resnet``; identity elsewhere.  Option B adds 2,752 parameters to
+  option A's 0.27 M for ResNet-20 (both 3 shape changes are prunable 1x1 convs).
+  ``resnet{depth}_w{width}`` (width 32, 64) scale all stages (open_lth's
+  ``cifar_resnet_20_64``).
+* ``vgg11/13/16/19_cifar`` -- open_lth's ``cifar_vgg`` (also SynFlow's): 3x3 convs (no
+  bias) + BatchNorm + ReLU with open_lth's plans, max-pool between groups, global
+  average pool, one linear layer 512 -> num_classes.  Max-pools use ``ceil_mode=True``:
+  identical to floor mode on the even sizes of 32 px inputs, and a 1x1 map pools to 1x1,
+  so 8x8 inputs work (floor mode would shrink the map to 0x0 after the third pool).
+* ``lenet_300_100`` -- MLP 300-100 (LeCun et al. 1998; Frankle & Carbin 2019), input
+  ``in_channels * image_size**2``.
+* ``lenet5`` -- LeNet-5 with ReLU and max-pooling as used in the pruning literature:
+  conv 6@5x5 (padding 2) - pool - conv 16@5x5 - pool - fc 120 - fc 84 - fc classes; the
+  first fc's input follows ``image_size`` (needs ``image_size >= 12``).
+* ``conv2/conv4/conv6`` -- Frankle & Carbin 2019, Figure 2: groups of two 3x3 "same"
+  convs (64, 128, 256 filters; with bias, no BatchNorm) each followed by a 2x2 max-pool,
+  then fc 256 - fc 256 - fc classes; the first fc's input follows ``image_size``
+  (``image_size >= 2**groups``).
+
+Initialisation of our own families: ``kaiming_normal_`` (fan_in, ReLU gain sqrt(2); the
+"kaiming_normal" initializer of open_lth) for every Conv2d/Linear weight, biases 0,
+BatchNorm weight 1 and bias 0.
+
+Size check: after building, ``get_model`` runs a 1-sample eval-mode forward with
+meta-device stand-ins for the parameters and buffers (``forward_problem``: shapes only, no
+memory, no arithmetic; milliseconds, a few hundred for the largest ViTs).  If that forward
+(or the build itself) fails, meta-device builds of the same model are tried at
+``PROBE_IMAGE_SIZES``; when some of them run and the requested size does not, the size is
+refused with a ModelError naming the model, the size and the probe sizes that work.
+Otherwise the original error propagates (the probe is not trusted to judge, e.g. RegNet's
+builder cannot run on the meta device at all).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torchvision
+from torch import nn
+
+Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
+
+MODELS: Dict[str, Builder] = {}
+
+# Inputs up to this many pixels a side count as "small" (CIFAR 32, Tiny-ImageNet 64).
+CIFAR_STEM_MAX_IMAGE_SIZE = 64
+
+# Sizes tried when a model cannot run at the requested one, to say what is allowed.
+PROBE_IMAGE_SIZES = (8, 16, 32, 64, 96, 128, 224, 299)
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked (unknown name, bad argument, input too small)."""
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator adding ``builder(num_classes, in_channels, image_size)`` to ``MODELS``."""
+
+    def add(builder: Builder) -> Builder:
+        if name in MODELS:
+            raise ModelError(f"model name {name!r} is registered twice")
+        MODELS[name] = builder
+        return builder
+
+    return add
+
+
+def model_names() -> List[str]:
+    return sorted(MODELS)
+
+
+def get_model(name: str, *, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """Build model ``name`` (fresh random initialisation) for the given data shape."""
+    builder = MODELS.get(name)
+    if builder is None:
+        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(model_names())}")
+    for argument, value in (("num_classes", num_classes), ("in_channels", in_channels),
+                            ("image_size", image_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"{name}: {argument} must be a positive int, got {value!r}")
+    build_error: Optional[Exception] = None
+    try:
+        model = builder(num_classes, in_channels, image_size)
+    except ModelError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- e.g. ViT: image size not a multiple of the patch
+        build_error, problem = error, _first_line(error)
+    else:
+        problem = forward_problem(model, in_channels, image_size)
+    if problem is not None:
+        # Refuse only when a meta-device build of the same model runs at some probe size but
+        # not at this one; a model that fails everywhere (or runs at this size when built on
+        # meta) points at the probe, not at the input size.
+        working = [size for size in sorted({*PROBE_IMAGE_SIZES, image_size})
+                   if _meta_build_problem(builder, num_classes, in_channels, size) is None]
+        if working and image_size not in working:
+            raise ModelError(f"{name} cannot run on {in_channels}x{image_size}x{image_size} inputs "
+                             f"({problem}); image sizes that work include {working}")
+    if build_error is not None:
+        raise build_error
+    return model
+
+
+def forward_problem(model: nn.Module, in_channels: int, image_size: int) -> Optional[str]:
+    """None when a 1-sample eval-mode forward runs, else the error's first line.
+
+    Shapes only: the forward runs through ``torch.func.functional_call`` with meta-device
+    stand-ins for every parameter and buffer, so it allocates nothing and computes nothing,
+    and the model itself (values, BN statistics, train/eval mode) is left as it was.
+    """
+    stand_ins = {name: torch.empty_like(tensor, device="meta")
+                 for name, tensor in (*model.named_parameters(), *model.named_buffers())}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(
+                model, stand_ins, (torch.empty(1, in_channels, image_size, image_size, device="meta"),))
+    except Exception as error:  # noqa: BLE001 -- any failure means "does not run at this size"
+        return _first_line(error)
+    finally:
+        model.train(was_training)
+    return None
+
+
+def _meta_build_problem(builder: Builder, num_classes: int, in_channels: int, image_size: int) -> Optional[str]:
+    """Like ``forward_problem`` for a model built on the meta device (a failed build counts)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"), torch.no_grad():
+            builder(num_classes, in_channels, image_size).eval()(
+                torch.empty(1, in_channels, image_size, image_size))
+    except Exception as error:  # noqa: BLE001
+        return _first_line(error)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0][:200]
+
+
+# --------------------------------------------------------------------------------------
+# torchvision models
+# --------------------------------------------------------------------------------------
+
+# Constructor arguments by the module that defines a builder (data, not name logic).
+_TORCHVISION_FIXED_KWARGS: Dict[str, dict] = {
+    # One logits tensor in training mode; init_weights given to silence the
+    # "default will change" warning and keep torchvision's truncated-normal init.
+    "torchvision.models.googlenet": {"aux_logits": False, "init_weights": True},
+    "torchvision.models.inception": {"aux_logits": False, "init_weights": True},
+}
+_TORCHVISION_SIZE_KWARGS: Dict[str, Callable[[int], dict]] = {
+    "torchvision.models.vision_transformer": lambda size: {"image_size": size},
+    "torchvision.models.maxvit": lambda size: {"input_size": (size, size)},
+}
+
+
+def _build_torchvision(tv_name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    tv_builder = torchvision.models.get_model_builder(tv_name)
+    kwargs = {"weights": None, "num_classes": num_classes}
+    kwargs.update(_TORCHVISION_FIXED_KWARGS.get(tv_builder.__module__, {}))
+    size_kwargs = _TORCHVISION_SIZE_KWARGS.get(tv_builder.__module__)
+    if size_kwargs is not None:
+        kwargs.update(size_kwargs(image_size))
+    model = tv_builder(**kwargs)
+    if isinstance(model, torchvision.models.ResNet) and image_size <= CIFAR_STEM_MAX_IMAGE_SIZE:
+        cifar_adapt_resnet_(model, in_channels)
+    elif in_channels != 3:
+        replace_stem_in_channels_(model, in_channels)
+    return model
+
+
+def cifar_adapt_resnet_(model: torchvision.models.ResNet, in_channels: int = 3) -> None:
+    """3x3 stride-1 stem conv taking ``in_channels`` and no max-pool (in place)."""
+    old = model.conv1
+    model.conv1 = nn.Conv2d(in_channels, old.out_channels, kernel_size=3, stride=1, padding=1,
+                            bias=False, device=old.weight.device, dtype=old.weight.dtype)
+    _init_stem_(model.conv1)
+    model.maxpool = nn.Identity()
+
+
+def replace_stem_in_channels_(model: nn.Module, in_channels: int) -> None:
+    """Replace the first Conv2d (in module order) with one taking ``in_channels``."""
+    stem_name, old = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)),
+                          (None, None))
+    if old is None:
+        raise ModelError(f"{type(model).__name__} has no Conv2d stem to adapt to {in_channels} channels")
+    if in_channels % old.groups:
+        raise ModelError(f"{type(model).__name__}: stem conv {stem_name} has groups={old.groups}, "
+                         f"which does not divide in_channels={in_channels}")
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, stride=old.stride,
+                    padding=old.padding, dilation=old.dilation, groups=old.groups,
+                    bias=old.bias is not None, padding_mode=old.padding_mode,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    _init_stem_(new)
+    parent_name, _, child_name = stem_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, new)
+
+
+@torch.no_grad()
+def _init_stem_(conv: nn.Conv2d) -> None:
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+for _tv_name in torchvision.models.list_models(module=torchvision.models):
+    register(_tv_name)(functools.partial(_build_torchvision, _tv_name))
+
+
+# --------------------------------------------------------------------------------------
+# Lottery-ticket families
+# --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def init_lottery_family_(model: nn.Module) -> nn.Module:
+    """Kaiming-normal (fan_in, ReLU) conv/linear weights, zero biases, BN weight 1 bias 0."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def _size_after_pools(name: str, image_size: int, pools: int, minimum_after: int = 1) -> int:
+    """Side of the feature map after ``pools`` floor-mode 2x2 max-pools; refuse if too small."""
+    side = image_size // 2 ** pools
+    if side < minimum_after:
+        raise ModelError(f"{name} needs image_size >= {minimum_after * 2 ** pools}, got {image_size}")
+    return side
+
+
+# ----- CIFAR ResNets (He et al. 2016, section 4.2) -----
+
+class CifarBasicBlock(nn.Module):
+    def __init__(self, in_filters: int, out_filters: int, downsample: bool):
+        super().__init__()
+        stride = 2 if downsample else 1
+        self.conv1 = nn.Conv2d(in_filters, out_filters, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_filters)
+        self.conv2 = nn.Conv2d(out_filters, out_filters, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_filters)
+        self.relu = nn.ReLU(inplace=True)
+        if downsample or in_filters != out_filters:  # option B projection shortcut
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_filters, out_filters, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_filters),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, width: int, num_classes: int, in_channels: int):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ModelError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
+        blocks_per_stage = (depth - 2) // 6
+        self.conv = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        blocks: List[nn.Module] = []
+        in_filters = width
+        for stage, out_filters in enumerate((width, 2 * width, 4 * width)):
+            for index in range(blocks_per_stage):
+                blocks.append(CifarBasicBlock(in_filters, out_filters, downsample=stage > 0 and index == 0))
+                in_filters = out_filters
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_filters, num_classes)
+        init_lottery_family_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(x)))
+        x = self.pool(self.blocks(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def _cifar_resnet(depth: int, width: int, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return CifarResNet(depth, width, num_classes, in_channels)
+
+
+for _depth in (20, 32, 44, 56, 110):
+    register(f"resnet{_depth}")(functools.partial(_cifar_resnet, _depth, 16))
+    for _width in (32, 64):
+        register(f"resnet{_depth}_w{_width}")(functools.partial(_cifar_resnet, _depth, _width))
+
+
+# ----- CIFAR VGG with batch norm (open_lth cifar_vgg; SynFlow) -----
+
+POOL = "M"
+VGG_CIFAR_PLANS: Dict[int, Sequence[Union[int, str]]] = {
+    11: [64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512],
+    13: [64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512],
+    16: [64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL, 512, 512, 512],
+    19: [64, 64, POOL, 128, 128, POOL, 256, 256, 256, 256, POOL, 512, 512, 512, 512, POOL,
+         512, 512, 512, 512],
+}
+
+
+class CifarVGG(nn.Module):
+    def __init__(self, plan: Sequence[Union[int, str]], num_classes: int, in_channels: int):
+        super().__init__()
+        layers: List[nn.Module] = []
+        filters = in_channels
+        for entry in plan:
+            if entry == POOL:
+                layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+            else:
+                layers += [nn.Conv2d(filters, entry, 3, padding=1, bias=False),
+                           nn.BatchNorm2d(entry), nn.ReLU(inplace=True)]
+                filters = entry
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(filters, num_classes)
+        init_lottery_family_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def _cifar_vgg(depth: int, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return CifarVGG(VGG_CIFAR_PLANS[depth], num_classes, in_channels)
+
+
+for _depth in VGG_CIFAR_PLANS:
+    register(f"vgg{_depth}_cifar")(functools.partial(_cifar_vgg, _depth))
+
+
+# ----- LeNets and Conv-2/4/6 (Frankle & Carbin 2019) -----
+
+@register("lenet_300_100")
+def lenet_300_100(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * image_size * image_size, 300), nn.ReLU(inplace=True),
+        nn.Linear(300, 100), nn.ReLU(inplace=True),
+        nn.Linear(100, num_classes),
+    )
+    return init_lottery_family_(model)
+
+
+@register("lenet5")
+def lenet5(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    # conv1 keeps the size (padding 2), pool halves it, conv2 (5x5, no padding) takes 4 off,
+    # pool halves it again: 28 px (MNIST) -> 5x5x16, 32 px -> 6x6x16.
+    after_conv2 = _size_after_pools("lenet5", image_size, pools=1, minimum_after=6) - 4
+    side = after_conv2 // 2
+    model = nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * side * side, 120), nn.ReLU(inplace=True),
+        nn.Linear(120, 84), nn.ReLU(inplace=True),
+        nn.Linear(84, num_classes),
+    )
+    return init_lottery_family_(model)
+
+
+def _conv_n(groups: int, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    side = _size_after_pools(f"conv{2 * groups}", image_size, pools=groups)
+    layers: List[nn.Module] = []
+    filters = in_channels
+    for group in range(groups):
+        out_filters = 64 * 2 ** group
+        layers += [nn.Conv2d(filters, out_filters, 3, padding=1), nn.ReLU(inplace=True),
+                   nn.Conv2d(out_filters, out_filters, 3, padding=1), nn.ReLU(inplace=True),
+                   nn.MaxPool2d(2)]
+        filters = out_filters
+    layers += [nn.Flatten(),
+               nn.Linear(filters * side * side, 256), nn.ReLU(inplace=True),
+               nn.Linear(256, 256), nn.ReLU(inplace=True),
+               nn.Linear(256, num_classes)]
+    return init_lottery_family_(nn.Sequential(*layers))
+
+
+for _groups in (1, 2, 3):
+    register(f"conv{2 * _groups}")(functools.partial(_conv_n, _groups))
