@@ -1,0 +1,877 @@
+"""Dataset registry, the data order, and two loaders over FFCV ``.beton`` files.
+
+What is here (see ../shared/DESIGN.md sections 4 and 7):
+
+* ``DATASETS`` / ``get_dataset_spec``: resolution, channels, classes, mean/std, the
+  training augmentation and how ``utils/write_beton.py`` stores the images.
+* ``epoch_order``: THE definition of which samples a rank sees in which batch.  Both
+  loader back-ends use it, so 1 process and N processes see the same global batches, and
+  a run resumed in the middle of an epoch (``start_batch``) sees exactly the batches it
+  had not seen yet.
+* ``make_loader(path, spec, train=..., batch_size=GLOBAL, ...)`` -> a ``BetonLoader``
+  whose ``batches(epoch, start_batch)`` yields ``(images, labels)``: float32 normalized
+  NCHW images on ``device`` (``torch.channels_last`` when asked) and int64 labels.
+  Two back-ends read the same file:
+
+  - ``'ffcv'``: ffcv 1.0.2's ``Loader`` (numba-compiled decoding and augmentation).  Our
+    order is plugged in as a custom ``TraversalOrder``; ffcv's own distributed sampler is
+    not used (``distributed=False``; every rank passes its own shard of the order).
+  - ``'torch'``: no ffcv, no numba.  The file is parsed here (``BetonFile``), images are
+    decoded with numpy / OpenCV, augmented with torch ops whose random numbers depend
+    only on ``(seed, epoch, sample index)``.  For debugging and fast tests; evaluation
+    batches are bit-identical to the ffcv back-end's for raw and gray storage.
+
+* ``inspect_beton`` / ``validate_beton``: read a ``.beton`` without ffcv and say what is
+  in it, or refuse it for a dataset with one-line ``DataError`` messages (missing,
+  truncated or garbage file, images of the wrong size or channels, labels out of range).
+
+The ``.beton`` layout (ffcv/types.py, format version 2; all little-endian):
+header (version u2, num_fields u2, page_size u4, num_samples u8, alloc_table_ptr u8) |
+one 1041-byte descriptor per field (type id, 16-byte name, 1024 bytes of arguments) |
+a metadata table, one aligned record per sample with one entry per field (an int label
+is stored inline; an image stores mode/width/height and a pointer to its bytes) | the
+data pages | the allocation table at ``alloc_table_ptr``: (sample_id, ptr, size) u8
+triples, one per stored data region.
+
+Field names: ``image`` and ``label`` (the names ffcv's own examples and ffcv-imagenet
+use).  Gray images are stored as an ``NDArrayField`` of uint8 with shape (H, W, 1), i.e.
+the same HWC layout the RGB decoders produce, so the rest of the pipeline is shared.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Bad data input: the message is one line naming the file or value and what is allowed."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    resolution: int          # stored side length (px); ImageNet: default training crop size
+    channels: int
+    num_classes: int
+    mean: tuple              # per channel, [0, 1] units
+    std: tuple               # per channel, [0, 1] units
+    train_augment: str       # key of AUGMENTATIONS
+    storage: str             # key of STORAGES: how write_beton stores the images
+
+
+DATASETS: Dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        # CIFAR statistics: per-channel mean / std over the 50,000 training images.
+        DatasetSpec("cifar10", 32, 3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                    "crop_flip", "rgb_raw"),
+        DatasetSpec("cifar100", 32, 3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                    "crop_flip", "rgb_raw"),
+        # SVHN: digits are not mirror symmetric, so no flip.
+        DatasetSpec("svhn", 32, 3, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                    "translate", "rgb_raw"),
+        DatasetSpec("mnist", 28, 1, 10, (0.1307,), (0.3081,), "none", "gray"),
+        DatasetSpec("fashionmnist", 28, 1, 10, (0.2860,), (0.3530,), "none", "gray"),
+        DatasetSpec("imagenet", 224, 3, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                    "rrc_flip", "rgb_jpg"),
+        # sklearn's 8x8 digits (values 0..16 stored as round(v * 255 / 16)); statistics over
+        # all 1797 images.
+        DatasetSpec("digits", 8, 1, 10, (0.3053,), (0.3759,), "none", "gray"),
+    )
+}
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except (KeyError, TypeError):
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}") from None
+
+
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """What a training loader does to each image (evaluation loaders never augment)."""
+    resized_crop: bool       # train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) to the output
+                             # size; eval: center crop of side EVAL_CROP_RATIO * short side, resized.
+                             # False: images are used at their stored (constant) size.
+    horizontal_flip: bool    # probability 0.5
+    translate_padding: int   # px; shift uniformly by -p..p in x and y, zero fill (== pad p + random crop)
+
+
+AUGMENTATIONS: Dict[str, AugmentPolicy] = {
+    "crop_flip": AugmentPolicy(resized_crop=False, horizontal_flip=True, translate_padding=4),
+    "translate": AugmentPolicy(resized_crop=False, horizontal_flip=False, translate_padding=4),
+    "rrc_flip": AugmentPolicy(resized_crop=True, horizontal_flip=True, translate_padding=0),
+    "none": AugmentPolicy(resized_crop=False, horizontal_flip=False, translate_padding=0),
+}
+
+EVAL_CROP_RATIO = 224 / 256      # ImageNet evaluation: center crop side / short side
+RRC_SCALE = (0.08, 1.0)          # torchvision / ffcv RandomResizedCrop defaults
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+def get_augment_policy(name: str) -> AugmentPolicy:
+    try:
+        return AUGMENTATIONS[name]
+    except (KeyError, TypeError):
+        raise DataError(f"unknown augmentation {name!r}; valid names: {', '.join(sorted(AUGMENTATIONS))}") from None
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """How write_beton stores a dataset's images, and which ffcv field a loader expects."""
+    field_kind: str          # 'rgb_image' (ffcv RGBImageField) or 'ndarray' (NDArrayField uint8 (H, W, 1))
+    write_mode: str          # RGBImageField write_mode ('raw' / 'proportion'); '' for ndarray
+    jpeg: bool = False       # write_beton's max_resolution / jpeg_quality / compress_probability apply
+
+
+STORAGES: Dict[str, StorageFormat] = {
+    "rgb_raw": StorageFormat("rgb_image", "raw"),
+    # JPEG with probability compress_probability (ffcv-imagenet's 'proportion' mode), the
+    # rest raw; both are decoded by the same loaders.
+    "rgb_jpg": StorageFormat("rgb_image", "proportion", jpeg=True),
+    "gray": StorageFormat("ndarray", ""),
+}
+
+
+def get_storage(name: str) -> StorageFormat:
+    try:
+        return STORAGES[name]
+    except (KeyError, TypeError):
+        raise DataError(f"unknown storage {name!r}; valid names: {', '.join(sorted(STORAGES))}") from None
+
+
+# --------------------------------------------------------------------------- data order
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise DataError(f"{name}={value!r} must be an integer >= {minimum}")
+    return int(value)
+
+
+def epoch_order(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int,
+                global_batch_size: int, shuffle: bool = True, drop_last: bool = True,
+                start_batch: int = 0) -> np.ndarray:
+    """Indices (int64) that rank ``rank`` reads in epoch ``epoch``, in order.
+
+    ``perm`` is ``np.random.default_rng([seed, epoch]).permutation(n)`` when ``shuffle``,
+    else ``arange(n)``.  With G = global_batch_size, W = world_size, L = G / W:
+
+    * ``drop_last=True`` (training): the first (n // G) * G entries of ``perm`` form the
+      global batches ``perm[b*G:(b+1)*G]``; rank r takes the r-th contiguous chunk of L of
+      every global batch (``perm.reshape(nb, W, L)[:, r]``).  So the union of the ranks'
+      b-th local batches is the b-th global batch whatever W is.
+    * ``drop_last=False`` (evaluation): every sample exactly once over all ranks; rank r
+      takes the r-th **contiguous** part of ``np.array_split(perm, W)`` (sizes differ by at
+      most one; ranks may hold different numbers of batches, the last one partial).
+
+    ``start_batch`` skips the first ``start_batch`` local batches (``start_batch * L``
+    indices) for an exact mid-epoch resume.  G not divisible by W is a DataError.
+    """
+    num_samples = _check_int("num_samples", num_samples, 0)
+    seed = _check_int("seed", seed, 0)
+    epoch = _check_int("epoch", epoch, 0)
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise DataError(f"rank={rank} must be < world_size={world_size}")
+    global_batch_size = _check_int("global batch size", global_batch_size, 1)
+    start_batch = _check_int("start_batch", start_batch, 0)
+    if global_batch_size % world_size:
+        raise DataError(f"global batch size {global_batch_size} is not divisible by world_size={world_size}; "
+                        f"use a multiple of {world_size}")
+    local_batch = global_batch_size // world_size
+
+    if shuffle:
+        perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    else:
+        perm = np.arange(num_samples)
+    if drop_last:
+        num_batches = num_samples // global_batch_size
+        mine = perm[:num_batches * global_batch_size].reshape(num_batches, world_size, local_batch)[:, rank]
+        mine = mine.reshape(-1)
+    else:
+        mine = np.array_split(perm, world_size)[rank]
+    return np.ascontiguousarray(mine[start_batch * local_batch:], dtype=np.int64)
+
+
+def batches_per_epoch(num_samples: int, *, rank: int, world_size: int, global_batch_size: int,
+                      drop_last: bool) -> int:
+    """len(epoch_order(...)) in local batches, without building the order."""
+    local_batch = global_batch_size // world_size
+    if drop_last:
+        return num_samples // global_batch_size
+    part = num_samples // world_size + (1 if rank < num_samples % world_size else 0)
+    return math.ceil(part / local_batch)
+
+
+# --------------------------------------------------------------------------- the .beton format
+_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                    ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+_FIELD_DESCRIPTOR = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
+                             align=True)
+_ALLOC_ENTRY = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+_RGB_METADATA = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+_PTR_SIZE_METADATA = np.dtype([("ptr", "<u8"), ("size", "<u8")])
+_NDARRAY_ARGS = np.dtype([("shape", "<u8", 32), ("type_length", "<u8")])
+_FORMAT_VERSION = 2
+_RGB_MODES = {0: "jpg", 1: "raw"}          # ffcv.fields.rgb_image.IMAGE_MODES
+_MAX_FIELDS = 64                            # sanity bound while parsing an unknown file
+
+# type id -> (kind, metadata dtype); ffcv/types.py TYPE_ID_HANDLER
+_FIELD_TYPES = {
+    0: ("float", np.dtype("<f8")),
+    1: ("int", np.dtype("<i8")),
+    2: ("rgb_image", _RGB_METADATA),
+    3: ("bytes", _PTR_SIZE_METADATA),
+    4: ("ndarray", np.dtype("<u8")),
+    5: ("json", _PTR_SIZE_METADATA),
+    6: ("torch_tensor", np.dtype("<u8")),
+}
+
+
+@dataclass(frozen=True)
+class BetonField:
+    name: str
+    kind: str
+    shape: Optional[tuple] = None           # ndarray fields
+    dtype: Optional[np.dtype] = None        # ndarray fields
+
+
+def _parse_ndarray_args(arguments: np.ndarray) -> Tuple[tuple, np.dtype]:
+    import json
+    header = arguments[:_NDARRAY_ARGS.itemsize].view(_NDARRAY_ARGS)[0]
+    type_length = int(header["type_length"])
+    if type_length > arguments.size - _NDARRAY_ARGS.itemsize:
+        raise ValueError("ndarray field arguments are corrupt")
+    type_desc = json.loads(arguments[_NDARRAY_ARGS.itemsize:][:type_length].tobytes().decode("ascii"))
+    dtype = np.dtype([tuple(x) for x in type_desc])["f0"]
+    shape = [int(s) for s in header["shape"]]
+    while shape and shape[-1] == 0:
+        shape.pop()
+    return tuple(shape), dtype
+
+
+class BetonFile:
+    """A ``.beton`` parsed with numpy only (no ffcv, no numba).
+
+    Every structural inconsistency (too short, wrong format version, unknown field type,
+    tables beyond the end of the file, image data not in the allocation table) is a
+    one-line DataError naming the file.  ``data(ptr)`` returns the bytes stored at a
+    pointer, the way ffcv's memory managers find them (the size comes from the allocation
+    table).
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        where = self.path
+        if not os.path.exists(where):
+            raise DataError(f"{where}: .beton file not found")
+        if not os.path.isfile(where):
+            raise DataError(f"{where}: not a file (expected an FFCV .beton file)")
+        size = os.path.getsize(where)
+        self.file_size = size
+        if size < _HEADER.itemsize:
+            raise DataError(f"{where}: not an FFCV .beton file ({size} bytes, shorter than the "
+                            f"{_HEADER.itemsize}-byte header; truncated or empty)")
+        header = np.fromfile(where, dtype=_HEADER, count=1)[0]
+        version = int(header["version"])
+        if version != _FORMAT_VERSION:
+            raise DataError(f"{where}: not an FFCV .beton file (format version field is {version}; "
+                            f"ffcv 1.0 writes {_FORMAT_VERSION})")
+        self.num_samples = int(header["num_samples"])
+        self.page_size = int(header["page_size"])
+        num_fields = int(header["num_fields"])
+        if not 1 <= num_fields <= _MAX_FIELDS:
+            raise DataError(f"{where}: corrupt .beton header ({num_fields} fields)")
+        descriptors_end = _HEADER.itemsize + num_fields * _FIELD_DESCRIPTOR.itemsize
+        if descriptors_end > size:
+            raise DataError(f"{where}: truncated .beton ({size} bytes, field descriptors need {descriptors_end})")
+        descriptors = np.fromfile(where, dtype=_FIELD_DESCRIPTOR, count=num_fields, offset=_HEADER.itemsize)
+        fields: List[BetonField] = []
+        for descriptor in descriptors:
+            type_id = int(descriptor["type_id"])
+            name = bytes(descriptor["name"]).split(b"\0", 1)[0].decode("ascii", errors="replace")
+            if type_id not in _FIELD_TYPES:
+                raise DataError(f"{where}: corrupt .beton (field {name!r} has unknown type id {type_id})")
+            kind = _FIELD_TYPES[type_id][0]
+            shape = dtype = None
+            if kind in ("ndarray", "torch_tensor"):
+                try:
+                    shape, dtype = _parse_ndarray_args(np.asarray(descriptor["arguments"]))
+                except Exception as error:  # any parse failure means a damaged descriptor
+                    raise DataError(f"{where}: corrupt .beton (field {name!r}: {_one_line(error)})") from None
+            fields.append(BetonField(name, kind, shape, dtype))
+        self.fields: Dict[str, BetonField] = {f.name: f for f in fields}
+        # Same construction as ffcv.types.get_metadata_type: unnamed members -> f0, f1, ...
+        self.metadata_type = np.dtype([("", _FIELD_TYPES[t][1]) for t in descriptors["type_id"]], align=True)
+        metadata_end = descriptors_end + self.num_samples * self.metadata_type.itemsize
+        alloc_ptr = int(header["alloc_table_ptr"])
+        if metadata_end > size or alloc_ptr > size:
+            raise DataError(f"{where}: truncated .beton ({size} bytes; its header says the tables reach "
+                            f"byte {max(metadata_end, alloc_ptr)})")
+        if alloc_ptr < metadata_end or (size - alloc_ptr) % _ALLOC_ENTRY.itemsize:
+            raise DataError(f"{where}: truncated or corrupt .beton (allocation table at byte {alloc_ptr} "
+                            f"does not fit a {size}-byte file)")
+        raw_metadata = np.fromfile(where, dtype=self.metadata_type, count=self.num_samples, offset=descriptors_end)
+        # Rename f0, f1, ... to the field names so callers can index by name.
+        self.metadata = raw_metadata.view(np.dtype({
+            "names": [f.name for f in fields],
+            "formats": [self.metadata_type.fields[n][0] for n in self.metadata_type.names],
+            "offsets": [self.metadata_type.fields[n][1] for n in self.metadata_type.names],
+            "itemsize": self.metadata_type.itemsize}))
+        alloc = np.fromfile(where, dtype=_ALLOC_ENTRY, offset=alloc_ptr)
+        if alloc.size and (int(alloc["ptr"].min()) < metadata_end
+                           or int((alloc["ptr"] + alloc["size"]).max()) > alloc_ptr
+                           or int(alloc["sample_id"].max()) >= self.num_samples):
+            raise DataError(f"{where}: corrupt .beton (allocation table points outside the data region)")
+        order = np.argsort(alloc["ptr"], kind="stable")
+        self._ptrs = np.ascontiguousarray(alloc["ptr"][order])
+        self._sizes = np.ascontiguousarray(alloc["size"][order])
+        self._data_end = alloc_ptr
+        self._mmap: Optional[np.memmap] = None
+
+    # -- pointers and bytes
+    def sizes_of(self, ptrs: np.ndarray) -> np.ndarray:
+        """Allocation size of each pointer; DataError when a pointer is not an allocation."""
+        ptrs = np.asarray(ptrs, dtype=np.uint64)
+        if ptrs.size == 0:
+            return np.zeros(0, dtype=np.uint64)
+        where = np.searchsorted(self._ptrs, ptrs)
+        found = where < self._ptrs.size
+        found[found] = self._ptrs[where[found]] == ptrs[found]
+        if not found.all():
+            missing = int(np.count_nonzero(~found))
+            raise DataError(f"{self.path}: truncated or corrupt .beton ({missing} sample(s) point to data "
+                            f"missing from the allocation table)")
+        return self._sizes[where]
+
+    def data(self, ptr: int) -> np.ndarray:
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        ptr = int(ptr)
+        size = int(self.sizes_of(np.array([ptr], dtype=np.uint64))[0])
+        return self._mmap[ptr:ptr + size]
+
+    # -- image decoding (the torch back-end)
+    def image_field(self) -> BetonField:
+        return self.fields[IMAGE_FIELD]
+
+    def decode_image(self, index: int) -> np.ndarray:
+        """uint8 HWC image of sample ``index`` (RGB: C=3; ndarray field: its stored shape)."""
+        field = self.image_field()
+        record = self.metadata[IMAGE_FIELD][index]
+        if field.kind == "ndarray":
+            raw = self.data(record)
+            return raw.view(field.dtype).reshape(field.shape)
+        raw = self.data(record["data_ptr"])
+        height, width = int(record["height"]), int(record["width"])
+        if _RGB_MODES.get(int(record["mode"])) == "raw":
+            return raw.reshape(height, width, 3)
+        import cv2
+        bgr = cv2.imdecode(np.asarray(raw), cv2.IMREAD_COLOR)
+        if bgr is None or bgr.shape[:2] != (height, width):
+            raise DataError(f"{self.path}: sample {index}: stored JPEG does not decode to {height}x{width}")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+IMAGE_FIELD = "image"
+LABEL_FIELD = "label"
+
+
+def _summarize(beton: BetonFile) -> dict:
+    """Check the image data pointers and describe the file (no judgement about a dataset)."""
+    summary = {
+        "path": beton.path,
+        "num_samples": beton.num_samples,
+        "fields": {name: field.kind for name, field in beton.fields.items()},
+        "image_kind": None, "channels": None, "image_shape": None,
+        "min_height": None, "min_width": None, "max_resolution": None, "jpg_fraction": None,
+        "label_min": None, "label_max": None,
+    }
+    image = beton.fields.get(IMAGE_FIELD)
+    if image is not None and image.kind == "rgb_image" and beton.num_samples:
+        records = beton.metadata[IMAGE_FIELD]
+        heights = records["height"].astype(np.int64)
+        widths = records["width"].astype(np.int64)
+        sizes = beton.sizes_of(records["data_ptr"]).astype(np.int64)
+        raw = records["mode"] == 1
+        if (records["mode"] > 1).any() or (sizes[raw] != heights[raw] * widths[raw] * 3).any() \
+                or (heights == 0).any() or (widths == 0).any():
+            raise DataError(f"{beton.path}: corrupt .beton (image records disagree with their stored sizes)")
+        constant = heights.min() == heights.max() and widths.min() == widths.max()
+        summary.update(image_kind="rgb_image", channels=3,
+                       image_shape=(int(heights[0]), int(widths[0]), 3) if constant else None,
+                       min_height=int(heights.min()), min_width=int(widths.min()),
+                       max_resolution=int(max(heights.max(), widths.max())),
+                       jpg_fraction=float(np.mean(records["mode"] == 0)))
+    elif image is not None and image.kind == "ndarray" and beton.num_samples:
+        sizes = beton.sizes_of(beton.metadata[IMAGE_FIELD])
+        expected = int(np.prod(image.shape)) * image.dtype.itemsize
+        if (sizes != expected).any():
+            raise DataError(f"{beton.path}: corrupt .beton (image records disagree with their stored sizes)")
+        shape = tuple(image.shape)
+        summary.update(image_kind="ndarray", image_shape=shape,
+                       channels=shape[2] if len(shape) == 3 else None,
+                       min_height=shape[0] if len(shape) >= 2 else None,
+                       min_width=shape[1] if len(shape) >= 2 else None,
+                       max_resolution=max(shape[:2]) if len(shape) >= 2 else None)
+    label = beton.fields.get(LABEL_FIELD)
+    if label is not None and label.kind == "int" and beton.num_samples:
+        labels = beton.metadata[LABEL_FIELD]
+        summary.update(label_min=int(labels.min()), label_max=int(labels.max()))
+    return summary
+
+
+def inspect_beton(path) -> dict:
+    """Describe a .beton (sizes, fields, image shape / resolution range, label range).
+
+    Raises DataError only when the file is missing or not a readable .beton.
+    """
+    return _summarize(BetonFile(path))
+
+
+def _describe_images(summary: dict) -> str:
+    shape = summary["image_shape"]
+    if shape is not None and len(shape) == 3:
+        return f"{shape[0]}x{shape[1]} images with {shape[2]} channel(s)"
+    if summary["image_kind"] == "rgb_image":
+        return f"RGB images of varying size (up to {summary['max_resolution']} px)"
+    return f"image field of shape {shape}"
+
+
+def _validate(beton: BetonFile, spec: DatasetSpec, num_classes: Optional[int]) -> dict:
+    where = beton.path
+    summary = _summarize(beton)
+    fields = summary["fields"]
+    if beton.num_samples == 0:
+        raise DataError(f"{where}: the .beton holds no samples")
+    storage = get_storage(spec.storage)
+    policy = get_augment_policy(spec.train_augment)
+    shape = summary["image_shape"]
+    wanted = f"{spec.resolution}x{spec.resolution} images with {spec.channels} channel(s)"
+    # Sizes first: "28x28 images with 1 channel(s), cifar10 expects 32x32 ..." says more
+    # than "wrong field type" when someone passes another dataset's file.
+    if summary["image_kind"] is not None and shape is not None and len(shape) == 3 and (
+            summary["channels"] != spec.channels
+            or (not policy.resized_crop and shape != (spec.resolution, spec.resolution, spec.channels))):
+        raise DataError(f"{where}: holds {_describe_images(summary)}, {spec.name} expects {wanted} "
+                        f"(is this the .beton of another dataset?)")
+    if fields.get(IMAGE_FIELD) != storage.field_kind or fields.get(LABEL_FIELD) != "int":
+        found = ", ".join(f"{name}:{kind}" for name, kind in fields.items())
+        raise DataError(f"{where}: fields are ({found}); {spec.name} needs '{IMAGE_FIELD}' "
+                        f"({storage.field_kind}) and '{LABEL_FIELD}' (int), as utils/write_beton.py writes them")
+    if storage.field_kind == "ndarray" and (len(shape) != 3 or beton.fields[IMAGE_FIELD].dtype != np.uint8):
+        raise DataError(f"{where}: image field is {beton.fields[IMAGE_FIELD].dtype} of shape {shape}; "
+                        f"{spec.name} needs uint8 (H, W, {spec.channels})")
+    if summary["channels"] != spec.channels or (
+            not policy.resized_crop and shape != (spec.resolution, spec.resolution, spec.channels)):
+        raise DataError(f"{where}: holds {_describe_images(summary)}, {spec.name} expects {wanted} "
+                        f"(is this the .beton of another dataset?)")
+    classes = spec.num_classes if num_classes is None else int(num_classes)
+    if summary["label_min"] < 0 or summary["label_max"] >= classes:
+        raise DataError(f"{where}: labels span {summary['label_min']}..{summary['label_max']}, "
+                        f"{spec.name} allows 0..{classes - 1}")
+    return summary
+
+
+def validate_beton(path, spec: DatasetSpec, num_classes: Optional[int] = None) -> dict:
+    """``inspect_beton`` + refuse a file that does not fit ``spec`` (one-line DataError).
+
+    Checks: the file exists and parses as a .beton (header, tables, every image pointer in
+    the allocation table, raw sizes consistent); fields ``image`` (the kind the spec's
+    storage uses) and ``label`` (int); channels; for datasets used at their stored size,
+    every image is ``resolution x resolution``; labels in ``0 .. num_classes - 1``
+    (``num_classes`` defaults to the spec's).
+    """
+    return _validate(BetonFile(path), spec, num_classes)
+
+
+# --------------------------------------------------------------------------- loaders
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+class BetonLoader:
+    """What both back-ends implement.
+
+    ``batches(epoch, start_batch)`` yields this rank's batches of epoch ``epoch`` in the
+    order ``epoch_order`` defines: float32 images normalized with the spec's mean/std,
+    NCHW on ``device`` (``torch.channels_last`` when ``channels_last``), int64 labels (B,).
+    Breaking out of the loop early is fine (the generator cleans up when closed).
+    """
+
+    backend = ""
+
+    def __init__(self, beton: BetonFile, spec: DatasetSpec, *, train: bool, global_batch_size: int,
+                 num_workers: int, device, rank: int, world_size: int, seed: int, channels_last: bool,
+                 output_resolution: Optional[int], drop_last: bool):
+        self.path = beton.path
+        self.spec = spec
+        self.train = bool(train)
+        self.shuffle = bool(train)
+        self.drop_last = bool(drop_last)
+        self.global_batch_size = global_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_workers = num_workers
+        self.device = torch.device(device)
+        self.channels_last = bool(channels_last)
+        self.policy = get_augment_policy(spec.train_augment)
+        self.output_resolution = output_resolution     # None: stored size
+        self.num_samples = beton.num_samples
+        # Validates rank / world size / divisibility once, here.
+        epoch_order(0, seed=seed, epoch=0, rank=rank, world_size=world_size,
+                    global_batch_size=global_batch_size)
+        self.batch_size = global_batch_size // world_size
+        self._length = batches_per_epoch(self.num_samples, rank=rank, world_size=world_size,
+                                         global_batch_size=global_batch_size, drop_last=self.drop_last)
+        channels = spec.channels
+        # Normalization in 0..255 units: x = (pixel - 255 * mean) / (255 * std).
+        self._mean255 = (torch.tensor(spec.mean, dtype=torch.float32) * 255).view(1, channels, 1, 1).to(self.device)
+        self._std255 = (torch.tensor(spec.std, dtype=torch.float32) * 255).view(1, channels, 1, 1).to(self.device)
+        self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return self._length
+
+    def order(self, epoch: int, start_batch: int = 0) -> np.ndarray:
+        """The sample indices this rank reads in ``epoch`` (see ``epoch_order``)."""
+        return epoch_order(self.num_samples, seed=self.seed, epoch=epoch, rank=self.rank,
+                           world_size=self.world_size, global_batch_size=self.global_batch_size,
+                           shuffle=self.shuffle, drop_last=self.drop_last, start_batch=start_batch)
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        epoch = _check_int("epoch", epoch, 0)
+        start_batch = _check_int("start_batch", start_batch, 0)
+        if start_batch > len(self):
+            raise DataError(f"start_batch={start_batch} is past the end of the epoch ({len(self)} batches)")
+        return self._batches(epoch, start_batch)
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def _finish(self, images_nchw_uint8: torch.Tensor, labels: torch.Tensor) -> Batch:
+        """uint8 NCHW (any strides, any device) -> normalized float32 on device; the same
+        arithmetic in both back-ends, so equal pixels give bit-equal tensors."""
+        images = images_nchw_uint8.to(self.device, non_blocking=True)
+        # dtype and memory format in one copy (ffcv hands out a channels_last view).
+        images = images.to(dtype=torch.float32, memory_format=self._memory_format)
+        images.sub_(self._mean255).div_(self._std255)
+        # copy=True: ffcv's label buffers are reused a few batches later.
+        labels = labels.to(self.device, dtype=torch.int64, non_blocking=True, copy=True).view(-1)
+        return images, labels
+
+
+# -- ffcv back-end
+class FFCVBetonLoader(BetonLoader):
+    """ffcv 1.0.2's Loader with our order.
+
+    ffcv 1.0.2 wiring (ffcv/loader/loader.py): ``Loader(order=X)`` accepts a TraversalOrder
+    *instance* (``isinstance(order, TraversalOrder)``) and then calls ``order(loader)`` to
+    get the object it uses, so the instance here is callable and returns itself bound to
+    that loader.  ffcv asks ``sample_order(loader.next_epoch)`` at construction (epoch 0:
+    ``len(loader)`` comes from that first order) and at every ``iter()``, after which it
+    increments ``next_epoch``; ``batches`` sets ``next_epoch`` and the pending
+    ``start_batch`` just before ``iter()``.  Orders are uint64 like ffcv's own.
+    """
+
+    backend = "ffcv"
+
+    def __init__(self, beton: BetonFile, spec: DatasetSpec, *, os_cache: bool = True, batches_ahead: int = 3,
+                 **kwargs):
+        super().__init__(beton, spec, **kwargs)
+        # ffcv's Compiler.set_num_threads(n) also calls torch.set_num_threads(n): at import
+        # (n=1!), in Loader() and in every iter().  Keep the caller's torch thread count.
+        torch_threads = torch.get_num_threads()
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.traversal_order.base import TraversalOrder
+
+        owner = self
+
+        class EpochOrder(TraversalOrder):
+            def __init__(self):  # bound to the ffcv loader in __call__
+                pass
+
+            def __call__(self, ffcv_loader):
+                TraversalOrder.__init__(self, ffcv_loader)
+                return self
+
+            def sample_order(self, epoch: int):
+                return owner.order(int(epoch), owner._pending_start_batch).astype(np.uint64)
+
+        self._pending_start_batch = 0
+        image_ops = self._image_decoding(beton)
+        # ToTorchImage(channels_last=True) is a free permuted view; _finish makes the
+        # requested memory format while converting to float (one copy instead of two).
+        image_pipeline = image_ops + [ToTensor(), ToDevice(self.device, non_blocking=True),
+                                      ToTorchImage(channels_last=True)]
+        label_pipeline = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
+        threads = self._numba_threads(self.num_workers)
+        try:
+            self._loader = Loader(self.path, batch_size=self.batch_size, num_workers=threads, os_cache=os_cache,
+                                  order=EpochOrder(), distributed=False, seed=self.seed,
+                                  pipelines={IMAGE_FIELD: image_pipeline, LABEL_FIELD: label_pipeline},
+                                  drop_last=False,  # our order already holds whole batches when drop_last
+                                  batches_ahead=batches_ahead)
+        except Exception as error:  # ffcv's own errors on a file our parser accepted
+            raise DataError(f"{self.path}: ffcv cannot load this .beton ({type(error).__name__}: "
+                            f"{_one_line(error)})") from None
+        finally:
+            torch.set_num_threads(torch_threads)
+
+    @staticmethod
+    def _numba_threads(num_workers: int) -> int:
+        import numba
+        limit = int(numba.config.NUMBA_NUM_THREADS)
+        return limit if num_workers < 1 else min(int(num_workers), limit)
+
+    def _image_decoding(self, beton: BetonFile) -> list:
+        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, NDArrayDecoder,
+                                          RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder)
+        from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
+        policy, train = self.policy, self.train
+        if beton.fields[IMAGE_FIELD].kind == "ndarray":
+            ops = [NDArrayDecoder()]
+        elif policy.resized_crop:
+            size = (self.output_resolution, self.output_resolution)
+            ops = [RandomResizedCropRGBImageDecoder(size, scale=RRC_SCALE, ratio=RRC_RATIO) if train
+                   else CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_RATIO)]
+        else:
+            ops = [SimpleRGBImageDecoder()]
+        if train and policy.horizontal_flip:
+            ops.append(RandomHorizontalFlip())
+        if train and policy.translate_padding:
+            ops.append(RandomTranslate(padding=policy.translate_padding, fill=(0,) * self.spec.channels))
+        return ops
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        if start_batch >= len(self):
+            return
+        torch_threads = torch.get_num_threads()
+        self._pending_start_batch = start_batch
+        self._loader.next_epoch = epoch
+        iterator = iter(self._loader)
+        self._pending_start_batch = 0
+        torch.set_num_threads(torch_threads)
+        try:
+            for images, labels in iterator:
+                yield self._finish(images, labels)
+        finally:
+            iterator.close()  # stops ffcv's prefetch thread when the caller breaks early
+
+
+# -- torch back-end
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer on a uint64 array (wrapping arithmetic)."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def augment_uniforms(seed: int, epoch: int, sample_indices: np.ndarray, count: int) -> np.ndarray:
+    """(B, count) float64 uniforms in [0, 1), a pure function of (seed, epoch, sample index):
+    the torch back-end's augmentations do not depend on the rank, the world size, the
+    batch a sample lands in or ``start_batch``."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.array([seed], dtype=np.uint64))
+        key = _splitmix64(key ^ np.array([epoch], dtype=np.uint64))
+        base = _splitmix64(key ^ np.asarray(sample_indices, dtype=np.uint64))
+        counters = base[:, None] + np.arange(1, count + 1, dtype=np.uint64)[None, :] * _GOLDEN
+        bits = _splitmix64(counters)
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _random_crop_box(height: int, width: int, u: np.ndarray) -> Tuple[int, int, int, int]:
+    """ffcv's get_random_crop (torchvision's RandomResizedCrop.get_params) driven by the
+    40 uniforms ``u``: 10 tries of (scale, log ratio, row, column), then a fallback."""
+    area = height * width
+    log_ratio = np.log(RRC_RATIO)
+    for t in range(10):
+        target_area = area * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * u[4 * t])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[4 * t + 1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(u[4 * t + 2] * (height - h + 1))
+            j = int(u[4 * t + 3] * (width - w + 1))
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < min(RRC_RATIO):
+        w, h = width, int(round(width / min(RRC_RATIO)))
+    elif in_ratio > max(RRC_RATIO):
+        h, w = height, int(round(height * max(RRC_RATIO)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _center_crop_box(height: int, width: int) -> Tuple[int, int, int, int]:
+    """ffcv's get_center_crop."""
+    side = int(EVAL_CROP_RATIO * min(height, width))
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class TorchBetonLoader(BetonLoader):
+    """Reads the .beton with ``BetonFile``: no ffcv Loader, no numba compile.
+
+    Decoding: raw RGB and gray bytes as stored; JPEG with OpenCV (ffcv uses libjpeg-turbo
+    with TJFLAG_FASTDCT, so JPEG pixels may differ by a few levels between back-ends).
+    Crops are resized with cv2.INTER_AREA like ffcv.  Decoded images are cached in memory
+    when they fit in ``cache_bytes``: fixed-size datasets as one (N, H, W, C) array decoded
+    at the first batch (CIFAR-10 train: 150 MB, well under a second), variable-size ones
+    image by image.  ``num_workers > 1`` decodes in that many threads.
+
+    Augmentation (training): flip (p=0.5), then translate by -p..p with zero fill (the
+    order of ffcv's CIFAR example); ImageNet: random resized crop then flip.  Random
+    numbers come from ``augment_uniforms(seed, epoch, sample index)``.
+    """
+
+    backend = "torch"
+    cache_bytes = 2 << 30
+
+    def __init__(self, beton: BetonFile, spec: DatasetSpec, **kwargs):
+        super().__init__(beton, spec, **kwargs)
+        self._beton = beton
+        self._labels = np.asarray(beton.metadata[LABEL_FIELD], dtype=np.int64)
+        records = beton.metadata[IMAGE_FIELD]
+        if beton.fields[IMAGE_FIELD].kind == "ndarray":
+            decoded_bytes = beton.num_samples * int(np.prod(beton.fields[IMAGE_FIELD].shape))
+        else:
+            decoded_bytes = int((records["height"].astype(np.int64) * records["width"] * 3).sum())
+        fits = decoded_bytes <= self.cache_bytes
+        self._fixed_size = not self.policy.resized_crop       # validated: every image H x W x C
+        self._array: Optional[np.ndarray] = None              # fixed size: all images, filled at first use
+        self._cache: Optional[List[Optional[np.ndarray]]] = (
+            [None] * beton.num_samples if fits and not self._fixed_size else None)
+        self._cache_all = fits and self._fixed_size
+        self._pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 1 else None
+
+    def _images_at(self, indices: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, C) stored images of a fixed-size dataset."""
+        if self._cache_all:
+            if self._array is None:
+                self._array = np.stack(self._map(self._image, range(self.num_samples)))
+            return self._array[indices]
+        return np.stack(self._map(self._image, [int(i) for i in indices]))
+
+    def _image(self, index: int) -> np.ndarray:
+        if self._cache is None:
+            return self._beton.decode_image(index)     # callers copy (np.stack, crops)
+        cached = self._cache[index]
+        if cached is None:
+            cached = self._cache[index] = np.array(self._beton.decode_image(index))
+        return cached
+
+    def _map(self, function: Callable, items) -> list:
+        if self._pool is None:
+            return [function(item) for item in items]
+        return list(self._pool.map(function, items))
+
+    def _batch_images(self, indices: np.ndarray, epoch: int) -> torch.Tensor:
+        """uint8 (B, H, W, C) of this batch, augmented when training."""
+        policy, train = self.policy, self.train
+        if policy.resized_crop:
+            res = self.output_resolution
+            uniforms = augment_uniforms(self.seed, epoch, indices, 41) if train else None
+
+            def crop(k: int) -> np.ndarray:
+                import cv2
+                image = self._image(int(indices[k]))
+                height, width = image.shape[:2]
+                i, j, h, w = (_random_crop_box(height, width, uniforms[k]) if train
+                              else _center_crop_box(height, width))
+                out = cv2.resize(np.ascontiguousarray(image[i:i + h, j:j + w]), (res, res),
+                                 interpolation=cv2.INTER_AREA)
+                return out.reshape(res, res, image.shape[2])
+
+            batch = torch.from_numpy(np.stack(self._map(crop, range(len(indices)))))
+            if train and policy.horizontal_flip:
+                flip = torch.from_numpy(uniforms[:, 40] < 0.5)
+                batch[flip] = batch[flip].flip(2)
+            return batch
+        batch = torch.from_numpy(self._images_at(indices))
+        if not train or not (policy.horizontal_flip or policy.translate_padding):
+            return batch
+        uniforms = augment_uniforms(self.seed, epoch, indices, 3)
+        if policy.horizontal_flip:
+            flip = torch.from_numpy(uniforms[:, 0] < 0.5)
+            batch[flip] = batch[flip].flip(2)
+        pad = policy.translate_padding
+        if pad:
+            n, height, width, channels = batch.shape
+            padded = torch.zeros((n, height + 2 * pad, width + 2 * pad, channels), dtype=batch.dtype)
+            padded[:, pad:pad + height, pad:pad + width] = batch
+            dy = torch.from_numpy((uniforms[:, 1] * (2 * pad + 1)).astype(np.int64))
+            dx = torch.from_numpy((uniforms[:, 2] * (2 * pad + 1)).astype(np.int64))
+            rows = dy[:, None] + torch.arange(height)          # (B, H)
+            cols = dx[:, None] + torch.arange(width)           # (B, W)
+            batch = padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        return batch
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        order = self.order(epoch, start_batch)
+        for begin in range(0, len(order), self.batch_size):
+            indices = order[begin:begin + self.batch_size]
+            images = self._batch_images(indices, epoch).permute(0, 3, 1, 2)   # NCHW view
+            yield self._finish(images, torch.from_numpy(self._labels[indices]))
+
+
+LOADER_BACKENDS: Dict[str, type] = {"ffcv": FFCVBetonLoader, "torch": TorchBetonLoader}
+
+
+def get_loader_backend(name: str) -> type:
+    try:
+        return LOADER_BACKENDS[name]
+    except (KeyError, TypeError):
+        raise DataError(f"unknown loader back-end {name!r}; "
+                        f"valid names: {', '.join(sorted(LOADER_BACKENDS))}") from None
+
+
+def make_loader(path, spec: DatasetSpec, *, train: bool, batch_size: int, num_workers: int, device,
+                rank: int = 0, world_size: int = 1, seed: int = 0, channels_last: bool = False,
+                backend: str = "ffcv", resolution: Optional[int] = None,
+                drop_last: Optional[bool] = None, **backend_options) -> BetonLoader:
+    """A loader over ``path`` for ``spec`` (validated first with ``validate_beton``).
+
+    ``batch_size`` is the GLOBAL batch size: each of ``world_size`` ranks gets
+    ``batch_size // world_size`` per batch.  ``train`` shuffles, augments (the spec's
+    ``train_augment``) and drops the last partial global batch; evaluation does none of
+    that and covers every sample exactly once over all ranks.  ``drop_last`` overrides
+    the default.  ``resolution``: output size for datasets with resized crops (ImageNet:
+    RandomResizedCrop size for training, center crop size for evaluation); other datasets
+    are used at their stored size, which ``resolution`` may only repeat.
+    ``backend_options``: ffcv back-end ``os_cache`` (default True) and ``batches_ahead``.
+    """
+    loader_class = get_loader_backend(backend)
+    beton = BetonFile(path)
+    _validate(beton, spec, None)
+    policy = get_augment_policy(spec.train_augment)
+    if resolution is not None:
+        resolution = _check_int("resolution", resolution, 1)
+    if policy.resized_crop:
+        output_resolution = resolution or spec.resolution
+    else:
+        if resolution not in (None, spec.resolution):
+            raise DataError(f"resolution={resolution}: {spec.name} images are used at their stored size "
+                            f"{spec.resolution}x{spec.resolution}; leave resolution unset or use {spec.resolution}")
+        output_resolution = None
+    batch_size = _check_int("batch_size", batch_size, 1)
+    return loader_class(beton, spec, train=train, global_batch_size=batch_size, num_workers=int(num_workers),
+                        device=device, rank=rank, world_size=world_size, seed=seed,
+                        channels_last=channels_last, output_resolution=output_resolution,
+                        drop_last=bool(train) if drop_last is None else bool(drop_last), **backend_options)
