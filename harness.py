@@ -317,7 +317,8 @@ class Experiment:
         if self.ctx.is_primary and c["training.progress"]:
             from tqdm import tqdm
             batches = tqdm(batches, total=len(self.train_loader), desc=f"level {level} epoch {epoch}",
-                           leave=False, dynamic_ncols=True, file=sys.stderr)
+                           leave=False, dynamic_ncols=True, file=sys.stderr,
+                           disable=None)  # None: off when stderr is not a terminal (logs stay clean)
         started = time.perf_counter()
         for images, labels in batches:
             with self.autocast():

@@ -9,6 +9,7 @@ per experiment, the dense level marked.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -49,13 +50,16 @@ def label_for(experiment_dir) -> str:
 
 def table(frame: pd.DataFrame) -> str:
     shown = frame[["level", "density", "final_test_acc", "best_test_acc", "train_time_s"]].copy()
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}" if v < 1 else f"{v:.2f}")
+    formats = {"density": "{:.4f}".format, "final_test_acc": "{:.2f}".format,
+               "best_test_acc": "{:.2f}".format, "train_time_s": "{:.1f}".format}
+    return shown.to_string(index=False, formatters=formats)
 
 
 def plot(experiments: List[tuple], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for label, frame in experiments:
@@ -66,6 +70,12 @@ def plot(experiments: List[tuple], out: Path) -> None:
             ax.axhline(float(dense["final_test_acc"].iloc[0]), color=line.get_color(), linestyle=":", linewidth=1)
             ax.plot(100, float(dense["final_test_acc"].iloc[0]), marker="*", markersize=14, color=line.get_color())
     ax.set_xscale("log")
+    densities = sorted({round(float(d) * 100, 2) for _, f in experiments for d in f["density"]})
+    if len(densities) > 12:  # keep the axis readable: every k-th level's density
+        densities = densities[:: math.ceil(len(densities) / 12)] + [densities[-1]]
+    ax.set_xticks(densities)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.invert_xaxis()
     ax.set_xlabel("density (% of prunable weights kept, log scale)")
     ax.set_ylabel("test accuracy (%)")
