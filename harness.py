@@ -77,6 +77,7 @@ class Experiment:
         self.hooks = TestHooks.from_env()
         self.stop = StopFlag()
         self.steps_this_process = 0
+        self._snip_loader = None
 
     # --------------------------------------------------------------------- messages
     def say(self, message: str) -> None:
@@ -209,13 +210,7 @@ class Experiment:
         c = self.c
         batches = None
         if c["prune.criterion"] == "snip":
-            # Every rank scores the same GLOBAL batches, so the masks do not depend on the
-            # number of processes and every rank computes the same thing.
-            snip_loader = make_loader(c["dataset.train_path"], self.spec, train=True, batch_size=c["dataset.batch_size"],
-                                      num_workers=c["dataset.num_workers"], device=self.ctx.device, rank=0, world_size=1,
-                                      seed=c["experiment.seed"], channels_last=c["training.channels_last"],
-                                      backend=c["dataset.loader"], resolution=self.train_resolution)
-            batches = snip_loader.batches(SNIP_EPOCH_OFFSET + level)
+            batches = self.snip_loader().batches(SNIP_EPOCH_OFFSET + level)
         masks = pruning_utils.compute_masks(
             self.model, density=density, criterion=c["prune.criterion"], allocation=c["prune.allocation"],
             batches=batches, loss_fn=F.cross_entropy, num_batches=c["prune.snip_batches"],
@@ -229,6 +224,21 @@ class Experiment:
             masks[first].view(-1)[0] = ~masks[first].view(-1)[0]
         self.check_masks_in_sync(masks)
         mask_layers.set_masks(self.model, masks)
+
+    def snip_loader(self):
+        """Built once per run (an FFCV loader compiles its pipeline when first used).
+
+        Every rank scores the same GLOBAL batches (world_size=1 order), so the masks do not
+        depend on the number of processes and every rank computes the same thing.
+        """
+        if self._snip_loader is None:
+            c = self.c
+            self._snip_loader = make_loader(
+                c["dataset.train_path"], self.spec, train=True, batch_size=c["dataset.batch_size"],
+                num_workers=c["dataset.num_workers"], device=self.ctx.device, rank=0, world_size=1,
+                seed=c["experiment.seed"], channels_last=c["training.channels_last"],
+                backend=c["dataset.loader"], resolution=self.train_resolution)
+        return self._snip_loader
 
     def check_masks_in_sync(self, masks) -> None:
         checksums = du.all_gather_object(mask_layers.masks_checksum(masks))
@@ -257,7 +267,7 @@ class Experiment:
             self.new_optimizer()
         mask_layers.apply_masks_(self.model)
         if self.ctx.is_primary:
-            mask_layers.save_masks(mask_layers.get_masks(self.model), self.files.masks(level))
+            hu.atomic_torch_save(mask_layers.get_masks(self.model), self.files.masks(level))
         self.level_stats = {"best_test_acc": 0.0, "train_time_s": 0.0}
         return start_epoch
 
