@@ -1,0 +1,54 @@
+"""Every shipped config loads through the strict loader, names its method in its file name,
+and builds: model for the dataset's classes/channels/resolution, masks, densities."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import harness_params
+from utils.dataset import get_dataset_spec
+from utils.mask_layers import prepare_model, prunable_layer_names
+from utils.models import get_model
+from utils.pruning_utils import iterative_densities
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+REQUIRED = ["resnet18_lrr_imagenet", "resnet18_wr_imagenet", "resnet50_lrr_imagenet", "resnet20_imp_cifar10",
+            "resnet20_wr_cifar10", "resnet20_lrr_cifar10", "vgg16_snip_cifar10", "vgg16_synflow_cifar10",
+            "resnet18_erk_cifar100", "resnet18_balanced_cifar100", "lenet_300_100_imp_mnist", "quickstart"]
+
+
+def test_required_configs_exist():
+    assert sorted(REQUIRED) == sorted(p.stem for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_validates_and_builds(path):
+    c = harness_params.resolve(str(path), {})
+    spec = get_dataset_spec(c["dataset.name"])
+    if path.stem != "quickstart":
+        model_part, method, data = path.stem.rsplit("_", 2)
+        assert c["model.name"].startswith(model_part.split("_")[0])
+        assert data == c["dataset.name"]
+        expected = {"imp": ("training_type", "imp"), "wr": ("training_type", "wr"), "lrr": ("training_type", "lrr"),
+                    "snip": ("criterion", "snip"), "synflow": ("criterion", "synflow"),
+                    "erk": ("allocation", "erk"), "balanced": ("allocation", "balanced")}[method]
+        assert c[f"prune.{expected[0]}"] == expected[1]
+    resolution = c["dataset.resolution"] or spec.resolution
+    model = get_model(c["model.name"], num_classes=spec.num_classes, in_channels=spec.channels, image_size=resolution)
+    prepare_model(model, exclude=c["prune.exclude"])
+    names = prunable_layer_names(model)
+    assert names
+    for pattern in c["prune.exclude"]:
+        assert pattern not in names
+    if c["prune.training_type"] == "at_init":
+        assert 0 < c["prune.target_density"] <= 1
+    else:
+        densities = iterative_densities(c["prune.rate"], levels=c["prune.levels"], target_density=c["prune.target_density"])
+        assert densities[0] == 1.0 and len(densities) >= 2
+
+
+def test_quickstart_is_an_imp_run_of_at_least_8_levels_ending_at_or_below_20_percent():
+    c = harness_params.resolve(str(CONFIGS[[p.stem for p in CONFIGS].index("quickstart")]), {})
+    densities = iterative_densities(c["prune.rate"], levels=c["prune.levels"])
+    assert c["prune.training_type"] == "imp" and len(densities) >= 8 and densities[-1] <= 0.2
