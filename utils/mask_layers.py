@@ -44,6 +44,8 @@ class MaskedLayer:
         self.weight.mul_(self.mask)
 
     def extra_repr(self) -> str:  # shows up in print(model)
+        if self.mask.device.type == "meta":
+            return super().extra_repr()
         alive = int(self.mask.sum())
         return f"{super().extra_repr()}, density={alive / self.mask.numel():.4f}"
 
@@ -54,7 +56,13 @@ _masked_classes: Dict[type, type] = {}
 def _masked_class_for(cls: type) -> type:
     """A subclass of ``cls`` that also inherits ``MaskedLayer`` (made once per class)."""
     if cls not in _masked_classes:
-        _masked_classes[cls] = type(f"Masked{cls.__name__}", (MaskedLayer, cls), {})
+        name = f"Masked{cls.__name__}"
+        if name in globals() and globals()[name] is not _masked_classes.get(cls):
+            name = f"Masked{cls.__module__.replace('.', '_')}_{cls.__name__}"
+        masked = type(name, (MaskedLayer, cls), {"__module__": __name__, "__qualname__": name})
+        # Registered under its name in this module so torch.save(model) can pickle it.
+        globals()[name] = masked
+        _masked_classes[cls] = masked
     return _masked_classes[cls]
 
 
@@ -179,6 +187,8 @@ def masks_checksum(masks: Masks) -> str:
 
 def is_subset(smaller: Masks, larger: Masks) -> bool:
     """True when every weight alive in ``smaller`` is alive in ``larger`` (masks only shrink)."""
+    if set(smaller) != set(larger):
+        raise MaskError(f"mask dicts cover different layers: {sorted(set(smaller) ^ set(larger))}")
     return all(bool((smaller[n] & ~larger[n]).sum() == 0) for n in smaller)
 
 

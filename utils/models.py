@@ -29,11 +29,13 @@ Lottery-ticket families (written here):
   the start of stages 2 and 3, global average pool, one linear layer.  Shortcuts where
   the shape changes are **option B**: 1x1 conv (stride 2, no bias) + BatchNorm, as in
   open_lth's ``cifar_resnet``; identity elsewhere.  Option B adds 2,752 parameters to
-  option A's 0.27 M for ResNet-20 (both 3 shape changes are prunable 1x1 convs).
+  option A's zero-padding shortcuts at any depth (272,474 vs 269,722 for ResNet-20), and
+  its two 1x1 convs are prunable weights like the others.
   ``resnet{depth}_w{width}`` (width 32, 64) scale all stages (open_lth's
   ``cifar_resnet_20_64``).
-* ``vgg11/13/16/19_cifar`` -- open_lth's ``cifar_vgg`` (also SynFlow's): 3x3 convs (no
-  bias) + BatchNorm + ReLU with open_lth's plans, max-pool between groups, global
+* ``vgg11/13/16/19_cifar`` -- open_lth's ``cifar_vgg`` (also SynFlow's): 3x3 convs
+  + BatchNorm + ReLU with open_lth's plans (convs without bias: open_lth keeps one, which
+  the BatchNorm right after makes redundant; biases are never pruned or counted anyway), max-pool between groups, global
   average pool, one linear layer 512 -> num_classes.  Max-pools use ``ceil_mode=True``:
   identical to floor mode on the even sizes of 32 px inputs, and a 1x1 map pools to 1x1,
   so 8x8 inputs work (floor mode would shrink the map to 0x0 after the third pool).
@@ -49,7 +51,8 @@ Lottery-ticket families (written here):
 
 Initialisation of our own families: ``kaiming_normal_`` (fan_in, ReLU gain sqrt(2); the
 "kaiming_normal" initializer of open_lth) for every Conv2d/Linear weight, biases 0,
-BatchNorm weight 1 and bias 0.
+BatchNorm weight 1 and bias 0 (open_lth's default BN init is uniform random weights; we
+use the standard constant one).
 
 Size check: after building, ``get_model`` runs a 1-sample eval-mode forward with
 meta-device stand-ins for the parameters and buffers (``forward_problem``: shapes only, no
@@ -77,7 +80,7 @@ MODELS: Dict[str, Builder] = {}
 CIFAR_STEM_MAX_IMAGE_SIZE = 64
 
 # Sizes tried when a model cannot run at the requested one, to say what is allowed.
-PROBE_IMAGE_SIZES = (8, 16, 32, 64, 96, 128, 224, 299)
+PROBE_IMAGE_SIZES = (8, 16, 28, 32, 56, 64, 96, 112, 128, 224, 299)
 
 
 class ModelError(ValueError):
@@ -141,7 +144,7 @@ def forward_problem(model: nn.Module, in_channels: int, image_size: int) -> Opti
     """
     stand_ins = {name: torch.empty_like(tensor, device="meta")
                  for name, tensor in (*model.named_parameters(), *model.named_buffers())}
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
@@ -150,7 +153,8 @@ def forward_problem(model: nn.Module, in_channels: int, image_size: int) -> Opti
     except Exception as error:  # noqa: BLE001 -- any failure means "does not run at this size"
         return _first_line(error)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return None
 
 
