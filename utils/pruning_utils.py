@@ -1,0 +1,819 @@
+"""Pruning: score functions x allocation rules -> masks, density schedules, and a CLI.
+
+Semantics (../shared/DESIGN.md section 5):
+
+* Prunable weights are the ``weight`` of every masked layer (``utils.mask_layers``);
+  excluded layers are not masked layers, so they are out of every count.  ``density`` is
+  always a fraction of ALL prunable weights, never of the remaining ones.
+* ``compute_masks`` keeps exactly ``target_keep_count(density, N) = round(density * N)``
+  weights (Python ``round``), and its result is a subset of the current masks: weights
+  already pruned score ``-inf`` and are never candidates, whatever their score or value.
+* A criterion (registry ``SCORES``; config key ``prune.criterion``) scores every weight;
+  an allocation (registry ``ALLOCATIONS``; ``prune.allocation``) decides how many weights
+  each layer keeps and picks them by score.  Any criterion works with any allocation.
+
+Scores (bigger = more important):
+
+``magnitude``  |w|.
+``random``     i.i.d. U(0, 1) in float64 from a CPU ``torch.Generator`` seeded with
+               ``seed``, drawn layer by layer in module order: the same on every rank,
+               device and run for the same seed (float64 so ties are practically
+               impossible even on ResNet-50's 25 M weights; float32 ``rand`` has only 2**24
+               distinct values).
+``snip``       |dL/dw * w| (Lee et al. 2019), the loss gradient taken on the masked model.
+               Mode: **train mode** (BatchNorm normalises with batch statistics, as in the
+               training step the score stands for; at initialisation the running
+               statistics are meaningless), but dropout modules in eval mode so the score
+               is a deterministic function of the batches.  With ``num_batches > 1`` the
+               gradients of the batches are summed before taking |.|: SNIP on one larger
+               minibatch (as the SynFlow authors' SNIP does); ``num_batches=1`` is the
+               paper's definition.  Each rank must see the same batches for its masks to
+               match the others'.
+``synflow``    |dR/dw * w| with R = sum(model(ones(1, *input_shape))) (Tanaka et al. 2020),
+               every floating-point parameter AND buffer replaced by its absolute value (as
+               the authors' ``linearize`` does to the whole state_dict), eval mode
+               (BatchNorm uses running statistics), float64 except on MPS.  Iterative:
+               ``synflow_iterations`` rounds, round k keeping the density
+               d_k = d_start * (d_target / d_start) ** (k / K), each round re-scoring the
+               model with the previous round's mask applied.
+
+The model is never modified by scoring: snip and synflow run ``torch.func.functional_call``
+on detached copies of the parameters and buffers (so BatchNorm running statistics, weight
+signs, ``.grad`` and ``requires_grad`` are untouched), and train/eval flags are restored
+module by module afterwards.
+
+Allocations (how many weights each layer keeps):
+
+``global``     one ranking of all prunable weights together; keep the top
+               round(density * N).
+``uniform``    every layer the same density: layer l's share is density * numel_l.
+``erk``        Erdos-Renyi-Kernel (Evci et al. 2020, RigL): layer l's density is
+               eps * sum(shape_l) / prod(shape_l) (kernel dims included for conv; for a
+               linear layer (n_in + n_out) / (n_in * n_out)), eps solved so the kept total is
+               the target.
+``balanced``   every layer keeps the same number of weights k.
+
+For the three per-layer rules the real-valued shares are share_l = t * w_l (w_l = numel_l,
+sum(shape_l), 1 respectively) with one scale t for all layers.  A layer whose share
+would exceed its capacity (weights alive now: the whole layer when dense, less after
+earlier levels, because masks only shrink) keeps all it has, and t is re-solved over the
+remaining layers, repeatedly (water-filling; for ERK on dense masks this is RigL's
+"make the densest layer dense and re-solve eps" loop, and it ends at the same set of dense
+layers because t only grows as layers are capped).  The real shares are turned into
+integer counts by largest-remainder apportionment: every layer gets floor(share_l), and
+the weights still missing to reach the exact total go one each to the layers with the
+largest fractional parts (ties: earlier layer in module order first), never above a
+layer's capacity.  So every layer is within one weight of its exact share, and the total
+is exact.  (For ``uniform`` this can differ from rounding each layer separately by one
+weight in some layers; per-layer rounding alone would miss the total.)  For ``balanced``
+all fractional parts are equal, so the remainder goes to the first layers in module order.
+
+Within a layer (or, for ``global``, within the concatenation of all layers in module
+order) the allocated count is filled by top score.  Ties at the cut are broken by
+position: the lowest flat index wins.  The count is therefore exact even when every
+score is equal, and the result is the same on every device (``torch.topk`` promises
+neither about ties).  The k-th largest score is found by ``torch.kthvalue`` on a narrow
+band of candidates located with a strided sample (an exact method: it falls back to
+``kthvalue`` on everything when the band misses), which is what makes global pruning of
+ResNet-50 take a fraction of a second on CPU (``bench/pruning_speed.py``).
+
+Command line (reads the experiment YAML, never the harness):
+
+    python -m utils.pruning_utils --config FILE --checkpoint CKPT --density D --out MASKS.pt \\
+        [--criterion C] [--allocation A] [--seed S] [--device cpu]
+
+builds ``model.name`` for ``dataset.name`` (``utils.models`` / ``utils.dataset``), makes it
+prunable with ``prune.exclude``, loads the checkpoint (a state_dict or a dict with key
+``model``; its ``*.mask`` buffers, when present, are the current masks), computes masks at
+density D with ``prune.criterion`` / ``prune.allocation`` (``prune.synflow_iterations``,
+``prune.snip_batches``, ``experiment.seed``; snip reads ``dataset.train_path``), writes
+them atomically with ``mask_layers.save_masks`` and prints a per-layer density table.  A
+bad argument or input: one line on stderr, exit status 2, nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from utils.mask_layers import (
+    Masks,
+    MaskError,
+    density_report,
+    masked_layers,
+    prepare_model,
+    save_masks,
+    set_masks,
+    validate_masks,
+)
+
+Scores = Dict[str, torch.Tensor]  # layer name -> float tensor shaped like the weight
+
+# --------------------------------------------------------------------------------------
+# Densities and counts
+# --------------------------------------------------------------------------------------
+
+
+def target_keep_count(density: float, total: int) -> int:
+    """Number of weights kept at ``density`` out of ``total``: the target rounded (``round``)."""
+    return int(round(density * total))
+
+
+def level_density(level: int, rate: float) -> float:
+    """Target density of level ``level`` of an iterative run removing ``rate`` per level."""
+    if level < 0:
+        raise ValueError(f"level must be >= 0, got {level}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    return (1.0 - rate) ** level
+
+
+# Relative slack when comparing a level's density with target_density: 0.8 ** 3 is
+# 0.5120000000000001 in floating point and must count as reaching a target of 0.512.
+_DENSITY_RELATIVE_TOLERANCE = 1e-9
+
+
+def iterative_densities(rate: float, levels: Optional[int] = None,
+                        target_density: Optional[float] = None) -> List[float]:
+    """Target densities of levels 0, 1, ... (level 0 is dense, 1.0).
+
+    ``levels``: that many levels (level 0 included).  ``target_density``: stop at the first
+    level whose density is at or below it.  Both: whichever comes first.
+    """
+    if levels is None and target_density is None:
+        raise ValueError("iterative_densities needs levels or target_density")
+    if levels is not None and levels < 1:
+        raise ValueError(f"levels must be >= 1 (level 0 is the dense level), got {levels}")
+    if target_density is not None:
+        if not 0.0 < target_density <= 1.0:
+            raise ValueError(f"target_density must be in (0, 1], got {target_density}")
+        if rate <= 0.0 and target_density < 1.0:
+            raise ValueError(f"rate {rate} never reaches target_density {target_density}")
+    densities: List[float] = []
+    for level in itertools.count():
+        if levels is not None and level >= levels:
+            break
+        density = level_density(level, rate)
+        densities.append(density)
+        if target_density is not None and density <= target_density * (1 + _DENSITY_RELATIVE_TOLERANCE):
+            break
+    return densities
+
+
+def synflow_density_schedule(start: float, target: float, iterations: int) -> List[float]:
+    """Densities of SynFlow's rounds 1..K: start * (target / start) ** (k / K); the last is target."""
+    if iterations < 1:
+        raise ValueError(f"synflow iterations must be >= 1, got {iterations}")
+    if not 0.0 < target <= start <= 1.0:
+        raise ValueError(f"synflow schedule needs 0 < target <= start <= 1, got start={start}, target={target}")
+    schedule = [start * (target / start) ** (k / iterations) for k in range(1, iterations + 1)]
+    schedule[-1] = target  # exact, not start * (target/start) ** 1.0 with its rounding error
+    return schedule
+
+
+# --------------------------------------------------------------------------------------
+# Registries
+# --------------------------------------------------------------------------------------
+
+
+def _lookup(registry: Mapping[str, Any], kind: str, name: str) -> Any:
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}") from None
+
+
+@dataclasses.dataclass
+class ScoringInputs:
+    """What a score function may use besides the current masks (plain arguments only)."""
+
+    model: nn.Module
+    device: torch.device
+    batches: Optional[Iterable] = None          # snip: iterable of (x, y)
+    loss_fn: Optional[Callable] = None          # snip: loss(output, y); default cross-entropy
+    num_batches: int = 1                        # snip: batches summed
+    input_shape: Optional[Tuple[int, ...]] = None  # synflow: (C, H, W) of one input
+    seed: int = 0                               # random
+    # Per-call scratch space shared by the rounds of an iterative criterion (SynFlow keeps
+    # its absolute-valued float64 copy of the parameters here instead of rebuilding it).
+    cache: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# A score function returns FRESH tensors (callers fill pruned entries with -inf in place),
+# on inputs.device, shaped like each masked layer's weight.  NaN scores rank lowest.
+ScoreFn = Callable[[ScoringInputs, Masks], Scores]
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    score: ScoreFn
+    # True: re-score the masked model over synflow_density_schedule (SynFlow); False: one shot.
+    iterative: bool = False
+
+
+def _weights_by_layer(model: nn.Module) -> Dict[str, str]:
+    """layer name -> fully qualified parameter name of its weight (functional_call keys)."""
+    return {name: f"{name}.weight" if name else "weight" for name, _ in masked_layers(model)}
+
+
+def _detached_state(model: nn.Module, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Parameters (detached) and buffers (cloned: train-mode BatchNorm writes them) on ``device``."""
+    state = {name: p.detach().to(device) for name, p in model.named_parameters()}
+    state.update({name: b.detach().to(device, copy=True) for name, b in model.named_buffers()})
+    return state
+
+
+class _ScoringMode:
+    """Set train/eval for scoring; restore every module's own flag afterwards."""
+
+    def __init__(self, model: nn.Module, train: bool):
+        self.model, self.train = model, train
+
+    def __enter__(self):
+        self.flags = [(module, module.training) for module in self.model.modules()]
+        self.model.train(self.train)
+        if self.train:  # deterministic scores: no dropout noise (see module docstring)
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.dropout._DropoutNd):
+                    module.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for module, flag in self.flags:
+            module.training = flag
+        return False
+
+
+def magnitude_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
+    return {name: layer.weight.detach().to(inputs.device).abs()
+            for name, layer in masked_layers(inputs.model)}
+
+
+def random_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
+    generator = torch.Generator(device="cpu").manual_seed(int(inputs.seed))
+    return {name: torch.rand(layer.weight.shape, generator=generator, dtype=torch.float64).to(inputs.device)
+            for name, layer in masked_layers(inputs.model)}
+
+
+def snip_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
+    if inputs.batches is None:
+        raise ValueError("criterion 'snip' needs batches (an iterable of (x, y))")
+    if inputs.num_batches < 1:
+        raise ValueError(f"snip num_batches must be >= 1, got {inputs.num_batches}")
+    model, device = inputs.model, inputs.device
+    loss_fn = inputs.loss_fn or nn.functional.cross_entropy
+    weight_keys = _weights_by_layer(model)
+    with _ScoringMode(model, train=True):
+        state = _detached_state(model, device)
+        leaves = {}
+        for name, key in weight_keys.items():  # the masked weight is the variable
+            leaves[name] = (state[key] * masks[name]).requires_grad_(True)
+            state[key] = leaves[name]
+        gradient_sums = {name: torch.zeros_like(leaf) for name, leaf in leaves.items()}
+        used = 0
+        # range first: zip stops before drawing a batch beyond num_batches.
+        for _, (x, y) in zip(range(inputs.num_batches), inputs.batches):
+            loss = loss_fn(functional_call(model, state, (x.to(device),)), y.to(device))
+            gradients = torch.autograd.grad(loss, list(leaves.values()))
+            for name, gradient in zip(leaves, gradients):
+                gradient_sums[name].add_(gradient)
+            used += 1
+        if used < inputs.num_batches:
+            raise ValueError(f"snip asked for {inputs.num_batches} batches, the iterable gave {used}")
+    return {name: (gradient_sums[name] * leaves[name].detach()).abs_() for name in leaves}
+
+
+def synflow_dtype(device: torch.device) -> torch.dtype:
+    """float64 (R is a product over all layers: float32 overflows on deep nets) except on MPS."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def synflow_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
+    if inputs.input_shape is None:
+        raise ValueError("criterion 'synflow' needs input_shape (C, H, W) of one input")
+    model, device = inputs.model, inputs.device
+    dtype = synflow_dtype(device)
+    weight_keys = _weights_by_layer(model)
+    linearized = inputs.cache.get("synflow_linearized")
+    if linearized is None:  # |parameters| and |buffers| in float64, built once per compute_masks call
+        linearized = {key: tensor.to(dtype).abs() if tensor.is_floating_point() else tensor
+                      for key, tensor in _detached_state(model, device).items()}
+        inputs.cache["synflow_linearized"] = linearized
+    with _ScoringMode(model, train=False):
+        state = dict(linearized)
+        leaves = {}
+        for name, key in weight_keys.items():
+            leaves[name] = (linearized[key] * masks[name]).requires_grad_(True)
+            state[key] = leaves[name]
+        ones = torch.ones((1, *inputs.input_shape), dtype=dtype, device=device)
+        synaptic_flow = functional_call(model, state, (ones,)).sum()
+        gradients = torch.autograd.grad(synaptic_flow, list(leaves.values()))
+    return {name: (gradient * leaves[name].detach()).abs_() for name, gradient in zip(leaves, gradients)}
+
+
+SCORES: Dict[str, Criterion] = {
+    "magnitude": Criterion(magnitude_scores),
+    "random": Criterion(random_scores),
+    "snip": Criterion(snip_scores),
+    "synflow": Criterion(synflow_scores, iterative=True),
+}
+
+
+def get_criterion(name: str) -> Criterion:
+    return _lookup(SCORES, "criterion", name)
+
+
+def get_score_fn(name: str) -> ScoreFn:
+    return get_criterion(name).score
+
+
+# --------------------------------------------------------------------------------------
+# Selecting the top k by score (exact count, deterministic ties)
+# --------------------------------------------------------------------------------------
+
+# Vectors longer than this look for the k-th value in a band found by a strided sample.
+_BAND_SEARCH_MIN_NUMEL = 1 << 20
+_BAND_SAMPLE_SIZE = 1 << 16
+# Half-width of the band, in sample positions: 1% of the sample (about 3x the standard
+# error of a sample quantile at 65 k samples is 0.6%) plus a constant for extreme quantiles.
+_BAND_HALF_WIDTH_FRACTION = 0.01
+_BAND_HALF_WIDTH_MIN = 64
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D tensor (0-d tensor), 1 <= k <= numel; exact."""
+    n = values.numel()
+    if n >= _BAND_SEARCH_MIN_NUMEL:
+        sample = values[:: max(1, n // _BAND_SAMPLE_SIZE)].sort().values
+        m = sample.numel()
+        position = round((n - k) / n * (m - 1))  # ascending position of the cut in the sample
+        half_width = int(_BAND_HALF_WIDTH_FRACTION * m) + _BAND_HALF_WIDTH_MIN
+        low, high = sample[max(0, position - half_width)], sample[min(m - 1, position + half_width)]
+        above_band = int((values > high).count_nonzero())  # note: a CPU-GPU sync point
+        band = values[(values >= low) & (values <= high)]
+        rank_in_band = k - above_band
+        if 1 <= rank_in_band <= band.numel():
+            return torch.kthvalue(band, band.numel() - rank_in_band + 1).values
+    return torch.kthvalue(values, n - k + 1).values
+
+
+def _keep_top_k(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(keep, cut): ``keep`` has exactly k True at the k largest scores; ``cut`` is the k-th
+    largest score (None when k is 0 or everything)."""
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} weights")
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool), None
+    if k == n:
+        return torch.ones_like(scores, dtype=torch.bool), None
+    cut = _kth_largest(flat, k)
+    keep = flat >= cut
+    surplus = int(keep.count_nonzero()) - k  # > 0 only when several scores equal the cut
+    if surplus < 0:  # NaN scores (never >= anything) hid part of the top k: they rank lowest
+        return _keep_top_k(torch.nan_to_num(scores, nan=-math.inf, posinf=math.inf, neginf=-math.inf), k)
+    if surplus > 0:
+        tied = (flat == cut).nonzero().squeeze(1)
+        keep[tied[tied.numel() - surplus:]] = False  # drop the highest indices among ties
+    return keep.view_as(scores), cut
+
+
+def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool tensor (shape of ``scores``) with exactly ``k`` True: the k largest scores.
+
+    Ties at the cut go to the lowest flat indices; NaN scores rank lowest (as -inf).
+    """
+    return _keep_top_k(scores, k)[0]
+
+
+def keep_top_k_alive(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+    """Like ``keep_top_k`` among the alive entries only: pruned entries stay pruned.
+
+    ``scores`` holds -inf at pruned entries.  When the cut is above -inf no pruned entry can
+    be chosen, so the whole tensor is ranked at once (no gather of the alive entries);
+    otherwise (alive scores of -inf reach the cut, or everything alive is kept) the alive
+    entries are ranked alone.
+    """
+    keep, cut = _keep_top_k(scores, k)
+    if cut is None or not bool(cut > -math.inf):
+        keep = torch.zeros_like(alive)
+        keep[alive] = keep_top_k(scores[alive], k)
+    return keep
+
+
+# --------------------------------------------------------------------------------------
+# Allocations
+# --------------------------------------------------------------------------------------
+
+# A layer-share rule gives each layer a positive weight w_l; layer l's share is t * w_l.
+LayerShareRule = Callable[[Mapping[str, int], Mapping[str, Tuple[int, ...]]], Dict[str, float]]
+
+
+def uniform_shares(numels, shapes) -> Dict[str, float]:
+    return {name: float(numels[name]) for name in numels}
+
+
+def erk_densities_unscaled(shapes) -> Dict[str, float]:
+    """RigL's raw ERK density per layer: sum(shape) / prod(shape) (before the scale eps)."""
+    return {name: sum(shape) / math.prod(shape) for name, shape in shapes.items()}
+
+
+def erk_shares(numels, shapes) -> Dict[str, float]:
+    raw = erk_densities_unscaled(shapes)
+    return {name: raw[name] * numels[name] for name in numels}
+
+
+def balanced_shares(numels, shapes) -> Dict[str, float]:
+    return {name: 1.0 for name in numels}
+
+
+LAYER_SHARE_RULES: Dict[str, LayerShareRule] = {
+    "uniform": uniform_shares,
+    "erk": erk_shares,
+    "balanced": balanced_shares,
+}
+
+
+def _water_fill(weights: Mapping[str, float], capacities: Mapping[str, int], total_keep: int) -> Dict[str, float]:
+    """Real shares min(capacity_l, t * w_l) summing to total_keep (cap, re-solve, repeat)."""
+    capped: set = set()
+    scale = 0.0
+    while True:
+        free = [name for name in weights if name not in capped]
+        budget = total_keep - sum(capacities[name] for name in capped)
+        weight_sum = sum(weights[name] for name in free)
+        scale = budget / weight_sum if weight_sum > 0 else 0.0
+        newly_capped = [name for name in free if scale * weights[name] >= capacities[name]]
+        if not newly_capped:
+            break
+        capped.update(newly_capped)
+    return {name: float(capacities[name]) if name in capped else scale * weights[name] for name in weights}
+
+
+def _apportion(shares: Mapping[str, float], capacities: Mapping[str, int], total_keep: int) -> Dict[str, int]:
+    """Integer counts: floor of each share, then the remainder by largest fractional part."""
+    names = list(shares)
+    counts = {name: min(capacities[name], max(0, math.floor(shares[name]))) for name in names}
+    order = sorted(names, key=lambda name: (-(shares[name] - math.floor(shares[name])), names.index(name)))
+    missing = total_keep - sum(counts.values())
+    # One pass suffices in exact arithmetic (0 <= missing < number of layers); the loop only
+    # guards against floating-point error in the shares.
+    while missing != 0:
+        step = 1 if missing > 0 else -1
+        candidates = order if step > 0 else reversed(order)
+        progressed = False
+        for name in candidates:
+            if missing == 0:
+                break
+            if 0 <= counts[name] + step <= capacities[name]:
+                counts[name] += step
+                missing -= step
+                progressed = True
+        if not progressed:
+            raise ValueError(f"cannot place {total_keep} weights in layers holding {sum(capacities.values())}")
+    return counts
+
+
+def layer_keep_counts(allocation: str, capacities: Mapping[str, int], numels: Mapping[str, int],
+                      shapes: Mapping[str, Tuple[int, ...]], total_keep: int) -> Dict[str, int]:
+    """Weights each layer keeps under a per-layer allocation, summing exactly to ``total_keep``.
+
+    ``capacities``: weights alive now per layer (a count never exceeds it); ``numels`` and
+    ``shapes``: of each layer's weight.  ``global`` has no per-layer rule (its counts follow
+    the scores).
+    """
+    rule = _lookup(LAYER_SHARE_RULES, "per-layer allocation", allocation)
+    if set(capacities) != set(numels) or set(numels) != set(shapes):
+        raise ValueError("layer_keep_counts: capacities, numels and shapes must name the same layers")
+    available = sum(capacities.values())
+    if not 0 <= total_keep <= available:
+        raise ValueError(f"cannot keep {total_keep} weights: {available} are alive")
+    shares = _water_fill(rule(numels, shapes), capacities, total_keep)
+    return _apportion(shares, capacities, total_keep)
+
+
+# An allocation turns (scores with -inf at pruned weights, current masks, total to keep)
+# into new masks, a subset of the current ones with exactly total_keep weights.
+AllocationFn = Callable[[Scores, Masks, int], Masks]
+
+
+def allocate_global(scores: Scores, masks: Masks, total_keep: int) -> Masks:
+    names = list(masks)
+    flat_scores = torch.cat([scores[name].reshape(-1) for name in names])
+    flat_alive = torch.cat([masks[name].reshape(-1) for name in names])
+    flat_keep = keep_top_k_alive(flat_scores, flat_alive, total_keep)
+    pieces = flat_keep.split([masks[name].numel() for name in names])
+    return {name: piece.view(masks[name].shape) for name, piece in zip(names, pieces)}
+
+
+def _per_layer_allocation(rule_name: str) -> AllocationFn:
+    def allocate(scores: Scores, masks: Masks, total_keep: int) -> Masks:
+        counts = layer_keep_counts(
+            rule_name,
+            capacities={name: int(mask.count_nonzero()) for name, mask in masks.items()},
+            numels={name: mask.numel() for name, mask in masks.items()},
+            shapes={name: tuple(mask.shape) for name, mask in masks.items()},
+            total_keep=total_keep,
+        )
+        return {name: keep_top_k_alive(scores[name], masks[name], counts[name]) for name in masks}
+
+    allocate.__name__ = f"allocate_{rule_name}"
+    return allocate
+
+
+ALLOCATIONS: Dict[str, AllocationFn] = {
+    "global": allocate_global,
+    **{name: _per_layer_allocation(name) for name in LAYER_SHARE_RULES},
+}
+
+
+def get_allocation(name: str) -> AllocationFn:
+    return _lookup(ALLOCATIONS, "allocation", name)
+
+
+# --------------------------------------------------------------------------------------
+# Masks from a model
+# --------------------------------------------------------------------------------------
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def compute_masks(model: nn.Module, *, density: float, criterion: str, allocation: str,
+                  masks: Optional[Masks] = None, batches: Optional[Iterable] = None,
+                  loss_fn: Optional[Callable] = None, num_batches: int = 1,
+                  synflow_iterations: int = 100, input_shape: Optional[Sequence[int]] = None,
+                  seed: int = 0, device=None,
+                  on_round: Optional[Callable[[int, float, Masks], None]] = None) -> Masks:
+    """Masks (CPU bool tensors) keeping exactly round(density * N) of the N prunable weights.
+
+    ``density`` is a fraction of ALL prunable weights.  The result is a subset of ``masks``
+    (default: the model's current masks).  The model's weights, buffers, gradients and
+    train/eval flags are left as they were.  ``device``: where scoring runs (default: the
+    model's).  ``on_round(k, density_k, masks_k)`` is called after each round (SynFlow has
+    ``synflow_iterations`` rounds, the other criteria one).
+    """
+    spec = get_criterion(criterion)
+    allocate = get_allocation(allocation)
+    # The model's own buffers are only read (allocations build new tensors): no copy.
+    current = {name: layer.mask for name, layer in masked_layers(model)} if masks is None else masks
+    validate_masks(model, current)
+    device = torch.device(device) if device is not None else _model_device(model)
+    current = {name: mask.to(device=device, dtype=torch.bool) for name, mask in current.items()}
+
+    total = sum(mask.numel() for mask in current.values())
+    alive = sum(int(mask.count_nonzero()) for mask in current.values())
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    keep = target_keep_count(density, total)
+    if keep > alive:
+        raise ValueError(f"density {density} keeps {keep} of {total} weights but only {alive} are alive "
+                         f"(density {alive / total:.6g}); masks only shrink")
+    inputs = ScoringInputs(model=model, device=device, batches=batches, loss_fn=loss_fn,
+                           num_batches=num_batches, seed=seed,
+                           input_shape=tuple(input_shape) if input_shape is not None else None)
+    schedule = (synflow_density_schedule(alive / total, density, synflow_iterations)
+                if spec.iterative else [density])
+    for round_index, round_density in enumerate(schedule, start=1):
+        scores = spec.score(inputs, current)
+        if alive < total:
+            for name, mask in current.items():
+                scores[name].masked_fill_(~mask, -math.inf)
+        current = allocate(scores, current, target_keep_count(round_density, total))
+        alive = target_keep_count(round_density, total)
+        if on_round is not None:
+            on_round(round_index, round_density, current)
+    return {name: mask.to("cpu") for name, mask in current.items()}
+
+
+def prune_model(model: nn.Module, **kwargs) -> Masks:
+    """``compute_masks(model, **kwargs)``, then install the masks (zeroing pruned weights)."""
+    new_masks = compute_masks(model, **kwargs)
+    set_masks(model, new_masks)
+    return new_masks
+
+
+# --------------------------------------------------------------------------------------
+# CLI: python -m utils.pruning_utils --config FILE --checkpoint CKPT --density D --out MASKS.pt
+# --------------------------------------------------------------------------------------
+
+PROG = "python -m utils.pruning_utils"
+
+# Defaults for keys the config may omit (same as harness_params.py).
+CONFIG_DEFAULTS = {
+    ("prune", "criterion"): "magnitude",
+    ("prune", "allocation"): "global",
+    ("prune", "exclude"): [],
+    ("prune", "synflow_iterations"): 100,
+    ("prune", "snip_batches"): 1,
+    ("experiment", "seed"): 0,
+    ("dataset", "batch_size"): 128,
+    ("dataset", "num_workers"): 4,
+    ("dataset", "resolution"): 0,
+    ("dataset", "loader"): "ffcv",
+}
+
+
+class UsageError(Exception):
+    """A bad argument or input file: one line on stderr, exit status 2, nothing written."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UsageError(message)
+
+
+def _config_value(config: dict, section: str, key: str, required: bool = False):
+    block = config.get(section) or {}
+    if not isinstance(block, dict):
+        raise UsageError(f"config section {section!r} must be a mapping")
+    if key in block and block[key] is not None:
+        return block[key]
+    if required:
+        raise UsageError(f"config has no {section}.{key}")
+    return CONFIG_DEFAULTS[(section, key)]
+
+
+def _read_config(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as handle:
+            config = yaml.safe_load(handle)
+    except OSError as error:
+        raise UsageError(f"cannot read config {path}: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"config {path} must be a mapping of sections")
+    return config
+
+
+def _as_int(value, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _patterns(value) -> List[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
+        return list(value)
+    raise UsageError(f"prune.exclude must be a list of layer-name patterns, got {value!r}")
+
+
+def _checkpoint_state(path: str) -> Dict[str, torch.Tensor]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {path} does not exist") from None
+    except Exception as error:  # torch raises several types for a bad file
+        raise UsageError(f"cannot load checkpoint {path}: {str(error).splitlines()[0]}") from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"checkpoint {path} holds neither a state_dict nor a dict with key 'model'")
+    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith(".mask")]  # no masks = dense
+    if missing or result.unexpected_keys:
+        detail = []
+        if missing:
+            detail.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if result.unexpected_keys:
+            keys = result.unexpected_keys
+            detail.append(f"unexpected {keys[:3]}{'...' if len(keys) > 3 else ''}")
+        raise UsageError(f"checkpoint {path} does not fit the model ({'; '.join(detail)})")
+
+
+def format_density_table(masks: Masks) -> str:
+    rows = density_report(masks)
+    width = max([len("layer"), len("total")] + [len(row["layer"]) for row in rows])
+    lines = [f"{'layer':<{width}}  {'numel':>11}  {'alive':>11}  {'density':>8}"]
+    lines += [f"{row['layer']:<{width}}  {row['numel']:>11d}  {row['alive']:>11d}  {row['density']:>8.4f}"
+              for row in rows]
+    numel = sum(row["numel"] for row in rows)
+    alive = sum(row["alive"] for row in rows)
+    lines.append(f"{'total':<{width}}  {numel:>11d}  {alive:>11d}  {alive / numel:>8.4f}")
+    return "\n".join(lines)
+
+
+def _save_atomically(masks: Masks, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".masks-", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_masks(masks, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _run_cli(argv: Optional[Sequence[str]]) -> None:
+    parser = _Parser(prog=PROG, description="Compute pruning masks for a checkpoint.")
+    parser.add_argument("--config", required=True, help="experiment YAML (model, dataset, prune sections)")
+    parser.add_argument("--checkpoint", required=True, help="state_dict, or a dict with key 'model'")
+    parser.add_argument("--density", required=True, type=float, help="fraction of ALL prunable weights to keep")
+    parser.add_argument("--out", required=True, help="where to write the masks (dict layer -> bool tensor)")
+    parser.add_argument("--criterion", help=f"overrides prune.criterion ({', '.join(SCORES)})")
+    parser.add_argument("--allocation", help=f"overrides prune.allocation ({', '.join(ALLOCATIONS)})")
+    parser.add_argument("--seed", type=int, help="overrides experiment.seed (the random criterion's seed)")
+    parser.add_argument("--device", default="cpu", help="where scores are computed (default cpu)")
+    args = parser.parse_args(argv)
+
+    if not 0.0 < args.density <= 1.0:  # also refuses nan
+        raise UsageError(f"--density must be in (0, 1], got {args.density}")
+    config = _read_config(args.config)
+    criterion = args.criterion or _config_value(config, "prune", "criterion")
+    allocation = args.allocation or _config_value(config, "prune", "allocation")
+    for kind, name, registry in (("criterion", criterion, SCORES), ("allocation", allocation, ALLOCATIONS)):
+        if name not in registry:
+            raise UsageError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}")
+    exclude = _patterns(_config_value(config, "prune", "exclude"))
+    synflow_iterations = _as_int(_config_value(config, "prune", "synflow_iterations"), "prune.synflow_iterations", 1)
+    snip_batches = _as_int(_config_value(config, "prune", "snip_batches"), "prune.snip_batches", 1)
+    seed = _as_int(args.seed if args.seed is not None else _config_value(config, "experiment", "seed"),
+                   "the seed", 0)
+    model_name = _config_value(config, "model", "name", required=True)
+    dataset_name = _config_value(config, "dataset", "name", required=True)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here")
+
+    from utils.dataset import get_dataset_spec
+    from utils.models import get_model
+
+    resolution = _as_int(_config_value(config, "dataset", "resolution"), "dataset.resolution", 0)
+    try:
+        spec = get_dataset_spec(dataset_name)
+        image_size = resolution or spec.resolution  # 0 = the dataset's own, as in the harness
+        model = get_model(model_name, num_classes=spec.num_classes, in_channels=spec.channels, image_size=image_size)
+        prepare_model(model, exclude)
+    except (ValueError, KeyError, MaskError) as error:
+        raise UsageError(str(error).strip("'\"").splitlines()[0]) from None
+    _load_state(model, _checkpoint_state(args.checkpoint), args.checkpoint)
+    model.to(device)
+
+    batches = None
+    if criterion == "snip":
+        train_path = _config_value(config, "dataset", "train_path", required=True)
+        if not os.path.exists(train_path):
+            raise UsageError(f"dataset.train_path {train_path} does not exist (snip needs training batches)")
+        from utils.dataset import make_loader
+
+        batch_size = _as_int(_config_value(config, "dataset", "batch_size"), "dataset.batch_size", 1)
+        num_workers = _as_int(_config_value(config, "dataset", "num_workers"), "dataset.num_workers", 0)
+        try:
+            loader = make_loader(train_path, spec, train=True, batch_size=batch_size, num_workers=num_workers,
+                                 device=device, seed=seed, backend=_config_value(config, "dataset", "loader"),
+                                 resolution=resolution or None)
+        except ValueError as error:
+            raise UsageError(str(error).splitlines()[0]) from None
+        batches = loader.batches(0)
+    try:
+        masks = compute_masks(model, density=args.density, criterion=criterion, allocation=allocation,
+                              batches=batches, num_batches=snip_batches, synflow_iterations=synflow_iterations,
+                              input_shape=(spec.channels, image_size, image_size), seed=seed, device=device)
+    except (ValueError, MaskError) as error:
+        raise UsageError(str(error)) from None
+    _save_atomically(masks, args.out)
+    print(f"{criterion} x {allocation}, density {args.density} -> {args.out}")
+    print(format_density_table(masks))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        _run_cli(argv)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
