@@ -6,6 +6,7 @@ harness routes writes through ``primary_only``).
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import os
@@ -22,14 +23,18 @@ import yaml
 import harness_params
 
 CHECKPOINT_FORMAT = 1
+TEMPORARY_SUFFIX = ".tmp"  # the atomic writers' temporary files: .NAME.XXXX.tmp beside NAME
 
 EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                  "epoch_time_s", "images_per_s"]
 LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
 LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
 
-# Keys that change how a run is watched, not what it computes: a resumed run may differ in them.
-NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers"}
+# Keys that change how a run is watched or where it lives, not what it computes: a resumed
+# run may differ in them (e.g. --experiment.name=NAME_1 resumes the run that
+# --experiment.resume=false started in NAME_1; a moved base_dir still resumes).
+NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers",
+                     "experiment.name", "experiment.base_dir"}
 
 
 class UserError(Exception):
@@ -54,8 +59,8 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, rename: readers see old or new, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dirs(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -72,8 +77,8 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def atomic_torch_save(obj: Any, path) -> None:
     """torch.save through a temporary file + fsync + rename (no whole-file copy in memory)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dirs(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -85,6 +90,53 @@ def atomic_torch_save(obj: Any, path) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def make_dirs(path) -> None:
+    """mkdir -p, then fsync every parent whose entries changed, so a crash right after
+    cannot lose the directory that files just written into it are in."""
+    path = Path(path)
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_dir(created.parent)
+
+
+def remove_stale_temporaries(root) -> List[Path]:
+    """Delete the temporary files a killed writer left (``.NAME.XXXX.tmp``) under ``root``.
+
+    Only rank 0 writes and only while running, so at (re)start every such file is garbage:
+    a checkpoint killed mid-write would otherwise leave up to a checkpoint's size behind.
+    """
+    removed = []
+    for path in Path(root).rglob(f".*{TEMPORARY_SUFFIX}"):
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def detached_copy(obj: Any) -> Any:
+    """A deep copy with every tensor cloned to the CPU.
+
+    ``optimizer.state_dict()`` hands out the optimizer's LIVE state tensors (e.g. SGD's
+    momentum buffers, updated in place at every step), and ``load_state_dict`` may adopt
+    the tensors it is given: a snapshot kept in memory (WR's rewind state) must own its
+    tensors or it silently changes as training goes on.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: detached_copy(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [detached_copy(value) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(detached_copy(value) for value in obj)
+    return copy.deepcopy(obj)
 
 
 # ---------------------------------------------------------------------------- CSV logs
@@ -109,9 +161,11 @@ class CsvLog:
             raise KeyError(f"{self.path.name}: row lacks columns {missing}")
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerow([_format(row[c]) for c in self.columns])
+        data = buffer.getvalue().encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
-            os.write(fd, buffer.getvalue().encode())
+            while data:  # a regular file takes it in one write; loop in case it does not
+                data = data[os.write(fd, data):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -166,6 +220,12 @@ class ExperimentFiles:
     def rewind_checkpoint(self) -> Path:
         return self.checkpoints / "rewind.pt"
 
+    @property
+    def launch_id(self) -> Path:
+        """The torchrun launch (TORCHELASTIC_RUN_ID) that created the directory: an elastic
+        restart of that launch finds its directory again by it."""
+        return self.checkpoints / "launch_id.txt"
+
     def masks(self, level: int) -> Path:
         return self.root / "masks" / f"level_{level}.pt"
 
@@ -210,22 +270,39 @@ def semantic_difference(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
 def _checkpoint_finished(files: ExperimentFiles) -> bool:
     if not files.last_checkpoint.exists():
         return False
-    try:
-        state = torch.load(files.last_checkpoint, map_location="cpu", weights_only=True)
+    try:  # mmap: only the few bytes of the flag are read, not the whole model
+        state = torch.load(files.last_checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        return False
-    return bool(state.get("finished", False))
+        return False  # a corrupt checkpoint is refused, with a message, when resume loads it
+    return isinstance(state, dict) and bool(state.get("finished", False))
 
 
-def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool) -> DirDecision:
+def _launch_id_of(path: Path) -> Optional[str]:
+    try:
+        return ExperimentFiles(path).launch_id.read_text().strip()
+    except OSError:
+        return None
+
+
+def usable_launch_id(launch_id: Optional[str]) -> Optional[str]:
+    """torchrun's run id names one launch only when it is set and not the default 'none'
+    (--standalone draws a fresh uuid; a multi-node job passes its own --rdzv-id)."""
+    return launch_id if launch_id and launch_id != "none" else None
+
+
+def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool,
+                          launch_id: Optional[str] = None) -> DirDecision:
     """Where this run goes and whether it resumes.  Creates nothing.
 
     * a new name -> fresh;
     * same config there -> resume (or 'finished' when the run is done);
     * another config there -> refuse, naming the keys that differ, unless
       experiment.resume=false, which starts fresh in NAME_1, NAME_2, ... (never overwriting);
-    * an elastic restart (torchrun restarted the workers) always resumes the newest
-      matching directory.
+    * an elastic restart (torchrun restarted the workers: ``restarted``) resumes the
+      directory its own launch created (found by ``launch_id``, torchrun's run id, which
+      ``start_fresh`` records); when that launch created none, it decides as the first
+      attempt did.  Without a usable launch id, a restart of a resume=false run resumes
+      the newest directory with the same config.
     """
     base = Path(resolved["experiment.base_dir"])
     name = resolved["experiment.name"]
@@ -241,12 +318,26 @@ def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool) -> DirDe
 
     def matches(path: Path) -> bool:
         files = ExperimentFiles(path)
-        return files.config.exists() and not semantic_difference(read_config_yaml(files.config), resolved)
+        try:
+            return files.config.exists() and not semantic_difference(read_config_yaml(files.config), resolved)
+        except Exception:  # an unreadable config is nobody's match
+            return False
+
+    def resume_or_finished(path: Path) -> DirDecision:
+        if _checkpoint_finished(ExperimentFiles(path)):
+            return DirDecision("finished", path)
+        return DirDecision("resume", path)
 
     if restarted:
-        for path in reversed(existing):
-            if matches(path):
-                return DirDecision("resume", path, "elastic restart")
+        launch_id = usable_launch_id(launch_id)
+        if launch_id is not None:
+            for path in existing:
+                if _launch_id_of(path) == launch_id and matches(path):
+                    return resume_or_finished(path)
+        elif not resolved["experiment.resume"]:
+            for path in reversed(existing):
+                if matches(path):
+                    return resume_or_finished(path)
     if not resolved["experiment.resume"]:
         return DirDecision("fresh", first_free)
     root = base / name
@@ -261,16 +352,19 @@ def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool) -> DirDe
     try:
         previous = read_config_yaml(files.config)
     except Exception as error:
-        raise UserError(f"{files.config} cannot be read ({error}); move the directory away or choose another experiment.name")
+        raise UserError(f"{files.config} cannot be read ({_one_line(error)}); "
+                        f"move the directory away or choose another experiment.name") from None
     differing = semantic_difference(previous, resolved)
     if differing:
         shown = ", ".join(f"{k} ({previous.get(k)!r} there, {resolved.get(k)!r} now)" for k in differing[:6])
         more = f" and {len(differing) - 6} more" if len(differing) > 6 else ""
         raise UserError(f"{root} holds a run with a different config: {shown}{more}; "
                         f"use another experiment.name, or --experiment.resume=false to start fresh in a new directory")
-    if _checkpoint_finished(files):
-        return DirDecision("finished", root)
-    return DirDecision("resume", root)
+    return resume_or_finished(root)
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())[:300]
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -325,17 +419,37 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def load_checkpoint(path: Path, resolved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Safe load (weights_only=True); a corrupt file or another config's checkpoint is refused."""
+LAST_CHECKPOINT_KEYS = ("config", "level", "next_epoch", "phase", "finished", "model", "optimizer", "schedule",
+                        "scaler", "rng", "level_stats", "csv_rows")
+
+
+def load_checkpoint(path: Path, resolved: Optional[Dict[str, Any]] = None,
+                    required: Sequence[str] = ()) -> Dict[str, Any]:
+    """Safe load (weights_only=True: tensors and plain containers only, no code runs).
+
+    Refused with a one-line UserError: a missing, corrupt or truncated file, a file that is
+    not a checkpoint of this harness (format, ``required`` keys), and a checkpoint of
+    another config (the keys that differ are named).
+    """
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} is missing; the experiment directory is incomplete: "
+                        f"move it away to start over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first_line}); "
                         f"it is corrupt or not a checkpoint of this harness: move it away to start over") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} checkpoint of this harness")
+        raise UserError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} checkpoint of this harness; "
+                        f"move it away to start over")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged or from another "
+                        f"version of this harness: move it away to start over")
     if resolved is not None:
         differing = semantic_difference(state.get("config", {}), resolved)
         if differing:
-            raise UserError(f"checkpoint {path} belongs to another config (differs in {', '.join(differing[:6])})")
+            raise UserError(f"checkpoint {path} belongs to another config (differs in {', '.join(differing[:6])}); "
+                            f"use the config it was made with, or move it away")
     return state

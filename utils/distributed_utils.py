@@ -1,16 +1,22 @@
 """Everything about the process group, driven by torchrun's environment.
 
 This is the only module that reads torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE,
-TORCHELASTIC_RESTART_COUNT).  Without them the program is one process (rank 0 of 1) and
-no process group is created, so ``python harness.py`` and the debug harness need no
-special casing: every collective below is a no-op for a single process.
+TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_RUN_ID, TORCHELASTIC_ERROR_FILE; MASTER_ADDR and
+MASTER_PORT are read by torch's env:// rendezvous).  Without them the program is one
+process (rank 0 of 1) and no process group is created, so ``python harness.py`` and the
+debug harness need no special casing: every collective below is a no-op for a single
+process.
+
+The device is ``cuda:LOCAL_RANK`` (never the global rank, which exceeds the GPU count on
+every node but the first); the backend is nccl on CUDA and gloo on CPU unless
+``distributed.backend`` says otherwise.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,6 +48,30 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
+def rank_from_env() -> int:
+    """The global rank torchrun gave this process (0 without torchrun), readable before the
+    process group exists (e.g. to keep the config parser's messages to rank 0)."""
+    return int(os.environ.get("RANK", "0") or 0) if launched_by_torchrun() else 0
+
+
+def launch_id() -> Optional[str]:
+    """torchrun's id of this launch (--standalone: a fresh uuid; otherwise --rdzv-id, which
+    the Slurm launcher sets to the job id); None without torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def record_error_for_launcher(error: BaseException) -> None:
+    """Under torchrun, write ``error`` to the file torchrun reads (TORCHELASTIC_ERROR_FILE),
+    so its failure summary shows this message instead of "error_file: <N/A>".  Best effort."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+        ErrorHandler().record_exception(error)
+    except Exception:  # reporting must never mask the error being reported
+        pass
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
 
@@ -59,7 +89,11 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 1800) -> DistributedContext:
-    """Create the process group when launched by torchrun; return this process's context."""
+    """Create the process group when launched by torchrun; return this process's context.
+
+    Refused (RuntimeError, one line): a LOCAL_RANK without a GPU, training.device=cuda
+    without CUDA, nccl without CUDA.  After an elastic restart the process group is built
+    on this attempt's own keys (``_store_of_this_attempt``)."""
     if not launched_by_torchrun():
         return DistributedContext(device=pick_device(device, 0))
     rank = int(os.environ["RANK"])
@@ -68,12 +102,36 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 1800) 
     torch_device = pick_device(device, local_rank)
     if backend == "auto":
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    if backend == "nccl" and torch_device.type != "cuda":
+        raise RuntimeError(f"distributed.backend=nccl needs CUDA devices, this process runs on {torch_device.type}; "
+                           f"use distributed.backend=gloo (or auto)")
     if world_size > 1 and not dist.is_initialized():
-        kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs = {"backend": backend, "timeout": timeout}
         if torch_device.type == "cuda":
             kwargs["device_id"] = torch_device  # binds NCCL to this GPU; avoids a guess on first collective
+        store = _store_of_this_attempt(timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
         dist.init_process_group(**kwargs)
     return DistributedContext(rank, local_rank, world_size, torch_device, backend if world_size > 1 else None)
+
+
+def _store_of_this_attempt(timeout: datetime.timedelta) -> Optional["dist.Store"]:
+    """After an elastic restart: torch's own env:// rendezvous store, under a prefix naming
+    this attempt; None on a first attempt (init_process_group's default is then right).
+
+    WORKAROUND for torchrun (seen with torch 2.15 and gloo by the harness's elastic tests):
+    restarted workers reach the agent's TCPStore at the same MASTER_ADDR:MASTER_PORT as the
+    attempt before, and the process group's keys carry no attempt number, so a restarted
+    rank can read the address a dead worker of the previous attempt published and fail with
+    "Gloo connectFullMesh failed ... Connection refused" (3 restarts in 5).
+    """
+    attempt = restart_count()
+    if attempt == 0:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"harness/attempt_{attempt}", store)
 
 
 def teardown() -> None:
@@ -129,3 +187,16 @@ def broadcast_tensors_(tensors: List[torch.Tensor], src: int = 0) -> None:
         return
     for t in tensors:
         dist.broadcast(t, src=src)
+
+
+def broadcast_buffers_(module: torch.nn.Module, exclude: Iterable[str] = (), src: int = 0) -> None:
+    """Rank ``src``'s buffers (e.g. BatchNorm running statistics) on every rank, in place.
+
+    DDP broadcasts rank 0's buffers at the start of each training forward, after which each
+    rank's own batch updates them: at the end of an epoch every rank holds slightly
+    different running statistics.  Call this before evaluating so that every rank evaluates
+    the model rank 0 checkpoints.  ``exclude``: state_dict names to skip (the masks, which
+    are identical on every rank by construction and checked).
+    """
+    skip = set(exclude)
+    broadcast_tensors_([b for name, b in module.named_buffers() if name not in skip], src=src)
