@@ -512,10 +512,11 @@ class Experiment:
             self.scaler.update()
             mask_layers.apply_masks_(self.model)
             self.schedule.step()
-            with torch.no_grad():
+            with torch.no_grad():  # on-device sums: no host sync per step
                 n = labels.shape[0]
-                sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
-                                     torch.tensor(float(n), device=device, dtype=torch.float64)])
+                sums[0] += loss.detach().double() * n
+                sums[1] += (logits.argmax(1) == labels).sum()
+                sums[2] += n
             batches_done += 1
             self.after_step(level, epoch, batches_done)
             if batches_done < total_batches and self.stop_agreed(batches_done):
