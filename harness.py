@@ -233,8 +233,7 @@ class Experiment:
         failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
         if failed:
             rank, text = failed[0]
-            raise hu.UserError(text if rank == 0 or len({t for _, t in failed}) == 1 and len(failed) == len(messages)
-                               else f"(rank {rank}) {text}")
+            raise hu.UserError(text if rank == 0 else f"(rank {rank}) {text}")
         return result
 
     def build_loaders(self) -> None:

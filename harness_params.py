@@ -337,11 +337,7 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
             resolved[key] = param.default
     check_cross_fields(resolved)
     # Hand the checked values to fastargs so @param works in the harness.
-    tree: Dict[str, Any] = {}
-    for key, value in resolved.items():
-        section, name = key.split(".", 1)
-        tree.setdefault(section, {})[name] = value
-    config.collect(tree)
+    config.collect(as_tree(resolved))
     return resolved
 
 

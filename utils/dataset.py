@@ -43,7 +43,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -92,11 +92,16 @@ DATASETS: Dict[str, DatasetSpec] = {
 }
 
 
-def get_dataset_spec(name: str) -> DatasetSpec:
+def _lookup(registry: Dict[str, Any], kind: str, name: str) -> Any:
+    """registry[name], or a DataError naming the valid names."""
     try:
-        return DATASETS[name]
+        return registry[name]
     except (KeyError, TypeError):
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}") from None
+        raise DataError(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(registry))}") from None
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    return _lookup(DATASETS, "dataset", name)
 
 
 @dataclass(frozen=True)
@@ -122,10 +127,7 @@ RRC_RATIO = (3 / 4, 4 / 3)
 
 
 def get_augment_policy(name: str) -> AugmentPolicy:
-    try:
-        return AUGMENTATIONS[name]
-    except (KeyError, TypeError):
-        raise DataError(f"unknown augmentation {name!r}; valid names: {', '.join(sorted(AUGMENTATIONS))}") from None
+    return _lookup(AUGMENTATIONS, "augmentation", name)
 
 
 @dataclass(frozen=True)
@@ -146,10 +148,7 @@ STORAGES: Dict[str, StorageFormat] = {
 
 
 def get_storage(name: str) -> StorageFormat:
-    try:
-        return STORAGES[name]
-    except (KeyError, TypeError):
-        raise DataError(f"unknown storage {name!r}; valid names: {', '.join(sorted(STORAGES))}") from None
+    return _lookup(STORAGES, "storage", name)
 
 
 # --------------------------------------------------------------------------- data order
@@ -835,11 +834,7 @@ LOADER_BACKENDS: Dict[str, type] = {"ffcv": FFCVBetonLoader, "torch": TorchBeton
 
 
 def get_loader_backend(name: str) -> type:
-    try:
-        return LOADER_BACKENDS[name]
-    except (KeyError, TypeError):
-        raise DataError(f"unknown loader back-end {name!r}; "
-                        f"valid names: {', '.join(sorted(LOADER_BACKENDS))}") from None
+    return _lookup(LOADER_BACKENDS, "loader back-end", name)
 
 
 def make_loader(path, spec: DatasetSpec, *, train: bool, batch_size: int, num_workers: int, device,
