@@ -10,9 +10,11 @@ anything is created on disk.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
@@ -384,6 +386,22 @@ def help_text() -> str:
         default = "REQUIRED" if param.required else repr(param.default)
         lines.append(f"  {'.'.join(path):28s} {param.desc}. Allowed: {param.checker.help()}. Default: {default}")
     return "\n".join(lines)
+
+
+def load_config_on_every_rank(argv: Optional[Sequence[str]]):
+    """load_config, with its message (or --help) printed by rank 0 only: every rank parses
+    the same files, so every rank fails the same way.  -> the config, or the exit status to
+    end with."""
+    from utils.distributed_utils import rank_from_env
+
+    quiet = rank_from_env() != 0
+    sink = io.StringIO()
+    try:
+        with redirect_stderr(sink if quiet else sys.stderr), redirect_stdout(sink if quiet else sys.stdout):
+            return load_config(argv)
+    except SystemExit as exit_request:
+        code = exit_request.code
+        return code if isinstance(code, int) else (0 if code is None else EXIT_CONFIG_ERROR)
 
 
 def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

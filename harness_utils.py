@@ -1,29 +1,36 @@
-"""Level-loop helpers: files written atomically, CSV logs, optimizer, checkpoints, RNG
-state and the experiment-directory decision (fresh / resume / finished / refuse).
+"""Level-loop helpers that know the config: CSV logs, the experiment directory's files and
+the decision fresh / resume / finished / refuse, the optimizer, seeding, checkpoints of
+this config.  (How files are written atomically and what a checkpoint holds:
+utils/checkpointing.py, re-exported here.)
 
 Every function that writes takes plain arguments and is called on rank 0 only (the
 harness routes writes through ``primary_only``).
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 import harness_params
+from utils import checkpointing, mask_layers, pruning_utils
+from utils.dataset import DataError, get_dataset_spec, make_loader, validate_beton
+from utils.models import ModelError, get_model
+from utils.schedulers import LRSchedule, ScheduleSpec
+from utils.checkpointing import (  # noqa: F401  (re-exported: the harness layer's one import)
+    CHECKPOINT_FORMAT, LAST_CHECKPOINT_KEYS, TEMPORARY_SUFFIX, atomic_torch_save, atomic_write_bytes,
+    detached_copy, make_dirs, remove_stale_temporaries, rng_state, set_rng_state)
+from utils.errors import UserError
 
-CHECKPOINT_FORMAT = 1
-TEMPORARY_SUFFIX = ".tmp"  # the atomic writers' temporary files: .NAME.XXXX.tmp beside NAME
 
 EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                  "epoch_time_s", "images_per_s"]
@@ -35,108 +42,6 @@ LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
 # --experiment.resume=false started in NAME_1; a moved base_dir still resumes).
 NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers",
                      "experiment.name", "experiment.base_dir"}
-
-
-class UserError(Exception):
-    """Bad input found while setting up (data, model/dataset mismatch, experiment dir).
-    Printed as one line; exit status 2."""
-
-
-# ------------------------------------------------------------------------ atomic files
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename: readers see old or new, never half."""
-    path = Path(path)
-    make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_torch_save(obj: Any, path) -> None:
-    """torch.save through a temporary file + fsync + rename (no whole-file copy in memory)."""
-    path = Path(path)
-    make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def make_dirs(path) -> None:
-    """mkdir -p, then fsync every parent whose entries changed, so a crash right after
-    cannot lose the directory that files just written into it are in."""
-    path = Path(path)
-    missing = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    path.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
-        _fsync_dir(created.parent)
-
-
-def remove_stale_temporaries(root) -> List[Path]:
-    """Delete the temporary files a killed writer left (``.NAME.XXXX.tmp``) under ``root``.
-
-    Only rank 0 writes and only while running, so at (re)start every such file is garbage:
-    a checkpoint killed mid-write would otherwise leave up to a checkpoint's size behind.
-    """
-    removed = []
-    for path in Path(root).rglob(f".*{TEMPORARY_SUFFIX}"):
-        if path.is_file():
-            path.unlink()
-            removed.append(path)
-    return removed
-
-
-def detached_copy(obj: Any) -> Any:
-    """A deep copy with every tensor cloned to the CPU.
-
-    ``optimizer.state_dict()`` hands out the optimizer's LIVE state tensors (e.g. SGD's
-    momentum buffers, updated in place at every step), and ``load_state_dict`` may adopt
-    the tensors it is given: a snapshot kept in memory (WR's rewind state) must own its
-    tensors or it silently changes as training goes on.
-    """
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {key: detached_copy(value) for key, value in obj.items()}
-    if isinstance(obj, list):
-        return [detached_copy(value) for value in obj]
-    if isinstance(obj, tuple):
-        return tuple(detached_copy(value) for value in obj)
-    return copy.deepcopy(obj)
 
 
 # ---------------------------------------------------------------------------- CSV logs
@@ -386,32 +291,7 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], *, name: str, lr: 
     return OPTIMIZERS[name](list(parameters), settings)
 
 
-# ------------------------------------------------------------------------------ RNG state
-def rng_state() -> Dict[str, Any]:
-    """All RNG states as tensors / plain lists (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    state = {
-        "python": [py_version, list(py_internal), py_gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
+# ------------------------------------------------------------------------------ seeding
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -419,37 +299,170 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-LAST_CHECKPOINT_KEYS = ("config", "level", "next_epoch", "phase", "finished", "model", "optimizer", "schedule",
-                        "scaler", "rng", "level_stats", "csv_rows")
-
-
 def load_checkpoint(path: Path, resolved: Optional[Dict[str, Any]] = None,
                     required: Sequence[str] = ()) -> Dict[str, Any]:
-    """Safe load (weights_only=True: tensors and plain containers only, no code runs).
-
-    Refused with a one-line UserError: a missing, corrupt or truncated file, a file that is
-    not a checkpoint of this harness (format, ``required`` keys), and a checkpoint of
-    another config (the keys that differ are named).
-    """
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} is missing; the experiment directory is incomplete: "
-                        f"move it away to start over")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first_line}); "
-                        f"it is corrupt or not a checkpoint of this harness: move it away to start over") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} checkpoint of this harness; "
-                        f"move it away to start over")
-    missing = [key for key in required if key not in state]
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged or from another "
-                        f"version of this harness: move it away to start over")
+    """utils.checkpointing.load_checkpoint, and refused (one-line UserError) when the
+    checkpoint belongs to another config (the keys that differ are named)."""
+    state = checkpointing.load_checkpoint(path, required=required)
     if resolved is not None:
         differing = semantic_difference(state.get("config", {}), resolved)
         if differing:
             raise UserError(f"checkpoint {path} belongs to another config (differs in {', '.join(differing[:6])}); "
                             f"use the config it was made with, or move it away")
     return state
+
+
+def read_run_checkpoints(files: ExperimentFiles, resolved: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Rank 0 reads a run's checkpoints -> {'last', 'init'[, 'rewind']}, or None when no epoch
+    finished yet; a damaged or foreign set is refused (UserError)."""
+    if not files.last_checkpoint.exists():
+        return None
+    state = {"last": load_checkpoint(files.last_checkpoint, resolved, required=LAST_CHECKPOINT_KEYS),
+             "init": load_checkpoint(files.init_checkpoint, resolved, required=("model",))}
+    if files.rewind_checkpoint.exists():
+        state["rewind"] = load_checkpoint(files.rewind_checkpoint, resolved, required=("model", "optimizer", "schedule"))
+    elif (resolved["prune.training_type"] == "wr" and
+          (state["last"]["level"], state["last"]["next_epoch"]) > (0, resolved["prune.rewind_epoch"])):
+        raise UserError(f"checkpoint {files.rewind_checkpoint} is missing but level 0 is past epoch "
+                        f"{resolved['prune.rewind_epoch']}; the experiment directory is incomplete: "
+                        f"move it away to start over")
+    return state
+
+
+# ------------------------------------------------------------------ set-up from the config
+@dataclass
+class Inputs:
+    """What the config asks for, checked: dataset spec, resolutions, the masked model, densities."""
+    spec: Any
+    train_resolution: int
+    eval_resolution: int
+    model: torch.nn.Module
+    densities: List[float]
+
+
+def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> Inputs:
+    """Everything that can be refused before anything is written (UserError, one line)."""
+    seed_everything(c["experiment.seed"])  # before the model is built: its init draws from torch's RNG
+    if c["dataset.batch_size"] % world_size:
+        raise UserError(f"dataset.batch_size={c['dataset.batch_size']} is not divisible by the number of "
+                        f"processes ({world_size}); use a multiple of {world_size}")
+    if c["distributed.sync_bn"] and world_size > 1 and device.type != "cuda":
+        raise UserError("distributed.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); set it to false")
+    try:
+        spec = get_dataset_spec(c["dataset.name"])
+    except DataError as error:
+        raise UserError(str(error)) from None
+    train_resolution = c["dataset.resolution"] or spec.resolution
+    eval_resolution = c["dataset.eval_resolution"] or train_resolution
+    for key in ("dataset.train_path", "dataset.test_path"):
+        try:
+            validate_beton(c[key], spec)
+        except DataError as error:
+            raise UserError(f"{key}: {error}") from None
+    try:
+        model = get_model(c["model.name"], num_classes=spec.num_classes, in_channels=spec.channels,
+                          image_size=train_resolution)
+    except ModelError as error:
+        raise UserError(f"model.name={c['model.name']} does not fit dataset.name={c['dataset.name']} "
+                        f"({spec.channels}x{train_resolution}x{train_resolution} inputs, "
+                        f"{spec.num_classes} classes): {error}") from None
+    try:
+        mask_layers.prepare_model(model, exclude=c["prune.exclude"])
+    except mask_layers.MaskError as error:
+        raise UserError(f"prune.exclude={c['prune.exclude']}: {error}") from None
+    if c["prune.training_type"] == "at_init":
+        densities = [c["prune.target_density"]]
+    else:
+        densities = pruning_utils.iterative_densities(c["prune.rate"], levels=c["prune.levels"],
+                                                      target_density=c["prune.target_density"])
+    return Inputs(spec, train_resolution, eval_resolution, model, densities)
+
+
+def make_data_loader(c: Dict[str, Any], spec: Any, device: torch.device, *, train: bool, resolution: int,
+                     rank: int, world_size: int):
+    """A loader of the config's training (``train``) or test file for this rank's share."""
+    try:
+        return make_loader(c["dataset.train_path" if train else "dataset.test_path"], spec, train=train,
+                           batch_size=c["dataset.batch_size"], resolution=resolution,
+                           num_workers=c["dataset.num_workers"], device=device, rank=rank, world_size=world_size,
+                           seed=c["experiment.seed"], channels_last=c["training.channels_last"],
+                           backend=c["dataset.loader"])
+    except DataError as error:
+        raise UserError(str(error)) from None
+
+
+def autocast_dtype(c: Dict[str, Any], device: torch.device) -> Tuple[Optional[torch.dtype], Optional[str]]:
+    """-> (the autocast dtype of training.precision on this device, a note to print or None)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c["training.precision"])
+    if device.type != "cuda" and dtype is not None:
+        return None, f"note: training.precision={c['training.precision']} applies on CUDA; this CPU run trains in fp32"
+    return dtype, None
+
+
+def build_optimizer_and_schedule(c: Dict[str, Any], parameters: Iterable[torch.nn.Parameter],
+                                 iterations_per_epoch: int) -> Tuple[torch.optim.Optimizer, LRSchedule]:
+    optimizer = build_optimizer(parameters, name=c["optimizer.name"], lr=c["optimizer.lr"],
+                                momentum=c["optimizer.momentum"], nesterov=c["optimizer.nesterov"],
+                                weight_decay=c["optimizer.weight_decay"], betas=c["optimizer.betas"])
+    spec = ScheduleSpec(name=c["schedule.name"], epochs=c["training.epochs"], iterations_per_epoch=iterations_per_epoch,
+                        warmup_epochs=c["schedule.warmup_epochs"], warmup_start_factor=c["schedule.warmup_start_factor"],
+                        milestones=tuple(c["schedule.milestones"]), gamma=c["schedule.gamma"],
+                        step_size=c["schedule.step_size"], peak_epoch=c["schedule.peak_epoch"],
+                        final_factor=c["schedule.final_factor"])
+    return optimizer, LRSchedule(optimizer, spec)
+
+
+def training_model(model: torch.nn.Module, c: Dict[str, Any], ctx: Any, use_ddp: bool):
+    """-> (bare model, model as trained): on the device in the config's memory format,
+    SyncBatchNorm when asked, wrapped in DDP (its constructor broadcasts rank 0's weights) and
+    compiled when asked."""
+    device = ctx.device
+    memory_format = torch.channels_last if c["training.channels_last"] else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    if c["distributed.sync_bn"] and use_ddp:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = model
+    if use_ddp:
+        # Masks are identical on every rank by construction (and checked after pruning): keep
+        # them out of DDP's per-forward buffer broadcast.  BatchNorm running stats are still
+        # broadcast from rank 0 at each forward (DDP's default).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, mask_layers.mask_buffer_names(model))
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if c["training.compile"]:
+        train_model = torch.compile(train_model)
+    return model, train_model
+
+
+def compute_masks(c: Dict[str, Any], model: torch.nn.Module, *, level: int, density: float, batches, device,
+                  input_shape) -> Dict[str, torch.Tensor]:
+    """Level ``level``'s masks by the config's criterion and allocation (seeded per level)."""
+    return pruning_utils.compute_masks(
+        model, density=density, criterion=c["prune.criterion"], allocation=c["prune.allocation"], batches=batches,
+        loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.snip_batches"],
+        synflow_iterations=c["prune.synflow_iterations"], input_shape=input_shape,
+        seed=c["experiment.seed"] * 1000 + level, device=device)
+
+
+def build_loaders(c: Dict[str, Any], spec: Any, ctx: Any, train_resolution: int, eval_resolution: int):
+    """-> (training loader, test loader) of this rank's share; a batch larger than the
+    training set is refused."""
+    shard = dict(rank=ctx.rank, world_size=ctx.world_size)
+    train = make_data_loader(c, spec, ctx.device, train=True, resolution=train_resolution, **shard)
+    test = make_data_loader(c, spec, ctx.device, train=False, resolution=eval_resolution, **shard)
+    if len(train) == 0:
+        raise UserError(f"dataset.batch_size={c['dataset.batch_size']} is larger than the training set "
+                        f"({train.num_samples} samples): no full batch per epoch")
+    return train, test
+
+
+def create_experiment_dir(files: ExperimentFiles, resolved: Dict[str, Any], launch_id: Optional[str]) -> None:
+    """A new experiment directory: its folders, the launch id (first: an elastic restart finds
+    this directory by it), the resolved config and the CSV headers (rank 0 only)."""
+    make_dirs(files.root / "masks")
+    make_dirs(files.checkpoints)
+    launch = usable_launch_id(launch_id)
+    if launch is not None:
+        atomic_write_bytes(files.launch_id, (launch + "\n").encode())
+    atomic_write_bytes(files.config, config_yaml(resolved))
+    for log in files.logs().values():
+        log.create()

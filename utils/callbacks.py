@@ -10,6 +10,8 @@ directory and whether this rank writes; a hook may set ``info.end_level = True``
 ``on_epoch_logged`` to end the level after that epoch, e.g. Early-Bird)::
 
     on_run_start(info)        set-up done, fresh or resumed; info.level = the first level to run
+    on_masks_agreed(info)     a level's new masks (info.extra['masks']), rank 0's broadcast to every
+                              rank, before the ranks check they agree and before they are set
     on_level_start(info)      the level's masks are set and written, weights reset, training not started
     on_epoch_logged(info)     the epoch's epochs.csv row is written (info.row), its checkpoint not yet
     on_level_logged(info)     the level's levels.csv / layers.csv rows are written (info.row), checkpoint not yet
@@ -45,6 +47,7 @@ class LevelInfo:
     is_primary: bool = True                  # whether this rank writes files
     epoch: Optional[int] = None              # on_epoch_logged: the epoch just logged
     row: Optional[Dict[str, Any]] = None     # the CSV row just written (epochs.csv or levels.csv)
+    final_epoch: bool = False                # on_epoch_logged: the level's last epoch (its checkpoint is the level's)
     end_level: bool = False                  # set by a hook in on_epoch_logged: stop the level after this epoch
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -52,6 +55,7 @@ class LevelInfo:
 class Callback:
     # level loop
     def on_run_start(self, info: LevelInfo) -> None: ...
+    def on_masks_agreed(self, info: LevelInfo) -> None: ...
     def on_level_start(self, info: LevelInfo) -> None: ...
     def on_epoch_logged(self, info: LevelInfo) -> None: ...
     def on_level_logged(self, info: LevelInfo) -> None: ...
@@ -73,3 +77,14 @@ class Callbacks(List[Callback]):
 
     def fire(self, hook: str, argument: Any) -> None:
         fire(self, hook, argument)
+
+
+def callback_states(callbacks: Iterable[Callback]) -> Dict[str, Any]:
+    """{name: state_dict()} of the callbacks that keep state across a resume."""
+    return {cb.name: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}
+
+
+def load_callback_states(callbacks: Iterable[Callback], states: Dict[str, Any]) -> None:
+    for cb in callbacks:
+        if hasattr(cb, "load_state_dict") and cb.name in states:
+            cb.load_state_dict(states[cb.name])

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
+import traceback
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
+
+from utils.errors import UserError
 
 
 @dataclass
@@ -200,3 +205,83 @@ def broadcast_buffers_(module: torch.nn.Module, exclude: Iterable[str] = (), src
     """
     skip = set(exclude)
     broadcast_tensors_([b for name, b in module.named_buffers() if name not in skip], src=src)
+
+
+def ranks_disagreeing(value: Any) -> List[int]:
+    """The ranks whose ``value`` (a checksum, say) differs from rank 0's; [] when all agree."""
+    values = all_gather_object(value)
+    return [rank for rank, v in enumerate(values) if v != values[0]]
+
+
+# ------------------------------------------------------------ set-up steps every rank agrees on
+def agreed(step: Callable[[], Any], error_type: type = UserError) -> Any:
+    """Run a set-up ``step`` (no collectives inside) on every rank.  When it refuses the input
+    (``error_type``) on any rank, every rank raises the same error: rank 0's message, or the
+    first failing rank's naming that rank (e.g. a file missing on one node only).  So each
+    refusal reaches the entry point on all ranks at once, and no rank is left waiting in a
+    collective for one that has gone."""
+    message, result = None, None
+    try:
+        result = step()
+    except error_type as error:
+        message = str(error)
+    failed = [(rank, text) for rank, text in enumerate(all_gather_object(message)) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        raise error_type(text if rank == 0 else f"(rank {rank}) {text}")
+    return result
+
+
+def decided_by_primary(decide: Callable[[], Any], is_primary: bool, error_type: type = UserError) -> Any:
+    """Rank 0 runs ``decide`` (it may read files only rank 0 writes); every rank gets its
+    result, or raises the same ``error_type`` with rank 0's message."""
+    outcome: Any = None
+    if is_primary:
+        try:
+            outcome = decide()
+        except error_type as error:
+            outcome = _Refusal(str(error))
+    outcome = broadcast_object(outcome)
+    if isinstance(outcome, _Refusal):
+        raise error_type(outcome.message)
+    return outcome
+
+
+@dataclass
+class _Refusal:
+    message: str
+
+
+# ------------------------------------------------------------------ one process failing
+LOST_PEER_GRACE_S = 2.0
+
+
+def is_lost_peer(error: BaseException) -> bool:
+    """A collective failed because another process went away (it failed, or torchrun
+    stopped it), not because of anything on this rank."""
+    if isinstance(error, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted"))
+
+
+def report_failure_and_exit(ctx: DistributedContext, error: BaseException, exit_status: int = 1) -> None:
+    """An error in one process of a multi-process job: say what happened and end this
+    process NOW, without tearing down the process group (a collective with a rank that
+    will never join can block teardown).  torchrun sees the exit within its monitor
+    interval (0.1 s) and stops the other ranks (SIGTERM, then SIGKILL after 30 s); a rank
+    blocked in a gloo collective with this one fails at once and says so in one line."""
+    if is_lost_peer(error):
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        print(f"error (rank {ctx.rank}): stopping: lost contact with another process, which probably failed "
+              f"(its message is above) [{type(error).__name__}: {first}]", file=sys.stderr, flush=True)
+        # Give torchrun time to see the failed process first: its failure summary then names
+        # that process (and its message) as the root cause, not this one.  SIGTERM ends the wait.
+        time.sleep(LOST_PEER_GRACE_S)
+    else:
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+        print(f"error (rank {ctx.rank}): {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        record_error_for_launcher(error)  # torchrun's failure summary then shows this message
+    sys.stdout.flush()
+    os._exit(exit_status)

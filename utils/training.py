@@ -134,6 +134,18 @@ def train_epoch(step: TrainingStep, batches: Iterable[Tuple[torch.Tensor, torch.
     return state
 
 
+def share_of_partial_sums(every_rank: Sequence[torch.Tensor], rank: int, world_size: int) -> torch.Tensor:
+    """This rank's share of a mid-epoch checkpoint's per-rank partial sums.  With the world
+    size they were written with, each rank continues its own sums (the row is bit-identical);
+    with another, rank 0 carries their total (the loss mean may then differ in the last bits;
+    the data order itself is defined per global batch, so it is unaffected)."""
+    if len(every_rank) == world_size:
+        return every_rank[rank]
+    if rank == 0:
+        return torch.stack(list(every_rank)).sum(0)
+    return torch.zeros_like(every_rank[0])
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *,
              device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None,
