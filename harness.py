@@ -15,13 +15,14 @@ is one line and exit 2 before anything is written.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
 
 import harness_utils as hu
 from harness_params import load_config_on_every_rank  # noqa: F401  (part of this module's interface)
-from utils import checkpointing, mask_layers, training
+from utils import checkpointing, mask_layers, pruning_utils, run_lock, training
 from utils import distributed_utils as du
 from utils.callbacks import Callbacks, LevelInfo, callback_states, load_callback_states
 from utils.errors import MaskSyncError
@@ -32,7 +33,7 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run stopped on request; its checkpoin
 EXIT_USER_ERROR = 2   # bad input, refused before anything is written (harness_params uses the same)
 EXIT_MASK_SYNC = 3
 EXIT_FAILED = 1
-SNIP_EPOCH_OFFSET = 1_000_000  # data order of SNIP batches: epoch id disjoint from training epochs
+EXIT_WRITE_FAILED = 4  # a file could not be written (disk full, quota, read-only); the last checkpoint is intact
 
 
 def feature_callbacks(config: Dict[str, Any], ctx: du.DistributedContext) -> List:
@@ -51,6 +52,7 @@ class Experiment:
         self.callbacks += [ProgressBar(ctx.is_primary and config["training.progress"]),
                            StopOnRequest(self.stop_requests), *feature_callbacks(config, ctx)]
         self._snip_loader = None
+        self.lock = None  # rank 0: this directory's run lock, held for the run's life (utils/run_lock.py)
         self.resume_partial_epoch: Optional[Dict[str, Any]] = None
 
     def say(self, message: str) -> None:
@@ -94,7 +96,7 @@ class Experiment:
     # ---------------------------------------------------------------------- pruning
     def prune_to(self, level: int, density: float) -> None:
         c = self.c
-        batches = self.snip_loader().batches(SNIP_EPOCH_OFFSET + level) if c["prune.criterion"] == "snip" else None
+        batches = self.snip_loader().batches(pruning_utils.SNIP_EPOCH_OFFSET + level) if c["prune.criterion"] == "snip" else None
         masks = hu.compute_masks(c, self.model, level=level, density=density, batches=batches, device=self.ctx.device,
                                  input_shape=(self.spec.channels, self.train_resolution, self.train_resolution))
         masks = du.broadcast_object(masks)  # scores can differ in the last bit across GPUs: rank 0's are the masks
@@ -151,7 +153,8 @@ class Experiment:
                 epoch = self.begin_level(level)
             else:
                 epoch, start_epoch = start_epoch, None
-            self.capture_rewind_state(level, epoch)
+            if self.resume_partial_epoch is None:  # mid-epoch, the state is not the epoch's start state
+                self.capture_rewind_state(level, epoch)
             while epoch < epochs:
                 partial, self.resume_partial_epoch = self.resume_partial_epoch, None
                 row = self.train_and_evaluate(level, epoch, partial)
@@ -211,7 +214,7 @@ class Experiment:
         if state.stopped:
             self.checkpoint_mid_epoch(state)
             raise Preempted()
-        epoch_time = state.elapsed
+        epoch_time, finished_at = state.elapsed, time.perf_counter()
         du.all_reduce_sum(state.sums)
         loss_sum, correct, count = state.sums.tolist()  # note: a CPU-GPU sync point, once per epoch
         test_loss, test_acc = self.evaluate()
@@ -219,7 +222,8 @@ class Experiment:
         self.level_stats["train_time_s"] += epoch_time
         return {"level": level, "epoch": epoch, "lr": state.lr_at_start, "train_loss": loss_sum / count,
                 "train_acc": 100.0 * correct / count, "test_loss": test_loss, "test_acc": test_acc,
-                "epoch_time_s": epoch_time, "images_per_s": count / epoch_time}
+                "epoch_time_s": epoch_time,
+                "images_per_s": state.steady_images_per_s(count, finished_at) or count / epoch_time}
 
     def evaluate(self) -> tuple:
         """Loss and accuracy over the whole test set, each example counted once across ranks.
@@ -262,7 +266,13 @@ class Experiment:
         self.say(f"stopping on request at level {state.level}, epoch {state.epoch}, "
                  f"batch {state.batches_done}: checkpoint written")
 
+    def hold_run_lock(self) -> None:
+        """Rank 0 (inside du.decided_by_primary): take the directory's lock, or refuse the launch."""
+        if self.lock is None:
+            self.lock = run_lock.acquire(self.files.root)
+
     def start_fresh(self) -> None:
+        du.decided_by_primary(self.hold_run_lock, self.ctx.is_primary)
         self.init_state = checkpointing.snapshot(self.model)
         if self.ctx.is_primary:
             hu.create_experiment_dir(self.files, self.c, du.launch_id())
@@ -271,8 +281,15 @@ class Experiment:
 
     def resume(self) -> tuple:
         """Load rank 0's checkpoints on every rank; -> (start_level, start_epoch or None)."""
-        state = du.decided_by_primary(lambda: hu.read_run_checkpoints(self.files, self.c), self.ctx.is_primary)
+        def read_then_lock():  # everything that can refuse the run is read before the lock is taken
+            checkpoints = hu.read_run_checkpoints(self.files, self.c)
+            self.hold_run_lock()
+            return checkpoints
+
+        state = du.decided_by_primary(read_then_lock, self.ctx.is_primary)
         if self.ctx.is_primary:
+            if state is not None and state["note"]:
+                self.say(state["note"])
             for stale in hu.remove_stale_temporaries(self.files.root):
                 self.say(f"removed {stale}, left by an interrupted write")
         if state is None:  # the directory exists but no epoch finished: start over in it
@@ -330,6 +347,8 @@ class Experiment:
             return EXIT_PREEMPTED
         finally:
             self.stop_requests.flag.restore()
+            if self.lock is not None:
+                self.lock.release()
         du.barrier()
         self.say(f"done: {self.files.root}")
         return 0
@@ -337,7 +356,8 @@ class Experiment:
 
 def main(argv: Optional[List[str]] = None, use_ddp: bool = True) -> int:
     """-> exit status: 0 done (or already finished), 2 bad input (one line on stderr,
-    nothing written), 3 masks out of sync, 143 stopped on request (resumable).  An
+    nothing written), 3 masks out of sync, 4 a write failed (one line; resumable), 143
+    stopped on request (resumable).  An
     unexpected error raises in a single process, and ends the process with status 1 in a
     multi-process job."""
     config = load_config_on_every_rank(argv)
@@ -357,8 +377,16 @@ def main(argv: Optional[List[str]] = None, use_ddp: bool = True) -> int:
         # the others as soon as one exits).
         if ctx.is_primary:
             print(f"error: {error}", file=sys.stderr, flush=True)
+            du.record_error_for_launcher(error)  # torchrun's failure summary then shows this line
         du.barrier()
+        if not ctx.is_primary:
+            time.sleep(1.0)  # rank 0 ends first: torchrun names it, with its message, as the root cause
         return EXIT_MASK_SYNC if isinstance(error, MaskSyncError) else EXIT_USER_ERROR
+    except checkpointing.WriteFailed as error:  # rank 0 only (the others wait in a collective): one line, now
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        if ctx.is_distributed:
+            du.report_failure_and_exit(ctx, error, EXIT_WRITE_FAILED, one_line=True)
+        return EXIT_WRITE_FAILED
     except Exception as error:
         if not ctx.is_distributed:
             raise

@@ -91,6 +91,16 @@ class StrictBool(Checker):
         return "true or false"
 
 
+class BoolOrAuto(Checker):
+    def check(self, value):
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise TypeError(value)
+
+    def help(self):
+        return "true, false or auto"
+
+
 class StrictStr(Checker):
     def check(self, value):
         if isinstance(value, str):
@@ -193,7 +203,7 @@ def declare_sections() -> Config:
         channels_last=P(StrictBool(), "channels_last memory format (CUDA)", default=False),
         compile=P(StrictBool(), "torch.compile the model", default=False),
         device=P(Choice(["auto", "cpu", "cuda"]), "auto = cuda:LOCAL_RANK when present, else cpu", default="auto"),
-        grad_clip=P(StrictFloat(0), "Clip the global gradient norm to this (0 = off)", default=0.0),
+        grad_clip=P(StrictFloat(0), "Clip the gradient norm of the alive weights (and unpruned parameters) to this (0 = off)", default=0.0),
         progress=P(StrictBool(), "Progress bar on rank 0", default=True),
     )
     Section("prune", "Pruning between levels").params(
@@ -207,10 +217,13 @@ def declare_sections() -> Config:
         exclude=P(ListOf(StrictStr()), "fnmatch patterns of layer names kept dense and uncounted", default=[]),
         synflow_iterations=P(StrictInt(1), "SynFlow rounds (exponential density schedule)", default=100),
         snip_batches=P(StrictInt(1), "Training batches summed for the SNIP score", default=1),
+        snip_mode=P(Choice(["eval", "train"]), "BatchNorm during SNIP scoring: eval (running statistics, as the reference codes) or train (batch statistics)", default="eval"),
     )
     Section("distributed", "Process group").params(
         backend=P(Choice(["auto", "nccl", "gloo"]), "auto = nccl on CUDA, gloo on CPU", default="auto"),
-        sync_bn=P(StrictBool(), "SyncBatchNorm across ranks (CUDA; default off: per-rank batch statistics, rank 0's running stats)", default=False),
+        sync_bn=P(BoolOrAuto(), "BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only). auto = on with CUDA and "
+                  "more than one process, so 1 and N GPUs train the same model; false = per-rank batch statistics, rank 0's running stats",
+                  default="auto"),
         timeout_s=P(StrictFloat(1), "Collective timeout in seconds", default=1800.0),
     )
     Section("experiment", "Where results go").params(

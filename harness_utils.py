@@ -22,7 +22,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 import harness_params
-from utils import checkpointing, mask_layers, pruning_utils
+from utils import checkpointing, mask_layers, pruning_utils, run_lock
 from utils.dataset import DataError, get_dataset_spec, make_loader, validate_beton
 from utils.models import ModelError, get_model
 from utils.schedulers import LRSchedule, ScheduleSpec
@@ -67,13 +67,14 @@ class CsvLog:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerow([_format(row[c]) for c in self.columns])
         data = buffer.getvalue().encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        try:
-            while data:  # a regular file takes it in one write; loop in case it does not
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with checkpointing.writing(self.path):  # a failure: one line (resume truncates a partial row)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                while data:  # a regular file takes it in one write; loop in case it does not
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def rows(self) -> List[List[str]]:
         if not self.path.exists():
@@ -250,7 +251,7 @@ def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool,
         return DirDecision("fresh", root)
     files = ExperimentFiles(root)
     if not files.config.exists():
-        if root.is_dir() and not any(root.iterdir()):
+        if root.is_dir() and not any(p.name != run_lock.LOCK_NAME for p in root.iterdir()):
             return DirDecision("fresh", root)
         raise UserError(f"{root} exists but is not an experiment directory (no config.yaml); "
                         f"choose another experiment.name or experiment.base_dir")
@@ -315,10 +316,20 @@ def load_checkpoint(path: Path, resolved: Optional[Dict[str, Any]] = None,
 def read_run_checkpoints(files: ExperimentFiles, resolved: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Rank 0 reads a run's checkpoints -> {'last', 'init'[, 'rewind']}, or None when no epoch
     finished yet; a damaged or foreign set is refused (UserError)."""
-    if not files.last_checkpoint.exists():
+    previous = checkpointing.previous_of(files.last_checkpoint)
+    if not files.last_checkpoint.exists() and not previous.exists():
         return None
-    state = {"last": load_checkpoint(files.last_checkpoint, resolved, required=LAST_CHECKPOINT_KEYS),
-             "init": load_checkpoint(files.init_checkpoint, resolved, required=("model",))}
+    note = None
+    try:
+        last = load_checkpoint(files.last_checkpoint, resolved, required=LAST_CHECKPOINT_KEYS)
+    except checkpointing.CorruptCheckpoint as error:  # a missing last.pt is refused the same way
+        if not previous.exists():
+            raise
+        last = load_checkpoint(previous, resolved, required=LAST_CHECKPOINT_KEYS)
+        note = (f"note: {str(error).split('; ')[0]}: resuming from {previous}, the checkpoint before it "
+                f"(the work since then is done again)")
+    state = {"last": last, "init": load_checkpoint(files.init_checkpoint, resolved, required=("model",)),
+             "note": note}
     if files.rewind_checkpoint.exists():
         state["rewind"] = load_checkpoint(files.rewind_checkpoint, resolved, required=("model", "optimizer", "schedule"))
     elif (resolved["prune.training_type"] == "wr" and
@@ -346,7 +357,7 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
     if c["dataset.batch_size"] % world_size:
         raise UserError(f"dataset.batch_size={c['dataset.batch_size']} is not divisible by the number of "
                         f"processes ({world_size}); use a multiple of {world_size}")
-    if c["distributed.sync_bn"] and world_size > 1 and device.type != "cuda":
+    if c["distributed.sync_bn"] is True and world_size > 1 and device.type != "cuda":
         raise UserError("distributed.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); set it to false")
     try:
         spec = get_dataset_spec(c["dataset.name"])
@@ -419,7 +430,7 @@ def training_model(model: torch.nn.Module, c: Dict[str, Any], ctx: Any, use_ddp:
     device = ctx.device
     memory_format = torch.channels_last if c["training.channels_last"] else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
-    if c["distributed.sync_bn"] and use_ddp:
+    if use_ddp and wants_sync_bn(c["distributed.sync_bn"], device):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_model = model
     if use_ddp:
@@ -433,6 +444,12 @@ def training_model(model: torch.nn.Module, c: Dict[str, Any], ctx: Any, use_ddp:
     return model, train_model
 
 
+def wants_sync_bn(setting: Any, device: torch.device) -> bool:
+    """distributed.sync_bn for a multi-process run: true, false, or auto = on CUDA (SyncBatchNorm
+    does not run on CPU: there each rank normalises over its own share of the batch)."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def compute_masks(c: Dict[str, Any], model: torch.nn.Module, *, level: int, density: float, batches, device,
                   input_shape) -> Dict[str, torch.Tensor]:
     """Level ``level``'s masks by the config's criterion and allocation (seeded per level)."""
@@ -440,7 +457,7 @@ def compute_masks(c: Dict[str, Any], model: torch.nn.Module, *, level: int, dens
         model, density=density, criterion=c["prune.criterion"], allocation=c["prune.allocation"], batches=batches,
         loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.snip_batches"],
         synflow_iterations=c["prune.synflow_iterations"], input_shape=input_shape,
-        seed=c["experiment.seed"] * 1000 + level, device=device)
+        seed=pruning_utils.level_seed(c["experiment.seed"], level), device=device, snip_mode=c["prune.snip_mode"])
 
 
 def build_loaders(c: Dict[str, Any], spec: Any, ctx: Any, train_resolution: int, eval_resolution: int):

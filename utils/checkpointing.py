@@ -13,12 +13,15 @@ nothing here reads a config or knows the experiment directory's layout.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,46 +53,103 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class CorruptCheckpoint(UserError):
+    """A checkpoint file that cannot be read or is not one of ours (see load_checkpoint)."""
+
+
+class WriteFailed(Exception):
+    """A file could not be written (disk full, quota, read-only, ...).  The message is one
+    line naming the file and the cause; whatever was written before is intact."""
+
+
+_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+           errno.EIO: "input/output error"}
+
+
+def write_failure_cause(error: BaseException, directory) -> str:
+    """A short cause for a failed write.  torch.save reports a full disk as a RuntimeError
+    ('unexpected pos ...'), losing the errno: then the directory is probed."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _CAUSES:
+            return _CAUSES[error.errno]
+        error = error.__cause__ or error.__context__
+    try:
+        if shutil.disk_usage(directory).free < 1 << 20:
+            return "no space left on device"
+        if not os.access(directory, os.W_OK):
+            return "the directory is not writable (read-only file system or permissions)"
+    except OSError:
+        pass
+    return "write error"
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn any failure of the write of ``path`` into one WriteFailed line."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except (OSError, RuntimeError) as error:
+        detail = " ".join(str(error).split())[:120]
+        raise WriteFailed(f"cannot write {path}: {write_failure_cause(error, Path(path).parent)} "
+                          f"({type(error).__name__}: {detail}); the last checkpoint is intact: fix that and run "
+                          f"the same command to resume") from error
+
+
+def _atomic_write(path, write: Callable[[Any], None], keep_previous=None) -> None:
+    """``write(handle)`` into a temporary file beside ``path``, fsync, rename: readers see the
+    old file or the new one, never half.  ``keep_previous``: the replaced file is kept there
+    (hard link, so ``path`` is never missing)."""
+    path = Path(path)
+    with writing(path):
+        make_dirs(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if keep_previous is not None and path.exists():
+                _keep_previous(path, Path(keep_previous))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+
+
+def _keep_previous(path: Path, previous: Path) -> None:
+    fd, link = tempfile.mkstemp(prefix=f".{previous.name}.", suffix=TEMPORARY_SUFFIX, dir=previous.parent)
+    os.close(fd)
+    os.unlink(link)
+    try:
+        os.link(path, link)
+    except OSError:  # no hard links here: a copy, still never leaving ``path`` missing
+        shutil.copyfile(path, link)
+    os.replace(link, previous)
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename: readers see old or new, never half."""
-    path = Path(path)
-    make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    _atomic_write(path, lambda handle: handle.write(data))
 
 
-def atomic_torch_save(obj: Any, path) -> None:
+def atomic_torch_save(obj: Any, path, keep_previous=None) -> None:
     """torch.save through a temporary file + fsync + rename (no whole-file copy in memory)."""
-    path = Path(path)
-    make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    _atomic_write(path, lambda handle: torch.save(obj, handle), keep_previous)
 
 
 def make_dirs(path) -> None:
     """mkdir -p, then fsync every parent whose entries changed, so a crash right after
     cannot lose the directory that files just written into it are in."""
     path = Path(path)
+    with writing(path):
+        _make_dirs(path)
+
+
+def _make_dirs(path: Path) -> None:
     missing = []
     probe = path
     while not probe.exists():
@@ -184,7 +244,12 @@ def save_checkpoint(path, kind: str, *, config: Dict[str, Any], snapshot: Dict[s
     missing = [key for key in REQUIRED_KEYS[kind] if key not in state]
     if missing:
         raise ValueError(f"a {kind} checkpoint needs {', '.join(missing)}")
-    atomic_torch_save(state, path)
+    atomic_torch_save(state, path, keep_previous=previous_of(path) if kind == "last" else None)
+
+
+def previous_of(path) -> Path:
+    """Where the checkpoint a ``last`` checkpoint replaced is kept (``previous.pt`` beside it)."""
+    return Path(path).with_name("previous" + Path(path).suffix)
 
 
 def restore(state: Dict[str, Any], *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -227,20 +292,20 @@ def load_checkpoint(path, kind: Optional[str] = None, required: Sequence[str] = 
     not a checkpoint of this harness (format, the keys of ``kind`` and ``required``).
     """
     if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} is missing; the experiment directory is incomplete: "
+        raise CorruptCheckpoint(f"checkpoint {path} is missing; the experiment directory is incomplete: "
                         f"move it away to start over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first_line}); "
+        raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(error).__name__}: {first_line}); "
                         f"it is corrupt or not a checkpoint of this harness: move it away to start over") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} checkpoint of this harness; "
+        raise CorruptCheckpoint(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} checkpoint of this harness; "
                         f"move it away to start over")
     missing = [key for key in (*REQUIRED_KEYS.get(kind, ()), *required) if key not in state]
     if missing:
-        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged or from another "
+        raise CorruptCheckpoint(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged or from another "
                         f"version of this harness: move it away to start over")
     return state
 

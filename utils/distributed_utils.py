@@ -266,13 +266,16 @@ def is_lost_peer(error: BaseException) -> bool:
         "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted"))
 
 
-def report_failure_and_exit(ctx: DistributedContext, error: BaseException, exit_status: int = 1) -> None:
+def report_failure_and_exit(ctx: DistributedContext, error: BaseException, exit_status: int = 1,
+                            one_line: bool = False) -> None:
     """An error in one process of a multi-process job: say what happened and end this
     process NOW, without tearing down the process group (a collective with a rank that
     will never join can block teardown).  torchrun sees the exit within its monitor
     interval (0.1 s) and stops the other ranks (SIGTERM, then SIGKILL after 30 s); a rank
     blocked in a gloo collective with this one fails at once and says so in one line."""
-    if is_lost_peer(error):
+    if one_line:  # already said in one line by the caller
+        record_error_for_launcher(error)
+    elif is_lost_peer(error):
         first = (str(error).strip().splitlines() or [""])[0][:200]
         print(f"error (rank {ctx.rank}): stopping: lost contact with another process, which probably failed "
               f"(its message is above) [{type(error).__name__}: {first}]", file=sys.stderr, flush=True)

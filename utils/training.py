@@ -34,6 +34,17 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def clip_alive_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradient norm of what trains: pruned weights' gradients are zeroed first (they
+    are large, and the step discards them anyway), so the norm is that of the alive weights and
+    the unpruned parameters.  -> the norm before clipping."""
+    with torch.no_grad():
+        for _, layer in mask_layers.masked_layers(model):
+            if layer.weight.grad is not None:
+                layer.weight.grad.mul_(layer.mask)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 @dataclass
 class TrainingStep:
     train_model: torch.nn.Module
@@ -62,7 +73,7 @@ class TrainingStep:
             for hook in self.after_backward:
                 hook(self.model)
             if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                clip_alive_grad_norm_(self.model, self.grad_clip)
             scaler.step(self.optimizer)
             scaler.update()
         else:
@@ -70,7 +81,7 @@ class TrainingStep:
             for hook in self.after_backward:
                 hook(self.model)
             if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                clip_alive_grad_norm_(self.model, self.grad_clip)
             self.optimizer.step()
         mask_layers.apply_masks_(self.model)
         self.schedule.step()
@@ -94,11 +105,23 @@ class EpochState:
     stop: bool = False                        # set by a callback: end the epoch after this step
     stopped: bool = False                     # the epoch ended early (stop was honoured)
     level: Optional[int] = None               # for callbacks that name the level (fault injection, bars)
+    steps_run: int = 0                        # steps taken by this call of train_epoch
+    first_step_done: Optional[float] = None   # perf_counter() after this call's first step
     extra: dict = field(default_factory=dict)
 
     @property
     def elapsed(self) -> float:
         return self.time_before + time.perf_counter() - self.started
+
+    def steady_images_per_s(self, images: float, now: Optional[float] = None) -> Optional[float]:
+        """Training throughput once warm: ``images`` (the epoch's count, all ranks) scaled to the
+        steps after this call's first, over the time since that step ended.  The first step
+        (FFCV's pipeline compilation, cuDNN autotuning, torch.compile) is left out.  None with
+        fewer than two steps."""
+        if self.steps_run < 2 or self.batches_done == 0:
+            return None
+        seconds = (time.perf_counter() if now is None else now) - self.first_step_done
+        return images / self.batches_done * (self.steps_run - 1) / seconds if seconds > 0 else None
 
 
 def train_epoch(step: TrainingStep, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], state: EpochState,
@@ -123,6 +146,9 @@ def train_epoch(step: TrainingStep, batches: Iterable[Tuple[torch.Tensor, torch.
             sums[1] += (logits.argmax(1) == labels).sum()
             sums[2] += n
         state.batches_done += 1
+        state.steps_run += 1
+        if state.steps_run == 1:
+            state.first_step_done = time.perf_counter()
         for callback in callbacks:
             callback.on_step_end(state)
         if state.stop and state.batches_done < state.total_batches:
