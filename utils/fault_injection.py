@@ -80,7 +80,7 @@ class FaultInjection(Callback):
     def on_level_start(self, info: LevelInfo) -> None:
         self.kill_if_at("prune", info.level)
 
-    def on_step_end(self, state) -> None:
+    def after_step(self, state) -> None:
         self.steps_this_process += 1
         steps = self.steps_this_process
         if (self.crash_rank == self.rank and steps == self.crash_after_steps
@@ -93,6 +93,8 @@ class FaultInjection(Callback):
         self.kill_if_at("batch", state.level, state.epoch, state.batches_done)
         if self.step_delay_s > 0:
             time.sleep(self.step_delay_s)
+
+    on_step_end = after_step
 
     def on_epoch_logged(self, info: LevelInfo) -> None:
         if not info.final_epoch:  # the level's last epoch is checkpointed with the level: see level_end
