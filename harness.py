@@ -15,7 +15,6 @@ is one line and exit 2 before anything is written.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -24,7 +23,7 @@ import harness_utils as hu
 from harness_params import load_config_on_every_rank  # noqa: F401  (part of this module's interface)
 from utils import checkpointing, mask_layers, pruning_utils, run_lock, training
 from utils import distributed_utils as du
-from utils.callbacks import Callbacks, LevelInfo, callback_states, load_callback_states
+from utils.callbacks import Callbacks, LevelInfo
 from utils.errors import MaskSyncError
 from utils.fault_injection import FaultInjection
 from utils.run_control import Preempted, ProgressBar, StopFlag, StopOnRequest, StopRequests
@@ -141,7 +140,7 @@ class Experiment:
     def capture_rewind_state(self, level: int, epochs_done: int) -> None:
         c = self.c
         if c["prune.training_type"] == "wr" and level == 0 and epochs_done == c["prune.rewind_epoch"]:
-            self.rewind_state = checkpointing.snapshot(self.model, self.optimizer, self.schedule)
+            self.rewind_state = checkpointing.training_snapshot(self.model, self.optimizer, self.schedule)
             if self.ctx.is_primary:
                 checkpointing.save_checkpoint(self.files.rewind_checkpoint, "rewind", config=c, snapshot=self.rewind_state)
 
@@ -242,19 +241,14 @@ class Experiment:
                    partial_epoch: Optional[Dict[str, Any]] = None) -> None:
         """``phase``: 'train' (after epoch next_epoch - 1), 'mid_epoch' (``partial_epoch``) or
         'level_done' (after the level's rows)."""
-        if not self.ctx.is_primary:
-            return
-        progress = dict(level=level, next_epoch=next_epoch, phase=phase, finished=finished,
-                        scaler=self.scaler.state_dict(), rng=hu.rng_state(), level_stats=dict(self.level_stats),
-                        csv_rows={name: log.count() for name, log in self.files.logs().items()},
-                        world_size=self.ctx.world_size)
-        if callback_states(self.callbacks):
-            progress["callbacks"] = callback_states(self.callbacks)
-        if partial_epoch is not None:
-            progress["partial_epoch"] = partial_epoch
-        checkpointing.save_checkpoint(self.files.last_checkpoint, "last", config=self.c,
-                                      snapshot=checkpointing.snapshot(self.model, self.optimizer, self.schedule),
-                                      **progress)
+        if self.ctx.is_primary:
+            extra = {} if partial_epoch is None else {"partial_epoch": partial_epoch}
+            checkpointing.save_checkpoint(
+                self.files.last_checkpoint, "last", config=self.c, model=self.model, optimizer=self.optimizer,
+                schedule=self.schedule, scaler=self.scaler, callbacks=self.callbacks, level=level,
+                next_epoch=next_epoch, phase=phase, finished=finished, level_stats=dict(self.level_stats),
+                csv_rows={name: log.count() for name, log in self.files.logs().items()},
+                world_size=self.ctx.world_size, **extra)
 
     def checkpoint_mid_epoch(self, state: training.EpochState) -> None:
         """Every rank's partial sums go to rank 0 (a collective: all ranks stop at the same
@@ -273,7 +267,7 @@ class Experiment:
 
     def start_fresh(self) -> None:
         du.decided_by_primary(self.hold_run_lock, self.ctx.is_primary)
-        self.init_state = checkpointing.snapshot(self.model)
+        self.init_state = checkpointing.training_snapshot(self.model)
         if self.ctx.is_primary:
             hu.create_experiment_dir(self.files, self.c, du.launch_id())
             checkpointing.save_checkpoint(self.files.init_checkpoint, "init", config=self.c, snapshot=self.init_state)
@@ -305,22 +299,16 @@ class Experiment:
             self.rewind_state = {k: state["rewind"][k] for k in ("model", "optimizer", "schedule")}
         self.new_optimizer()
         checkpointing.restore(last, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
-                              scaler=self.scaler, keep_masks=False, rng=True)
-        load_callback_states(self.callbacks, last.get("callbacks", {}))
+                              scaler=self.scaler, keep_masks=False, rng=True, callbacks=self.callbacks)
         self.level_stats = dict(last["level_stats"])
         self.check_masks_in_sync(mask_layers.get_masks(self.model))
-        level, phase, epoch = last["level"], last["phase"], last["next_epoch"]
-        if phase == "level_done":
-            self.say(f"resuming {self.files.root} after level {level}")
-            return level + 1, None
-        if phase == "mid_epoch":
+        self.say(hu.resume_message(self.files.root, last))
+        if last["phase"] == "level_done":
+            return last["level"] + 1, None
+        if last["phase"] == "mid_epoch":
             self.resume_partial_epoch = dict(last["partial_epoch"], sums=training.share_of_partial_sums(
                 last["partial_epoch"]["sums"], self.ctx.rank, self.ctx.world_size))
-            self.say(f"resuming {self.files.root} at level {level}, epoch {epoch}, "
-                     f"batch {last['partial_epoch']['batches_done']}")
-        else:
-            self.say(f"resuming {self.files.root} at level {level}, epoch {epoch}")
-        return level, epoch
+        return last["level"], last["next_epoch"]
 
     def run(self) -> int:
         du.agreed(self.check_inputs)
@@ -355,11 +343,10 @@ class Experiment:
 
 
 def main(argv: Optional[List[str]] = None, use_ddp: bool = True) -> int:
-    """-> exit status: 0 done (or already finished), 2 bad input (one line on stderr,
-    nothing written), 3 masks out of sync, 4 a write failed (one line; resumable), 143
-    stopped on request (resumable).  An
-    unexpected error raises in a single process, and ends the process with status 1 in a
-    multi-process job."""
+    """-> exit status: 0 done (or already finished), 2 bad input (one line, nothing written),
+    3 masks out of sync, 4 a write failed (one line; resumable), 143 stopped on request
+    (resumable).  An unexpected error raises in one process; in a multi-process job it ends
+    the process with status 1."""
     config = load_config_on_every_rank(argv)
     if isinstance(config, int):
         return config
@@ -371,18 +358,10 @@ def main(argv: Optional[List[str]] = None, use_ddp: bool = True) -> int:
         return EXIT_USER_ERROR
     try:
         return Experiment(config, ctx, use_ddp=use_ddp).run()
-    except (hu.UserError, MaskSyncError) as error:
-        # Raised on every rank at once (du.agreed, broadcast decisions, all-gathered mask
-        # checksums): rank 0 says it, once, and no rank exits before it has (torchrun stops
-        # the others as soon as one exits).
-        if ctx.is_primary:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            du.record_error_for_launcher(error)  # torchrun's failure summary then shows this line
-        du.barrier()
-        if not ctx.is_primary:
-            time.sleep(1.0)  # rank 0 ends first: torchrun names it, with its message, as the root cause
+    except (hu.UserError, MaskSyncError) as error:  # raised on every rank at once: rank 0 says it
+        du.report_agreed_refusal(ctx, error)
         return EXIT_MASK_SYNC if isinstance(error, MaskSyncError) else EXIT_USER_ERROR
-    except checkpointing.WriteFailed as error:  # rank 0 only (the others wait in a collective): one line, now
+    except checkpointing.WriteFailed as error:  # rank 0 only (the others wait in a collective)
         print(f"error: {error}", file=sys.stderr, flush=True)
         if ctx.is_distributed:
             du.report_failure_and_exit(ctx, error, EXIT_WRITE_FAILED, one_line=True)

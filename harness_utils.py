@@ -483,3 +483,13 @@ def create_experiment_dir(files: ExperimentFiles, resolved: Dict[str, Any], laun
     atomic_write_bytes(files.config, config_yaml(resolved))
     for log in files.logs().values():
         log.create()
+
+
+def resume_message(root: Path, last: Dict[str, Any]) -> str:
+    """Where a resumed run goes on from, in words."""
+    if last["phase"] == "level_done":
+        return f"resuming {root} after level {last['level']}"
+    where = f"resuming {root} at level {last['level']}, epoch {last['next_epoch']}"
+    if last["phase"] == "mid_epoch":
+        where += f", batch {last['partial_epoch']['batches_done']}"
+    return where

@@ -78,13 +78,3 @@ class Callbacks(List[Callback]):
     def fire(self, hook: str, argument: Any) -> None:
         fire(self, hook, argument)
 
-
-def callback_states(callbacks: Iterable[Callback]) -> Dict[str, Any]:
-    """{name: state_dict()} of the callbacks that keep state across a resume."""
-    return {cb.name: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}
-
-
-def load_callback_states(callbacks: Iterable[Callback], states: Dict[str, Any]) -> None:
-    for cb in callbacks:
-        if hasattr(cb, "load_state_dict") and cb.name in states:
-            cb.load_state_dict(states[cb.name])

@@ -1,7 +1,7 @@
 """Checkpoint state in one place: what goes into ``init.pt``, ``rewind.pt`` and ``last.pt``,
 how it is written (atomically: temporary file, fsync, rename) and how it is restored.
 
-    snapshot(model, optimizer, schedule)     -> CPU copies that later training cannot change
+    training_snapshot(model, optimizer, schedule) -> CPU copies that later training cannot change
     save_checkpoint(path, kind, config=..., snapshot=..., **progress)    state -> file
     load_checkpoint(path, kind)              file -> state (safe load, keys checked; UserError)
     restore(state, model=..., optimizer=..., schedule=..., scaler=...)   state -> live objects
@@ -224,7 +224,7 @@ def model_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def snapshot(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+def training_snapshot(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
              schedule: Any = None) -> Dict[str, Any]:
     """Model (masks included), optimizer and schedule state as CPU copies that later training
     cannot change (``optimizer.state_dict()`` alone returns the live momentum buffers)."""
@@ -236,11 +236,21 @@ def snapshot(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] 
     return state
 
 
-def save_checkpoint(path, kind: str, *, config: Dict[str, Any], snapshot: Dict[str, Any], **progress: Any) -> None:
-    """Write a ``kind`` checkpoint atomically: the format, the resolved config, the snapshot
-    and, for ``last``, the run's progress (level, next_epoch, phase, finished, scaler, rng,
-    level_stats, csv_rows, world_size, partial_epoch, callbacks)."""
-    state = {"format": CHECKPOINT_FORMAT, "config": config, **snapshot, **progress}
+def save_checkpoint(path, kind: str, *, config: Dict[str, Any], snapshot: Optional[Dict[str, Any]] = None,
+                    model: Optional[torch.nn.Module] = None, optimizer=None, schedule=None, scaler=None,
+                    callbacks: Sequence[Any] = (), **progress: Any) -> None:
+    """Write a ``kind`` checkpoint atomically: the format, the resolved config, the training
+    state (``snapshot``, or one taken of ``model`` / ``optimizer`` / ``schedule``) and, for
+    ``last``, the grad scaler, every RNG state, the state of the callbacks that keep one, and
+    the run's ``progress`` (level, next_epoch, phase, finished, level_stats, csv_rows,
+    world_size, partial_epoch).  A replaced ``last`` is kept as ``previous.pt``."""
+    state = {"format": CHECKPOINT_FORMAT, "config": config,
+             **(snapshot if snapshot is not None else training_snapshot(model, optimizer, schedule)), **progress}
+    if kind == "last":
+        state.update(scaler=scaler.state_dict(), rng=rng_state())
+        kept = {cb.name: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}
+        if kept:
+            state["callbacks"] = kept
     missing = [key for key in REQUIRED_KEYS[kind] if key not in state]
     if missing:
         raise ValueError(f"a {kind} checkpoint needs {', '.join(missing)}")
@@ -254,14 +264,15 @@ def previous_of(path) -> Path:
 
 def restore(state: Dict[str, Any], *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
             schedule: Any = None, scaler: Optional[torch.amp.GradScaler] = None, keep_masks: bool = True,
-            rng: bool = False) -> None:
+            rng: bool = False, callbacks: Sequence[Any] = ()) -> None:
     """Put ``state`` back into live objects (each one given is restored from its key).
 
     ``keep_masks``: weights and buffers from the state, the model's current masks kept and its
     pruned weights zeroed (IMP / WR resets after pruning); otherwise the whole state dict,
     masks included (resume).  The optimizer state is copied first: ``load_state_dict`` adopts
     the tensors it is given and a kept snapshot must not change with training.  ``rng``: also
-    the Python / NumPy / torch (and CUDA) RNG states.
+    the Python / NumPy / torch (and CUDA) RNG states.  ``callbacks``: those with a state in the
+    checkpoint get it back (``load_state_dict``).
     """
     from utils import mask_layers  # local: mask_layers is a leaf module, keep this import-light
 
@@ -283,6 +294,9 @@ def restore(state: Dict[str, Any], *, model: torch.nn.Module, optimizer: Optiona
         scaler.load_state_dict(state["scaler"])
     if rng:
         set_rng_state(state["rng"])
+    for cb in callbacks:
+        if hasattr(cb, "load_state_dict") and cb.name in state.get("callbacks", {}):
+            cb.load_state_dict(state["callbacks"][cb.name])
 
 
 def load_checkpoint(path, kind: Optional[str] = None, required: Sequence[str] = ()) -> Dict[str, Any]:

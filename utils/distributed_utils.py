@@ -252,6 +252,19 @@ class _Refusal:
     message: str
 
 
+def report_agreed_refusal(ctx: DistributedContext, error: BaseException) -> None:
+    """A refusal raised on every rank at once (``agreed``, ``decided_by_primary``, a mask
+    check): rank 0 says it, once, and no rank exits before it has (torchrun stops the others as
+    soon as one exits).  Rank 0 ends first, with its message in torchrun's error file, so
+    torchrun's failure summary names it, and this line, as the root cause."""
+    if ctx.is_primary:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        record_error_for_launcher(error)
+    barrier()
+    if not ctx.is_primary:
+        time.sleep(1.0)
+
+
 # ------------------------------------------------------------------ one process failing
 LOST_PEER_GRACE_S = 2.0
 
