@@ -213,7 +213,7 @@ class Experiment:
         if state.stopped:
             self.checkpoint_mid_epoch(state)
             raise Preempted()
-        epoch_time, finished_at = state.elapsed, time.perf_counter()
+        epoch_time = state.elapsed
         du.all_reduce_sum(state.sums)
         loss_sum, correct, count = state.sums.tolist()  # note: a CPU-GPU sync point, once per epoch
         test_loss, test_acc = self.evaluate()
@@ -222,7 +222,7 @@ class Experiment:
         return {"level": level, "epoch": epoch, "lr": state.lr_at_start, "train_loss": loss_sum / count,
                 "train_acc": 100.0 * correct / count, "test_loss": test_loss, "test_acc": test_acc,
                 "epoch_time_s": epoch_time,
-                "images_per_s": state.steady_images_per_s(count, finished_at) or count / epoch_time}
+                "images_per_s": state.steady_images_per_s(count) or count / epoch_time}
 
     def evaluate(self) -> tuple:
         """Loss and accuracy over the whole test set, each example counted once across ranks.

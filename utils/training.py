@@ -107,6 +107,7 @@ class EpochState:
     level: Optional[int] = None               # for callbacks that name the level (fault injection, bars)
     steps_run: int = 0                        # steps taken by this call of train_epoch
     first_step_done: Optional[float] = None   # perf_counter() after this call's first step
+    ended: Optional[float] = None             # perf_counter() after the epoch's last step
     extra: dict = field(default_factory=dict)
 
     @property
@@ -120,7 +121,8 @@ class EpochState:
         fewer than two steps."""
         if self.steps_run < 2 or self.batches_done == 0:
             return None
-        seconds = (time.perf_counter() if now is None else now) - self.first_step_done
+        now = now if now is not None else (self.ended if self.ended is not None else time.perf_counter())
+        seconds = now - self.first_step_done
         return images / self.batches_done * (self.steps_run - 1) / seconds if seconds > 0 else None
 
 
@@ -155,6 +157,7 @@ def train_epoch(step: TrainingStep, batches: Iterable[Tuple[torch.Tensor, torch.
             state.stopped = True
             return state
         state.stop = False
+    state.ended = time.perf_counter()
     for callback in callbacks:
         callback.on_epoch_end(state)
     return state
