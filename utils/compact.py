@@ -17,9 +17,10 @@
   unit and layers outside every group are untouched.
 * The compacted network must compute the masked network's outputs (eval mode, float32, a
   random batch): otherwise nothing is written and the exit status is 1.
-* It is saved with ``torch.jit.trace`` + ``torch.jit.save`` (eval mode: BatchNorm uses its
-  running statistics), so ``torch.jit.load(FILE)`` opens it in any PyTorch without this
-  project's code.  Written atomically (temporary file + rename).
+* It is saved in eval mode (BatchNorm uses its running statistics) so that plain PyTorch
+  opens it without this project's code: ``FILE.pt2`` with ``torch.export`` (open with
+  ``torch.export.load(FILE).module()``; the batch size is dynamic), any other name with
+  TorchScript (``torch.jit.load(FILE)``).  Written atomically (temporary file + rename).
 * Printed: parameters, FLOPs per image (``torch.utils.flop_counter``, dense arithmetic: the
   masked network computes its zeros too) and inference time (median of ``--repeats`` runs
   after warm-up) at batch 1 and at a training batch (``dataset.batch_size`` unless
@@ -36,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -203,22 +205,35 @@ def devices_present() -> List[torch.device]:
     return devices
 
 
-def save_scripted(model: nn.Module, input_shape: Sequence[int], path: str) -> None:
-    """torch.jit.trace (eval mode, CPU) + torch.jit.save, atomically."""
+def save_portable(model: nn.Module, input_shape: Sequence[int], path: str) -> str:
+    """Save ``model`` (eval mode, CPU) so that plain PyTorch opens it, atomically; -> the format.
+
+    ``*.pt2``: ``torch.export`` (batch dimension dynamic), open with
+    ``torch.export.load(path).module()``.  Anything else: TorchScript (``torch.jit.trace``),
+    open with ``torch.jit.load(path)``; PyTorch >= 2.9 marks TorchScript deprecated, and its
+    FutureWarnings are silenced here because the user asked for that format by the name.
+    """
     model = model.to("cpu").eval()
-    with torch.no_grad():
-        traced = torch.jit.trace(model, torch.zeros(1, *input_shape))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".compact-", suffix=".tmp")
+    exported = str(path).endswith(".pt2")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".compact-", suffix=".pt2" if exported else ".tmp")
     os.close(handle)
     try:
-        torch.jit.save(traced, temporary)
+        if exported:
+            program = torch.export.export(model, (torch.zeros(2, *input_shape),),
+                                          dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+            torch.export.save(program, temporary)
+        else:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.save(torch.jit.trace(model, torch.zeros(1, *input_shape)), temporary)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+    return "torch.export" if exported else "TorchScript"
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -284,7 +299,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     parser = _Parser(prog=PROG, description="Turn a channel-pruned level into a smaller network.")
     parser.add_argument("--experiment", required=True, help="experiment directory (config.yaml, masks/, checkpoints/)")
     parser.add_argument("--level", required=True, type=int, help="the level to compact")
-    parser.add_argument("--out", required=True, help="where to write the TorchScript file (.pt)")
+    parser.add_argument("--out", required=True, help="output file: NAME.pt2 (torch.export) or NAME.pt (TorchScript)")
     parser.add_argument("--batch-size", type=int, help="training batch for timing (default dataset.batch_size)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median; default 10)")
     parser.add_argument("--no-timing", action="store_true", help="skip the timings")
@@ -333,8 +348,9 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     except StructureError as error:
         raise UsageError(str(error)) from None
     difference = check_same_outputs(model, small, input_shape)
-    save_scripted(small, input_shape, args.out)
-    print(f"{PROG}: level {args.level} of {directory} ({model_name}, weights from {source}) -> {args.out}")
+    written_as = save_portable(small, input_shape, args.out)
+    print(f"{PROG}: level {args.level} of {directory} ({model_name}, weights from {source}) -> {args.out} "
+          f"({written_as})")
     print(f"outputs: compacted vs masked max |difference| {difference:.3g} (eval mode, float32, random batch of 8)")
     batch = args.batch_size or int(tree["dataset"].get("batch_size") or 128)
     print(format_comparison(model, small, input_shape, batch=batch, num_classes=spec.num_classes,

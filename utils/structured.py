@@ -23,7 +23,8 @@ Semantics (../shared/DESIGN.md section 10):
   (a grouped conv that is not depthwise, LayerNorm/GroupNorm/PReLU/attention parameters).
   The stem's input channels are the data's and are never a unit.
 * Every group keeps at least one unit (a group with no channel left would cut the network):
-  allocations first give each group its best alive unit, then share the rest.  A density
+  ``global`` first gives each group its best alive unit, then ranks the rest; ``uniform``
+  gives a group whose share rounds to 0 one unit, taken from the largest share.  A density
   that keeps fewer units than there are groups is refused.
 * The masks are the harness's ordinary weight masks (``utils.mask_layers``): a pruned unit
   zeroes the rows (output channels) of every layer producing it and the columns (input
@@ -46,7 +47,7 @@ Scores of a unit (bigger = kept first; units already pruned score -inf and stay 
 
 Allocations: ``global`` ranks all units together (ties: lower position in structure order);
 ``uniform`` gives every group the same fraction of its units (largest-remainder
-apportionment, ``pruning_utils.layer_keep_counts``), after the one unit each is guaranteed.
+apportionment, ``pruning_utils.layer_keep_counts``), picked by score within the group.
 
 Network slimming's sparsity term ``training.bn_l1``: ``add_bn_l1_subgradient_(model, lam)``
 adds lam * sign(gamma) to the gradient of every BatchNorm scale (hook it into
@@ -311,32 +312,43 @@ def select_units(structure: ChannelStructure, scores: Mapping[str, torch.Tensor]
         s = scores[g.name].to(torch.float64).clone()
         s[~alive[g.name]] = -math.inf
         masked_scores[g.name] = torch.nan_to_num(s, nan=-math.inf)
-    # each group's best alive unit first (ties: lowest index)
-    reserved = {}
     for g in groups:
         if not bool(alive[g.name].any()):
             raise StructureError(f"group {g.name} has no alive channel left")
-        r = torch.zeros(g.size, dtype=torch.bool)
-        r[int(torch.argmax(masked_scores[g.name]))] = True  # argmax returns the first maximum
-        reserved[g.name] = r
-    rest = keep_count - len(groups)
-    candidates = {g.name: alive[g.name] & ~reserved[g.name] for g in groups}
     if allocation == "global":
+        # each group's best alive unit first (ties: lowest index), then the best of the rest
+        reserved = {}
+        for g in groups:
+            r = torch.zeros(g.size, dtype=torch.bool)
+            r[int(torch.argmax(masked_scores[g.name]))] = True  # argmax returns the first maximum
+            reserved[g.name] = r
+        candidates = {g.name: alive[g.name] & ~reserved[g.name] for g in groups}
         names = [g.name for g in groups]
         flat_scores = torch.cat([masked_scores[n].masked_fill(~candidates[n], -math.inf) for n in names])
         flat_alive = torch.cat([candidates[n] for n in names])
-        flat_keep = keep_top_k_alive(flat_scores, flat_alive, rest)
+        flat_keep = keep_top_k_alive(flat_scores, flat_alive, keep_count - len(groups))
         extra = dict(zip(names, flat_keep.split([g.size for g in groups])))
-    elif allocation == "uniform":
-        counts = layer_keep_counts("uniform",
-                                   capacities={g.name: int(candidates[g.name].sum()) for g in groups},
-                                   numels={g.name: g.size for g in groups},
-                                   shapes={g.name: (g.size,) for g in groups}, total_keep=rest)
-        extra = {g.name: keep_top_k_alive(masked_scores[g.name].masked_fill(~candidates[g.name], -math.inf),
-                                          candidates[g.name], counts[g.name]) for g in groups}
-    else:
-        raise StructureError(f"unknown channel allocation {allocation!r}; valid: {', '.join(CHANNEL_ALLOCATIONS)}")
-    return {g.name: reserved[g.name] | extra[g.name] for g in groups}
+        return {g.name: reserved[g.name] | extra[g.name] for g in groups}
+    if allocation == "uniform":
+        counts = uniform_unit_counts(structure, {g.name: int(alive[g.name].sum()) for g in groups}, keep_count)
+        return {g.name: keep_top_k_alive(masked_scores[g.name], alive[g.name], counts[g.name]) for g in groups}
+    raise StructureError(f"unknown channel allocation {allocation!r}; valid: {', '.join(CHANNEL_ALLOCATIONS)}")
+
+
+def uniform_unit_counts(structure: ChannelStructure, capacities: Mapping[str, int], keep_count: int) -> Dict[str, int]:
+    """Units each group keeps under ``uniform``: density * size, apportioned by largest
+    remainder to sum exactly to ``keep_count`` (``pruning_utils.layer_keep_counts``); a group
+    that would get 0 gets 1, taken from the group with the most units kept (the last such
+    group in structure order)."""
+    groups = structure.groups
+    counts = layer_keep_counts("uniform", capacities=capacities, numels={g.name: g.size for g in groups},
+                               shapes={g.name: (g.size,) for g in groups}, total_keep=keep_count)
+    for g in groups:
+        if counts[g.name] == 0:
+            donor = max(reversed(groups), key=lambda other: counts[other.name]).name
+            counts[donor] -= 1
+            counts[g.name] = 1
+    return counts
 
 
 def select_channels(model: nn.Module, structure: ChannelStructure, *, density: float, criterion: str,
