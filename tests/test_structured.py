@@ -146,6 +146,19 @@ def test_exact_channel_counts_at_least_one_per_group_and_masks_only_shrink(resne
         previous = masks
 
 
+def test_shuffle_control_keeps_each_groups_channel_count_at_other_positions(resnet20):
+    model, structure = resnet20
+    masks = structured.compute_channel_masks(model, structure, density=0.5, criterion="magnitude",
+                                             allocation="global")
+    shuffled = structured.shuffled_channel_masks(structure, masks, seed=1)
+    before, after = structured.units_alive(structure, masks), structured.units_alive(structure, shuffled)
+    assert all(int(before[g].sum()) == int(after[g].sum()) for g in before)
+    assert any(not torch.equal(before[g], after[g]) for g in before)
+    # still channel masks: coupled rows and the classifier's columns move together
+    _assert_same(rows_alive(shuffled, "blocks.6.shortcut.0"), rows_alive(shuffled, "blocks.8.conv2"),
+                 cols_alive(shuffled, "fc"))
+
+
 def test_resnet20_counts_448_units_in_12_groups(resnet20):
     _, structure = resnet20
     assert len(structure.groups) == 12 and structure.total_units == 16 + 32 + 64 + 3 * (16 + 32 + 64)

@@ -373,6 +373,21 @@ def compute_channel_masks(model: nn.Module, structure: ChannelStructure, *, dens
     return masks_for_units(structure, keep, current)
 
 
+def shuffled_channel_masks(structure: ChannelStructure, masks: Masks, seed: int) -> Masks:
+    """The random-pruning control (``prune.control=shuffle``) for channel masks: every group
+    keeps as many units as in ``masks``, at random positions (CPU generator seeded with
+    ``seed``, groups in structure order); weights outside the structure are as in ``masks``'
+    all-True version, i.e. only the channel pattern is redrawn."""
+    alive = units_alive(structure, masks)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    keep = {}
+    for group in structure.groups:
+        chosen = torch.randperm(group.size, generator=generator)[:int(alive[group.name].sum())]
+        keep[group.name] = torch.zeros(group.size, dtype=torch.bool)
+        keep[group.name][chosen] = True
+    return masks_for_units(structure, keep, {name: torch.ones_like(mask, dtype=torch.bool) for name, mask in masks.items()})
+
+
 def get_current_masks(model: nn.Module) -> Masks:
     return {name: layer.mask.detach().to("cpu") for name, layer in masked_layers(model)}
 
