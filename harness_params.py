@@ -205,9 +205,10 @@ def declare_sections() -> Config:
         device=P(Choice(["auto", "cpu", "cuda"]), "auto = cuda:LOCAL_RANK when present, else cpu", default="auto"),
         grad_clip=P(StrictFloat(0), "Clip the gradient norm of the alive weights (and unpruned parameters) to this (0 = off)", default=0.0),
         progress=P(StrictBool(), "Progress bar on rank 0", default=True),
+        bn_l1=P(StrictFloat(0), "Network slimming: L1 penalty on BatchNorm scales (lambda; 0 = off)", default=0.0),
     )
     Section("prune", "Pruning between levels").params(
-        criterion=P(Choice(sorted(SCORES)), "Score: magnitude, random, snip or synflow", default="magnitude"),
+        criterion=P(Choice(sorted(SCORES) + ["bn_gamma"]), "Score: magnitude, random, snip or synflow; bn_gamma (channel structure only)", default="magnitude"),
         allocation=P(Choice(sorted(ALLOCATIONS)), "How kept weights are shared among layers", default="global"),
         training_type=P(Choice(["imp", "wr", "lrr", "at_init"]), "What happens between levels", default="imp"),
         rate=P(StrictFloat(0, 1, low_open=True, high_open=True), "Fraction of the remaining weights removed per level", default=0.2),
@@ -218,6 +219,10 @@ def declare_sections() -> Config:
         synflow_iterations=P(StrictInt(1), "SynFlow rounds (exponential density schedule)", default=100),
         snip_batches=P(StrictInt(1), "Training batches summed for the SNIP score", default=1),
         snip_mode=P(Choice(["eval", "train"]), "BatchNorm during SNIP scoring: eval (running statistics, as the reference codes) or train (batch statistics)", default="eval"),
+        structure=P(Choice(["unstructured", "channel"]), "Unit of pruning: single weights, or output channels (coupled groups together)", default="unstructured"),
+        early_bird=P(StrictBool(), "Early-Bird: end level 0 when the next level's channel mask stops changing (channel structure)", default=False),
+        early_bird_threshold=P(StrictFloat(0, 1, low_open=True), "Early-Bird: stop when the largest mask distance over the window is below this", default=0.1),
+        early_bird_window=P(StrictInt(2), "Early-Bird: masks compared, the current epoch's included", default=5),
     )
     Section("distributed", "Process group").params(
         backend=P(Choice(["auto", "nccl", "gloo"]), "auto = nccl on CUDA, gloo on CPU", default="auto"),
@@ -383,8 +388,35 @@ def check_cross_fields(c: Dict[str, Any]) -> None:
             _fail(f"schedule.milestones={milestones} must increase and lie within training.epochs={epochs}")
     if c["schedule.warmup_epochs"] >= epochs:
         _fail(f"schedule.warmup_epochs={c['schedule.warmup_epochs']} must be less than training.epochs={epochs}")
+    check_structure_fields(c)
     if c["schedule.name"] == "triangular" and c["schedule.peak_epoch"] > epochs:
         _fail(f"schedule.peak_epoch={c['schedule.peak_epoch']} must be within training.epochs={epochs}")
+
+
+# Channel pruning (DESIGN.md section 10; utils/structured.py) supports these scores and allocations.
+CHANNEL_CRITERIA = ("magnitude", "bn_gamma", "random")
+CHANNEL_ALLOCATIONS = ("global", "uniform")
+
+
+def check_structure_fields(c: Dict[str, Any]) -> None:
+    """prune.structure, prune.early_bird and the criteria/allocations each structure allows."""
+    structure, criterion, allocation = c["prune.structure"], c["prune.criterion"], c["prune.allocation"]
+    if structure == "channel":
+        if criterion not in CHANNEL_CRITERIA:
+            _fail(f"prune.criterion={criterion} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_CRITERIA)}")
+        if allocation not in CHANNEL_ALLOCATIONS:
+            _fail(f"prune.allocation={allocation} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_ALLOCATIONS)}")
+    elif criterion == "bn_gamma":
+        _fail("prune.criterion=bn_gamma needs prune.structure=channel (it scores channels, not weights)")
+    if c["prune.early_bird"]:
+        if structure != "channel":
+            _fail("prune.early_bird=true needs prune.structure=channel (it compares channel masks)")
+        if c["prune.training_type"] == "at_init":
+            _fail("prune.early_bird=true contradicts prune.training_type=at_init (Early-Bird ends a dense level 0)")
+        if criterion == "random":
+            _fail("prune.early_bird=true needs a trained score (magnitude or bn_gamma), not prune.criterion=random")
+        if c["prune.levels"] == 1 or c["prune.target_density"] == 1.0:
+            _fail("prune.early_bird=true needs a level after level 0 (prune.levels >= 2 or prune.target_density < 1)")
 
 
 def help_text() -> str:

@@ -15,7 +15,8 @@ from utils.pruning_utils import iterative_densities
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 REQUIRED = ["resnet18_lrr_imagenet", "resnet18_wr_imagenet", "resnet50_lrr_imagenet", "resnet20_imp_cifar10",
             "resnet20_wr_cifar10", "resnet20_lrr_cifar10", "vgg16_snip_cifar10", "vgg16_synflow_cifar10",
-            "resnet18_erk_cifar100", "resnet18_balanced_cifar100", "lenet_300_100_imp_mnist", "quickstart"]
+            "resnet18_erk_cifar100", "resnet18_balanced_cifar100", "lenet_300_100_imp_mnist", "quickstart",
+            "resnet20_slim_cifar10", "resnet20_earlybird_cifar10"]
 
 
 def test_required_configs_exist():
@@ -32,7 +33,8 @@ def test_config_loads_validates_and_builds(path):
         assert data == c["dataset.name"]
         expected = {"imp": ("training_type", "imp"), "wr": ("training_type", "wr"), "lrr": ("training_type", "lrr"),
                     "snip": ("criterion", "snip"), "synflow": ("criterion", "synflow"),
-                    "erk": ("allocation", "erk"), "balanced": ("allocation", "balanced")}[method]
+                    "erk": ("allocation", "erk"), "balanced": ("allocation", "balanced"),
+                    "slim": ("structure", "channel"), "earlybird": ("early_bird", True)}[method]
         assert c[f"prune.{expected[0]}"] == expected[1]
     resolution = c["dataset.resolution"] or spec.resolution
     model = get_model(c["model.name"], num_classes=spec.num_classes, in_channels=spec.channels, image_size=resolution)
