@@ -433,7 +433,7 @@ def plot_training_curves(group: Group, out: Path) -> bool:
         if last_epoch <= 12:
             ax.set_xticks(range(1, last_epoch + 1))
     n = len(group.members)
-    fig.suptitle(f"{group.gid}: {group.label} — training curves per level (mean over {"up to " if n > 1 else ""}{n} seed{"s" * (n > 1)})",
+    fig.suptitle(f"{group.gid}: {group.label} — training curves per level (mean over {'up to ' if n > 1 else ''}{n} seed{'s' * (n > 1)})",
                  fontsize=10)
     if len(levels) <= 12:
         fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7, title="level (density)",
