@@ -241,3 +241,11 @@ def test_slurm_path_through_submitits_local_executor(tmp_path, digits, monkeypat
     for seed in (0, 1):
         ran = (tmp_path / f"seed-{seed}.ran").read_text()
         assert f"--experiment.seed={seed}" in ran and "--experiment.base_dir=" in ran
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_expand_and_validate(path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert sw.main([str(path.relative_to(ROOT)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "to run" in out and "torchrun --standalone" in out
