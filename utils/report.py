@@ -340,7 +340,12 @@ def _density_ticks(ax, densities_percent: Sequence[float]) -> None:
     ticks = sorted({round(float(d), 2) for d in densities_percent}, reverse=True)
     if len(ticks) > 10:  # keep the axis readable: every k-th level, the sparsest kept
         step = math.ceil(len(ticks) / 10)
-        ticks = ticks[::step] + ([ticks[-1]] if (len(ticks) - 1) % step else [])
+        thinned = ticks[::step]
+        if thinned[-1] != ticks[-1]:
+            if thinned[-1] / ticks[-1] < 1.5:  # too close to the sparsest to share the axis with it
+                thinned.pop()
+            thinned.append(ticks[-1])
+        ticks = thinned
     ax.set_xticks(ticks)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -356,7 +361,13 @@ def _plain_log_labels(axis) -> None:
 
 def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], out: Path) -> None:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=120, sharey=True)
+    label_width = max((len(f"{g.gid}: {g.label} (10-10 seeds)") for g in groups), default=0)
+    legend_columns = 1 if label_width > 45 else 2
+    legend_rows = math.ceil(len(groups) / legend_columns)
+    legend_height = 0.2 * legend_rows + 0.25  # inches
+    height = 4.2 + legend_height
+    fig, axes = plt.subplots(1, 2, figsize=(11, height), dpi=120, sharey=True)
+    band_alpha = 0.2 if len(groups) <= 3 else 0.12
     all_densities = []
     for ax, metric, title in ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
                               (axes[1], "best_test_acc", "best test accuracy (any epoch)")):
@@ -373,7 +384,7 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
             label = f"{group.gid}: {group.label} ({seeds if n > 1 else '1 seed'})"
             line, = ax.plot(x, mean, marker="o", markersize=4, label=label)
             if n > 1:  # accuracy cannot pass 100%: the band stops there
-                ax.fill_between(x, mean - std, (mean + std).clip(upper=100.0), color=line.get_color(), alpha=0.2,
+                ax.fill_between(x, mean - std, (mean + std).clip(upper=100.0), color=line.get_color(), alpha=band_alpha,
                                 linewidth=0)
             dense = frame[frame["level"] == 0]
             if not dense.empty and abs(float(dense["density"].iloc[0]) - 1.0) < 1e-9:
@@ -393,10 +404,8 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
     fig.suptitle("Test accuracy against density: mean over seeds, band = ±1 std, star and dotted line = dense level",
                  fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    columns = 1 if max((len(t) for t in labels), default=0) > 45 else 2
-    rows = math.ceil(len(labels) / columns)
-    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, min(0.45, 0.06 * rows + 0.02), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / height, 1, 1))
     _save(fig, out)
     plt.close(fig)
 
@@ -528,8 +537,7 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group in groups:
         seeds = ", ".join(str(e.seed) for e in group.members)
-        kind = " (control)" if group.is_control else ""
-        lines.append("| " + " | ".join([group.gid, group.label + kind, seeds,
+        lines.append("| " + " | ".join([group.gid, group.label, seeds,
                                          *(value_in_table(group, k, groups) for k in keys)]) + " |")
     common = [k for k in ("model.name", "dataset.name", "prune.criterion", "prune.allocation", "prune.training_type",
                           "prune.rate", "training.epochs", "optimizer.lr") if k not in keys and k in groups[0].config]
