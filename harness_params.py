@@ -237,6 +237,10 @@ def declare_sections() -> Config:
         seed=P(StrictInt(0), "Seed for initialisation, data order and random scores", default=0),
         resume=P(StrictBool(), "Resume from a checkpoint of the same config; false = start fresh in a new directory", default=True),
     )
+    Section("logging", "Optional experiment trackers (utils/trackers.py), rank 0 only").params(
+        tensorboard=P(StrictBool(), "Write TensorBoard event files into the experiment directory", default=False),
+        wandb_project=P(Optional_(StrictStr()), "Weights & Biases project to log to (needs the wandb package); null = off", default=None),
+    )
     return config
 
 

@@ -1,0 +1,633 @@
+"""Sweeps: a base config x a grid of overrides -> runs, launched locally or on Slurm.
+
+    python -m utils.sweep configs/sweeps/digits_imp_vs_lrr.yaml --dry-run     # list runs and commands
+    python -m utils.sweep configs/sweeps/digits_imp_vs_lrr.yaml               # run what is missing, then report
+    python -m utils.sweep SWEEP.yaml --runs-per-gpu 2                         # 2 runs at once per GPU (or on CPU)
+    python -m utils.sweep SWEEP.yaml --launcher slurm --partition gpu --time-min 240 [--wait]
+
+A sweep file (DESIGN.md section 11)::
+
+    base: configs/resnet20_lrr_cifar10.yaml   # the base config (relative to the working directory,
+                                              # else to the sweep file's directory)
+    name: r20_lrr_vs_wr                       # the sweep's directory under experiment.base_dir
+    overrides: {training.epochs: 160}         # fixed for every run (optional)
+    grid: {experiment.seed: [0, 1, 2], prune.training_type: [lrr, wr]}   # the product
+    launcher: local                           # optional: local (default) or slurm
+    nproc_per_node: 1                         # optional: processes per run (torchrun --nproc-per-node)
+    runs_per_gpu: 1                           # optional, local: runs at once per GPU (on CPU: at once)
+    slurm: {partition: gpu, time_min: 240, gpus_per_node: 1, cpus_per_task: 8, mem_gb: 32}   # optional
+
+Run ``r`` is ``experiment.base_dir/<name>/<run name>``, the run name made of the grid values
+(``seed-0_training_type-lrr``).  Every expanded run is checked by the harness's own config
+validation before anything runs; a bad sweep file is refused in one line, exit status 2.
+Finished runs are skipped; a run with a directory but not finished is launched again and the
+harness resumes it; a re-run of the sweep only does what is missing.  At the end the report of
+the whole sweep goes to ``<sweep dir>/report`` (``python -m utils.report``).  Each run's output
+goes to ``<sweep dir>/logs/<run name>.log`` (local) or ``<sweep dir>/slurm/`` (Slurm).
+
+Exit status: 0 all runs finished (or submitted), 1 a run failed, 2 a bad sweep file or flag,
+143 stopped by SIGINT/SIGTERM (forwarded once to the running runs, which checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 143
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SWEEP_KEYS = {"base", "name", "overrides", "grid", "launcher", "nproc_per_node", "runs_per_gpu", "slurm"}
+SLURM_KEYS = {"partition": str, "account": str, "qos": str, "constraint": str, "time_min": int, "gpus_per_node": int,
+              "cpus_per_task": int, "mem_gb": int, "array_parallelism": int, "setup": list}
+RESERVED_GRID_KEYS = ("experiment.name", "experiment.base_dir")  # the sweep decides where runs go
+# Keys whose difference does not make an existing run directory another run (harness_utils.NON_SEMANTIC_KEYS).
+NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers", "experiment.name",
+                     "experiment.base_dir", "logging.tensorboard", "logging.wandb_project"}
+
+
+class SweepError(ValueError):
+    """A bad sweep file or flag: one line."""
+
+
+# ============================================================================ the sweep
+@dataclass
+class Run:
+    name: str
+    values: Dict[str, Any]          # the grid values of this run
+    argv: List[str]                 # harness arguments: --config BASE --k=v ...
+    config: Dict[str, Any] = field(default_factory=dict)   # the resolved config (flat)
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.config["experiment.base_dir"]) / self.config["experiment.name"]
+
+
+@dataclass
+class Sweep:
+    file: Path
+    name: str
+    base: Path
+    overrides: Dict[str, Any]
+    grid: Dict[str, List[Any]]
+    launcher: str = "local"
+    nproc_per_node: int = 1
+    runs_per_gpu: int = 1
+    slurm: Dict[str, Any] = field(default_factory=dict)
+    runs: List[Run] = field(default_factory=list)
+    directory: Optional[Path] = None
+
+
+def cli_value(value: Any) -> str:
+    """A value as the harness parses ``--key=value`` (YAML): lrr, 0.1, true, null, [1, 2], '1e-3'."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    elif text.endswith("..."):
+        text = text[:-3].strip()
+    return text
+
+
+def name_part(value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (list, tuple)):
+        text = "-".join(name_part(v) for v in value) or "empty"
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
+
+
+def run_names(grid_keys: Sequence[str], combos: Sequence[Sequence[Any]]) -> List[str]:
+    last = [k.split(".")[-1] for k in grid_keys]
+    short = [s if last.count(s) == 1 else k for k, s in zip(grid_keys, last)]
+    return ["_".join(f"{s}-{name_part(v)}" for s, v in zip(short, combo)) for combo in combos]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SweepError(message)
+
+
+def read_sweep_file(path: Path) -> Dict[str, Any]:
+    _require(path.is_file(), f"sweep file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SweepError(f"sweep file {path} is not valid YAML{where}: {getattr(error, 'problem', '') or error}") from None
+    except UnicodeDecodeError:
+        raise SweepError(f"sweep file {path} is not a text (UTF-8) YAML file") from None
+    _require(isinstance(tree, dict), f"sweep file {path}: expected a mapping with base, name, grid (and overrides)")
+    unknown = sorted(set(map(str, tree)) - SWEEP_KEYS)
+    if unknown:
+        raise SweepError(f"sweep file {path}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(SWEEP_KEYS))}")
+    return tree
+
+
+def _dotted(mapping: Dict[Any, Any], where: str) -> Dict[str, Any]:
+    """{"a.b": v} or {a: {b: v}} -> {"a.b": v}."""
+    flat: Dict[str, Any] = {}
+    for key, value in mapping.items():
+        key = str(key)
+        if isinstance(value, dict) and "." not in key:
+            for inner, inner_value in value.items():
+                flat[f"{key}.{inner}"] = inner_value
+        else:
+            flat[key] = value
+    for key in flat:
+        _require(key.count(".") == 1, f"{where}: key {key!r} must be section.key (e.g. prune.rate)")
+    return flat
+
+
+def parse_sweep(path: Path, flags: Optional[Dict[str, Any]] = None) -> Sweep:
+    """Read and check a sweep file (structure only; each run is checked by validate_runs)."""
+    path = Path(path)
+    tree = read_sweep_file(path)
+    _require("base" in tree, f"sweep file {path}: missing 'base' (the base config file)")
+    base = tree["base"]
+    _require(isinstance(base, str) and base.strip() != "", f"sweep file {path}: base={base!r} must be a config file path")
+    base_path = Path(base)
+    if not base_path.is_absolute() and not base_path.exists() and (path.parent / base_path).exists():
+        base_path = path.parent / base_path
+    _require(base_path.is_file(), f"sweep file {path}: base config {base} does not exist")
+    name = tree.get("name", path.stem)
+    _require(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name or "") is not None,
+             f"sweep file {path}: name={name!r} must be a plain directory name (letters, digits, . _ + -)")
+    overrides = tree.get("overrides") or {}
+    _require(isinstance(overrides, dict), f"sweep file {path}: overrides must be a mapping of section.key: value, "
+                                          f"got {type(overrides).__name__}")
+    overrides = _dotted(overrides, f"sweep file {path}: overrides")
+    _require("grid" in tree, f"sweep file {path}: missing 'grid' (section.key: [values, ...])")
+    grid = tree["grid"]
+    _require(isinstance(grid, dict), f"sweep file {path}: grid must be a mapping of section.key: [values], "
+                                     f"got {type(grid).__name__}")
+    grid = _dotted(grid, f"sweep file {path}: grid")
+    _require(len(grid) > 0, f"sweep file {path}: the grid is empty; give at least one section.key: [values]")
+    for key, values in grid.items():
+        _require(isinstance(values, list), f"sweep file {path}: grid key {key} must be a list of values, "
+                                           f"got {type(values).__name__} {values!r}")
+        _require(len(values) > 0, f"sweep file {path}: grid key {key} has no values")
+        _require(key not in RESERVED_GRID_KEYS, f"sweep file {path}: grid key {key} is set by the sweep "
+                                                f"(runs go to experiment.base_dir/{name}/<run name>)")
+        _require(key not in overrides, f"sweep file {path}: {key} is both in overrides and in the grid")
+    _require("experiment.name" not in overrides,
+             f"sweep file {path}: overrides cannot set experiment.name (the sweep names its runs)")
+    settings = {"launcher": tree.get("launcher", "local"), "nproc_per_node": tree.get("nproc_per_node", 1),
+                "runs_per_gpu": tree.get("runs_per_gpu", 1), "slurm": tree.get("slurm") or {}}
+    _require(isinstance(settings["slurm"], dict), f"sweep file {path}: slurm must be a mapping "
+                                                   f"({', '.join(sorted(SLURM_KEYS))})")
+    for key, value in settings["slurm"].items():
+        _require(key in SLURM_KEYS, f"sweep file {path}: unknown slurm key {key!r}; allowed: {', '.join(sorted(SLURM_KEYS))}")
+        kind = SLURM_KEYS[key]
+        _require(isinstance(value, kind) and not isinstance(value, bool),
+                 f"sweep file {path}: slurm.{key}={value!r} must be {kind.__name__}")
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key in SLURM_KEYS:
+            settings["slurm"][key] = value
+        else:
+            settings[key] = value
+    _require(settings["launcher"] in ("local", "slurm"),
+             f"launcher={settings['launcher']!r} is not allowed: expected local or slurm")
+    for key in ("nproc_per_node", "runs_per_gpu"):
+        value = settings[key]
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{key}={value!r} must be an integer >= 1")
+    sweep = Sweep(path, name, base_path, overrides, grid, settings["launcher"], settings["nproc_per_node"],
+                  settings["runs_per_gpu"], settings["slurm"])
+    expand(sweep)
+    return sweep
+
+
+def expand(sweep: Sweep) -> None:
+    keys = list(sweep.grid)
+    combos = list(itertools.product(*(sweep.grid[k] for k in keys)))
+    names = run_names(keys, combos)
+    seen: Dict[str, Dict[str, Any]] = {}
+    for name, combo in zip(names, combos):
+        values = dict(zip(keys, combo))
+        if name in seen:
+            raise SweepError(f"sweep file {sweep.file}: grid values {seen[name]} and {values} give the same run "
+                             f"name {name!r}; make the values distinct")
+        seen[name] = values
+        argv = ["--config", str(sweep.base)]
+        argv += [f"--{k}={cli_value(v)}" for k, v in sweep.overrides.items()]
+        argv += [f"--{k}={cli_value(v)}" for k, v in values.items()]
+        sweep.runs.append(Run(name, values, argv))
+
+
+def harness_check(argv: Sequence[str]) -> Dict[str, Any]:
+    """harness_params.load_config on ``argv``; its one-line refusal becomes a SweepError."""
+    import harness_params
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(io.StringIO()):
+            return harness_params.load_config(list(argv))
+    except SystemExit as stop:
+        lines = [line for line in sink.getvalue().splitlines() if line.strip()]
+        message = lines[-1] if lines else f"the harness refused the config (exit status {stop.code})"
+        raise SweepError(message) from None
+
+
+def validate_runs(sweep: Sweep) -> None:
+    """Check every run's config with the harness's validation; fix base_dir/name of each run."""
+    def check(run: Run, argv: List[str]) -> Dict[str, Any]:
+        try:
+            return harness_check(argv)
+        except SweepError as error:
+            raise SweepError(f"sweep {sweep.name}, run {run.name} ({_describe(run.values)}): {error}") from None
+
+    # where runs go: experiment.base_dir of the base config with the fixed overrides
+    first = sweep.runs[0]
+    base_dir = check(first, first.argv + [f"--experiment.name={first.name}"])["experiment.base_dir"]
+    sweep.directory = Path(base_dir) / sweep.name
+    for run in sweep.runs:
+        run.argv += [f"--experiment.base_dir={sweep.directory}", f"--experiment.name={run.name}"]
+        run.config = check(run, run.argv)
+
+
+def _describe(values: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={cli_value(v)}" for k, v in values.items())
+
+
+# ============================================================================ run state
+def _flat_config_file(path: Path) -> Dict[str, Any]:
+    tree = yaml.safe_load(path.read_text()) or {}
+    return {f"{s}.{k}": v for s, keys in tree.items() if isinstance(keys, dict) for k, v in keys.items()}
+
+
+def run_status(run: Run) -> str:
+    """'new', 'finished', 'partial' (the harness resumes it) or 'conflict' (another config there:
+    the harness will refuse it, naming the keys)."""
+    root = run.directory
+    config_file = root / "config.yaml"
+    if not config_file.exists():
+        return "new"
+    try:
+        existing = _flat_config_file(config_file)
+    except Exception:
+        return "conflict"
+    keys = (set(existing) | set(run.config)) - NON_SEMANTIC_KEYS
+    # a key this version of the harness added (absent there) at its default value is no difference
+    if any(existing.get(k, run.config.get(k)) != run.config.get(k) for k in keys):
+        return "conflict"
+    last = root / "checkpoints" / "last.pt"
+    if last.exists():
+        try:
+            import torch
+            state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(state, dict) and state.get("finished", False):
+                return "finished"
+        except Exception:
+            pass  # the harness says what is wrong with it when it resumes
+    return "partial"
+
+
+# ============================================================================ commands
+def torchrun_executable() -> str:
+    candidate = Path(sys.executable).with_name("torchrun")
+    return str(candidate) if candidate.exists() else "torchrun"
+
+
+def harness_script() -> str:
+    script = REPO_ROOT / "harness.py"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def run_command(run: Run, nproc_per_node: int) -> List[str]:
+    return [torchrun_executable(), "--standalone", f"--nproc-per-node={nproc_per_node}", harness_script(), *run.argv]
+
+
+def show_command(command: Sequence[str]) -> str:
+    shown = list(command)
+    if shown and shown[0] == torchrun_executable():
+        shown[0] = "torchrun"
+    return " ".join(shlex.quote(part) for part in shown)
+
+
+# ============================================================================ local launcher
+def visible_gpus() -> List[str]:
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def local_slots(nproc_per_node: int, runs_per_gpu: int, gpus: Sequence[str]) -> List[Optional[str]]:
+    """CUDA_VISIBLE_DEVICES of each slot (None: CPU).  GPUs are split into groups of
+    nproc_per_node (one per process of a run); each group holds runs_per_gpu runs at once."""
+    if not gpus:
+        return [None] * runs_per_gpu
+    if len(gpus) < nproc_per_node:
+        raise SweepError(f"nproc_per_node={nproc_per_node} needs that many GPUs; {len(gpus)} visible")
+    groups = [",".join(gpus[i:i + nproc_per_node]) for i in range(0, len(gpus) - nproc_per_node + 1, nproc_per_node)]
+    return [group for group in groups for _ in range(runs_per_gpu)]
+
+
+class _Stop:
+    """SIGINT/SIGTERM: stop launching; forward SIGTERM to the running runs (their own session,
+    so a terminal's Ctrl-C reaches them only this way, once).  A second signal forwards again:
+    the harness then stops at once (its last checkpoint stays intact)."""
+
+    def __init__(self):
+        self.count = 0
+        self.children: Dict[str, subprocess.Popen] = {}
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        self.count += 1
+        print(f"sweep: {signal.Signals(signum).name} received: stopping the running runs (they checkpoint); "
+              f"re-run the sweep to resume", file=sys.stderr, flush=True)
+        for child in self.children.values():
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGTERM)
+
+
+def launch_local(sweep: Sweep, runs: Sequence[Run], *, poll_s: float = 0.5) -> int:
+    slots = local_slots(sweep.nproc_per_node, sweep.runs_per_gpu, visible_gpus())
+    logs = sweep.directory / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = list(runs)
+    free = list(range(len(slots)))
+    running: Dict[str, tuple] = {}
+    failed: List[str] = []
+    stopped = False
+    total, started_count = len(runs), 0
+    with _Stop() as stop:
+        while pending or running:
+            while pending and free and not stop.count:
+                run, slot = pending.pop(0), free.pop(0)
+                env = dict(os.environ)
+                if slots[slot] is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+                command = run_command(run, sweep.nproc_per_node)
+                log_path = logs / f"{run.name}.log"
+                log = open(log_path, "a")
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {show_command(command)}\n")
+                log.flush()
+                child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+                started_count += 1
+                where = f" on GPU {slots[slot]}" if slots[slot] is not None else ""
+                print(f"[{started_count}/{total}] {run.name}: started{where} (log: {log_path})", flush=True)
+                stop.children[run.name] = child
+                running[run.name] = (run, child, slot, log, log_path, time.monotonic())
+            if stop.count and pending:
+                stopped = True
+                pending.clear()
+            time.sleep(poll_s if running else 0)
+            for name in list(running):
+                run, child, slot, log, log_path, began = running[name]
+                code = child.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[name]
+                del stop.children[name]
+                free.append(slot)
+                seconds = time.monotonic() - began
+                if code == 0:
+                    print(f"    {name}: done in {seconds:.0f} s", flush=True)
+                elif code == EXIT_STOPPED or stop.count:
+                    stopped = True
+                    print(f"    {name}: stopped (exit {code}); its checkpoint is intact", flush=True)
+                else:
+                    failed.append(name)
+                    print(f"    {name}: FAILED (exit {code}) after {seconds:.0f} s; last lines of {log_path}:", flush=True)
+                    for line in _tail(log_path, 8):
+                        print(f"      {line}", flush=True)
+    if stopped:
+        return EXIT_STOPPED
+    if failed:
+        print(f"sweep {sweep.name}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _tail(path: Path, count: int) -> List[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-count:]
+    except OSError:
+        return []
+
+
+# ============================================================================ Slurm launcher
+class SlurmRun:
+    """What one array task runs: torchrun on the node, in the sweep's working directory.  On a
+    Slurm preemption or time limit (submitit calls ``checkpoint``) it forwards SIGTERM to the
+    harness, which writes a checkpoint, and requeues itself: the requeued task resumes."""
+
+    def __init__(self, command: List[str], cwd: str):
+        self.command, self.cwd = list(command), cwd
+        self.child: Optional[subprocess.Popen] = None
+
+    def __call__(self) -> int:
+        self.child = subprocess.Popen(self.command, cwd=self.cwd, start_new_session=True)
+        code = self.child.wait()
+        if code != 0:
+            raise RuntimeError(f"{show_command(self.command)} exited with status {code}")
+        return code
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+        if self.child is not None and self.child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.child.wait(timeout=60)
+        return submitit.helpers.DelayedSubmission(SlurmRun(self.command, self.cwd))
+
+    def __getstate__(self):
+        return {"command": self.command, "cwd": self.cwd}
+
+    def __setstate__(self, state):
+        self.command, self.cwd, self.child = state["command"], state["cwd"], None
+
+
+def slurm_executor(sweep: Sweep, cluster: str):
+    try:
+        import submitit
+    except ImportError:
+        raise SweepError("launcher=slurm needs the submitit package (pip install submitit)") from None
+    folder = sweep.directory / "slurm"
+    if cluster == "local":  # submitit's local executor: the same job objects, on this machine (tests)
+        executor = submitit.LocalExecutor(folder=str(folder))
+        executor.update_parameters(timeout_min=int(sweep.slurm.get("time_min", 60)),
+                                   gpus_per_node=int(sweep.slurm.get("gpus_per_node", 0)))
+        return executor
+    executor = submitit.SlurmExecutor(folder=str(folder))
+    s = sweep.slurm
+    gpus = int(s.get("gpus_per_node", sweep.nproc_per_node if visible_gpus() or s.get("partition") else 0))
+    parameters = {"job_name": f"sweep-{sweep.name}", "time": int(s.get("time_min", 60)), "nodes": 1,
+                  "ntasks_per_node": 1, "cpus_per_task": int(s.get("cpus_per_task", 4 * max(1, sweep.nproc_per_node))),
+                  "array_parallelism": int(s.get("array_parallelism", 256)), "use_srun": False}
+    if gpus:
+        parameters["gpus_per_node"] = gpus
+    for key, target in (("partition", "partition"), ("account", "account"), ("qos", "qos"),
+                        ("constraint", "constraint"), ("setup", "setup")):
+        if key in s:
+            parameters[target] = s[key]
+    if "mem_gb" in s:
+        parameters["mem"] = f"{int(s['mem_gb'])}G"
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def launch_slurm(sweep: Sweep, runs: Sequence[Run], *, cluster: str = "slurm", wait: bool = False) -> int:
+    """One job array, one task per run (each: torchrun --nproc-per-node on one node)."""
+    try:
+        executor = slurm_executor(sweep, cluster)
+    except RuntimeError as error:  # submitit: no srun on PATH, i.e. not on a Slurm login node
+        print(f"sweep {sweep.name}: launcher=slurm: {' '.join(str(error).split())[:300]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    tasks = [SlurmRun(run_command(run, sweep.nproc_per_node), os.getcwd()) for run in runs]
+    try:
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    except Exception as error:  # sbatch refused, not found, ...
+        print(f"sweep {sweep.name}: submission failed: {' '.join(str(error).split())[:400]}", file=sys.stderr)
+        return EXIT_FAILED
+    ids = [job.job_id for job in jobs]
+    print(f"submitted {len(jobs)} run(s) as {'Slurm job array ' + ids[0].split('_')[0] if cluster == 'slurm' else 'local jobs'}"
+          f" (logs under {executor.folder})", flush=True)
+    for run, job in zip(runs, jobs):
+        print(f"    {run.name}: job {job.job_id}")
+    if not wait and cluster == "slurm":
+        print(f"when they are done, run the same command again: it launches nothing more and writes the report "
+              f"(or: python -m utils.report {sweep.directory} --out-dir {sweep.directory / 'report'})")
+        return 0
+    failed = []
+    for run, job in zip(runs, jobs):
+        try:
+            job.result()
+        except Exception as error:
+            failed.append(run.name)
+            print(f"    {run.name}: FAILED: {' '.join(str(error).split())[-300:]}", flush=True)
+    if failed:
+        print(f"sweep {sweep.name}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+# ============================================================================ report
+def write_sweep_report(sweep: Sweep) -> Optional[Path]:
+    from utils import report
+    dirs = [run.directory for run in sweep.runs if (run.directory / "config.yaml").is_file()]
+    if not dirs:
+        return None
+    out = sweep.directory / "report"
+    try:
+        report.write_report(dirs, out, command=f"python -m utils.report {sweep.directory} --out-dir {out}")
+    except report.ReportError as error:
+        print(f"sweep {sweep.name}: no report: {error}", file=sys.stderr)
+        return None
+    return out
+
+
+# ============================================================================ CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m utils.sweep",
+                                     description="Expand a sweep file into runs and launch what is missing")
+    parser.add_argument("sweep_file", type=Path)
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, their state and commands; run nothing")
+    parser.add_argument("--launcher", choices=["local", "slurm"], default=None)
+    parser.add_argument("--nproc-per-node", type=int, default=None, help="processes per run (torchrun)")
+    parser.add_argument("--runs-per-gpu", type=int, default=None,
+                        help="local: runs at once on each visible GPU (on CPU: runs at once)")
+    slurm = parser.add_argument_group("slurm (override the sweep file's slurm section)")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--qos", default=None)
+    slurm.add_argument("--time-min", dest="time_min", type=int, default=None)
+    slurm.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, default=None)
+    slurm.add_argument("--cpus-per-task", dest="cpus_per_task", type=int, default=None)
+    slurm.add_argument("--mem-gb", dest="mem_gb", type=int, default=None)
+    slurm.add_argument("--array-parallelism", dest="array_parallelism", type=int, default=None)
+    slurm.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then write the report")
+    slurm.add_argument("--cluster", choices=["slurm", "local"], default="slurm",
+                       help="slurm launcher back-end: a real Slurm (sbatch), or submitit's local executor (testing)")
+    parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {"launcher": args.launcher, "nproc_per_node": args.nproc_per_node, "runs_per_gpu": args.runs_per_gpu,
+             "partition": args.partition, "account": args.account, "qos": args.qos, "time_min": args.time_min,
+             "gpus_per_node": args.gpus_per_node, "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb,
+             "array_parallelism": args.array_parallelism}
+    try:
+        sweep = parse_sweep(args.sweep_file, flags)
+        validate_runs(sweep)
+        if sweep.launcher == "local":
+            local_slots(sweep.nproc_per_node, sweep.runs_per_gpu, visible_gpus())  # refuse too few GPUs now
+    except SweepError as error:
+        print(f"sweep error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    states = {run.name: run_status(run) for run in sweep.runs}
+    todo = [run for run in sweep.runs if states[run.name] != "finished"]
+    print(f"sweep {sweep.name}: {len(sweep.runs)} run(s) under {sweep.directory}; "
+          f"{len(sweep.runs) - len(todo)} finished, {len(todo)} to run ({sweep.launcher} launcher)")
+    if args.dry_run:
+        for run in sweep.runs:
+            print(f"  {run.name} [{states[run.name]}]")
+            print(f"    {show_command(run_command(run, sweep.nproc_per_node))}")
+        return 0
+    conflicts = [run.name for run in todo if states[run.name] == "conflict"]
+    if conflicts:
+        print(f"note: {', '.join(conflicts)}: the directory holds a run with another config; "
+              f"the harness will refuse it (move it away, or rename the sweep)", file=sys.stderr)
+    status = 0
+    if todo:
+        if sweep.launcher == "local":
+            status = launch_local(sweep, todo)
+        else:
+            status = launch_slurm(sweep, todo, cluster=args.cluster, wait=args.wait or args.cluster == "local")
+            if status == 0 and not (args.wait or args.cluster == "local"):
+                return 0
+    if status != EXIT_STOPPED and not args.no_report:
+        out = write_sweep_report(sweep)
+        if out is not None:
+            print(f"report: {out / 'report.md'}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
