@@ -23,7 +23,8 @@ from fastargs.validation import Checker
 
 from utils.dataset import DATASETS
 from utils.models import model_names
-from utils.pruning_utils import ALLOCATIONS, SCORES
+from utils.pruning_utils import ALLOCATIONS, SCORES, parse_layer_rates, user_criterion
+from utils.user_code import UserCodeError, import_callable, is_import_path
 from utils.schedulers import schedule_names
 
 EXIT_CONFIG_ERROR = 2
@@ -155,6 +156,39 @@ class Optional_(Checker):
         return f"{self.inner.help()}, or null"
 
 
+class NameOrImport(Checker):
+    """A registry name, or ``package.module:function`` (syntax here; the import itself is
+    checked in ``check_cross_fields``, so the refusal can say why it failed)."""
+
+    def __init__(self, choices: Sequence[str]):
+        self.choices = list(choices)
+
+    def check(self, value):
+        if value in self.choices or is_import_path(value):
+            return value
+        raise ValueError(value)
+
+    def help(self):
+        return "one of " + ", ".join(self.choices) + ", or package.module:function"
+
+
+class LayerRates(Checker):
+    """A list of ``"pattern=rate"`` strings (a single string with commas on the command line)."""
+
+    def check(self, value):
+        if isinstance(value, str):
+            value = [part for part in (p.strip() for p in value.split(",")) if part]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise TypeError(value)
+        parse_layer_rates(value)  # ValueError for a bad item
+        return [item.strip() for item in value]
+
+    def help(self):
+        return 'a list of "pattern=rate" strings (fnmatch layer-name pattern, rate in [0, 1)), e.g. ["conv*=0.1", "fc*=0.2"]'
+
+
 # ------------------------------------------------------------------------------ schema
 def P(checker: Checker, desc: str, default: Any = None, required: bool = False) -> Param:
     return Param(checker, desc, default=default, required=required)
@@ -166,7 +200,8 @@ def declare_sections() -> Config:
     set_current_config(config)
 
     Section("model", "Network").params(
-        name=P(Choice(model_names()), "Registry name of the network (utils/models.py)", required=True),
+        name=P(NameOrImport(model_names()), "Registry name of the network (utils/models.py), or package.module:factory "
+               "(called with num_classes=, and in_channels=, image_size= when it takes them)", required=True),
     )
     Section("dataset", "Data (FFCV .beton files)").params(
         name=P(Choice(sorted(DATASETS)), "Dataset; fixes resolution, channels, classes, mean/std", required=True),
@@ -208,7 +243,9 @@ def declare_sections() -> Config:
         bn_l1=P(StrictFloat(0), "Network slimming: L1 penalty on BatchNorm scales (lambda; 0 = off)", default=0.0),
     )
     Section("prune", "Pruning between levels").params(
-        criterion=P(Choice(sorted(SCORES) + ["bn_gamma"]), "Score: magnitude, random, snip or synflow; bn_gamma (channel structure only)", default="magnitude"),
+        criterion=P(NameOrImport(sorted(SCORES) + ["bn_gamma"]), "Score: magnitude, random, snip or synflow; bn_gamma "
+                    "(channel structure only); or package.module:function taking (inputs, masks) like "
+                    "utils.pruning_utils' score functions", default="magnitude"),
         allocation=P(Choice(sorted(ALLOCATIONS)), "How kept weights are shared among layers", default="global"),
         training_type=P(Choice(["imp", "wr", "lrr", "at_init"]), "What happens between levels", default="imp"),
         rate=P(StrictFloat(0, 1, low_open=True, high_open=True), "Fraction of the remaining weights removed per level", default=0.2),
@@ -223,6 +260,23 @@ def declare_sections() -> Config:
         early_bird=P(StrictBool(), "Early-Bird: end level 0 when the next level's channel mask stops changing (channel structure)", default=False),
         early_bird_threshold=P(StrictFloat(0, 1, low_open=True), "Early-Bird: stop when the largest mask distance over the window is below this", default=0.1),
         early_bird_window=P(StrictInt(2), "Early-Bird: masks compared, the current epoch's included", default=5),
+        masks_from=P(StrictStr(), "Control run: train, level by level, the masks of this experiment directory "
+                     "(its masks/level_L.pt and checkpoints/init.pt); empty = off", default=""),
+        control=P(Choice(["none", "reinit", "shuffle"]), "With masks_from: none (the masks and initial weights as they "
+                  "are), reinit (the masks, this run's own random init), shuffle (each layer's count of kept weights "
+                  "at random positions, the source's init)", default="none"),
+        rewind_iteration=P(StrictInt(0), "wr: rewind to the state after this many optimizer steps of level 0 (late "
+                           "resetting) instead of rewind_epoch; 0 = off", default=0),
+        layer_rates=P(LayerRates(), "Per-layer rates for allocation uniform: \"pattern=rate\" items, the first "
+                      "matching pattern wins, other layers use prune.rate; level L keeps (1-rate)^L of each layer", default=[]),
+    )
+    Section("analysis", "Analyses run beside training").params(
+        stability=P(StrictBool(), "At every level train a second copy with another data order and measure the error "
+                    "barrier on the linear path between the two (stability.csv, levels.csv instability)", default=False),
+        interpolation_points=P(StrictInt(2), "Points on the path, end points included (alphas 0, 1/(n-1), ..., 1)", default=11),
+        bn_batches=P(StrictInt(1), "Training batches over which BatchNorm statistics are re-estimated at each point", default=20),
+        reestimate_endpoints=P(StrictBool(), "Re-estimate BatchNorm statistics at the end points too (default: the two "
+                               "networks' own statistics, so the ends equal their own evaluations)", default=False),
     )
     Section("distributed", "Process group").params(
         backend=P(Choice(["auto", "nccl", "gloo"]), "auto = nccl on CUDA, gloo on CPU", default="auto"),
@@ -370,13 +424,15 @@ def check_cross_fields(c: Dict[str, Any]) -> None:
     kind = c["prune.training_type"]
     levels, target = c["prune.levels"], c["prune.target_density"]
     epochs = c["training.epochs"]
+    check_science_fields(c)
     if kind == "at_init":
         if target is None:
             _fail("prune.training_type=at_init needs prune.target_density in (0, 1]")
         if levels not in (None, 1):
             _fail(f"prune.levels={levels} contradicts prune.training_type=at_init, which trains once (leave levels unset or 1)")
     else:
-        if levels is None and target is None:
+        # A control (masks_from) without either trains as many levels as its source plans.
+        if levels is None and target is None and not c["prune.masks_from"]:
             _fail(f"prune.training_type={kind} needs prune.levels (>= 1) or prune.target_density (in (0, 1])")
         if levels is not None and target is not None:
             _fail(f"prune.levels={levels} and prune.target_density={target} both set; give one (levels, or the density to stop at)")
@@ -421,6 +477,53 @@ def check_structure_fields(c: Dict[str, Any]) -> None:
             _fail("prune.early_bird=true needs a trained score (magnitude or bn_gamma), not prune.criterion=random")
         if c["prune.levels"] == 1 or c["prune.target_density"] == 1.0:
             _fail("prune.early_bird=true needs a level after level 0 (prune.levels >= 2 or prune.target_density < 1)")
+def check_science_fields(c: Dict[str, Any]) -> None:
+    """Controls, late resetting, per-layer rates, the user's own code (DESIGN.md section 9).
+
+    What needs the data or the model (the loader length for rewind_iteration, layer names
+    for layer_rates, the source directory for masks_from) is checked by the harness with
+    ``utils.controls.read_source``, ``utils.rewind.rewind_point`` and
+    ``utils.pruning_utils.layer_rate_plan``.
+    """
+    kind = c["prune.training_type"]
+    masks_from, control = c["prune.masks_from"], c["prune.control"]
+    if control != "none" and not masks_from:
+        _fail(f"prune.control={control} needs prune.masks_from (the experiment directory whose masks it controls)")
+    if masks_from:
+        if kind == "at_init":
+            _fail("prune.masks_from takes the masks of every level from the source; prune.training_type=at_init "
+                  "contradicts it (use imp, wr or lrr)")
+        if c["prune.target_density"] is not None:
+            _fail(f"prune.target_density={c['prune.target_density']} contradicts prune.masks_from (the source's masks "
+                  f"fix the densities); give prune.levels, or neither to train all of the source's levels")
+        if c["prune.layer_rates"]:
+            _fail("prune.layer_rates contradicts prune.masks_from (the source's masks fix every layer's density)")
+    rewind_iteration = c["prune.rewind_iteration"]
+    if rewind_iteration:
+        if kind != "wr":
+            _fail(f"prune.rewind_iteration={rewind_iteration} needs prune.training_type=wr, not {kind}")
+        if c["prune.rewind_epoch"]:
+            _fail(f"prune.rewind_iteration={rewind_iteration} and prune.rewind_epoch={c['prune.rewind_epoch']} both "
+                  f"set; give one")
+    if c["prune.layer_rates"]:
+        if c["prune.allocation"] != "uniform":
+            _fail(f"prune.layer_rates are per-layer densities: they need prune.allocation=uniform, not "
+                  f"{c['prune.allocation']}")
+        if kind == "at_init":
+            _fail("prune.layer_rates need an iterative run (imp, wr or lrr); at_init prunes once to prune.target_density")
+        if c["prune.target_density"] is not None:
+            _fail(f"prune.layer_rates and prune.target_density={c['prune.target_density']} both set; with per-layer "
+                  f"rates give prune.levels")
+    if is_import_path(c["model.name"]):
+        try:
+            import_callable(c["model.name"], keywords=("num_classes",))
+        except UserCodeError as error:
+            _fail(f"model.name: {error}")
+    if is_import_path(c["prune.criterion"]):
+        try:
+            user_criterion(c["prune.criterion"])
+        except ValueError as error:
+            _fail(f"prune.criterion: {error}")
 
 
 def help_text() -> str:

@@ -72,6 +72,8 @@ import torch
 import torchvision
 from torch import nn
 
+from utils.user_code import UserCodeError, accepted_keywords, import_callable, is_import_path
+
 Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
 
 MODELS: Dict[str, Builder] = {}
@@ -104,7 +106,12 @@ def model_names() -> List[str]:
 
 
 def get_model(name: str, *, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    """Build model ``name`` (fresh random initialisation) for the given data shape."""
+    """Build model ``name`` (fresh random initialisation) for the given data shape.
+
+    ``name`` is a registry name or ``package.module:factory`` (``build_user_model``).
+    """
+    if is_import_path(name):
+        return build_user_model(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     builder = MODELS.get(name)
     if builder is None:
         raise ModelError(f"unknown model {name!r}; valid names: {', '.join(model_names())}")
@@ -133,6 +140,70 @@ def get_model(name: str, *, num_classes: int, in_channels: int = 3, image_size: 
     if build_error is not None:
         raise build_error
     return model
+
+
+def build_user_model(path: str, *, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """A user's network: ``package.module:factory`` called with ``num_classes=`` (and
+    ``in_channels=``, ``image_size=`` when its signature takes them, or ``**kwargs``).
+
+    Refused with a one-line ModelError: a module that cannot be imported, a missing or
+    non-callable factory, one that does not take ``num_classes``, raises, returns anything
+    but an ``nn.Module``, or whose module cannot run a 1-sample eval-mode forward on
+    ``in_channels x image_size x image_size`` inputs to ``(1, num_classes)`` logits.
+    """
+    for argument, value in (("num_classes", num_classes), ("in_channels", in_channels),
+                            ("image_size", image_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"{path}: {argument} must be a positive int, got {value!r}")
+    try:
+        factory = import_callable(path, keywords=("num_classes",))
+    except UserCodeError as error:
+        raise ModelError(str(error)) from None
+    offered = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    kwargs = {name: offered[name] for name in accepted_keywords(factory, list(offered))}
+    try:
+        model = factory(**kwargs)
+    except Exception as error:  # noqa: BLE001 -- the user's code failed: say how, in one line
+        raise ModelError(f"{path}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) raised "
+                         f"{type(error).__name__}: {_first_line(error)}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{path} returned a {type(model).__name__}, not a torch.nn.Module")
+    problem = _user_forward_problem(model, num_classes, in_channels, image_size)
+    if problem is not None:
+        raise ModelError(f"{path}: the network cannot classify {in_channels}x{image_size}x{image_size} inputs "
+                         f"into {num_classes} classes ({problem})")
+    return model
+
+
+def _user_forward_problem(model: nn.Module, num_classes: int, in_channels: int, image_size: int) -> Optional[str]:
+    """None when a 1-sample eval-mode forward gives (1, num_classes) logits, else why not.
+
+    Shapes on the meta device first (nothing allocated); a module that cannot run on meta
+    (e.g. it calls ``.item()``) gets one real forward on zeros, in eval mode and without
+    gradients, its train/eval flags restored (BatchNorm statistics are not touched in eval).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            stand_ins = {name: torch.empty_like(tensor, device="meta")
+                         for name, tensor in (*model.named_parameters(), *model.named_buffers())}
+            try:
+                output = torch.func.functional_call(
+                    model, stand_ins, (torch.empty(1, in_channels, image_size, image_size, device="meta"),))
+            except Exception:  # noqa: BLE001 -- try for real before judging
+                device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
+                output = model(torch.zeros(1, in_channels, image_size, image_size, device=device))
+    except Exception as error:  # noqa: BLE001
+        return _first_line(error)
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not isinstance(output, torch.Tensor):
+        return f"its forward returns a {type(output).__name__}, not a logits tensor"
+    if tuple(output.shape) != (1, num_classes):
+        return f"its forward returns shape {tuple(output.shape)} for one input, expected (1, {num_classes})"
+    return None
 
 
 def forward_problem(model: nn.Module, in_channels: int, image_size: int) -> Optional[str]:

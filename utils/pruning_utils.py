@@ -107,6 +107,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from utils.user_code import UserCodeError, import_callable, import_object, is_import_path
 from utils.mask_layers import (
     Masks,
     MaskError,
@@ -346,7 +347,56 @@ SCORES: Dict[str, Criterion] = {
 
 
 def get_criterion(name: str) -> Criterion:
+    """A registry name, or ``package.module:function``: the user's score function (signature
+    ``(inputs: ScoringInputs, masks) -> {layer name: scores}``, one shot) or a ``Criterion``."""
+    if is_import_path(name):
+        return user_criterion(name)
     return _lookup(SCORES, "criterion", name)
+
+
+def user_criterion(path: str) -> Criterion:
+    """The ``Criterion`` that ``package.module:function`` names; ValueError (one line) when it
+    cannot be imported or does not take ``(inputs, masks)``.  Its scores are checked at every
+    call: one float tensor per masked layer, shaped like the weight (``_checked_scores``)."""
+    try:
+        obj = import_object(path)
+    except UserCodeError as error:
+        raise ValueError(str(error)) from None
+    if isinstance(obj, Criterion):
+        return Criterion(_checked_score_fn(obj.score, path), iterative=obj.iterative)
+    try:
+        function = import_callable(path, positional=("inputs", "masks"))
+    except UserCodeError as error:
+        raise ValueError(str(error)) from None
+    return Criterion(_checked_score_fn(function, path))
+
+
+def _checked_score_fn(function: ScoreFn, path: str) -> ScoreFn:
+    def score(inputs: ScoringInputs, masks: Masks) -> Scores:
+        return _checked_scores(function(inputs, masks), masks, path, inputs.device)
+
+    score.__name__ = getattr(function, "__name__", "score")
+    return score
+
+
+def _checked_scores(scores: Any, masks: Masks, path: str, device: torch.device) -> Scores:
+    """A user's scores as the allocations need them: fresh float tensors on ``device``."""
+    if not isinstance(scores, Mapping):
+        raise ValueError(f"criterion {path} returned a {type(scores).__name__}, not a dict layer name -> scores")
+    missing, unknown = sorted(set(masks) - set(scores)), sorted(set(scores) - set(masks))
+    if missing or unknown:
+        raise ValueError(f"criterion {path}: scores must name exactly the masked layers "
+                         f"(missing {missing[:3]}, unknown {unknown[:3]})")
+    checked = {}
+    for name, mask in masks.items():
+        value = scores[name]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(mask.shape):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"criterion {path}: scores for {name} are {shape}, expected a tensor {tuple(mask.shape)}")
+        # A copy (callers fill pruned entries in place; the user may have returned a live weight).
+        checked[name] = value.detach().to(device=device, dtype=torch.float64 if value.dtype == torch.float64
+                                          else torch.float32, copy=True)
+    return checked
 
 
 def get_score_fn(name: str) -> ScoreFn:
@@ -519,6 +569,106 @@ def layer_keep_counts(allocation: str, capacities: Mapping[str, int], numels: Ma
     return _apportion(shares, capacities, total_keep)
 
 
+# --------------------------------------------------------------------------------------
+# Per-layer pruning rates (Frankle & Carbin 2019 prune conv layers at one rate, fully
+# connected layers at another and the output layer at half the fully connected rate)
+# --------------------------------------------------------------------------------------
+
+
+def parse_layer_rates(items: Sequence[str]) -> List[Tuple[str, float]]:
+    """``["fc*=0.2", "conv*=0.1"]`` -> ``[("fc*", 0.2), ("conv*", 0.1)]``, in the order given.
+
+    A pattern is an fnmatch pattern of layer names (as ``prune.exclude``); a rate is the
+    fraction of the layer's remaining weights removed per level, in [0, 1).  ValueError
+    (one line, naming the item) otherwise, and for a pattern given twice.
+    """
+    if isinstance(items, str):
+        items = [items]
+    rules: List[Tuple[str, float]] = []
+    for item in items:
+        if not isinstance(item, str) or item.count("=") != 1:
+            raise ValueError(f"layer rate {item!r} is not of the form pattern=rate")
+        pattern, raw_rate = (part.strip() for part in item.split("="))
+        try:
+            rate = float(raw_rate)
+        except ValueError:
+            raise ValueError(f"layer rate {item!r}: {raw_rate!r} is not a number") from None
+        if not pattern:
+            raise ValueError(f"layer rate {item!r} has an empty layer-name pattern")
+        if not 0.0 <= rate < 1.0:  # also refuses nan
+            raise ValueError(f"layer rate {item!r}: the rate must be in [0, 1)")
+        if pattern in (known for known, _ in rules):
+            raise ValueError(f"layer rate pattern {pattern!r} is given twice")
+        rules.append((pattern, rate))
+    return rules
+
+
+def rates_by_layer(layer_names: Sequence[str], rules: Sequence[Tuple[str, float]],
+                   default_rate: float) -> Dict[str, float]:
+    """Each layer's rate: the FIRST rule whose pattern matches its name, else ``default_rate``
+    (``prune.rate``).  A pattern that matches no prunable layer is refused (ValueError): a
+    typo must not silently leave the layers it meant at the default rate."""
+    import fnmatch
+
+    rates = {}
+    for name in layer_names:
+        rates[name] = next((rate for pattern, rate in rules if fnmatch.fnmatchcase(name, pattern)), default_rate)
+    unused = [pattern for pattern, _ in rules if not any(fnmatch.fnmatchcase(n, pattern) for n in layer_names)]
+    if unused:
+        shown = ", ".join(list(layer_names)[:8]) + (", ..." if len(layer_names) > 8 else "")
+        raise ValueError(f"layer rate pattern(s) {unused} match no prunable layer (layers: {shown})")
+    return rates
+
+
+def layer_rate_counts(numels: Mapping[str, int], rates: Mapping[str, float], level: int) -> Dict[str, int]:
+    """Weights layer l keeps at ``level``: round((1 - rate_l) ** level * numel_l) (``round``).
+
+    Non-increasing in ``level`` for every layer, so the masks of successive levels nest.
+    """
+    return {name: target_keep_count(level_density(level, rates[name]), numels[name]) for name in numels}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRatePlan:
+    """Per-layer rates of a run and what they give at each level."""
+
+    rates: Dict[str, float]            # layer -> rate
+    counts: List[Dict[str, int]]       # counts[L][layer]: weights kept at level L
+    densities: List[float]             # densities[L]: kept / all prunable weights at level L (target_density)
+
+
+def layer_rate_plan(model: nn.Module, layer_rates: Sequence[str], default_rate: float, levels: int) -> LayerRatePlan:
+    """Levels 0 .. levels-1 of an iterative run with ``prune.layer_rates`` on ``model``
+    (prepared: its masked layers are the prunable ones).  ValueError (one line) for bad rules."""
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    numels = {name: layer.weight.numel() for name, layer in masked_layers(model)}
+    rates = rates_by_layer(list(numels), parse_layer_rates(layer_rates), default_rate)
+    counts = [layer_rate_counts(numels, rates, level) for level in range(levels)]
+    total = sum(numels.values())
+    return LayerRatePlan(rates=rates, counts=counts, densities=[sum(c.values()) / total for c in counts])
+
+
+def allocate_counts(scores: Scores, masks: Masks, counts: Mapping[str, int]) -> Masks:
+    """Each layer keeps exactly ``counts[layer]`` of its alive weights, by top score."""
+    return {name: keep_top_k_alive(scores[name], masks[name], counts[name]) for name in masks}
+
+
+def _layer_count_schedule(alive: Mapping[str, int], targets: Mapping[str, int], rounds: int) -> List[Dict[str, int]]:
+    """Per-layer counts of SynFlow's rounds: layer l follows alive_l * (target_l / alive_l) ** (k / K)
+    (each layer's own exponential schedule), rounded; the last round is the target exactly."""
+    schedule = []
+    for k in range(1, rounds + 1):
+        counts = {}
+        for name, target in targets.items():
+            if k == rounds or alive[name] == 0 or target == 0:
+                counts[name] = target if k == rounds or target == 0 else alive[name]
+            else:
+                counts[name] = max(target, min(alive[name], round(alive[name] * (target / alive[name]) ** (k / rounds))))
+        schedule.append(counts)
+    return schedule
+
+
 # An allocation turns (scores with -inf at pruned weights, current masks, total to keep)
 # into new masks, a subset of the current ones with exactly total_keep weights.
 AllocationFn = Callable[[Scores, Masks, int], Masks]
@@ -569,12 +719,13 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def compute_masks(model: nn.Module, *, density: float, criterion: str, allocation: str,
+def compute_masks(model: nn.Module, *, density: Optional[float] = None, criterion: str, allocation: str,
                   masks: Optional[Masks] = None, batches: Optional[Iterable] = None,
                   loss_fn: Optional[Callable] = None, num_batches: int = 1,
                   synflow_iterations: int = 100, input_shape: Optional[Sequence[int]] = None,
                   seed: int = 0, device=None, snip_mode: str = "eval",
-                  on_round: Optional[Callable[[int, float, Masks], None]] = None) -> Masks:
+                  on_round: Optional[Callable[[int, float, Masks], None]] = None,
+                  layer_counts: Optional[Mapping[str, int]] = None) -> Masks:
     """Masks (CPU bool tensors) keeping exactly round(density * N) of the N prunable weights.
 
     ``density`` is a fraction of ALL prunable weights.  The result is a subset of ``masks``
@@ -582,9 +733,21 @@ def compute_masks(model: nn.Module, *, density: float, criterion: str, allocatio
     train/eval flags are left as they were.  ``device``: where scoring runs (default: the
     model's).  ``on_round(k, density_k, masks_k)`` is called after each round (SynFlow has
     ``synflow_iterations`` rounds, the other criteria one).
+
+    ``layer_counts`` instead of ``density`` (per-layer pruning rates, ``layer_rate_plan``):
+    layer l keeps exactly ``layer_counts[l]`` weights; only with ``allocation="uniform"``
+    (it IS a layer-wise allocation, with the shares given); SynFlow's rounds then follow
+    each layer's own exponential schedule to its count.
     """
     spec = get_criterion(criterion)
     allocate = get_allocation(allocation)
+    if (density is None) == (layer_counts is None):
+        raise ValueError("compute_masks needs exactly one of density and layer_counts")
+    if layer_counts is not None:
+        return _compute_masks_by_layer(model, spec, allocation, dict(layer_counts), masks=masks, batches=batches,
+                                       loss_fn=loss_fn, num_batches=num_batches,
+                                       synflow_iterations=synflow_iterations, input_shape=input_shape,
+                                       seed=seed, device=device, on_round=on_round)
     # The model's own buffers are only read (allocations build new tensors): no copy.
     current = {name: layer.mask for name, layer in masked_layers(model)} if masks is None else masks
     validate_masks(model, current)
@@ -613,6 +776,41 @@ def compute_masks(model: nn.Module, *, density: float, criterion: str, allocatio
         alive = target_keep_count(round_density, total)
         if on_round is not None:
             on_round(round_index, round_density, current)
+    return {name: mask.to("cpu") for name, mask in current.items()}
+
+
+def _compute_masks_by_layer(model: nn.Module, spec: Criterion, allocation: str, layer_counts: Dict[str, int], *,
+                            masks, batches, loss_fn, num_batches, synflow_iterations, input_shape, seed, device,
+                            on_round) -> Masks:
+    if allocation != "uniform":
+        raise ValueError(f"per-layer counts (prune.layer_rates) apply to allocation 'uniform' only, not {allocation!r}")
+    current = {name: layer.mask for name, layer in masked_layers(model)} if masks is None else masks
+    validate_masks(model, current)
+    device = torch.device(device) if device is not None else _model_device(model)
+    current = {name: mask.to(device=device, dtype=torch.bool) for name, mask in current.items()}
+    if set(layer_counts) != set(current):
+        raise ValueError(f"layer_counts must name exactly the prunable layers "
+                         f"(missing {sorted(set(current) - set(layer_counts))[:3]}, "
+                         f"unknown {sorted(set(layer_counts) - set(current))[:3]})")
+    alive = {name: int(mask.count_nonzero()) for name, mask in current.items()}
+    for name, count in layer_counts.items():
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= alive[name]:
+            raise ValueError(f"layer {name} cannot keep {count!r} weights: {alive[name]} are alive; masks only shrink")
+    total = sum(mask.numel() for mask in current.values())
+    inputs = ScoringInputs(model=model, device=device, batches=batches, loss_fn=loss_fn,
+                           num_batches=num_batches, seed=seed,
+                           input_shape=tuple(input_shape) if input_shape is not None else None)
+    schedule = (_layer_count_schedule(alive, layer_counts, synflow_iterations) if spec.iterative
+                else [layer_counts])
+    for round_index, round_counts in enumerate(schedule, start=1):
+        scores = spec.score(inputs, current)
+        for name, mask in current.items():
+            if alive[name] < mask.numel():
+                scores[name].masked_fill_(~mask, -math.inf)
+        current = allocate_counts(scores, current, round_counts)
+        alive = dict(round_counts)
+        if on_round is not None:
+            on_round(round_index, sum(round_counts.values()) / total, current)
     return {name: mask.to("cpu") for name, mask in current.items()}
 
 
@@ -772,7 +970,12 @@ def _run_cli(argv: Optional[Sequence[str]]) -> None:
     criterion = args.criterion or _config_value(config, "prune", "criterion")
     allocation = args.allocation or _config_value(config, "prune", "allocation")
     for kind, name, registry in (("criterion", criterion, SCORES), ("allocation", allocation, ALLOCATIONS)):
-        if name not in registry:
+        if kind == "criterion" and is_import_path(name):
+            try:
+                user_criterion(name)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+        elif name not in registry:
             raise UsageError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}")
     exclude = _patterns(_config_value(config, "prune", "exclude"))
     synflow_iterations = _as_int(_config_value(config, "prune", "synflow_iterations"), "prune.synflow_iterations", 1)

@@ -1,0 +1,1 @@
+"""Examples of a user's own code plugged into the harness by ``package.module:function`` names."""

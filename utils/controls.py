@@ -1,0 +1,297 @@
+"""Controls: train, level by level, the masks another experiment wrote (DESIGN.md section 9).
+
+``prune.masks_from=runs/X`` makes a run (the *control*) train X's masks instead of pruning
+by itself: at level L it trains ``X/masks/level_L.pt``, with its own config's training
+settings (optimizer, schedule, epochs, training_type, seed), and writes its results to
+its own directory as any run does.  ``prune.control`` says what it does with them:
+
+``none``     X's masks and X's initial weights (``X/checkpoints/init.pt``) as they are: a
+             rerun of X's tickets (with other training settings, if the config says so).
+``reinit``   X's masks, but the weights this run's own model was initialised with (its
+             seed): Frankle & Carbin's random-reinitialisation control.
+``shuffle``  in each layer, as many kept weights as X's mask keeps there, at random
+             positions, from X's initial weights: the random-pruning control.  Positions
+             come from one random priority per weight, drawn from a CPU generator seeded
+             with (``experiment.seed``, layer index in module order): level L keeps the
+             count_l(L) weights of highest priority.  So each level's mask is a uniformly
+             random one with X's per-layer counts, and the masks of successive levels nest
+             (masks only shrink, DESIGN.md section 5) -- which per-level independent draws
+             seeded by (seed, level) would not give; every level's marginal distribution is
+             the same either way.
+
+Which levels exist: X's mask file for level L is written when level L STARTS (before its
+training), so its existence does not mean the level is done.  A level counts as finished
+once its row is in ``X/levels.csv`` (rows are appended whole, after the level's last
+epoch); ``finished_levels`` counts those rows, and ``masks_for_level`` refuses a level that
+is not finished yet.  So a control can start while X is still running and train the
+levels X has finished (``wait_for_level`` blocks until the next one is).
+
+Refused with a one-line ControlError (``read_source``): a source directory that does not
+exist, is the control's own, has no readable ``config.yaml``, is itself a control, was
+made with another ``model.name``, ``dataset.name`` or ``prune.exclude``, has no readable
+``checkpoints/init.pt`` (key ``model``) fitting this model, or whose finished levels' mask
+files are missing, unreadable or do not fit this model's prunable layers (names, shapes).
+
+Everything here takes plain arguments; nothing reads the global config.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import yaml
+from torch import nn
+
+from utils.mask_layers import Masks, mask_buffer_names, masked_layers
+from utils.pruning_utils import iterative_densities, keep_top_k, layer_rate_plan
+
+CONTROLS = ("none", "reinit", "shuffle")
+# Keys whose values must be the same in the source's config and the control's.
+MATCHING_KEYS = ("model.name", "dataset.name", "prune.exclude")
+
+
+class ControlError(ValueError):
+    """A source experiment that cannot be used (or a level it does not have yet); one line."""
+
+
+@dataclass(frozen=True)
+class Source:
+    root: Path
+    config: Dict[str, Any]                      # the source's config.yaml, dotted keys
+    layer_shapes: Dict[str, Tuple[int, ...]]    # prunable layer -> weight shape (this model's, module order)
+    planned_levels: int                         # levels the source's config asks for
+    planned_densities: List[float]              # their target densities, as the source computes them
+
+    def mask_path(self, level: int) -> Path:
+        return self.root / "masks" / f"level_{level}.pt"
+
+    @property
+    def levels_csv(self) -> Path:
+        return self.root / "levels.csv"
+
+    @property
+    def init_checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "init.pt"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+
+
+def _read_config(root: Path) -> Dict[str, Any]:
+    path = root / "config.yaml"
+    try:
+        with open(path) as handle:
+            tree = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ControlError(f"prune.masks_from={root}: no config.yaml there; it is not an experiment directory") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ControlError(f"prune.masks_from={root}: cannot read config.yaml ({_first_line(error)})") from None
+    if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
+        raise ControlError(f"prune.masks_from={root}: config.yaml is not a config of this harness")
+    return {f"{section}.{key}": value for section, keys in tree.items() for key, value in keys.items()}
+
+
+def _same_directory(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def read_source(path, config: Mapping[str, Any], model: nn.Module) -> Source:
+    """Check that experiment directory ``path`` can be the source of a control run.
+
+    ``config``: the control's resolved config (dotted keys; model.name, dataset.name,
+    prune.exclude, prune.levels, experiment.base_dir and .name are read).  ``model``: the
+    control's model, prepared (its masked layers are the prunable ones).  -> Source, or
+    ControlError naming what does not fit.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ControlError(f"prune.masks_from={path}: no such experiment directory")
+    own = Path(str(config.get("experiment.base_dir", ""))) / str(config.get("experiment.name", ""))
+    if config.get("experiment.name") and _same_directory(root, own):
+        raise ControlError(f"prune.masks_from={path} is this run's own directory")
+    source_config = _read_config(root)
+    if source_config.get("prune.masks_from"):
+        raise ControlError(f"prune.masks_from={path} is itself a control (of {source_config['prune.masks_from']}); "
+                           f"use its source")
+    for key in MATCHING_KEYS:
+        mine, theirs = config.get(key), source_config.get(key)
+        if key == "prune.exclude":
+            mine, theirs = list(mine or []), list(theirs or [])
+        if mine != theirs:
+            raise ControlError(f"prune.masks_from={path} was made with {key}={theirs!r}, this run has {key}={mine!r}")
+    layer_shapes = {name: tuple(layer.weight.shape) for name, layer in masked_layers(model)}
+    _check_initial_weights(root / "checkpoints" / "init.pt", model, path)
+    planned = _planned_densities(source_config, model, path)
+    source = Source(root=root, config=source_config, layer_shapes=layer_shapes,
+                    planned_levels=len(planned), planned_densities=planned)
+    wanted = config.get("prune.levels")
+    if wanted is not None and wanted > source.planned_levels:
+        raise ControlError(f"prune.levels={wanted} but prune.masks_from={path} has {source.planned_levels} levels "
+                           f"in all; use at most {source.planned_levels} (or leave prune.levels unset)")
+    for level in range(finished_levels(source)):
+        load_level_masks(source, level)  # every finished level's file is checked now, not mid-run
+    return source
+
+
+def _planned_densities(source_config: Mapping[str, Any], model: nn.Module, path) -> List[float]:
+    """The target densities of the source's levels, as its own run computes them."""
+    try:
+        if source_config.get("prune.training_type") == "at_init":
+            return [float(source_config["prune.target_density"])]
+        rate, levels = float(source_config["prune.rate"]), source_config.get("prune.levels")
+        if source_config.get("prune.layer_rates"):
+            return layer_rate_plan(model, source_config["prune.layer_rates"], rate, int(levels)).densities
+        return iterative_densities(rate, levels=levels, target_density=source_config.get("prune.target_density"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ControlError(f"prune.masks_from={path}: its config.yaml does not say which levels it runs "
+                           f"({_first_line(error)})") from None
+
+
+def _check_initial_weights(path: Path, model: nn.Module, source_path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ControlError(f"prune.masks_from={source_path}: {path} is missing (the source's initial weights)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 -- torch raises several types for a bad file
+        raise ControlError(f"prune.masks_from={source_path}: {path} cannot be read ({_first_line(error)})") from None
+    state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ControlError(f"prune.masks_from={source_path}: {path} holds no initial weights (key 'model')")
+    masks = set(mask_buffer_names(model))
+    own = {k: v for k, v in model.state_dict().items() if k not in masks}
+    theirs = {k: v for k, v in state.items() if k not in masks}
+    missing, unknown = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+    if missing or unknown:
+        raise ControlError(f"prune.masks_from={source_path}: its initial weights do not fit this model "
+                           f"(missing {missing[:3]}, unexpected {unknown[:3]})")
+    for key, value in own.items():
+        if tuple(theirs[key].shape) != tuple(value.shape):
+            raise ControlError(f"prune.masks_from={source_path}: its initial {key} has shape {tuple(theirs[key].shape)}, "
+                               f"this model's has {tuple(value.shape)}")
+    return theirs
+
+
+def finished_levels(source: Source) -> int:
+    """Levels of the source that are finished: its levels.csv rows 0, 1, 2, ... (read afresh:
+    the source may still be running)."""
+    try:
+        with open(source.levels_csv, newline="") as handle:
+            rows = list(csv.reader(handle))[1:]
+    except FileNotFoundError:
+        return 0
+    except OSError as error:
+        raise ControlError(f"prune.masks_from={source.root}: cannot read levels.csv ({_first_line(error)})") from None
+    count = 0
+    for row in rows:
+        if not row or row[0] != str(count):
+            break
+        count += 1
+    return count
+
+
+def load_level_masks(source: Source, level: int) -> Masks:
+    """The source's masks of ``level`` as written, checked against this model's layers."""
+    path = source.mask_path(level)
+    if not path.is_file():
+        raise ControlError(f"prune.masks_from={source.root}: {path} is missing")
+    try:
+        masks = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise ControlError(f"prune.masks_from={source.root}: {path} cannot be read ({_first_line(error)})") from None
+    if not isinstance(masks, dict) or not all(isinstance(v, torch.Tensor) for v in masks.values()):
+        raise ControlError(f"prune.masks_from={source.root}: {path} is not a dict of layer name -> mask tensor")
+    missing = sorted(set(source.layer_shapes) - set(masks))
+    unknown = sorted(set(masks) - set(source.layer_shapes))
+    if missing or unknown:
+        raise ControlError(f"prune.masks_from={source.root}: {path} does not fit this model's prunable layers "
+                           f"(missing {missing[:3]}, unknown {unknown[:3]})")
+    checked = {}
+    for name, shape in source.layer_shapes.items():  # this model's module order
+        mask = masks[name]
+        if tuple(mask.shape) != shape:
+            raise ControlError(f"prune.masks_from={source.root}: {path} has a {tuple(mask.shape)} mask for {name}, "
+                               f"whose weight is {shape}")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ControlError(f"prune.masks_from={source.root}: {path} holds values other than 0 and 1 for {name}")
+        checked[name] = mask.to(torch.bool)
+    return checked
+
+
+def masks_for_level(source: Source, level: int, control: str, seed: int) -> Masks:
+    """What the control trains at ``level``: the source's masks (``none``, ``reinit``) or
+    their per-layer counts at random positions (``shuffle``, see the module docstring)."""
+    if control not in CONTROLS:
+        raise ControlError(f"prune.control={control!r}; valid: {', '.join(CONTROLS)}")
+    done = finished_levels(source)
+    if level >= done:
+        raise ControlError(f"level {level} of prune.masks_from={source.root} is not finished yet "
+                           f"({done} of its {source.planned_levels} levels are)")
+    masks = load_level_masks(source, level)
+    return shuffled_masks(masks, seed) if control == "shuffle" else masks
+
+
+def _layer_seed(seed: int, layer_index: int) -> int:
+    digest = hashlib.sha256(f"shuffle-control:{seed}:{layer_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def shuffled_masks(masks: Masks, seed: int) -> Masks:
+    """Each layer keeps as many weights as ``masks`` keeps there, at the positions of
+    highest priority: priorities i.i.d. U(0, 1) in float64 from a generator seeded with
+    (seed, layer index), the same for every level, so fewer kept weights -> a subset."""
+    shuffled = {}
+    for index, (name, mask) in enumerate(masks.items()):
+        generator = torch.Generator(device="cpu").manual_seed(_layer_seed(seed, index))
+        priority = torch.rand(mask.shape, generator=generator, dtype=torch.float64)
+        shuffled[name] = keep_top_k(priority, int(mask.count_nonzero()))
+    return shuffled
+
+
+def initial_state(source: Source, control: str, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The weights (and buffers, masks excluded) the control starts level 0 from, CPU copies:
+    the source's initial weights (``none``, ``shuffle``) or ``model``'s own (``reinit``:
+    the model as this run's seed built it)."""
+    if control not in CONTROLS:
+        raise ControlError(f"prune.control={control!r}; valid: {', '.join(CONTROLS)}")
+    if control == "reinit":
+        masks = set(mask_buffer_names(model))
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in masks}
+    return _check_initial_weights(source.init_checkpoint, model, source.root)
+
+
+def control_levels(source: Source, levels: Optional[int]) -> int:
+    """How many levels the control trains: ``prune.levels``, or all of the source's."""
+    return source.planned_levels if levels is None else min(levels, source.planned_levels)
+
+
+def wait_for_level(source: Source, level: int, *, poll_s: float = 30.0, timeout_s: Optional[float] = None,
+                   sleep: Callable[[float], None] = time.sleep, say: Callable[[str], None] = lambda _: None) -> None:
+    """Block until the source has finished ``level`` (its levels.csv row exists).
+
+    ControlError when the source will never have it (beyond its planned levels) or after
+    ``timeout_s`` seconds (None: wait as long as it takes).
+    """
+    if level >= source.planned_levels:
+        raise ControlError(f"prune.masks_from={source.root} has {source.planned_levels} levels; there is no level {level}")
+    waited = 0.0
+    announced = False
+    while finished_levels(source) <= level:
+        if timeout_s is not None and waited >= timeout_s:
+            raise ControlError(f"level {level} of prune.masks_from={source.root} did not finish within {timeout_s:g} s")
+        if not announced:
+            say(f"waiting for level {level} of {source.root} to finish (checking every {poll_s:g} s)")
+            announced = True
+        step = poll_s if timeout_s is None else max(0.0, min(poll_s, timeout_s - waited))
+        sleep(step)
+        waited += step if step > 0 else math.inf
