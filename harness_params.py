@@ -580,5 +580,24 @@ def as_tree(resolved: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return tree
 
 
+_DEFAULTS: Optional[Dict[str, Any]] = None
+
+
+def defaults() -> Dict[str, Any]:
+    """Every declared key's default (required keys: None)."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        previous = get_current_config()
+        config = declare_sections()
+        _DEFAULTS = {".".join(path): (None if param.required else param.default) for path, param in config.entries.items()}
+        set_current_config(previous)
+    return dict(_DEFAULTS)
+
+
+def with_defaults(resolved: Dict[str, Any]) -> Dict[str, Any]:
+    """``resolved`` with the keys it lacks (a config from before they existed) at their defaults."""
+    return {**defaults(), **resolved}
+
+
 def differing_keys(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

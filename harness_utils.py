@@ -22,7 +22,9 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 import harness_params
-from utils import checkpointing, mask_layers, pruning_utils, run_lock
+from utils import checkpointing, mask_layers, pruning_utils, run_lock, stability, structured
+from utils import distributed_utils as du
+from utils.callbacks import Callback, LevelInfo
 from utils.dataset import DataError, get_dataset_spec, make_loader, validate_beton
 from utils.models import ModelError, get_model
 from utils.schedulers import LRSchedule, ScheduleSpec
@@ -36,11 +38,14 @@ EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss",
                  "epoch_time_s", "images_per_s"]
 LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
 LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
+STABILITY_COLUMNS = ["level", "alpha", "test_loss", "test_acc"]
+BN_BATCHES_EPOCH = 3_000_000  # data order of the batches the stability analysis re-estimates BatchNorm on
 
 # Keys that change how a run is watched or where it lives, not what it computes: a resumed
 # run may differ in them (e.g. --experiment.name=NAME_1 resumes the run that
 # --experiment.resume=false started in NAME_1; a moved base_dir still resumes).
-NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers",
+NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers", "logging.tensorboard",
+                     "logging.wandb_project",
                      "experiment.name", "experiment.base_dir"}
 
 
@@ -105,6 +110,8 @@ def _format(value: Any) -> str:
 @dataclass
 class ExperimentFiles:
     root: Path
+    level_extra: Sequence[str] = ()   # columns features add to levels.csv / layers.csv (see extra_columns)
+    layer_extra: Sequence[str] = ()
 
     @property
     def config(self) -> Path:
@@ -141,14 +148,42 @@ class ExperimentFiles:
 
     @property
     def levels(self) -> CsvLog:
-        return CsvLog(self.root / "levels.csv", LEVEL_COLUMNS)
+        return CsvLog(self.root / "levels.csv", LEVEL_COLUMNS + list(self.level_extra))
 
     @property
     def layers(self) -> CsvLog:
-        return CsvLog(self.root / "layers.csv", LAYER_COLUMNS)
+        return CsvLog(self.root / "layers.csv", LAYER_COLUMNS + list(self.layer_extra))
+
+    @property
+    def stability(self) -> CsvLog:
+        return CsvLog(self.root / "stability.csv", STABILITY_COLUMNS)
+
+    @property
+    def level_start_checkpoint(self) -> Path:
+        """The state a level started from (stability analysis: the second copy starts there)."""
+        return self.checkpoints / "level_start.pt"
+
+    def level_weights(self, level: int) -> Path:
+        """A finished level's weights (channel structure: what utils.compact makes smaller)."""
+        return self.checkpoints / f"level_{level}.pt"
 
     def logs(self) -> Dict[str, CsvLog]:
-        return {"epochs": self.epochs, "levels": self.levels, "layers": self.layers}
+        logs = {"epochs": self.epochs, "levels": self.levels, "layers": self.layers}
+        if "instability" in self.level_extra:
+            logs["stability"] = self.stability
+        return logs
+
+
+def extra_columns(resolved: Dict[str, Any]) -> Dict[str, List[str]]:
+    """The columns the config's features add: levels.csv ``instability`` (stability analysis),
+    ``channel_density`` and layers.csv ``channels``, ``channels_alive`` (channel structure)."""
+    level, layer = [], []
+    if resolved.get("prune.structure") == "channel":
+        level.append("channel_density")
+        layer += ["channels", "channels_alive"]
+    if resolved.get("analysis.stability"):
+        level.append("instability")
+    return {"level_extra": level, "layer_extra": layer}
 
 
 # ---------------------------------------------------------------- experiment directory
@@ -170,6 +205,9 @@ def read_config_yaml(path: Path) -> Dict[str, Any]:
 
 
 def semantic_difference(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+    """Keys whose values differ in what a run computes.  A key one side lacks (a config written
+    before the key existed) counts as its default, so older runs still resume."""
+    a, b = harness_params.with_defaults(a), harness_params.with_defaults(b)
     return [k for k in harness_params.differing_keys(a, b) if k not in NON_SEMANTIC_KEYS]
 
 
@@ -313,9 +351,11 @@ def load_checkpoint(path: Path, resolved: Optional[Dict[str, Any]] = None,
     return state
 
 
-def read_run_checkpoints(files: ExperimentFiles, resolved: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """Rank 0 reads a run's checkpoints -> {'last', 'init'[, 'rewind']}, or None when no epoch
-    finished yet; a damaged or foreign set is refused (UserError)."""
+def read_run_checkpoints(files: ExperimentFiles, resolved: Dict[str, Any], rewind_at: Any = None) -> Optional[Dict[str, Any]]:
+    """Rank 0 reads a run's checkpoints -> {'last', 'init'[, 'rewind', 'level_start'], 'note'},
+    or None when no epoch finished yet; a damaged or foreign set is refused (UserError).  An
+    unreadable last.pt falls back to previous.pt (with a note).  ``rewind_at``: WR's rewind
+    point (epoch, batch), past which rewind.pt must exist."""
     previous = checkpointing.previous_of(files.last_checkpoint)
     if not files.last_checkpoint.exists() and not previous.exists():
         return None
@@ -332,11 +372,15 @@ def read_run_checkpoints(files: ExperimentFiles, resolved: Dict[str, Any]) -> Op
              "note": note}
     if files.rewind_checkpoint.exists():
         state["rewind"] = load_checkpoint(files.rewind_checkpoint, resolved, required=("model", "optimizer", "schedule"))
-    elif (resolved["prune.training_type"] == "wr" and
-          (state["last"]["level"], state["last"]["next_epoch"]) > (0, resolved["prune.rewind_epoch"])):
-        raise UserError(f"checkpoint {files.rewind_checkpoint} is missing but level 0 is past epoch "
-                        f"{resolved['prune.rewind_epoch']}; the experiment directory is incomplete: "
-                        f"move it away to start over")
+    elif rewind_at is not None:
+        batches = last["partial_epoch"]["batches_done"] if last["phase"] == "mid_epoch" else 0
+        if (last["level"], last["next_epoch"], batches) > (0, rewind_at.epoch, rewind_at.batch):
+            raise UserError(f"checkpoint {files.rewind_checkpoint} is missing but level 0 is past its rewind point "
+                            f"(epoch {rewind_at.epoch}, batch {rewind_at.batch}); the experiment directory is "
+                            f"incomplete: move it away to start over")
+    if files.level_start_checkpoint.exists():
+        state["level_start"] = load_checkpoint(files.level_start_checkpoint, resolved,
+                                               required=("model", "optimizer", "schedule", "epoch", "batches_done"))
     return state
 
 
@@ -451,10 +495,11 @@ def wants_sync_bn(setting: Any, device: torch.device) -> bool:
 
 
 def compute_masks(c: Dict[str, Any], model: torch.nn.Module, *, level: int, density: float, batches, device,
-                  input_shape) -> Dict[str, torch.Tensor]:
-    """Level ``level``'s masks by the config's criterion and allocation (seeded per level)."""
+                  input_shape, layer_counts=None) -> Dict[str, torch.Tensor]:
+    """Level ``level``'s masks by the config's criterion and allocation (seeded per level);
+    ``layer_counts``: per-layer kept counts (prune.layer_rates) instead of ``density``."""
     return pruning_utils.compute_masks(
-        model, density=density, criterion=c["prune.criterion"], allocation=c["prune.allocation"], batches=batches,
+        model, density=None if layer_counts is not None else density, layer_counts=layer_counts, criterion=c["prune.criterion"], allocation=c["prune.allocation"], batches=batches,
         loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.snip_batches"],
         synflow_iterations=c["prune.synflow_iterations"], input_shape=input_shape,
         seed=pruning_utils.level_seed(c["experiment.seed"], level), device=device, snip_mode=c["prune.snip_mode"])
@@ -493,3 +538,69 @@ def resume_message(root: Path, last: Dict[str, Any]) -> str:
     if last["phase"] == "mid_epoch":
         where += f", batch {last['partial_epoch']['batches_done']}"
     return where
+
+
+# ------------------------------------------------------------------ feature callbacks
+class AfterBackward(Callback):
+    """Puts ``hook(model)`` into every training step, after backward (e.g. training.bn_l1)."""
+    in_every_training = True
+
+    def __init__(self, hook):
+        self.after_backward = hook
+
+
+class ChannelReport(Callback):
+    """Channel structure: channels alive in levels.csv / layers.csv, and each finished level's
+    weights in checkpoints/level_L.pt (what ``python -m utils.compact`` makes smaller)."""
+
+    def __init__(self, structure):
+        self.structure = structure
+
+    def on_level_end(self, info: LevelInfo) -> None:
+        masks = mask_layers.get_masks(info.model)
+        info.row["channel_density"] = structured.channel_density(self.structure, masks)
+        alive = structured.channels_alive(masks)
+        for layer in info.extra["layers"]:
+            layer["channels_alive"], layer["channels"] = alive[layer["layer"]]
+
+    def on_level_logged(self, info: LevelInfo) -> None:
+        if info.is_primary:
+            atomic_torch_save({"format": CHECKPOINT_FORMAT, "level": info.level,
+                               "model": checkpointing.model_state(info.model)},
+                              ExperimentFiles(Path(info.root)).level_weights(info.level))
+
+
+class StabilityAnalysis(Callback):
+    """analysis.stability: at each level's start the state is kept (and written, for resume);
+    at its end a second copy trains from it with another data order, the test error along the
+    linear path between the two goes to stability.csv and the barrier to levels.csv."""
+
+    def __init__(self, experiment):
+        self.x = experiment  # harness_setup.ExperimentBase: the training objects and the run's files
+
+    def on_level_start(self, info: LevelInfo) -> None:
+        x = self.x
+        x.level_start_state = {**checkpointing.training_snapshot(x.model, x.optimizer, x.schedule),
+                               "epoch": info.extra["start_epoch"], "batches_done": info.extra["start_batch"]}
+        if info.is_primary:
+            checkpointing.save_checkpoint(x.files.level_start_checkpoint, "rewind", config=x.c,
+                                          snapshot=x.level_start_state)
+
+    def on_level_end(self, info: LevelInfo) -> None:
+        x, c = self.x, self.x.c
+        du.broadcast_buffers_(x.model, exclude=mask_layers.mask_buffer_names(x.model))
+        first = checkpointing.model_state(x.model)
+        second = x.train_second_copy(x.level_start_state, info.level)
+        offset = BN_BATCHES_EPOCH
+        result = stability.evaluate_path(
+            x.model, first, second, train_batches=lambda: x.snip_loader().batches(offset + info.level),
+            test_batches=lambda: x.test_loader.batches(0), device=x.ctx.device,
+            points=c["analysis.interpolation_points"], bn_batches=c["analysis.bn_batches"],
+            reestimate_endpoints=c["analysis.reestimate_endpoints"], autocast_dtype=x.autocast_dtype,
+            reduce=du.all_reduce_sum)
+        info.row["instability"] = result.instability
+        if info.is_primary:
+            for row in result.rows(info.level):
+                x.files.stability.append(row)
+        x.say(f"level {info.level}: instability {result.instability:.2f} points "
+              f"(error barrier on the path between two copies)")

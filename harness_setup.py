@@ -1,0 +1,290 @@
+"""Set-up and persistence of an experiment: the half of ``harness.Experiment`` that is not the
+level loop.
+
+``ExperimentBase`` checks the inputs, builds loaders, model, optimizer and the optional
+features' callbacks from the config, computes a level's masks (by criterion, from another
+experiment for controls, by channel, by per-layer rates), and writes and reads the run's
+state (checkpoints, the directory's lock, resume).  ``harness.Experiment`` adds the level
+loop.  Only this layer reads the config; the pieces it calls in ``utils/`` take plain
+arguments.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+import harness_utils as hu
+from utils import checkpointing, controls, mask_layers, pruning_utils, rewind, run_lock, structured, training
+from utils import distributed_utils as du
+from utils.callbacks import Callbacks, LevelInfo
+from utils.early_bird import EarlyBird
+from utils.errors import MaskSyncError
+from utils.fault_injection import FaultInjection
+from utils.run_control import ProgressBar, StopOnRequest, StopRequests
+
+STABILITY_EPOCH_OFFSET = 2_000_000  # data order of the stability analysis' second copy: epochs of their own
+
+
+class ExperimentBase:
+    def __init__(self, config: Dict[str, Any], ctx: du.DistributedContext, use_ddp: bool = True):
+        self.c = config
+        self.ctx = ctx
+        self.use_ddp = use_ddp and ctx.is_distributed
+        self.stop_requests = StopRequests(None, ctx)
+        fault_injection = FaultInjection.from_env(ctx.rank)
+        self.callbacks = Callbacks([cb for cb in (fault_injection,) if cb is not None])
+        self.callbacks += [ProgressBar(ctx.is_primary and config["training.progress"]), StopOnRequest(self.stop_requests)]
+        self._snip_loader = None
+        self.lock = None  # rank 0: this directory's run lock, held for the run's life (utils/run_lock.py)
+        self.resume_partial_epoch: Optional[Dict[str, Any]] = None
+        self.source = self.layer_plan = self.channel_structure = self.rewind_at = None
+        self.level_start_state: Optional[Dict[str, Any]] = None
+
+    def say(self, message: str) -> None:
+        if self.ctx.is_primary:
+            print(message, flush=True)
+
+    # ---------------------------------------------------------------------- set-up
+    def check_inputs(self) -> None:
+        c = self.c
+        inputs = hu.check_inputs(c, self.ctx.world_size, self.ctx.device)
+        self.spec, self.model, self.densities = inputs.spec, inputs.model, inputs.densities
+        self.train_resolution, self.eval_resolution = inputs.train_resolution, inputs.eval_resolution
+        try:
+            if c["prune.masks_from"]:
+                self.source = controls.read_source(c["prune.masks_from"], c, self.model)
+                self.densities = self.source.planned_densities[:controls.control_levels(self.source, c["prune.levels"])]
+            if c["prune.layer_rates"]:
+                self.layer_plan = pruning_utils.layer_rate_plan(self.model, c["prune.layer_rates"], c["prune.rate"],
+                                                                c["prune.levels"])
+                self.densities = list(self.layer_plan.densities)
+            if c["prune.structure"] == "channel":
+                self.channel_structure = structured.build_channel_structure(self.model, self.input_shape)
+                if c["prune.criterion"] == "bn_gamma":
+                    structured.check_bn_gamma_possible(self.channel_structure)
+        except (controls.ControlError, structured.StructureError, ValueError) as error:
+            raise hu.UserError(str(error)) from None
+        self.install_feature_callbacks()
+
+    @property
+    def input_shape(self):
+        return (self.spec.channels, self.train_resolution, self.train_resolution)
+
+    def install_feature_callbacks(self) -> None:
+        """The callbacks of the optional features the config asks for (before any training)."""
+        c, structure = self.c, self.channel_structure
+        if structure is not None:
+            zeroing = structured.ChannelZeroing(structure, self.model)
+            zeroing.in_every_training = True  # the stability analysis' second copy keeps channels dead too
+            self.callbacks += [zeroing, hu.ChannelReport(structure)]
+        if c["training.bn_l1"] > 0:
+            self.callbacks.append(hu.AfterBackward(structured.bn_l1_hook(c["training.bn_l1"])))
+        if c["prune.early_bird"] and len(self.densities) > 1:
+            next_density, seed = self.densities[1], pruning_utils.level_seed(c["experiment.seed"], 1)
+            self.callbacks.append(EarlyBird(
+                lambda m: structured.keep_vector(structured.select_channels(
+                    m, structure, density=next_density, criterion=c["prune.criterion"],
+                    allocation=c["prune.allocation"], seed=seed), structure),
+                threshold=c["prune.early_bird_threshold"], window=c["prune.early_bird_window"],
+                agree=du.broadcast_object, min_epochs=c["prune.rewind_epoch"] if c["prune.training_type"] == "wr" else 0))
+        if c["analysis.stability"]:
+            self.callbacks.append(hu.StabilityAnalysis(self))
+
+    def decide_directory(self) -> hu.DirDecision:
+        return du.decided_by_primary(lambda: hu.decide_experiment_dir(
+            self.c, restarted=du.restart_count() > 0, launch_id=du.launch_id()), self.ctx.is_primary)
+
+    def build_loaders(self) -> None:
+        c = self.c
+        self.autocast_dtype, note = hu.autocast_dtype(c, self.ctx.device)
+        if note:
+            self.say(note)
+        self.train_loader, self.test_loader = hu.build_loaders(c, self.spec, self.ctx, self.train_resolution,
+                                                               self.eval_resolution)
+        if c["prune.training_type"] == "wr":  # where later levels rewind to: (epoch, batches done in it)
+            try:
+                point = rewind.rewind_point(c["prune.rewind_iteration"] or c["prune.rewind_epoch"] * len(self.train_loader),
+                                            epochs=c["training.epochs"], iterations_per_epoch=len(self.train_loader))
+            except rewind.RewindError as error:
+                raise hu.UserError(str(error)) from None
+            self.rewind_at = point
+            if not point.at_epoch_boundary:
+                self.callbacks.append(rewind.CaptureAtIteration(point, self.capture_rewind_now))
+
+    def build_training_model(self) -> None:
+        """Device, memory format, SyncBatchNorm, DDP (its constructor broadcasts rank 0's weights), compile."""
+        self.model, self.train_model = hu.training_model(self.model, self.c, self.ctx, self.use_ddp)
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.autocast_dtype == torch.float16)
+
+    def build_training_objects(self) -> None:
+        du.agreed(self.build_loaders)
+        self.build_training_model()
+
+    def new_optimizer(self) -> None:
+        self.optimizer, self.schedule = hu.build_optimizer_and_schedule(self.c, self.model.parameters(),
+                                                                        len(self.train_loader))
+
+    def training_step(self, callbacks) -> training.TrainingStep:
+        return training.TrainingStep(
+            self.train_model, self.model, self.optimizer, self.schedule, self.scaler, self.autocast_dtype,
+            label_smoothing=self.c["optimizer.label_smoothing"], grad_clip=self.c["training.grad_clip"],
+            after_backward=[cb.after_backward for cb in callbacks if hasattr(cb, "after_backward")])
+
+    def level_info(self, level: int, **fields: Any) -> LevelInfo:
+        return LevelInfo(level=level, density=self.densities[level], model=self.model, root=self.files.root,
+                         is_primary=self.ctx.is_primary, **fields)
+
+    # ---------------------------------------------------------------------- masks
+    def prunes_at(self, level: int) -> bool:
+        """Whether ``level`` starts by setting new masks (a control takes every level's, 0 included)."""
+        return self.source is not None or self.c["prune.training_type"] == "at_init" or level > 0
+
+    def level_masks(self, level: int, density: float) -> Dict[str, torch.Tensor]:
+        """Level ``level``'s masks as rank 0 computes them: from the control's source, by channel,
+        by per-layer counts, or by the config's criterion and allocation."""
+        c, seed = self.c, pruning_utils.level_seed(self.c["experiment.seed"], level)
+        if self.source is not None:
+            controls.wait_for_level(self.source, level, say=self.say)
+            masks = controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"])
+            if self.channel_structure is not None and c["prune.control"] == "shuffle":
+                masks = structured.shuffled_channel_masks(self.channel_structure, masks, seed)
+            return masks
+        if self.channel_structure is not None:
+            return structured.compute_channel_masks(self.model, self.channel_structure, density=density,
+                                                    criterion=c["prune.criterion"], allocation=c["prune.allocation"],
+                                                    seed=seed)
+        needs_batches = c["prune.criterion"] == "snip" or ":" in c["prune.criterion"]
+        batches = self.snip_loader().batches(pruning_utils.SNIP_EPOCH_OFFSET + level) if needs_batches else None
+        counts = self.layer_plan.counts[level] if self.layer_plan is not None else None
+        return hu.compute_masks(c, self.model, level=level, density=density, batches=batches, device=self.ctx.device,
+                                input_shape=self.input_shape, layer_counts=counts)
+
+    def snip_loader(self):
+        """Built once per run (an FFCV loader compiles its pipeline when first used).  Every
+        rank reads the same GLOBAL batches (world_size=1 order): SNIP's masks and the stability
+        analysis' BatchNorm statistics do not depend on the number of processes."""
+        if self._snip_loader is None:
+            self._snip_loader = hu.make_data_loader(self.c, self.spec, self.ctx.device, train=True,
+                                                    resolution=self.train_resolution, rank=0, world_size=1)
+        return self._snip_loader
+
+    def check_masks_in_sync(self, masks) -> None:
+        bad = du.ranks_disagreeing(mask_layers.masks_checksum(masks))
+        if bad:
+            raise MaskSyncError(f"masks differ between ranks after pruning (ranks {bad} disagree with rank 0); stopping")
+
+    # ------------------------------------------------------------------ rewinding
+    def capture_rewind_now(self) -> None:
+        self.rewind_state = checkpointing.training_snapshot(self.model, self.optimizer, self.schedule)
+        if self.ctx.is_primary:
+            checkpointing.save_checkpoint(self.files.rewind_checkpoint, "rewind", config=self.c, snapshot=self.rewind_state)
+
+    def capture_rewind_state(self, level: int, epochs_done: int) -> None:
+        """WR: at level 0's rewind point when it is an epoch boundary (inside an epoch:
+        rewind.CaptureAtIteration)."""
+        point = self.rewind_at
+        if point is not None and point.at_epoch_boundary and level == 0 and epochs_done == point.epoch:
+            self.capture_rewind_now()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, *, level: int, next_epoch: int, phase: str, finished: bool = False,
+                   partial_epoch: Optional[Dict[str, Any]] = None) -> None:
+        """``phase``: 'train' (after epoch next_epoch - 1), 'mid_epoch' (``partial_epoch``) or
+        'level_done' (after the level's rows)."""
+        if self.ctx.is_primary:
+            extra = {} if partial_epoch is None else {"partial_epoch": partial_epoch}
+            checkpointing.save_checkpoint(
+                self.files.last_checkpoint, "last", config=self.c, model=self.model, optimizer=self.optimizer,
+                schedule=self.schedule, scaler=self.scaler, callbacks=self.callbacks, level=level,
+                next_epoch=next_epoch, phase=phase, finished=finished, level_stats=dict(self.level_stats),
+                csv_rows={name: log.count() for name, log in self.files.logs().items()},
+                world_size=self.ctx.world_size, **extra)
+
+    def checkpoint_mid_epoch(self, state: training.EpochState) -> None:
+        """Every rank's partial sums go to rank 0 (a collective: all ranks stop at the same
+        batch, see StopRequests), which writes them with the rest of the state."""
+        every_rank_sums = du.all_gather_object(state.sums.detach().to("cpu", copy=True))
+        self.checkpoint(level=state.level, next_epoch=state.epoch, phase="mid_epoch", partial_epoch={
+            "batches_done": state.batches_done, "sums": every_rank_sums, "lr_at_start": state.lr_at_start,
+            "time_s": state.elapsed})
+        self.say(f"stopping on request at level {state.level}, epoch {state.epoch}, "
+                 f"batch {state.batches_done}: checkpoint written")
+
+    def hold_run_lock(self) -> None:
+        """Rank 0 (inside du.decided_by_primary): take the directory's lock, or refuse the launch."""
+        if self.lock is None:
+            self.lock = run_lock.acquire(self.files.root)
+
+    def start_fresh(self) -> None:
+        du.decided_by_primary(self.hold_run_lock, self.ctx.is_primary)
+        if self.source is not None:  # a control starts from its source's initial weights (or its own: reinit)
+            checkpointing.restore({"model": controls.initial_state(self.source, self.c["prune.control"], self.model)},
+                                  model=self.model)
+        self.init_state = checkpointing.training_snapshot(self.model)
+        if self.ctx.is_primary:
+            hu.create_experiment_dir(self.files, self.c, du.launch_id())
+            checkpointing.save_checkpoint(self.files.init_checkpoint, "init", config=self.c, snapshot=self.init_state)
+        du.barrier()
+
+    def resume(self) -> tuple:
+        """Load rank 0's checkpoints on every rank; -> (start_level, start_epoch or None)."""
+        def read_then_lock():  # everything that can refuse the run is read before the lock is taken
+            checkpoints = hu.read_run_checkpoints(self.files, self.c, self.rewind_at)
+            self.hold_run_lock()
+            return checkpoints
+
+        state = du.decided_by_primary(read_then_lock, self.ctx.is_primary)
+        if self.ctx.is_primary:
+            if state is not None and state["note"]:
+                self.say(state["note"])
+            for stale in hu.remove_stale_temporaries(self.files.root):
+                self.say(f"removed {stale}, left by an interrupted write")
+        if state is None:  # the directory exists but no epoch finished: start over in it
+            self.say(f"no checkpoint in {self.files.root} yet: starting the run from the beginning")
+            self.start_fresh()
+            return 0, None
+        last = state["last"]
+        if self.ctx.is_primary:
+            for name, log in self.files.logs().items():
+                log.truncate(last["csv_rows"][name])
+        self.init_state = {"model": state["init"]["model"]}
+        if "rewind" in state:
+            self.rewind_state = {k: state["rewind"][k] for k in ("model", "optimizer", "schedule")}
+        self.level_start_state = state.get("level_start")
+        self.new_optimizer()
+        checkpointing.restore(last, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
+                              scaler=self.scaler, keep_masks=False, rng=True, callbacks=self.callbacks)
+        self.level_stats = dict(last["level_stats"])
+        self.check_masks_in_sync(mask_layers.get_masks(self.model))
+        self.say(hu.resume_message(self.files.root, last))
+        if last["phase"] == "level_done":
+            return last["level"] + 1, None
+        if last["phase"] == "mid_epoch":
+            self.resume_partial_epoch = dict(last["partial_epoch"], sums=training.share_of_partial_sums(
+                last["partial_epoch"]["sums"], self.ctx.rank, self.ctx.world_size))
+        return last["level"], last["next_epoch"]
+
+    # --------------------------------------------------------- stability analysis
+    def train_second_copy(self, start: Dict[str, Any], level: int) -> Dict[str, torch.Tensor]:
+        """Train a second copy of a level from its start state ``start`` (snapshot, epoch,
+        batches_done) with another data order; -> its final weights.  The first copy's state,
+        the RNG states and every rank's model are as they were before."""
+        first, rng = checkpointing.training_snapshot(self.model, self.optimizer, self.schedule), hu.rng_state()
+        checkpointing.restore(start, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
+                              keep_masks=False)
+        step = self.training_step(self.callbacks)
+        essential = [cb for cb in self.callbacks if getattr(cb, "in_every_training", False)]
+        epoch, done = start["epoch"], start["batches_done"]
+        while epoch < self.c["training.epochs"]:
+            state = training.EpochState(epoch=epoch, total_batches=len(self.train_loader), lr_at_start=self.schedule.lr,
+                                        level=level, batches_done=done)
+            batches = self.train_loader.batches(STABILITY_EPOCH_OFFSET + epoch, start_batch=done)
+            training.train_epoch(step, batches, state, essential, device=self.ctx.device)
+            epoch, done = epoch + 1, 0
+        du.broadcast_buffers_(self.model, exclude=mask_layers.mask_buffer_names(self.model))
+        second = checkpointing.model_state(self.model)
+        checkpointing.restore(first, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
+                              keep_masks=False)
+        hu.set_rng_state(rng)
+        return second
