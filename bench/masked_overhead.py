@@ -27,6 +27,12 @@ Whole-step ratios came out between 0.94 and 1.13 across runs; an A/A control (tw
 identical dense copies, 12 interleaved rounds, 1 thread) differs by up to 3% in wall
 median, and the minimum CPU times of dense and masked steps agree within 1%: the spread
 is the machine's load, not the masking.
+
+apply_masks_ became one ``torch._foreach_mul_`` over all masked weights with cached masks in the
+weight dtype (was: ``weight.mul_(bool_mask)`` layer by layer, kept as ``apply_masks_per_layer_``
+and timed beside it).  Same machine, load average 4-10, ``--quick --threads 1``: ResNet-20
+apply 0.51 ms fused vs 0.92 ms per layer (before the change: 0.75 ms), ResNet-18 21 ms vs 96 ms
+(before: 53 ms); whole-step ratios 0.97 / 1.46 wall, 1.07 / 1.02 CPU time (noise, see above).
 """
 from __future__ import annotations
 
