@@ -27,6 +27,8 @@ bench: setup
 	$(PY) bench/masked_overhead.py --quick
 	$(PY) bench/pruning_speed.py --quick
 	$(PY) bench/checkpoint_cost.py
+	$(PY) bench/train_throughput.py --quick
+	$(PY) bench/runs_per_gpu.py --quick
 
 clean-demo:
 	rm -rf runs/quickstart

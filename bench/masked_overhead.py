@@ -27,6 +27,12 @@ Whole-step ratios came out between 0.94 and 1.13 across runs; an A/A control (tw
 identical dense copies, 12 interleaved rounds, 1 thread) differs by up to 3% in wall
 median, and the minimum CPU times of dense and masked steps agree within 1%: the spread
 is the machine's load, not the masking.
+
+apply_masks_ became one ``torch._foreach_mul_`` over all masked weights with cached masks in the
+weight dtype (was: ``weight.mul_(bool_mask)`` layer by layer, kept as ``apply_masks_per_layer_``
+and timed beside it).  Same machine, load average 4-10, ``--quick --threads 1``: ResNet-20
+apply 0.51 ms fused vs 0.92 ms per layer (before the change: 0.75 ms), ResNet-18 21 ms vs 96 ms
+(before: 53 ms); whole-step ratios 0.97 / 1.46 wall, 1.07 / 1.02 CPU time (noise, see above).
 """
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from utils.mask_layers import apply_masks_, get_masks, overall_density, prepare_model, set_masks  # noqa: E402
+from utils.mask_layers import (apply_masks_, apply_masks_per_layer_, get_masks, overall_density,  # noqa: E402
+                               prepare_model, set_masks)
 from utils.models import get_model  # noqa: E402
 
 DENSITY = 0.2  # fraction of prunable weights kept
@@ -115,7 +122,7 @@ def measure(case: Case, device: torch.device, repeats: int, warmup: int) -> dict
     labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
     times = {False: [], True: []}
     cpu_times = {False: [], True: []}
-    apply_times = []
+    apply_times, per_layer_times = [], []
     for round_index in range(warmup + repeats):
         order = (dense, masked) if round_index % 2 == 0 else (masked, dense)
         for trainee in order:
@@ -125,15 +132,19 @@ def measure(case: Case, device: torch.device, repeats: int, warmup: int) -> dict
                 cpu_times[trainee.masked].append(elapsed_cpu)
         # apply_masks_ alone, timed separately: what the masked step adds to the dense one.
         elapsed, _ = timed(lambda: apply_masks_(masked.model), device)
+        # the layer-by-layer loop it replaced (weight.mul_(bool mask) per layer), for comparison
+        elapsed_per_layer, _ = timed(lambda: apply_masks_per_layer_(masked.model), device)
         if round_index >= warmup:
             apply_times.append(elapsed)
+            per_layer_times.append(elapsed_per_layer)
     for _, layer in masked.model.named_modules():  # the masks held: pruned weights are zero
         if hasattr(layer, "mask"):
             assert bool((layer.weight[~layer.mask] == 0).all())
     dense_ms, masked_ms = statistics.median(times[False]), statistics.median(times[True])
     return {"model": f"{case.model}@{case.image_size}px", "device": device.type, "batch": batch,
             "dense_ms": dense_ms, "masked_ms": masked_ms, "ratio": masked_ms / dense_ms,
-            "apply_ms": statistics.median(apply_times), "density": overall_density(masked.model),
+            "apply_ms": statistics.median(apply_times), "per_layer_ms": statistics.median(per_layer_times),
+            "density": overall_density(masked.model),
             # the same ratio in process CPU time; meaningless on CUDA (the host mostly waits)
             "cpu_ratio": (statistics.median(cpu_times[True]) / statistics.median(cpu_times[False])
                           if device.type == "cpu" else float("nan"))}
@@ -161,7 +172,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores, "
           f"load average {load:.1f} (above ~0 the machine is shared: expect noise), "
           f"{args.repeats} timed rounds after {args.warmup} warm-up, density {DENSITY}")
-    header = f"{'model':<16} {'device':<6} {'batch':>5} {'dense ms':>9} {'masked ms':>9} {'ratio':>6} {'cpu ratio':>9} {'apply ms':>8}"
+    header = f"{'model':<16} {'device':<6} {'batch':>5} {'dense ms':>9} {'masked ms':>9} {'ratio':>6} {'cpu ratio':>9} {'apply ms':>8} {'per-layer ms':>12}"
     print(header)
     print("-" * len(header))
     worst = 0.0
@@ -174,9 +185,10 @@ def main(argv=None) -> int:
             worst = max(worst, row["ratio"])
             print(f"{row['model']:<16} {row['device']:<6} {row['batch']:>5} {row['dense_ms']:>9.1f} "
                   f"{row['masked_ms']:>9.1f} {row['ratio']:>6.3f} {row['cpu_ratio']:>9.3f} "
-                  f"{row['apply_ms']:>8.2f}", flush=True)
+                  f"{row['apply_ms']:>8.2f} {row['per_layer_ms']:>12.2f}", flush=True)
     print(f"worst ratio {worst:.3f} (target <= 1.05).  ratio = median masked / median dense; "
-          f"cpu ratio = the same in process CPU time; apply ms = apply_masks_ alone")
+          f"cpu ratio = the same in process CPU time; apply ms = apply_masks_ alone "
+          f"(one torch._foreach_mul_); per-layer ms = the per-layer loop it replaced")
     return 0
 
 

@@ -266,3 +266,86 @@ def test_save_and_load_masks_round_trip(tmp_path):
     torch.save([1, 2], tmp_path / "bad.pt")
     with pytest.raises(MaskError):
         load_masks(tmp_path / "bad.pt")
+
+
+# ----- fused apply_masks_ (torch._foreach_mul_ with cached weight-dtype masks) -----
+from utils.mask_layers import apply_masks_per_layer_  # noqa: E402
+
+
+def _noisy_copy_pair(masks_seed: int = 0):
+    """Two identical masked ResNet-20s with random masks and all weights nonzero again."""
+    torch.manual_seed(0)
+    model = prepare_model(get_model("resnet20", num_classes=10))
+    set_masks(model, random_masks(model, 0.3, seed=masks_seed))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)      # ~no weight is exactly zero: pruned ones are 1.0 now
+    twin = prepare_model(get_model("resnet20", num_classes=10))
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def _assert_zero_exactly_where_pruned(model):
+    for name, layer in model.named_modules():
+        if isinstance(layer, MaskedLayer):
+            assert bool((layer.weight[~layer.mask] == 0).all()), name
+            assert bool((layer.weight[layer.mask] != 0).all()), name   # nothing alive was zeroed
+
+
+def test_fused_apply_equals_per_layer_and_zeroes_exactly_the_pruned_weights():
+    model, twin = _noisy_copy_pair()
+    apply_masks_(model)
+    apply_masks_per_layer_(twin)
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), name
+    _assert_zero_exactly_where_pruned(model)
+
+
+def _dirty(model):
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, MaskedLayer):
+                layer.weight.add_(1.0)
+
+
+def test_fused_apply_follows_set_masks_and_in_place_mask_edits():
+    model, _ = _noisy_copy_pair()
+    apply_masks_(model)                        # fills the cache with the first masks
+    new_masks = random_masks(model, 0.1, seed=7)
+    set_masks(model, new_masks)
+    _dirty(model)
+    apply_masks_(model)
+    _assert_zero_exactly_where_pruned(model)
+    assert get_masks(model)["fc"].equal(new_masks["fc"])
+    # an in-place edit of one mask (not through set_masks) is seen too
+    layer = model.fc
+    with torch.no_grad():
+        layer.mask[0].fill_(False)
+    _dirty(model)
+    apply_masks_(model)
+    assert bool((layer.weight[0] == 0).all())
+    _assert_zero_exactly_where_pruned(model)
+
+
+def test_fused_apply_follows_load_state_dict_and_device_moves():
+    model, _ = _noisy_copy_pair(masks_seed=0)
+    apply_masks_(model)
+    other, _ = _noisy_copy_pair(masks_seed=3)
+    apply_masks_(other)
+    model.load_state_dict(other.state_dict())          # masks copied in place (version bumps)
+    _dirty(model)
+    apply_masks_(model)
+    _assert_zero_exactly_where_pruned(model)
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        if name.endswith(".mask"):
+            assert torch.equal(a, b), name
+    # assign=True replaces the mask tensors; .to() replaces buffers: new identities
+    model.load_state_dict(_noisy_copy_pair(masks_seed=5)[0].state_dict(), assign=True)
+    _dirty(model)
+    apply_masks_(model)
+    _assert_zero_exactly_where_pruned(model)
+    model.to(torch.float64)
+    _dirty(model)
+    apply_masks_(model)
+    assert model.fc.weight.dtype == torch.float64
+    _assert_zero_exactly_where_pruned(model)

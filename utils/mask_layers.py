@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import weakref
 from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
@@ -112,12 +113,58 @@ def mask_buffer_names(model: nn.Module) -> List[str]:
     return [f"{name}.mask" for name, _ in masked_layers(model)]
 
 
+# layer -> (mask tensor, its version counter, its data pointer, the weight's dtype, the mask as
+# that dtype).  Weak keys: a layer that is garbage collected takes its entry with it; nothing is
+# stored on the model itself, so deepcopy / pickle / state_dict never see the cache.
+_weight_dtype_masks: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _mask_as_weight_dtype(layer: MaskedLayer) -> torch.Tensor:
+    """``layer.mask`` in the weight's dtype, cached until the mask changes.
+
+    The cache entry is valid while the mask is the same tensor object (``.to(device)`` and
+    ``load_state_dict(assign=True)`` replace it), at the same storage, with the same version
+    counter (every in-place write bumps it: ``set_masks``' ``copy_``, ``load_state_dict``'s
+    in-place copy, ``mask[...] = ...``) and the weight's dtype is unchanged.  A write that
+    bypasses the version counter (through ``.numpy()`` or ``.data``) is not seen: change masks
+    with ``set_masks`` or in-place tensor ops.
+    """
+    mask, weight = layer.mask, layer.weight
+    try:
+        version = mask._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: do not cache
+        return mask.to(weight.dtype)
+    key = (version, mask.data_ptr(), weight.dtype)
+    entry = _weight_dtype_masks.get(layer)
+    if entry is not None and entry[0] is mask and entry[1] == key:
+        return entry[2]
+    converted = mask.to(weight.dtype)
+    _weight_dtype_masks[layer] = (mask, key, converted)
+    return converted
+
+
 @torch.no_grad()
 def apply_masks_(model: nn.Module) -> None:
     """Zero every pruned weight.  Call after each optimizer step and after changing masks.
 
-    ``weight.mul_(bool_mask)`` works in place without materialising a float copy of the mask.
+    One fused call: ``torch._foreach_mul_`` over all masked weights with the masks cast to
+    the weights' dtype (cached, see ``_mask_as_weight_dtype``).  On CUDA, tensors of one
+    dtype and device take the multi-tensor-apply path (a few kernel launches for the whole
+    model instead of one per layer); mixed dtypes or devices fall back to a per-tensor loop
+    inside torch, still correct.  The list of layers is walked every call (microseconds), so
+    layers added or replaced since the last call are never missed.
     """
+    weights, masks = [], []
+    for _, layer in masked_layers(model):
+        weights.append(layer.weight)
+        masks.append(_mask_as_weight_dtype(layer))
+    if weights:
+        torch._foreach_mul_(weights, masks)
+
+
+@torch.no_grad()
+def apply_masks_per_layer_(model: nn.Module) -> None:
+    """The reference: ``weight.mul_(bool_mask)`` layer by layer (what ``apply_masks_`` fuses)."""
     for _, layer in masked_layers(model):
         layer.weight.mul_(layer.mask)
 
