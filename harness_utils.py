@@ -427,6 +427,8 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
         raise UserError(f"prune.exclude={c['prune.exclude']}: {error}") from None
     if c["prune.training_type"] == "at_init":
         densities = [c["prune.target_density"]]
+    elif c["prune.masks_from"] and c["prune.levels"] is None and c["prune.target_density"] is None:
+        densities = [1.0]  # a control: its source's densities replace these (harness_setup.check_inputs)
     else:
         densities = pruning_utils.iterative_densities(c["prune.rate"], levels=c["prune.levels"],
                                                       target_density=c["prune.target_density"])
