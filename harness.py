@@ -26,6 +26,7 @@ from utils import checkpointing, mask_layers, trackers, training
 from utils import distributed_utils as du
 from utils.errors import MaskSyncError
 from utils.run_control import Preempted, StopFlag
+from utils.tta import FlipTTA
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run stopped on request; its checkpoint is intact
 EXIT_USER_ERROR = 2   # bad input, refused before anything is written (harness_params uses the same)
@@ -153,7 +154,8 @@ class Experiment(ExperimentBase):
         BatchNorm statistics (the checkpointed ones) on every rank."""
         model = self.model
         du.broadcast_buffers_(model, exclude=mask_layers.mask_buffer_names(model))
-        loss_sum, correct, count = training.evaluate(model, self.test_loader.batches(0), device=self.ctx.device,
+        evaluated = FlipTTA(model) if self.c["training.flip_tta"] else model
+        loss_sum, correct, count = training.evaluate(evaluated, self.test_loader.batches(0), device=self.ctx.device,
                                                      autocast_dtype=self.autocast_dtype, reduce=du.all_reduce_sum)
         if count != self.test_loader.num_samples:
             raise RuntimeError(f"evaluation saw {int(count)} examples, the test set has {self.test_loader.num_samples}")

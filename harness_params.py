@@ -202,6 +202,7 @@ def declare_sections() -> Config:
     Section("model", "Network").params(
         name=P(NameOrImport(model_names()), "Registry name of the network (utils/models.py), or package.module:factory "
                "(called with num_classes=, and in_channels=, image_size= when it takes them)", required=True),
+        blurpool=P(StrictBool(), "Anti-aliasing blur before every strided convolution (BlurPool, as ffcv-imagenet)", default=False),
     )
     Section("dataset", "Data (FFCV .beton files)").params(
         name=P(Choice(sorted(DATASETS)), "Dataset; fixes resolution, channels, classes, mean/std", required=True),
@@ -240,6 +241,7 @@ def declare_sections() -> Config:
         device=P(Choice(["auto", "cpu", "cuda"]), "auto = cuda:LOCAL_RANK when present, else cpu", default="auto"),
         grad_clip=P(StrictFloat(0), "Clip the gradient norm of the alive weights (and unpruned parameters) to this (0 = off)", default=0.0),
         progress=P(StrictBool(), "Progress bar on rank 0", default=True),
+        flip_tta=P(StrictBool(), "Evaluate on each test image and its mirror image, logits averaged (test-time flip)", default=False),
         bn_l1=P(StrictFloat(0), "Network slimming: L1 penalty on BatchNorm scales (lambda; 0 = off)", default=0.0),
     )
     Section("prune", "Pruning between levels").params(
@@ -269,6 +271,12 @@ def declare_sections() -> Config:
                            "resetting) instead of rewind_epoch; 0 = off", default=0),
         layer_rates=P(LayerRates(), "Per-layer rates for allocation uniform: \"pattern=rate\" items, the first "
                       "matching pattern wins, other layers use prune.rate; level L keeps (1-rate)^L of each layer", default=[]),
+    )
+    Section("resolution", "Progressive resizing of training images (ImageNet; ffcv-imagenet's ramp)").params(
+        start_res=P(StrictInt(0), "Training resolution up to start_epoch (0 = off: dataset.resolution throughout)", default=0),
+        end_res=P(StrictInt(0), "Training resolution from end_epoch on", default=0),
+        start_epoch=P(StrictInt(0), "Epoch at which the ramp starts", default=0),
+        end_epoch=P(StrictInt(0), "Epoch at which the ramp ends (linear in between, multiples of 32)", default=0),
     )
     Section("analysis", "Analyses run beside training").params(
         stability=P(StrictBool(), "At every level train a second copy with another data order and measure the error "
@@ -449,8 +457,29 @@ def check_cross_fields(c: Dict[str, Any]) -> None:
     if c["schedule.warmup_epochs"] >= epochs:
         _fail(f"schedule.warmup_epochs={c['schedule.warmup_epochs']} must be less than training.epochs={epochs}")
     check_structure_fields(c)
+    check_speed_fields(c)
     if c["schedule.name"] == "triangular" and c["schedule.peak_epoch"] > epochs:
         _fail(f"schedule.peak_epoch={c['schedule.peak_epoch']} must be within training.epochs={epochs}")
+
+
+FLIP_VARIANT_DATASETS = ("digits", "mnist", "fashionmnist", "svhn")  # a mirrored digit is another digit (or none)
+
+
+def check_speed_fields(c: Dict[str, Any]) -> None:
+    """Test-time flip and progressive resizing (DESIGN.md section 12)."""
+    if c["training.flip_tta"] and c["dataset.name"] in FLIP_VARIANT_DATASETS:
+        _fail(f"training.flip_tta=true does not suit dataset.name={c['dataset.name']}: its labels change under a "
+              f"mirror flip; use it for {', '.join(sorted(set(DATASETS) - set(FLIP_VARIANT_DATASETS)))}")
+    start, end = c["resolution.start_res"], c["resolution.end_res"]
+    if start or end:
+        if not (start and end):
+            _fail(f"resolution.start_res={start} and resolution.end_res={end}: give both (or neither)")
+        if c["dataset.name"] != "imagenet":
+            _fail(f"progressive resizing (resolution.start_res) needs resized crops: dataset.name=imagenet, "
+                  f"not {c['dataset.name']}")
+        if not c["resolution.start_epoch"] <= c["resolution.end_epoch"] <= c["training.epochs"]:
+            _fail(f"resolution.start_epoch={c['resolution.start_epoch']} <= resolution.end_epoch="
+                  f"{c['resolution.end_epoch']} <= training.epochs={c['training.epochs']} does not hold")
 
 
 # Channel pruning (DESIGN.md section 10; utils/structured.py) supports these scores and allocations.

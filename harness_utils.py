@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 import harness_params
 from utils import checkpointing, mask_layers, pruning_utils, run_lock, stability, structured
 from utils import distributed_utils as du
+from utils.blurpool import add_blurpool_
 from utils.callbacks import Callback, LevelInfo
 from utils.dataset import DataError, get_dataset_spec, make_loader, validate_beton
 from utils.models import ModelError, get_model
@@ -421,6 +422,8 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
         raise UserError(f"model.name={c['model.name']} does not fit dataset.name={c['dataset.name']} "
                         f"({spec.channels}x{train_resolution}x{train_resolution} inputs, "
                         f"{spec.num_classes} classes): {error}") from None
+    if c["model.blurpool"]:  # before the masks: the blurred convolutions stay prunable layers
+        add_blurpool_(model)
     try:
         mask_layers.prepare_model(model, exclude=c["prune.exclude"])
     except mask_layers.MaskError as error:

@@ -184,3 +184,26 @@ def test_tensorboard_tracker_writes_event_files_next_to_the_csvs(tmp_path, digit
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
     assert any("test_acc" in tag for tag in tags)
+
+
+# ------------------------------------------------------------------- ImageNet recipe keys
+def test_blurpool_runs_through_the_harness_and_flip_tta_is_refused_for_digits(tmp_path, digits):
+    config = write_config(tmp_path / "c.yaml", digits_config(digits, tmp_path / "runs", "blur", **{
+        "model.name": "resnet20", "model.blurpool": True, "training.epochs": 1, "prune.levels": 2}))
+    code, _, err = run_in_process(config)
+    assert code == 0, err
+    state = torch.load(tmp_path / "runs" / "blur" / "checkpoints" / "last.pt", weights_only=True)
+    masks = _masks(tmp_path / "runs" / "blur", 1)
+    assert masks.keys() == {k[:-len(".mask")] for k in state["model"] if k.endswith(".mask")}
+    import harness_params
+    from utils.blurpool import blurred_layer_names
+    from utils.distributed_utils import DistributedContext
+
+    experiment = harness.Experiment(harness_params.load_config(["--config", str(config)]), DistributedContext())
+    experiment.check_inputs()
+    blurred = blurred_layer_names(experiment.model)
+    assert blurred and set(blurred) <= set(masks), "strided convolutions blurred, and still pruned"
+    refused = write_config(tmp_path / "r.yaml", digits_config(digits, tmp_path / "runs", "tta", **{
+        "training.flip_tta": True}))
+    code, _, err = run_in_process(refused)
+    assert code == harness.EXIT_USER_ERROR and "training.flip_tta=true does not suit dataset.name=digits" in err
