@@ -15,15 +15,21 @@ What is here (see ../shared/DESIGN.md sections 4 and 7):
 
   - ``'ffcv'``: ffcv 1.0.2's ``Loader`` (numba-compiled decoding and augmentation).  Our
     order is plugged in as a custom ``TraversalOrder``; ffcv's own distributed sampler is
-    not used (``distributed=False``; every rank passes its own shard of the order).
+    not used (``distributed=False``; every rank passes its own shard of the order).  The
+    training augmentations are our own ffcv operations (``utils/ffcv_augment.py``).
   - ``'torch'``: no ffcv, no numba.  The file is parsed here (``BetonFile``), images are
-    decoded with numpy / OpenCV, augmented with torch ops whose random numbers depend
-    only on ``(seed, epoch, sample index)``.  For debugging and fast tests; evaluation
-    batches are bit-identical to the ffcv back-end's for raw and gray storage.
+    decoded with numpy / OpenCV and augmented with torch ops.  For debugging and fast tests.
+  - ``'memory'`` (``utils/memory_loader.py``): small fixed-size datasets decoded once into
+    one uint8 tensor on the device; batches by tensor ops there.
+
+  Every back-end draws its augmentation numbers from ``utils/augment.py`` as a function of
+  ``(seed, epoch, sample index)`` only, so for raw-stored (and gray) images all three give
+  bit-identical batches, training and evaluation (on the same device).
 
 * ``inspect_beton`` / ``validate_beton``: read a ``.beton`` without ffcv and say what is
   in it, or refuse it for a dataset with one-line ``DataError`` messages (missing,
-  truncated or garbage file, images of the wrong size or channels, labels out of range).
+  truncated or garbage file, images of the wrong size or channels, labels out of range,
+  written for another dataset or changed since, per its write record ``NAME.beton.json``).
 
 The ``.beton`` layout (ffcv/types.py, format version 2; all little-endian):
 header (version u2, num_fields u2, page_size u4, num_samples u8, alloc_table_ptr u8) |
@@ -632,6 +638,10 @@ class BetonLoader:
     def __len__(self) -> int:
         return self._length
 
+    @classmethod
+    def check_spec(cls, spec: DatasetSpec) -> None:
+        """DataError when this back-end cannot serve ``spec`` (before the file is read)."""
+
     def order(self, epoch: int, start_batch: int = 0) -> np.ndarray:
         """The sample indices this rank reads in ``epoch`` (see ``epoch_order``)."""
         return epoch_order(self.num_samples, seed=self.seed, epoch=epoch, rank=self.rank,
@@ -669,8 +679,10 @@ class FFCVBetonLoader(BetonLoader):
     get the object it uses, so the instance here is callable and returns itself bound to
     that loader.  ffcv asks ``sample_order(loader.next_epoch)`` at construction (epoch 0:
     ``len(loader)`` comes from that first order) and at every ``iter()``, after which it
-    increments ``next_epoch``; ``batches`` sets ``next_epoch`` and the pending
-    ``start_batch`` just before ``iter()``.  Orders are uint64 like ffcv's own.
+    increments ``next_epoch``; ``batches`` sets ``next_epoch``, the pending
+    ``start_batch`` and the epoch of ``_augment_state`` (read by the compiled augmentation
+    operations) just before ``iter()``, after stopping any earlier epoch iterator of this
+    loader.  Orders are uint64 like ffcv's own.
     """
 
     backend = "ffcv"
@@ -943,6 +955,7 @@ def make_loader(path, spec: DatasetSpec, *, train: bool, batch_size: int, num_wo
     ``backend_options``: ffcv back-end ``os_cache`` (default True) and ``batches_ahead``.
     """
     loader_class = get_loader_backend(backend)
+    loader_class.check_spec(spec)
     beton = BetonFile(path)
     _validate(beton, spec, None)
     _check_record(beton, spec, verify_checksum=False)     # the harness hashes once, in validate_beton

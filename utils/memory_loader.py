@@ -75,6 +75,10 @@ class MemoryBetonLoader(BetonLoader):
 
     backend = "memory"
 
+    @classmethod
+    def check_spec(cls, spec: DatasetSpec) -> None:
+        check_memory_loader_spec(spec)
+
     def __init__(self, beton: BetonFile, spec: DatasetSpec, **kwargs):
         check_memory_loader_spec(spec)
         super().__init__(beton, spec, **kwargs)
