@@ -51,9 +51,10 @@ def test_jitted_uniforms_equal_the_vectorized_ones():
         expected = A.augment_uniforms(seed, epoch, indices, 41)
         state = AugmentState(seed)
         state.set_epoch(epoch)
-        key = _epoch_key_from(state.address)          # read through the address, as the ops do
+        key = np.uint64(_epoch_key_from(state.address))      # read through the address, as the ops do
         assert key == A.epoch_key(seed, epoch)
-        got = np.array([[_uniform_at(_sample_base(key, i), j) for j in range(41)] for i in indices])
+        # (numba hands uint64 results to Python as int: wrap them again before passing them back)
+        got = np.array([[_uniform_at(np.uint64(_sample_base(key, i)), j) for j in range(41)] for i in indices])
         np.testing.assert_array_equal(got, expected)
         assert 0 <= expected.min() and expected.max() < 1 and len(np.unique(expected)) == expected.size
 

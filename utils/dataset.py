@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -761,10 +763,22 @@ class FFCVBetonLoader(BetonLoader):
         return ops
 
     def _stop(self, iterator) -> None:
-        """Close an epoch iterator and wait for its prefetch thread, so that it no longer
-        reads ``_augment_state`` when the next epoch sets it."""
+        """Close an epoch iterator and let its prefetch thread end.
+
+        Its queued batches are dropped: nobody reads them (so the thread reading the next
+        epoch in ``_augment_state`` would not matter either).  ffcv 1.0.2's thread sees the
+        close only when a put into its full queue times out (0.5 s), and at the end of its
+        order it puts its end marker with no timeout: with a full queue it would wait
+        forever, holding its batch buffers.  So: wait a little, drop what is queued, repeat."""
         iterator.close()
-        iterator.join(timeout=60)
+        deadline = time.monotonic() + 10
+        while iterator.is_alive() and time.monotonic() < deadline:
+            iterator.join(timeout=0.6)
+            try:
+                while True:
+                    iterator.output_queue.get_nowait()
+            except queue.Empty:
+                pass
         if self._live is iterator:
             self._live = None
 
@@ -794,7 +808,6 @@ class FFCVBetonLoader(BetonLoader):
         """ffcv's ``EpochIterator.__next__`` (None at the end) that does not wait forever
         when the prefetch thread died: ffcv 1.0.2 prints the thread's exception and leaves
         the consumer blocked on the queue."""
-        import queue
         while True:
             try:
                 item = iterator.output_queue.get(timeout=1.0)
