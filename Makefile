@@ -27,6 +27,7 @@ bench: setup
 	$(PY) bench/masked_overhead.py --quick
 	$(PY) bench/pruning_speed.py --quick
 	$(PY) bench/checkpoint_cost.py
+	$(PY) bench/loader_throughput.py --backend ffcv torch memory
 
 clean-demo:
 	rm -rf runs/quickstart

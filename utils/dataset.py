@@ -940,15 +940,17 @@ class TorchBetonLoader(BetonLoader):
             yield self._finish(images, torch.from_numpy(self._labels[indices]))
 
 
-# "memory" lives in utils/memory_loader.py (it imports this module): imported on first use.
-LOADER_BACKENDS: Dict[str, Optional[type]] = {"ffcv": FFCVBetonLoader, "torch": TorchBetonLoader, "memory": None}
+# A class, or "module:Class" for back-ends in modules that import this one (imported on first use).
+LOADER_BACKENDS: Dict[str, Any] = {"ffcv": FFCVBetonLoader, "torch": TorchBetonLoader,
+                                   "memory": "utils.memory_loader:MemoryBetonLoader"}
 
 
 def get_loader_backend(name: str) -> type:
     backend = _lookup(LOADER_BACKENDS, "loader back-end", name)
-    if backend is None and name == "memory":
-        from utils.memory_loader import MemoryBetonLoader
-        backend = LOADER_BACKENDS[name] = MemoryBetonLoader
+    if isinstance(backend, str):
+        import importlib
+        module, attribute = backend.split(":")
+        backend = LOADER_BACKENDS[name] = getattr(importlib.import_module(module), attribute)
     return backend
 
 
