@@ -29,6 +29,7 @@ bench: setup
 	$(PY) bench/checkpoint_cost.py
 	$(PY) bench/train_throughput.py --quick
 	$(PY) bench/runs_per_gpu.py --quick
+	$(PY) bench/loader_throughput.py --backend ffcv torch memory
 
 clean-demo:
 	rm -rf runs/quickstart

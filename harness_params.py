@@ -210,7 +210,7 @@ def declare_sections() -> Config:
         test_path=P(StrictStr(), "Evaluation .beton file", required=True),
         batch_size=P(StrictInt(1), "GLOBAL batch size: each of W processes takes batch_size / W", default=128),
         num_workers=P(StrictInt(0), "Loader worker threads per process", default=4),
-        loader=P(Choice(["ffcv", "torch"]), "ffcv (fast) or torch (no JIT; debugging)", default="ffcv"),
+        loader=P(Choice(["ffcv", "torch", "memory"]), "ffcv (fast), torch (no JIT; debugging) or memory (small datasets in device memory)", default="ffcv"),
         resolution=P(StrictInt(0), "Training image size; 0 = the dataset's own (ImageNet: RandomResizedCrop size)", default=0),
         eval_resolution=P(StrictInt(0), "Evaluation image size; 0 = the dataset's own (ImageNet: center crop, ratio 224/256)", default=0),
     )

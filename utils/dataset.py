@@ -15,15 +15,21 @@ What is here (see ../shared/DESIGN.md sections 4 and 7):
 
   - ``'ffcv'``: ffcv 1.0.2's ``Loader`` (numba-compiled decoding and augmentation).  Our
     order is plugged in as a custom ``TraversalOrder``; ffcv's own distributed sampler is
-    not used (``distributed=False``; every rank passes its own shard of the order).
+    not used (``distributed=False``; every rank passes its own shard of the order).  The
+    training augmentations are our own ffcv operations (``utils/ffcv_augment.py``).
   - ``'torch'``: no ffcv, no numba.  The file is parsed here (``BetonFile``), images are
-    decoded with numpy / OpenCV, augmented with torch ops whose random numbers depend
-    only on ``(seed, epoch, sample index)``.  For debugging and fast tests; evaluation
-    batches are bit-identical to the ffcv back-end's for raw and gray storage.
+    decoded with numpy / OpenCV and augmented with torch ops.  For debugging and fast tests.
+  - ``'memory'`` (``utils/memory_loader.py``): small fixed-size datasets decoded once into
+    one uint8 tensor on the device; batches by tensor ops there.
+
+  Every back-end draws its augmentation numbers from ``utils/augment.py`` as a function of
+  ``(seed, epoch, sample index)`` only, so for raw-stored (and gray) images all three give
+  bit-identical batches, training and evaluation (on the same device).
 
 * ``inspect_beton`` / ``validate_beton``: read a ``.beton`` without ffcv and say what is
   in it, or refuse it for a dataset with one-line ``DataError`` messages (missing,
-  truncated or garbage file, images of the wrong size or channels, labels out of range).
+  truncated or garbage file, images of the wrong size or channels, labels out of range,
+  written for another dataset or changed since, per its write record ``NAME.beton.json``).
 
 The ``.beton`` layout (ffcv/types.py, format version 2; all little-endian):
 header (version u2, num_fields u2, page_size u4, num_samples u8, alloc_table_ptr u8) |
@@ -41,12 +47,17 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from utils.augment import (EVAL_CROP_RATIO, FLIP_UNIFORM, RRC_FLIP_UNIFORM, RRC_RATIO, RRC_SCALE, RRC_UNIFORMS,
+                           TRANSLATE_UNIFORMS, augment_uniforms, center_crop_box, default_random_crop_box)
 
 
 class DataError(ValueError):
@@ -121,9 +132,6 @@ AUGMENTATIONS: Dict[str, AugmentPolicy] = {
     "none": AugmentPolicy(resized_crop=False, horizontal_flip=False, translate_padding=0),
 }
 
-EVAL_CROP_RATIO = 224 / 256      # ImageNet evaluation: center crop side / short side
-RRC_SCALE = (0.08, 1.0)          # torchvision / ffcv RandomResizedCrop defaults
-RRC_RATIO = (3 / 4, 4 / 3)
 
 
 def get_augment_policy(name: str) -> AugmentPolicy:
@@ -484,16 +492,106 @@ def _validate(beton: BetonFile, spec: DatasetSpec, num_classes: Optional[int]) -
     return summary
 
 
-def validate_beton(path, spec: DatasetSpec, num_classes: Optional[int] = None) -> dict:
+# -- the write record: what utils/write_beton.py wrote, next to the file
+RECORD_SUFFIX = ".json"
+RECORD_FORMAT = "beton-write-record/1"
+CHECKSUM_AUTO_LIMIT = 1 << 30     # verify_checksum=None hashes files up to this size (CIFAR train: 0.16 GB)
+
+
+def record_path(path) -> str:
+    """``NAME.beton`` -> ``NAME.beton.json``: where the write record of a .beton lives."""
+    return os.fspath(path) + RECORD_SUFFIX
+
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_record(path, spec: DatasetSpec, split: str) -> dict:
+    """The write record of a validated .beton (see ``write_beton``): dataset, split, sample
+    count, classes, image shape (None: varying), storage, size and SHA-256 of the file."""
+    summary = inspect_beton(path)
+    shape = summary["image_shape"]
+    return {"format": RECORD_FORMAT, "dataset": spec.name, "split": split,
+            "num_samples": summary["num_samples"], "num_classes": spec.num_classes,
+            "image_shape": None if shape is None else list(shape), "storage": spec.storage,
+            "file_size": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def read_record(path) -> Optional[dict]:
+    """The write record of ``path`` (a .beton), None when there is none; DataError when it
+    exists but is not a record."""
+    import json
+    where = record_path(path)
+    if not os.path.exists(where):
+        return None
+    try:
+        with open(where) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{where}: unreadable write record ({type(error).__name__}: {_one_line(error)}); "
+                        f"rewrite the .beton with utils/write_beton.py or delete this file") from None
+    keys = ("format", "dataset", "split", "num_samples", "num_classes", "file_size", "sha256")
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or any(k not in record for k in keys):
+        raise DataError(f"{where}: not a write record of utils/write_beton.py (expected format {RECORD_FORMAT!r} "
+                        f"with keys {', '.join(keys)}); rewrite the .beton or delete this file")
+    return record
+
+
+def _check_record(beton: BetonFile, spec: DatasetSpec, verify_checksum: Optional[bool]) -> Tuple[Optional[dict],
+                                                                                                Optional[str]]:
+    """(record, note): refuse a file whose record names another dataset or no longer
+    describes it; a file without a record gets a note instead."""
+    where = beton.path
+    record = read_record(where)
+    if record is None:
+        return None, (f"{where}: no write record ({os.path.basename(record_path(where))}), so the dataset it was "
+                      f"written for is not checked (only image size, channels and label range); "
+                      f"utils/write_beton.py writes one")
+    if record["dataset"] != spec.name or record["num_classes"] != spec.num_classes:
+        raise DataError(f"{where}: written for {record['dataset']} ({record['split']} split, {record['num_classes']} "
+                        f"classes; see {os.path.basename(record_path(where))}), not for {spec.name} "
+                        f"({spec.num_classes} classes): pass the {spec.name} file")
+    stale = []
+    if record["num_samples"] != beton.num_samples:
+        stale.append(f"{beton.num_samples} samples, the record says {record['num_samples']}")
+    if record["file_size"] != beton.file_size:
+        stale.append(f"{beton.file_size} bytes, the record says {record['file_size']}")
+    if not stale and (verify_checksum or (verify_checksum is None and beton.file_size <= CHECKSUM_AUTO_LIMIT)):
+        if file_sha256(where) != record["sha256"]:
+            stale.append("its SHA-256 differs from the record's")
+    if stale:
+        raise DataError(f"{where}: does not match its write record {os.path.basename(record_path(where))} "
+                        f"({'; '.join(stale)}): changed since it was written; rewrite it with "
+                        f"utils/write_beton.py or delete the record")
+    return record, None
+
+
+def validate_beton(path, spec: DatasetSpec, num_classes: Optional[int] = None, *,
+                   verify_checksum: Optional[bool] = None) -> dict:
     """``inspect_beton`` + refuse a file that does not fit ``spec`` (one-line DataError).
 
     Checks: the file exists and parses as a .beton (header, tables, every image pointer in
     the allocation table, raw sizes consistent); fields ``image`` (the kind the spec's
     storage uses) and ``label`` (int); channels; for datasets used at their stored size,
     every image is ``resolution x resolution``; labels in ``0 .. num_classes - 1``
-    (``num_classes`` defaults to the spec's).
+    (``num_classes`` defaults to the spec's).  Then the write record ``PATH.json`` (written
+    by utils/write_beton.py): a file written for another dataset is refused, and so is one
+    that no longer matches its record (sample count, size, and the SHA-256 of the content
+    when ``verify_checksum``; None: only for files up to 1 GiB).
+
+    The summary gains ``record`` (the record, None without one) and ``note`` (one line to
+    print for a file without a record, else None).
     """
-    return _validate(BetonFile(path), spec, num_classes)
+    beton = BetonFile(path)
+    summary = _validate(beton, spec, num_classes)
+    summary["record"], summary["note"] = _check_record(beton, spec, verify_checksum)
+    return summary
 
 
 # --------------------------------------------------------------------------- loaders
@@ -542,6 +640,10 @@ class BetonLoader:
     def __len__(self) -> int:
         return self._length
 
+    @classmethod
+    def check_spec(cls, spec: DatasetSpec) -> None:
+        """DataError when this back-end cannot serve ``spec`` (before the file is read)."""
+
     def order(self, epoch: int, start_batch: int = 0) -> np.ndarray:
         """The sample indices this rank reads in ``epoch`` (see ``epoch_order``)."""
         return epoch_order(self.num_samples, seed=self.seed, epoch=epoch, rank=self.rank,
@@ -579,8 +681,10 @@ class FFCVBetonLoader(BetonLoader):
     get the object it uses, so the instance here is callable and returns itself bound to
     that loader.  ffcv asks ``sample_order(loader.next_epoch)`` at construction (epoch 0:
     ``len(loader)`` comes from that first order) and at every ``iter()``, after which it
-    increments ``next_epoch``; ``batches`` sets ``next_epoch`` and the pending
-    ``start_batch`` just before ``iter()``.  Orders are uint64 like ffcv's own.
+    increments ``next_epoch``; ``batches`` sets ``next_epoch``, the pending
+    ``start_batch`` and the epoch of ``_augment_state`` (read by the compiled augmentation
+    operations) just before ``iter()``, after stopping any earlier epoch iterator of this
+    loader.  Orders are uint64 like ffcv's own.
     """
 
     backend = "ffcv"
@@ -610,6 +714,9 @@ class FFCVBetonLoader(BetonLoader):
                 return owner.order(int(epoch), owner._pending_start_batch).astype(np.uint64)
 
         self._pending_start_batch = 0
+        self._live = None                        # the running ffcv EpochIterator, if any
+        from utils.ffcv_augment import AugmentState
+        self._augment_state = AugmentState(self.seed)
         image_ops = self._image_decoding(beton)
         # ToTorchImage(channels_last=True) is a free permuted view; _finish makes the
         # requested memory format while converting to float (one copy instead of two).
@@ -636,93 +743,109 @@ class FFCVBetonLoader(BetonLoader):
         return limit if num_workers < 1 else min(int(num_workers), limit)
 
     def _image_decoding(self, beton: BetonFile) -> list:
-        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, NDArrayDecoder,
-                                          RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder)
-        from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
-        policy, train = self.policy, self.train
+        """Decoder and augmentation operations; training ones are seeded by (seed, epoch,
+        sample index) through ``self._augment_state`` (utils/ffcv_augment.py)."""
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, NDArrayDecoder, SimpleRGBImageDecoder
+        from utils import ffcv_augment as fa
+        policy, train, state = self.policy, self.train, self._augment_state
         if beton.fields[IMAGE_FIELD].kind == "ndarray":
             ops = [NDArrayDecoder()]
         elif policy.resized_crop:
             size = (self.output_resolution, self.output_resolution)
-            ops = [RandomResizedCropRGBImageDecoder(size, scale=RRC_SCALE, ratio=RRC_RATIO) if train
+            ops = [fa.SeededRandomResizedCropDecoder(state, size, scale=RRC_SCALE, ratio=RRC_RATIO) if train
                    else CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_RATIO)]
         else:
             ops = [SimpleRGBImageDecoder()]
         if train and policy.horizontal_flip:
-            ops.append(RandomHorizontalFlip())
+            ops.append(fa.SeededHorizontalFlip(state, RRC_FLIP_UNIFORM if policy.resized_crop else FLIP_UNIFORM))
         if train and policy.translate_padding:
-            ops.append(RandomTranslate(padding=policy.translate_padding, fill=(0,) * self.spec.channels))
+            ops.append(fa.SeededTranslate(state, policy.translate_padding, TRANSLATE_UNIFORMS))
         return ops
+
+    def _stop(self, iterator) -> None:
+        """Close an epoch iterator and let its prefetch thread end.
+
+        Its queued batches are dropped: nobody reads them (so the thread reading the next
+        epoch in ``_augment_state`` would not matter either).  ffcv 1.0.2's thread sees the
+        close only when a put into its full queue times out (0.5 s), and at the end of its
+        order it puts its end marker with no timeout: with a full queue it would wait
+        forever, holding its batch buffers.  So: wait a little, drop what is queued, repeat."""
+        iterator.close()
+        deadline = time.monotonic() + 10
+        while iterator.is_alive() and time.monotonic() < deadline:
+            iterator.join(timeout=0.6)
+            try:
+                while True:
+                    iterator.output_queue.get_nowait()
+            except queue.Empty:
+                pass
+        if self._live is iterator:
+            self._live = None
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         if start_batch >= len(self):
             return
+        if self._live is not None:           # an unfinished generator of an earlier call
+            self._stop(self._live)
         torch_threads = torch.get_num_threads()
         self._pending_start_batch = start_batch
         self._loader.next_epoch = epoch
-        iterator = iter(self._loader)
+        self._augment_state.set_epoch(epoch)
+        iterator = self._live = iter(self._loader)
         self._pending_start_batch = 0
         torch.set_num_threads(torch_threads)
         try:
-            for images, labels in iterator:
-                yield self._finish(images, labels)
+            while True:
+                batch = self._next(iterator)
+                if batch is None:
+                    return
+                yield self._finish(*batch)
         finally:
-            iterator.close()  # stops ffcv's prefetch thread when the caller breaks early
+            self._stop(iterator)   # stops ffcv's prefetch thread when the caller breaks early
+
+    @staticmethod
+    def _next(iterator):
+        """ffcv's ``EpochIterator.__next__`` (None at the end) that does not wait forever
+        when the prefetch thread died: ffcv 1.0.2 prints the thread's exception and leaves
+        the consumer blocked on the queue."""
+        while True:
+            try:
+                item = iterator.output_queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not iterator.is_alive() and iterator.output_queue.empty():
+                    raise DataError("ffcv's loader thread stopped with an error (its traceback is printed above)") \
+                        from None
+        if item is None:
+            return None
+        slot, result = item
+        if getattr(iterator, "cuda_streams", [None])[slot] is not None:
+            iterator.current_stream.wait_stream(iterator.cuda_streams[slot])   # as ffcv's __next__
+        return result
 
 
 # -- torch back-end
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer on a uint64 array (wrapping arithmetic)."""
-    z = x + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def augment_uniforms(seed: int, epoch: int, sample_indices: np.ndarray, count: int) -> np.ndarray:
-    """(B, count) float64 uniforms in [0, 1), a pure function of (seed, epoch, sample index):
-    the torch back-end's augmentations do not depend on the rank, the world size, the
-    batch a sample lands in or ``start_batch``."""
-    with np.errstate(over="ignore"):
-        key = _splitmix64(np.array([seed], dtype=np.uint64))
-        key = _splitmix64(key ^ np.array([epoch], dtype=np.uint64))
-        base = _splitmix64(key ^ np.asarray(sample_indices, dtype=np.uint64))
-        counters = base[:, None] + np.arange(1, count + 1, dtype=np.uint64)[None, :] * _GOLDEN
-        bits = _splitmix64(counters)
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def _random_crop_box(height: int, width: int, u: np.ndarray) -> Tuple[int, int, int, int]:
-    """ffcv's get_random_crop (torchvision's RandomResizedCrop.get_params) driven by the
-    40 uniforms ``u``: 10 tries of (scale, log ratio, row, column), then a fallback."""
-    area = height * width
-    log_ratio = np.log(RRC_RATIO)
-    for t in range(10):
-        target_area = area * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * u[4 * t])
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[4 * t + 1])
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            i = int(u[4 * t + 2] * (height - h + 1))
-            j = int(u[4 * t + 3] * (width - w + 1))
-            return i, j, h, w
-    in_ratio = width / height
-    if in_ratio < min(RRC_RATIO):
-        w, h = width, int(round(width / min(RRC_RATIO)))
-    elif in_ratio > max(RRC_RATIO):
-        h, w = height, int(round(height * max(RRC_RATIO)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def _center_crop_box(height: int, width: int) -> Tuple[int, int, int, int]:
-    """ffcv's get_center_crop."""
-    side = int(EVAL_CROP_RATIO * min(height, width))
-    return (height - side) // 2, (width - side) // 2, side, side
+def flip_translate(batch: torch.Tensor, uniforms: torch.Tensor, *, flip: bool, padding: int) -> torch.Tensor:
+    """Flip, then translate, a uint8 (B, H, W, C) batch with the uniforms of its samples
+    ((B, >= 3) float64 from ``augment_uniforms``, on the batch's device): a flip where
+    ``u0 < 0.5``; a shift by ``floor(u * (2 * padding + 1)) - padding`` rows (u1) and columns
+    (u2) with zero fill.  Batched tensor ops only (no host synchronisation on a GPU); the
+    torch and memory back-ends share it."""
+    if flip:
+        flipped = (uniforms[:, FLIP_UNIFORM] < 0.5).view(-1, 1, 1, 1)
+        batch = torch.where(flipped, batch.flip(2), batch)
+    if padding:
+        n, height, width, channels = batch.shape
+        padded = batch.new_zeros((n, height + 2 * padding, width + 2 * padding, channels))
+        padded[:, padding:padding + height, padding:padding + width] = batch
+        span = 2 * padding + 1
+        dy = (uniforms[:, TRANSLATE_UNIFORMS[0]] * span).to(torch.int64)
+        dx = (uniforms[:, TRANSLATE_UNIFORMS[1]] * span).to(torch.int64)
+        device = batch.device
+        rows = dy[:, None] + torch.arange(height, device=device)          # (B, H)
+        cols = dx[:, None] + torch.arange(width, device=device)           # (B, W)
+        batch = padded[torch.arange(n, device=device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return batch
 
 
 class TorchBetonLoader(BetonLoader):
@@ -786,41 +909,28 @@ class TorchBetonLoader(BetonLoader):
         policy, train = self.policy, self.train
         if policy.resized_crop:
             res = self.output_resolution
-            uniforms = augment_uniforms(self.seed, epoch, indices, 41) if train else None
+            uniforms = augment_uniforms(self.seed, epoch, indices, RRC_UNIFORMS + 1) if train else None
 
             def crop(k: int) -> np.ndarray:
                 import cv2
                 image = self._image(int(indices[k]))
                 height, width = image.shape[:2]
-                i, j, h, w = (_random_crop_box(height, width, uniforms[k]) if train
-                              else _center_crop_box(height, width))
+                i, j, h, w = (default_random_crop_box(height, width, uniforms[k]) if train
+                              else center_crop_box(height, width))
                 out = cv2.resize(np.ascontiguousarray(image[i:i + h, j:j + w]), (res, res),
                                  interpolation=cv2.INTER_AREA)
                 return out.reshape(res, res, image.shape[2])
 
             batch = torch.from_numpy(np.stack(self._map(crop, range(len(indices)))))
             if train and policy.horizontal_flip:
-                flip = torch.from_numpy(uniforms[:, 40] < 0.5)
+                flip = torch.from_numpy(uniforms[:, RRC_FLIP_UNIFORM] < 0.5)
                 batch[flip] = batch[flip].flip(2)
             return batch
         batch = torch.from_numpy(self._images_at(indices))
         if not train or not (policy.horizontal_flip or policy.translate_padding):
             return batch
-        uniforms = augment_uniforms(self.seed, epoch, indices, 3)
-        if policy.horizontal_flip:
-            flip = torch.from_numpy(uniforms[:, 0] < 0.5)
-            batch[flip] = batch[flip].flip(2)
-        pad = policy.translate_padding
-        if pad:
-            n, height, width, channels = batch.shape
-            padded = torch.zeros((n, height + 2 * pad, width + 2 * pad, channels), dtype=batch.dtype)
-            padded[:, pad:pad + height, pad:pad + width] = batch
-            dy = torch.from_numpy((uniforms[:, 1] * (2 * pad + 1)).astype(np.int64))
-            dx = torch.from_numpy((uniforms[:, 2] * (2 * pad + 1)).astype(np.int64))
-            rows = dy[:, None] + torch.arange(height)          # (B, H)
-            cols = dx[:, None] + torch.arange(width)           # (B, W)
-            batch = padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-        return batch
+        uniforms = torch.from_numpy(augment_uniforms(self.seed, epoch, indices, 3))
+        return flip_translate(batch, uniforms, flip=policy.horizontal_flip, padding=policy.translate_padding)
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         order = self.order(epoch, start_batch)
@@ -830,11 +940,18 @@ class TorchBetonLoader(BetonLoader):
             yield self._finish(images, torch.from_numpy(self._labels[indices]))
 
 
-LOADER_BACKENDS: Dict[str, type] = {"ffcv": FFCVBetonLoader, "torch": TorchBetonLoader}
+# A class, or "module:Class" for back-ends in modules that import this one (imported on first use).
+LOADER_BACKENDS: Dict[str, Any] = {"ffcv": FFCVBetonLoader, "torch": TorchBetonLoader,
+                                   "memory": "utils.memory_loader:MemoryBetonLoader"}
 
 
 def get_loader_backend(name: str) -> type:
-    return _lookup(LOADER_BACKENDS, "loader back-end", name)
+    backend = _lookup(LOADER_BACKENDS, "loader back-end", name)
+    if isinstance(backend, str):
+        import importlib
+        module, attribute = backend.split(":")
+        backend = LOADER_BACKENDS[name] = getattr(importlib.import_module(module), attribute)
+    return backend
 
 
 def make_loader(path, spec: DatasetSpec, *, train: bool, batch_size: int, num_workers: int, device,
@@ -853,8 +970,10 @@ def make_loader(path, spec: DatasetSpec, *, train: bool, batch_size: int, num_wo
     ``backend_options``: ffcv back-end ``os_cache`` (default True) and ``batches_ahead``.
     """
     loader_class = get_loader_backend(backend)
+    loader_class.check_spec(spec)
     beton = BetonFile(path)
     _validate(beton, spec, None)
+    _check_record(beton, spec, verify_checksum=False)     # the harness hashes once, in validate_beton
     policy = get_augment_policy(spec.train_augment)
     if resolution is not None:
         resolution = _check_int("resolution", resolution, 1)

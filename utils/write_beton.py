@@ -36,7 +36,12 @@ cifar100, svhn, mnist, fashionmnist); tests never use it.
 Every problem with the input (missing root or files, wrong shapes) is a one-line
 DataError; the CLI prints it and exits with status 2.  Each ``.beton`` is written to a
 temporary name in ``OUT``, validated with ``utils.dataset.validate_beton`` and renamed
-when complete, so a reader never sees half a file.  ffcv's writer forks worker processes
+when complete, so a reader never sees half a file.  Next to each file goes its write
+record ``NAME.beton.json`` (dataset, split, sample count, classes, image shape, storage,
+file size, SHA-256; written atomically after the rename): ``validate_beton`` refuses a file
+whose record names another dataset.  A sidecar, because the .beton format has no free-form
+header (its header is five fixed numbers, every field is per sample, and ffcv's Reader takes
+every byte after the allocation table for allocation entries).  ffcv's writer forks worker processes
 and waits for them without noticing when one dies (it would spin forever); a watchdog
 here turns a worker's exception into a DataError and stops the remaining workers.
 """
@@ -59,7 +64,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from utils.dataset import (IMAGE_FIELD, LABEL_FIELD, DataError, DatasetSpec, get_augment_policy, get_dataset_spec,
-                           get_storage, validate_beton)
+                           get_storage, make_record, record_path, validate_beton)
 
 Split = Tuple["ImageSource", "ImageSource"]     # (train, test)
 
@@ -435,7 +440,7 @@ def _check_source(source: ImageSource, spec: DatasetSpec, what: str) -> None:
                             f"0..{spec.num_classes - 1}")
 
 
-def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, num_workers: int,
+def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, split: str, num_workers: int,
                page_size: Optional[int], field_options: dict) -> Path:
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
@@ -478,12 +483,37 @@ def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, num_worker
                 shared.unlink()
             raise DataError(f"{path.name}: {failure.message()}")
         validate_beton(temporary, spec)
+        record = make_record(temporary, spec, split)
+        # Old record out first: a crash in between leaves a .beton without a record (a note
+        # at validation), never a record describing another file.
+        stale = Path(record_path(path))
+        if stale.exists():
+            stale.unlink()
         os.replace(temporary, path)
+        write_record(path, record)
         return path
     finally:
         stop.set()
         if temporary.exists():
             temporary.unlink()
+
+
+def write_record(path: Path, record: dict) -> Path:
+    """``PATH.json`` written atomically (temporary file, fsync, rename)."""
+    import json
+    target = Path(record_path(path))
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return target
 
 
 def write_dataset(name: str, root, out_dir, *, download: bool = False, max_resolution: Optional[int] = None,
@@ -534,8 +564,9 @@ def write_dataset(name: str, root, out_dir, *, download: bool = False, max_resol
     _check_source(train, spec, f"{name} train")
     _check_source(test, spec, f"{name} test")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for source, path in zip((train, test), outputs):
-        _write_one(source, path, spec, num_workers=workers, page_size=page_size, field_options=field_options)
+    for split, source, path in zip(("train", "test"), (train, test), outputs):
+        _write_one(source, path, spec, split=split, num_workers=workers, page_size=page_size,
+                   field_options=field_options)
     return outputs
 
 

@@ -1,0 +1,105 @@
+"""The write record (``NAME.beton.json``) that utils/write_beton.py puts next to each file,
+and validate_beton's use of it: a file written for another dataset is refused (CIFAR-10
+labels 0..9 fit CIFAR-100's range, so the file checks alone pass it), a file changed
+since it was written is refused, a file without a record gets a one-line note."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.test_data import write_cifar10_tree
+from utils import write_beton as wb
+from utils.dataset import DataError, file_sha256, get_dataset_spec, make_loader, record_path, validate_beton
+
+CIFAR10 = get_dataset_spec("cifar10")
+CIFAR100 = get_dataset_spec("cifar100")
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar_raw")
+    write_cifar10_tree(root, per_batch=4, test=6, seed=2)
+    out = tmp_path_factory.mktemp("cifar_beton")
+    with pytest.warns(UserWarning, match="MD5"):
+        train, test = wb.write_dataset("cifar10", root, out, num_workers=1)
+    return dict(root=root, out=out, train=train, test=test)
+
+
+def copy_of(cifar, tmp_path, split="train", record=True):
+    path = tmp_path / f"copy_{split}.beton"
+    shutil.copyfile(cifar[split], path)
+    if record:
+        shutil.copyfile(record_path(cifar[split]), record_path(path))
+    return path
+
+
+def test_writer_records_what_it_wrote(cifar):
+    assert sorted(p.name for p in cifar["out"].iterdir()) == [
+        "cifar10_test.beton", "cifar10_test.beton.json", "cifar10_train.beton", "cifar10_train.beton.json"]
+    for split, count in (("train", 20), ("test", 6)):
+        path = cifar[split]
+        record = json.loads(open(record_path(path)).read())
+        assert record == {"format": "beton-write-record/1", "dataset": "cifar10", "split": split,
+                          "num_samples": count, "num_classes": 10, "image_shape": [32, 32, 3],
+                          "storage": "rgb_raw", "file_size": path.stat().st_size, "sha256": file_sha256(path)}
+        summary = validate_beton(path, CIFAR10)
+        assert summary["record"] == record and summary["note"] is None
+
+
+def test_a_file_of_another_dataset_is_refused(cifar):
+    with pytest.raises(DataError, match=r"written for cifar10 \(train split, 10 classes; see cifar10_train.beton.json"
+                                        r"\), not for cifar100 \(100 classes\)") as info:
+        validate_beton(cifar["train"], CIFAR100)
+    assert "\n" not in str(info.value) and str(cifar["train"]) in str(info.value)
+    with pytest.raises(DataError, match="written for cifar10"):
+        make_loader(cifar["train"], CIFAR100, train=True, batch_size=4, num_workers=1, device="cpu", backend="torch")
+
+
+def test_without_a_record_the_file_works_with_a_note(cifar, tmp_path):
+    path = copy_of(cifar, tmp_path, record=False)
+    summary = validate_beton(path, CIFAR100)          # what the checks of the file alone can see: it fits
+    assert summary["record"] is None
+    assert summary["note"].startswith(f"{path}: no write record (copy_train.beton.json)")
+    assert "\n" not in summary["note"]
+    make_loader(path, CIFAR10, train=True, batch_size=4, num_workers=1, device="cpu", backend="torch")
+
+
+def test_a_file_changed_after_writing_is_refused(cifar, tmp_path):
+    path = copy_of(cifar, tmp_path)
+    validate_beton(path, CIFAR10)
+    data = bytearray(path.read_bytes())
+    data[-24 * 20 - 100] ^= 0xFF                       # one pixel byte, shortly before the allocation table
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="does not match its write record.*SHA-256 differs"):
+        validate_beton(path, CIFAR10)
+    assert validate_beton(path, CIFAR10, verify_checksum=False)["record"]["dataset"] == "cifar10"
+    # the test split under the train split's record: sample count and size differ (no hashing needed)
+    shutil.copyfile(cifar["test"], path)
+    with pytest.raises(DataError, match="6 samples, the record says 20.*rewrite it with utils/write_beton.py"):
+        validate_beton(path, CIFAR10, verify_checksum=False)
+
+
+def test_a_broken_record_is_refused(cifar, tmp_path):
+    path = copy_of(cifar, tmp_path)
+    with open(record_path(path), "w") as f:
+        f.write("{not json")
+    with pytest.raises(DataError, match="copy_train.beton.json: unreadable write record"):
+        validate_beton(path, CIFAR10)
+    with open(record_path(path), "w") as f:
+        json.dump({"dataset": "cifar10"}, f)
+    with pytest.raises(DataError, match="not a write record of utils/write_beton.py"):
+        validate_beton(path, CIFAR10)
+
+
+def test_rewriting_replaces_the_record_and_leaves_no_temporary_files(cifar, tmp_path):
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="MD5"):
+        train, _ = wb.write_dataset("cifar10", cifar["root"], out, num_workers=1)
+    with open(record_path(train), "w") as f:
+        json.dump({"stale": True}, f)
+    with pytest.warns(UserWarning, match="MD5"):
+        wb.write_dataset("cifar10", cifar["root"], out, num_workers=1)
+    assert validate_beton(train, CIFAR10)["record"]["split"] == "train"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
