@@ -126,6 +126,7 @@ class Experiment(ExperimentBase):
         """Train one epoch and evaluate; -> its epochs.csv row.  ``partial``: resume the epoch
         after ``partial['batches_done']`` batches, with this rank's partial sums, the LR the
         epoch began with and the time spent so far (what a mid-epoch checkpoint holds)."""
+        self.prepare_epoch(epoch)
         state = training.EpochState(epoch=epoch, total_batches=len(self.train_loader), lr_at_start=self.schedule.lr,
                                     level=level, sums=torch.zeros(3, device=self.ctx.device, dtype=torch.float64))
         if partial is not None:

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 import harness_utils as hu
-from utils import checkpointing, controls, mask_layers, pruning_utils, rewind, run_lock, structured, training
+from utils import checkpointing, controls, mask_layers, progressive, pruning_utils, rewind, run_lock, structured, training
 from utils import distributed_utils as du
 from utils.callbacks import Callbacks, LevelInfo
 from utils.early_bird import EarlyBird
@@ -51,6 +51,8 @@ class ExperimentBase:
         inputs = hu.check_inputs(c, self.ctx.world_size, self.ctx.device)
         self.spec, self.model, self.densities = inputs.spec, inputs.model, inputs.densities
         self.train_resolution, self.eval_resolution = inputs.train_resolution, inputs.eval_resolution
+        for note in inputs.notes:  # e.g. a .beton written by another tool: no record to check it against
+            self.say(note)
         try:
             if c["prune.masks_from"]:
                 self.source = controls.read_source(c["prune.masks_from"], c, self.model)
@@ -124,6 +126,23 @@ class ExperimentBase:
     def new_optimizer(self) -> None:
         self.optimizer, self.schedule = hu.build_optimizer_and_schedule(self.c, self.model.parameters(),
                                                                         len(self.train_loader))
+
+    def prepare_epoch(self, epoch: int) -> None:
+        """Progressive resizing: give the training loader epoch ``epoch``'s resolution (a function of
+        the epoch only, so resumed runs train at the same sizes).  The torch and memory loaders read
+        it per batch; an ffcv loader is rebuilt (its crop decoder is compiled for one size)."""
+        c = self.c
+        if not c["resolution.start_res"]:
+            return
+        res = progressive.resolution_for_epoch(epoch, start_res=c["resolution.start_res"], end_res=c["resolution.end_res"],
+                                               start_epoch=c["resolution.start_epoch"], end_epoch=c["resolution.end_epoch"])
+        if res == self.train_loader.output_resolution:
+            return
+        if c["dataset.loader"] == "ffcv":
+            self.train_loader = hu.make_data_loader(c, self.spec, self.ctx.device, train=True, resolution=res,
+                                                    rank=self.ctx.rank, world_size=self.ctx.world_size)
+        else:
+            self.train_loader.output_resolution = res
 
     def training_step(self, callbacks) -> training.TrainingStep:
         return training.TrainingStep(
@@ -277,6 +296,7 @@ class ExperimentBase:
         essential = [cb for cb in self.callbacks if getattr(cb, "in_every_training", False)]
         epoch, done = start["epoch"], start["batches_done"]
         while epoch < self.c["training.epochs"]:
+            self.prepare_epoch(epoch)
             state = training.EpochState(epoch=epoch, total_batches=len(self.train_loader), lr_at_start=self.schedule.lr,
                                         level=level, batches_done=done)
             batches = self.train_loader.batches(STABILITY_EPOCH_OFFSET + epoch, start_batch=done)

@@ -394,6 +394,7 @@ class Inputs:
     eval_resolution: int
     model: torch.nn.Module
     densities: List[float]
+    notes: List[str]
 
 
 def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> Inputs:
@@ -410,11 +411,14 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
         raise UserError(str(error)) from None
     train_resolution = c["dataset.resolution"] or spec.resolution
     eval_resolution = c["dataset.eval_resolution"] or train_resolution
+    notes = []
     for key in ("dataset.train_path", "dataset.test_path"):
         try:
-            validate_beton(c[key], spec)
+            summary = validate_beton(c[key], spec)
         except DataError as error:
             raise UserError(f"{key}: {error}") from None
+        if summary.get("note"):
+            notes.append(f"note: {key}: {summary['note']}")
     try:
         model = get_model(c["model.name"], num_classes=spec.num_classes, in_channels=spec.channels,
                           image_size=train_resolution)
@@ -435,7 +439,7 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
     else:
         densities = pruning_utils.iterative_densities(c["prune.rate"], levels=c["prune.levels"],
                                                       target_density=c["prune.target_density"])
-    return Inputs(spec, train_resolution, eval_resolution, model, densities)
+    return Inputs(spec, train_resolution, eval_resolution, model, densities, notes)
 
 
 def make_data_loader(c: Dict[str, Any], spec: Any, device: torch.device, *, train: bool, resolution: int,

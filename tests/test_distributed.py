@@ -355,8 +355,10 @@ def test_metrics_cover_the_whole_test_set_once(one_and_two_processes):
         for row in epochs.itertuples():
             _assert_count(row.test_acc, DIGITS_TEST_SIZE, "test_acc")
             _assert_count(row.train_acc, TRAIN_IMAGES_PER_EPOCH, "train_acc")
-            # images/s = (images of the epoch, all ranks) / epoch time: 1408, not 704 per rank.
-            assert row.images_per_s * row.epoch_time_s == pytest.approx(TRAIN_IMAGES_PER_EPOCH, rel=1e-3)
+            # images/s counts the images of all ranks (1408 per epoch, not 704 per rank), in steady
+            # state: the epoch's first step (loader start, DDP's first bucketing) is left out, so it
+            # is at least the whole epoch's average rate (issue 9 changed the definition).
+            assert row.images_per_s >= 0.9 * TRAIN_IMAGES_PER_EPOCH / row.epoch_time_s
     # A loss over one rank's half, or a sum of per-rank means, would not equal the 1-process loss.
     assert (epochs_1.test_loss - epochs_2.test_loss).abs().max() <= LOSS_TOLERANCE
     levels_1, levels_2 = pd.read_csv(root_1 / "levels.csv"), pd.read_csv(root_2 / "levels.csv")

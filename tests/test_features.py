@@ -207,3 +207,37 @@ def test_blurpool_runs_through_the_harness_and_flip_tta_is_refused_for_digits(tm
         "training.flip_tta": True}))
     code, _, err = run_in_process(refused)
     assert code == harness.EXIT_USER_ERROR and "training.flip_tta=true does not suit dataset.name=digits" in err
+
+
+def test_progressive_resizing_gives_each_epoch_its_resolution(tmp_path, monkeypatch):
+    """A tiny ImageFolder tree written as an ImageNet .beton; the ramp 32 -> 64 px over epochs 0..2
+    (multiples of 32, ties to even: 32, 64, 64), read by the torch loader per batch."""
+    import numpy as np
+    from PIL import Image
+
+    from utils import write_beton as wb
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for name in ("n01", "n02"):
+            (tmp_path / "raw" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(48, 56, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "raw" / split / name / f"{i}.png")
+    train, test = wb.write_dataset("imagenet", tmp_path / "raw", tmp_path / "data", num_workers=1, max_resolution=64)
+    tree = digits_config(tmp_path, tmp_path / "runs", "ramp", **{
+        "model.name": "resnet18", "dataset.name": "imagenet", "dataset.train_path": str(train),
+        "dataset.test_path": str(test), "dataset.batch_size": 4, "training.epochs": 3, "prune.levels": 1,
+        "resolution.start_res": 32, "resolution.end_res": 64, "resolution.start_epoch": 0, "resolution.end_epoch": 2})
+    config = write_config(tmp_path / "c.yaml", tree)
+    seen = []
+    original = harness.Experiment.prepare_epoch
+
+    def spy(self, epoch):
+        original(self, epoch)
+        seen.append((epoch, self.train_loader.output_resolution))
+
+    monkeypatch.setattr(harness.Experiment, "prepare_epoch", spy)
+    code, _, err = run_in_process(config)
+    assert code == 0, err
+    assert seen == [(0, 32), (1, 64), (2, 64)]
