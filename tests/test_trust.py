@@ -260,3 +260,38 @@ def test_an_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     assert code == 0, err
     assert f"note: checkpoint {last} cannot be read" in out and "resuming from" in out and "previous.pt" in out
     assert_same_results(tmp_path / "runs" / "ref", root)
+
+
+# ------------------------------------------------------------------ reproducible ffcv augmentation
+@pytest.fixture(scope="module")
+def cifar_files(tmp_path_factory):
+    """A small CIFAR-10-format .beton pair written by the real writer (raw storage: flips and
+    translations are the augmentations)."""
+    from tests.test_data import write_cifar10_tree
+    from utils import write_beton as wb
+
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10_tree(root / "src", per_batch=32, test=40)
+    return wb.write_dataset("cifar10", root / "src", root / "data", num_workers=1)
+
+
+def test_ffcv_runs_with_augmentation_repeat_and_resume_exactly(tmp_path, cifar_files):
+    import subprocess
+
+    from tests.helpers import run_harness
+
+    train, test = cifar_files
+    overrides = {"model.name": "conv2", "dataset.name": "cifar10", "dataset.train_path": str(train),
+                 "dataset.test_path": str(test), "dataset.batch_size": 32, "dataset.loader": "ffcv",
+                 "training.epochs": 3, "prune.levels": 1}
+    configs = {name: write_config(tmp_path / f"{name}.yaml", digits_config(tmp_path, tmp_path / "runs", name, **overrides))
+               for name in ("first", "second", "killed")}
+    for name in ("first", "second"):
+        code, _, err = run_in_process(configs[name])
+        assert code == 0, err
+    assert_same_results(tmp_path / "runs" / "first", tmp_path / "runs" / "second")
+    killed = run_harness(configs["killed"], env={"HARNESS_TEST_KILL_AT": "batch:0:2:2"}, timeout=600)
+    assert killed.returncode == -9, killed.stderr  # SIGKILL mid-epoch: back to the end of epoch 1
+    code, out, err = run_in_process(configs["killed"])
+    assert code == 0 and "resuming" in out, err
+    assert_same_results(tmp_path / "runs" / "first", tmp_path / "runs" / "killed")
