@@ -12,7 +12,8 @@ from utils.mask_layers import prepare_model, prunable_layer_names
 from utils.models import get_model
 from utils.pruning_utils import iterative_densities
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 REQUIRED = ["resnet18_lrr_imagenet", "resnet18_wr_imagenet", "resnet50_lrr_imagenet", "resnet20_imp_cifar10",
             "resnet20_wr_cifar10", "resnet20_lrr_cifar10", "vgg16_snip_cifar10", "vgg16_synflow_cifar10",
             "resnet18_erk_cifar100", "resnet18_balanced_cifar100", "lenet_300_100_imp_mnist", "quickstart",
@@ -50,7 +51,51 @@ def test_config_loads_validates_and_builds(path):
         assert densities[0] == 1.0 and len(densities) >= 2
 
 
-def test_quickstart_is_an_imp_run_of_at_least_8_levels_ending_at_or_below_20_percent():
+def test_quickstart_is_an_imp_run_of_at_least_8_levels_ending_at_or_below_5_percent():
+    """Deep enough for the demo's lottery-ticket effect (the controls fall below 5% density)."""
     c = harness_params.resolve(str(CONFIGS[[p.stem for p in CONFIGS].index("quickstart")]), {})
     densities = iterative_densities(c["prune.rate"], levels=c["prune.levels"])
-    assert c["prune.training_type"] == "imp" and len(densities) >= 8 and densities[-1] <= 0.2
+    assert c["prune.training_type"] == "imp" and len(densities) >= 8 and densities[-1] <= 0.05
+
+
+def make_recipe(target):
+    """The commands of a Makefile target, continuation lines joined, $(VAR) left as written."""
+    lines = (ROOT / "Makefile").read_text().replace("\\\n", " ").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(" ".join(line.split()))
+    return recipe
+
+
+def harness_overrides(command):
+    """--section.key=value words of a harness command (torchrun's own --flags have no dot)."""
+    words = command.split()
+    assert words[words.index("--config") + 1] == "configs/quickstart.yaml"
+    return dict(word[2:].split("=", 1) for word in words if word.startswith("--") and "=" in word
+                and word[2:].split("=", 1)[0].count(".") == 1)
+
+
+def test_make_demo_runs_imp_then_its_reinit_and_shuffle_controls_and_reports_all_three():
+    recipe = make_recipe("demo")
+    runs = [line for line in recipe if "harness.py" in line]
+    assert len(runs) == 3 and all(line.startswith("$(TORCHRUN)") for line in runs)
+    configs = [harness_params.resolve(str(ROOT / "configs" / "quickstart.yaml"), harness_overrides(line))
+               for line in runs]
+    imp, reinit, shuffle = configs
+    assert imp["prune.masks_from"] == "" and imp["prune.control"] == "none"
+    source = f"{imp['experiment.base_dir']}/{imp['experiment.name']}"
+    for control, c in (("reinit", reinit), ("shuffle", shuffle)):
+        assert c["prune.masks_from"] == source and c["prune.control"] == control
+    # reinit's "fresh" init comes from its own seed: the source's seed would rebuild the ticket's init
+    assert reinit["experiment.seed"] != imp["experiment.seed"]
+    names = [f"{c['experiment.base_dir']}/{c['experiment.name']}" for c in configs]
+    assert len(set(names)) == 3
+    report = next(line for line in recipe if "utils.report" in line)
+    assert recipe.index(report) == len(recipe) - 1
+    out_dir = report.split("--out-dir", 1)[1].split()[0]
+    assert [word for word in report.split() if word in names] == names
+    removed = make_recipe("clean-demo")[0].split()
+    assert removed[:2] == ["rm", "-rf"] and sorted(removed[2:]) == sorted(names + [out_dir])
