@@ -56,6 +56,10 @@ class ExperimentBase:
         try:
             if c["prune.masks_from"]:
                 self.source = controls.read_source(c["prune.masks_from"], c, self.model)
+                if c["prune.control"] == "reinit" and self.source.config.get("experiment.seed") == c["experiment.seed"]:
+                    raise hu.UserError(f"prune.control=reinit with experiment.seed={c['experiment.seed']}, the seed of "
+                                       f"prune.masks_from={self.source.root}: the 'fresh' initialisation would be "
+                                       f"the ticket's own; give the control another experiment.seed")
                 self.densities = self.source.planned_densities[:controls.control_levels(self.source, c["prune.levels"])]
             if c["prune.layer_rates"]:
                 self.layer_plan = pruning_utils.layer_rate_plan(self.model, c["prune.layer_rates"], c["prune.rate"],

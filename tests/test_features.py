@@ -241,3 +241,11 @@ def test_progressive_resizing_gives_each_epoch_its_resolution(tmp_path, monkeypa
     code, _, err = run_in_process(config)
     assert code == 0, err
     assert seen == [(0, 32), (1, 64), (2, 64)]
+
+
+def test_a_reinit_control_with_its_sources_seed_is_refused(tmp_path, digits, source_run):
+    config = write_config(tmp_path / "c.yaml", digits_config(digits, tmp_path / "runs", "same_seed", **{
+        "prune.levels": None, "prune.masks_from": str(source_run), "prune.control": "reinit"}))
+    code, _, err = run_in_process(config)
+    assert code == harness.EXIT_USER_ERROR and "give the control another experiment.seed" in err
+    assert not (tmp_path / "runs" / "same_seed").exists()
