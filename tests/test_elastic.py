@@ -94,7 +94,7 @@ def test_worker_crash_restart_and_preemption_give_the_uninterrupted_results(tmp_
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {root} at level 2, epoch 0, batch 10" in resumed.stdout
     assert_same_results(base / "exp", root)
-    assert {p.name for p in (root / "checkpoints").iterdir()} == {"init.pt", "last.pt", "launch_id.txt"}
+    assert {p.name for p in (root / "checkpoints").iterdir()} == {"init.pt", "last.pt", "previous.pt", "launch_id.txt"}
 
 
 def test_an_error_on_one_rank_stops_the_job_promptly_with_its_message(tmp_path, digits):

@@ -398,13 +398,20 @@ def manual_snip_scores(model, batches, train: bool):
     return {name: (layer.weight.grad * layer.weight).abs() for name, layer in masked_layers(clone)}
 
 
-def test_snip_scores_are_train_mode_gradients_summed_over_batches():
+def test_snip_scores_are_eval_mode_gradients_by_default_train_mode_on_request_summed_over_batches():
+    """Eval mode (running BatchNorm statistics) is the default, as both reference codes score;
+    snip_mode="train" scores with batch statistics (issue 9)."""
     model = resnet20()
     batches = make_batches(count=3)
-    inputs = pu.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2)
-    scores = pu.get_score_fn("snip")(inputs, all_true_masks(model))
     train_mode = manual_snip_scores(model, batches[:2], train=True)
     eval_mode = manual_snip_scores(model, batches[:2], train=False)
+    default = pu.get_score_fn("snip")(
+        pu.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2), all_true_masks(model))
+    for name in default:
+        assert torch.allclose(default[name], eval_mode[name], rtol=1e-4, atol=1e-7), name
+    inputs = pu.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2,
+                              snip_mode="train")
+    scores = pu.get_score_fn("snip")(inputs, all_true_masks(model))
     for name in scores:
         assert torch.allclose(scores[name], train_mode[name], rtol=1e-4, atol=1e-7), name
     assert any(not torch.allclose(scores[n], eval_mode[n], rtol=1e-2) for n in scores)

@@ -122,7 +122,8 @@ def assert_same_results(reference: Path, resumed: Path) -> None:
 
 
 def assert_checkpoints_bounded(root: Path, kind: str) -> None:
-    expected = {"init.pt", "last.pt"} | ({"rewind.pt"} if kind == "wr" else set())
+    # previous.pt: the checkpoint last.pt replaced, the fallback when last.pt cannot be read (issue 9)
+    expected = {"init.pt", "last.pt", "previous.pt"} | ({"rewind.pt"} if kind == "wr" else set())
     assert {p.name for p in (root / "checkpoints").iterdir()} == expected
     assert not [p for p in root.rglob("*") if p.name.endswith(hu.TEMPORARY_SUFFIX)]
 
