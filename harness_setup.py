@@ -142,9 +142,13 @@ class ExperimentBase:
                                                start_epoch=c["resolution.start_epoch"], end_epoch=c["resolution.end_epoch"])
         if res == self.train_loader.output_resolution:
             return
-        if c["dataset.loader"] == "ffcv":
-            self.train_loader = hu.make_data_loader(c, self.spec, self.ctx.device, train=True, resolution=res,
-                                                    rank=self.ctx.rank, world_size=self.ctx.world_size)
+        if c["dataset.loader"] == "ffcv":  # one loader per size, kept: every level ramps again
+            cache = self.__dict__.setdefault("_loaders_by_resolution", {})
+            cache.setdefault(self.train_loader.output_resolution, self.train_loader)
+            if res not in cache:
+                cache[res] = hu.make_data_loader(c, self.spec, self.ctx.device, train=True, resolution=res,
+                                                 rank=self.ctx.rank, world_size=self.ctx.world_size)
+            self.train_loader = cache[res]
         else:
             self.train_loader.output_resolution = res
 
