@@ -172,8 +172,8 @@ class Experiment(ExperimentBase):
         self.build_training_objects()
         self.level_stats = {"best_test_acc": 0.0, "train_time_s": 0.0}
         self.new_optimizer()
-        self.stop_requests.flag = StopFlag()
         self.callbacks += trackers.make_trackers(self.c, self.files.root, self.ctx.is_primary)
+        self.stop_requests.flag = StopFlag()
         try:
             if decision.action == "resume":
                 start_level, start_epoch = self.resume()

@@ -24,3 +24,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A test (or the harness it runs in-process) must leave SIGINT / SIGTERM as it found them:
+    a leaked handler that only sets a flag would swallow later interrupts (the .beton writer's
+    watchdog relies on one)."""
+    import signal
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    leaked = {sig: handler for sig, handler in ((s, signal.getsignal(s)) for s in before) if handler is not before[sig]}
+    for sig in leaked:
+        signal.signal(sig, before[sig])
+    if leaked:
+        pytest.fail(f"signal handlers left installed: {leaked}")

@@ -53,6 +53,7 @@ import hashlib
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import threading
 import _thread
@@ -462,6 +463,10 @@ def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, split: str
                 return
 
     thread = threading.Thread(target=watchdog, name="beton-writer-watchdog", daemon=True)
+    # The watchdog's interrupt reaches the main thread through the SIGINT handler: make sure it is one
+    # that raises (a program embedding the writer may have installed one that only sets a flag).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main else None
     try:
         try:
             thread.start()
@@ -494,6 +499,8 @@ def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, split: str
         return path
     finally:
         stop.set()
+        if in_main:
+            signal.signal(signal.SIGINT, previous_handler)
         if temporary.exists():
             temporary.unlink()
 
