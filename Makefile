@@ -34,6 +34,7 @@ bench: setup
 	$(PY) bench/masked_overhead.py --quick
 	$(PY) bench/pruning_speed.py --quick
 	$(PY) bench/checkpoint_cost.py
+	$(PY) bench/harness_epochs.py
 	$(PY) bench/train_throughput.py --quick
 	$(PY) bench/runs_per_gpu.py --quick
 	$(PY) bench/loader_throughput.py --backend ffcv torch memory
