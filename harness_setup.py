@@ -10,7 +10,7 @@ arguments.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -40,6 +40,7 @@ class ExperimentBase:
         self.resume_partial_epoch: Optional[Dict[str, Any]] = None
         self.source = self.layer_plan = self.channel_structure = self.rewind_at = None
         self.level_start_state: Optional[Dict[str, Any]] = None
+        self._loaders_by_resolution: Dict[int, Any] = {}  # progressive resizing with ffcv: one loader per size
 
     def say(self, message: str) -> None:
         if self.ctx.is_primary:
@@ -143,7 +144,7 @@ class ExperimentBase:
         if res == self.train_loader.output_resolution:
             return
         if c["dataset.loader"] == "ffcv":  # one loader per size, kept: every level ramps again
-            cache = self.__dict__.setdefault("_loaders_by_resolution", {})
+            cache = self._loaders_by_resolution
             cache.setdefault(self.train_loader.output_resolution, self.train_loader)
             if res not in cache:
                 cache[res] = hu.make_data_loader(c, self.spec, self.ctx.device, train=True, resolution=res,

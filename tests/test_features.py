@@ -12,7 +12,6 @@ import torch
 import harness
 from tests.helpers import PYTHON, ROOT, digits_config, write_config
 from tests.test_resume import assert_same_results, run_in_process
-from utils import mask_layers
 from utils.write_beton import ensure_digits
 
 

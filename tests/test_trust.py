@@ -276,8 +276,6 @@ def cifar_files(tmp_path_factory):
 
 
 def test_ffcv_runs_with_augmentation_repeat_and_resume_exactly(tmp_path, cifar_files):
-    import subprocess
-
     from tests.helpers import run_harness
 
     train, test = cifar_files

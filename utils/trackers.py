@@ -130,6 +130,17 @@ class Tracker(Callback):
         scalars["level/level"] = float(info.level)
         return {k: v for k, v in scalars.items() if v is not None}
 
+    # The hooks, the same for every tracker: ``_log(scalars, step)`` and ``close()`` are each one's own.
+    def on_epoch_logged(self, info: LevelInfo) -> None:
+        self._log(self.epoch_scalars(info), self.step_of(info))
+
+    def on_level_logged(self, info: LevelInfo) -> None:
+        step = self.step_of(LevelInfo(level=info.level, density=info.density, model=info.model, row=None))
+        self._log(self.level_scalars(info), step)
+
+    def on_run_end(self, info: LevelInfo) -> None:
+        self.close()
+
 
 class TensorBoardTracker(Tracker):
     """Event files in the experiment directory (``tensorboard --logdir runs/`` shows one run per
@@ -159,16 +170,6 @@ class TensorBoardTracker(Tracker):
             self.writer.add_scalar(tag, value, global_step=step)
         self.writer.flush()  # once per epoch: what a checkpoint covers is on disk before it
         self.next_step = max(self.next_step, step + 1)
-
-    def on_epoch_logged(self, info: LevelInfo) -> None:
-        self._log(self.epoch_scalars(info), self.step_of(info))
-
-    def on_level_logged(self, info: LevelInfo) -> None:
-        step = self.step_of(LevelInfo(level=info.level, density=info.density, model=info.model, row=None))
-        self._log(self.level_scalars(info), step)
-
-    def on_run_end(self, info: LevelInfo) -> None:
-        self.close()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -220,16 +221,6 @@ class WandbTracker(Tracker):
             return  # the resumed W&B run is past this step (W&B would drop it with a warning)
         self.run.log(scalars, step=step)
         self.next_step = max(self.next_step, step + 1)
-
-    def on_epoch_logged(self, info: LevelInfo) -> None:
-        self._log(self.epoch_scalars(info), self.step_of(info))
-
-    def on_level_logged(self, info: LevelInfo) -> None:
-        step = self.step_of(LevelInfo(level=info.level, density=info.density, model=info.model, row=None))
-        self._log(self.level_scalars(info), step)
-
-    def on_run_end(self, info: LevelInfo) -> None:
-        self.close()
 
     def close(self) -> None:
         if self.run is not None:
