@@ -630,7 +630,7 @@ def run_all(args) -> int:
                 child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
                 try:
-                    code = child.wait(timeout=budget + GRACE_S)
+                    code = child.wait(timeout=budget + args.grace_s)
                 except subprocess.TimeoutExpired:
                     os.killpg(child.pid, signal.SIGKILL)   # the section and whatever it started
                     child.wait()
@@ -641,7 +641,7 @@ def run_all(args) -> int:
             record["budget_s"], record["elapsed_s"] = budget, used
             if code is None:
                 record["status"] = "timeout"
-                record["error"] = f"killed {GRACE_S:.0f} s past its {budget:.0f} s budget; items above were measured"
+                record["error"] = f"killed {args.grace_s:.0f} s past its {budget:.0f} s budget; items above were measured"
             elif code != 0 or record.get("status") not in FINAL:
                 tail = (out / "logs" / f"{plan.name}.log").read_text(errors="replace").strip().splitlines()[-1:]
                 record["status"] = "failed"
@@ -667,6 +667,8 @@ def parse_args(argv=None):
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every section's time budget")
     parser.add_argument("--total-s", type=float, default=0.0,
                         help=f"the whole check's limit in seconds (default {TOTAL_LIMIT_S:.0f}; --tiny: none)")
+    parser.add_argument("--grace-s", type=float, default=GRACE_S,
+                        help=f"seconds past its budget before a section is killed (default {GRACE_S:.0f})")
     parser.add_argument("--smoke", action="store_true", help="--cpu --tiny --sections precision into a temp folder")
     parser.add_argument("--run-section", default=None, help=argparse.SUPPRESS)   # the child's entry
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -688,8 +690,8 @@ def parse_args(argv=None):
         return args
     if args.out is None and not args.smoke:
         parser.exit(2, "device_check: --out DIR is required (where device_check.json and .md go)\n")
-    if args.budget_scale <= 0 or args.total_s < 0:
-        parser.exit(2, "device_check: --budget-scale must be > 0 and --total-s >= 0\n")
+    if args.budget_scale <= 0 or args.total_s < 0 or args.grace_s < 0:
+        parser.exit(2, "device_check: --budget-scale must be > 0, --total-s and --grace-s >= 0\n")
     if not args.cpu:
         import torch
         if not torch.cuda.is_available():
