@@ -198,7 +198,9 @@ def write_synthetic_beton(case: Case, directory: Path, num_samples: int) -> Path
     bench/synthetic_beton.py, so it works where ffcv is not installed."""
     import synthetic_beton
     spec = get_dataset_spec(case.dataset)
-    path = directory / f"{case.dataset}_{case.image_size}_{num_samples}.beton"
+    # ImageNet cases crop what they need from the same stored images: one file for all their sizes
+    stored = SYNTHETIC_IMAGENET_SIDE if case.dataset == "imagenet" else case.image_size
+    path = directory / f"{case.dataset}_{stored}px_{num_samples}.beton"
     if path.exists():
         return path
     if case.dataset == "imagenet":
