@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -139,7 +140,9 @@ def render(out: Path) -> dict:
     lines.append("")
     for name, section in sections.items():
         elapsed = section.get("elapsed_s")
-        timing = f" ({elapsed:.0f} s of {section.get('budget_s', 0):.0f} s)" if isinstance(elapsed, (int, float)) else ""
+        timing = f" ({elapsed:.0f} s of {section.get('budget_s', 0):.0f} s" if isinstance(elapsed, (int, float)) else ""
+        if timing:
+            timing += f", CPU {section['cpu_s']:.0f} s)" if isinstance(section.get("cpu_s"), (int, float)) else ")"
         lines += [f"## {name}: {section.get('status')}{timing}", ""]
         if section.get("error"):
             lines += [f"error: `{_cell(section['error'])}`", ""]
@@ -242,7 +245,7 @@ def _synchronize(device) -> None:
 def section_throughput(rec: Recorder, ctx: Context) -> None:
     import train_throughput as tt
     if ctx.tiny:
-        cases = [tt.Case("resnet20", 32, 16), tt.Case("resnet18", 64, 8)]
+        cases = [tt.Case("resnet20", 32, 16), tt.Case("resnet18", 48, 4)]
         sizes = ["--steps", "1", "--rounds", "1", "--warmup", "1", "--loader-batches", "2"]
         compile_cases, backend, needs = cases[:1], "eager", (5, 10)
     else:
@@ -283,7 +286,7 @@ def section_throughput(rec: Recorder, ctx: Context) -> None:
 def section_masked_overhead(rec: Recorder, ctx: Context) -> None:
     import masked_overhead as mo
     if ctx.tiny:
-        cases = [mo.Case("resnet20", 32, 8, 8), mo.Case("resnet18", 64, 2, 2), mo.Case("resnet50", 64, 2, 2)]
+        cases = [mo.Case("resnet20", 32, 8, 8), mo.Case("resnet18", 40, 2, 2), mo.Case("resnet50", 40, 2, 2)]
         repeats, warmup = 1, 0
     else:
         cases = [mo.Case("resnet20", 32, 128, 128), mo.Case("resnet18", 224, 32, 256),
@@ -485,10 +488,10 @@ def short_config(config: dict, ctx: Context, data: Dict[str, tuple], name: str) 
         prune["rewind_epoch"] = 0
     if ctx.tiny:
         dataset["batch_size"] = 8
-        if spec.name == "imagenet":                 # 64 px crops instead of 160-256 px
-            dataset.update({"resolution": 64, "eval_resolution": 64})
+        if spec.name == "imagenet":                 # 32 px crops instead of 160-256 px
+            dataset.update({"resolution": 32, "eval_resolution": 32})
             if short.get("resolution", {}).get("end_epoch"):
-                short["resolution"].update({"start_res": 64, "end_res": 64})
+                short["resolution"].update({"start_res": 32, "end_res": 32})
         if prune.get("criterion") == "synflow":
             prune["synflow_iterations"] = 2
     short["experiment"] = {**short.get("experiment", {}), "name": name, "base_dir": str(ctx.work / "configs")}
@@ -507,7 +510,7 @@ def section_configs(rec: Recorder, ctx: Context) -> None:
     rec.note("each config on a synthetic .beton of its dataset's format, 1 epoch, prune.levels=1 where it sets "
              "levels (2 for Early-Bird), its epoch-valued settings (milestones, warm-up, peak, ramp, rewind epoch) scaled into that "
              "epoch, memory loader where the dataset allows it (else torch)" +
-             ("; --tiny: batch 8, 2 SynFlow rounds, ImageNet at 64 px" if ctx.tiny else "") +
+             ("; --tiny: batch 8, 2 SynFlow rounds, ImageNet at 32 px" if ctx.tiny else "") +
              ". images_per_s: from the run's epochs.csv (steady state, first batch left out).")
     for dataset in datasets:
         batch = 8 if ctx.tiny else largest_batch[dataset]
@@ -622,6 +625,7 @@ def run_all(args) -> int:
             later = RESERVE_PER_SECTION_S * (len(plans) - index - 1)
             budget = max(1.0, min(planned + banked, total - (time.time() - started) - later))
             section_started = time.time()
+            children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             command = [sys.executable, str(Path(__file__).resolve()), "--run-section", plan.name, "--out", str(out),
                        "--work", str(work), "--deadline", str(section_started + budget), "--budget-s", str(budget)]
             command += (["--cpu"] if args.cpu else []) + (["--tiny"] if args.tiny else [])
@@ -638,7 +642,12 @@ def run_all(args) -> int:
             used = time.time() - section_started
             banked = max(0.0, planned + banked - used)
             record = read_json(section_path(out, plan.name)) or {"name": plan.name, "items": [], "notes": []}
+            children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
             record["budget_s"], record["elapsed_s"] = budget, used
+            # CPU seconds of the section and all it started (waited for): a shared machine's wall
+            # time says little, this says what the section costs
+            record["cpu_s"] = (children_after.ru_utime + children_after.ru_stime
+                               - children_before.ru_utime - children_before.ru_stime)
             if code is None:
                 record["status"] = "timeout"
                 record["error"] = f"killed {args.grace_s:.0f} s past its {budget:.0f} s budget; items above were measured"
@@ -654,7 +663,8 @@ def run_all(args) -> int:
     report = render(out)
     print(f"done in {time.time() - started:.0f} s: {out / 'device_check.md'}")
     for name, section in report["sections"].items():
-        print(f"  {name:<16} {section.get('status')}")
+        print(f"  {name:<16} {section.get('status'):<12} {section.get('elapsed_s', 0):6.0f} s wall "
+              f"{section.get('cpu_s', 0):6.0f} s CPU")
     return 0
 
 
