@@ -25,7 +25,10 @@ from utils.dataset import DATASETS
 from utils.models import model_names
 from utils.pruning_utils import ALLOCATIONS, SCORES, parse_layer_rates, user_criterion
 from utils.user_code import UserCodeError, import_callable, is_import_path
+from utils.optimizers import OPTIMIZERS
+from utils.rundir import as_tree  # noqa: F401  (the config's nesting: one rule, in utils/rundir.py)
 from utils.schedulers import schedule_names
+from utils.training_types import TRAINING_TYPES, TrainingTypeError, get_training_type
 
 EXIT_CONFIG_ERROR = 2
 
@@ -215,7 +218,7 @@ def declare_sections() -> Config:
         eval_resolution=P(StrictInt(0), "Evaluation image size; 0 = the dataset's own (ImageNet: center crop, ratio 224/256)", default=0),
     )
     Section("optimizer", "Optimizer").params(
-        name=P(Choice(["sgd", "adam", "adamw"]), "Optimizer", default="sgd"),
+        name=P(Choice(list(OPTIMIZERS)), "Optimizer (utils/optimizers.py)", default="sgd"),
         lr=P(StrictFloat(0, math.inf, low_open=True), "Peak learning rate (for the global batch size)", default=0.1),
         momentum=P(StrictFloat(0, 1, high_open=True), "SGD momentum", default=0.9),
         nesterov=P(StrictBool(), "Nesterov momentum (sgd with momentum > 0)", default=False),
@@ -249,7 +252,8 @@ def declare_sections() -> Config:
                     "(channel structure only); or package.module:function taking (inputs, masks) like "
                     "utils.pruning_utils' score functions", default="magnitude"),
         allocation=P(Choice(sorted(ALLOCATIONS)), "How kept weights are shared among layers", default="global"),
-        training_type=P(Choice(["imp", "wr", "lrr", "at_init"]), "What happens between levels", default="imp"),
+        training_type=P(NameOrImport(list(TRAINING_TYPES)), "What happens between levels (utils/training_types.py), or "
+                        "package.module:Name (a TrainingType subclass)", default="imp"),
         rate=P(StrictFloat(0, 1, low_open=True, high_open=True), "Fraction of the remaining weights removed per level", default=0.2),
         levels=P(Optional_(StrictInt(1)), "Number of levels, dense level 0 included", default=None),
         target_density=P(Optional_(StrictFloat(0, 1, low_open=True)), "at_init: the density; iterative: stop at the first level at or below it", default=None),
@@ -429,23 +433,19 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
 
 def check_cross_fields(c: Dict[str, Any]) -> None:
     """Contradictions between keys that each look fine alone."""
-    kind = c["prune.training_type"]
+    check_science_fields(c)
+    kind = get_training_type(c["prune.training_type"])
     levels, target = c["prune.levels"], c["prune.target_density"]
     epochs = c["training.epochs"]
-    check_science_fields(c)
-    if kind == "at_init":
-        if target is None:
-            _fail("prune.training_type=at_init needs prune.target_density in (0, 1]")
-        if levels not in (None, 1):
-            _fail(f"prune.levels={levels} contradicts prune.training_type=at_init, which trains once (leave levels unset or 1)")
-    else:
+    refusal = kind.check(c)
+    if refusal:
+        _fail(refusal)
+    if not kind.one_shot:
         # A control (masks_from) without either trains as many levels as its source plans.
         if levels is None and target is None and not c["prune.masks_from"]:
-            _fail(f"prune.training_type={kind} needs prune.levels (>= 1) or prune.target_density (in (0, 1])")
+            _fail(f"prune.training_type={kind.name} needs prune.levels (>= 1) or prune.target_density (in (0, 1])")
         if levels is not None and target is not None:
             _fail(f"prune.levels={levels} and prune.target_density={target} both set; give one (levels, or the density to stop at)")
-    if kind == "wr" and c["prune.rewind_epoch"] >= epochs:
-        _fail(f"prune.rewind_epoch={c['prune.rewind_epoch']} must be less than training.epochs={epochs}")
     if c["optimizer.nesterov"] and (c["optimizer.name"] != "sgd" or c["optimizer.momentum"] == 0):
         _fail("optimizer.nesterov=true needs optimizer.name=sgd and optimizer.momentum > 0")
     if c["schedule.name"] == "multistep":
@@ -500,8 +500,9 @@ def check_structure_fields(c: Dict[str, Any]) -> None:
     if c["prune.early_bird"]:
         if structure != "channel":
             _fail("prune.early_bird=true needs prune.structure=channel (it compares channel masks)")
-        if c["prune.training_type"] == "at_init":
-            _fail("prune.early_bird=true contradicts prune.training_type=at_init (Early-Bird ends a dense level 0)")
+        if get_training_type(c["prune.training_type"]).one_shot:
+            _fail(f"prune.early_bird=true contradicts prune.training_type={c['prune.training_type']} (Early-Bird "
+                  f"ends a dense level 0)")
         if criterion == "random":
             _fail("prune.early_bird=true needs a trained score (magnitude or bn_gamma), not prune.criterion=random")
         if c["prune.levels"] == 1 or c["prune.target_density"] == 1.0:
@@ -514,14 +515,19 @@ def check_science_fields(c: Dict[str, Any]) -> None:
     ``utils.controls.read_source``, ``utils.rewind.rewind_point`` and
     ``utils.pruning_utils.layer_rate_plan``.
     """
-    kind = c["prune.training_type"]
+    if is_import_path(c["prune.training_type"]):
+        try:
+            get_training_type(c["prune.training_type"])
+        except TrainingTypeError as error:
+            _fail(f"prune.training_type: {error}")
+    kind = get_training_type(c["prune.training_type"])
     masks_from, control = c["prune.masks_from"], c["prune.control"]
     if control != "none" and not masks_from:
         _fail(f"prune.control={control} needs prune.masks_from (the experiment directory whose masks it controls)")
     if masks_from:
-        if kind == "at_init":
-            _fail("prune.masks_from takes the masks of every level from the source; prune.training_type=at_init "
-                  "contradicts it (use imp, wr or lrr)")
+        if kind.one_shot:
+            _fail(f"prune.masks_from takes the masks of every level from the source; prune.training_type={kind.name} "
+                  f"contradicts it (use imp, wr or lrr)")
         if c["prune.target_density"] is not None:
             _fail(f"prune.target_density={c['prune.target_density']} contradicts prune.masks_from (the source's masks "
                   f"fix the densities); give prune.levels, or neither to train all of the source's levels")
@@ -529,8 +535,8 @@ def check_science_fields(c: Dict[str, Any]) -> None:
             _fail("prune.layer_rates contradicts prune.masks_from (the source's masks fix every layer's density)")
     rewind_iteration = c["prune.rewind_iteration"]
     if rewind_iteration:
-        if kind != "wr":
-            _fail(f"prune.rewind_iteration={rewind_iteration} needs prune.training_type=wr, not {kind}")
+        if not kind.captures_rewind:
+            _fail(f"prune.rewind_iteration={rewind_iteration} needs prune.training_type=wr, not {kind.name}")
         if c["prune.rewind_epoch"]:
             _fail(f"prune.rewind_iteration={rewind_iteration} and prune.rewind_epoch={c['prune.rewind_epoch']} both "
                   f"set; give one")
@@ -538,8 +544,9 @@ def check_science_fields(c: Dict[str, Any]) -> None:
         if c["prune.allocation"] != "uniform":
             _fail(f"prune.layer_rates are per-layer densities: they need prune.allocation=uniform, not "
                   f"{c['prune.allocation']}")
-        if kind == "at_init":
-            _fail("prune.layer_rates need an iterative run (imp, wr or lrr); at_init prunes once to prune.target_density")
+        if kind.one_shot:
+            _fail(f"prune.layer_rates need an iterative run (imp, wr or lrr); {kind.name} prunes once to "
+                  f"prune.target_density")
         if c["prune.target_density"] is not None:
             _fail(f"prune.layer_rates and prune.target_density={c['prune.target_density']} both set; with per-layer "
                   f"rates give prune.levels")
@@ -599,14 +606,6 @@ def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
-
-
-def as_tree(resolved: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    tree: Dict[str, Dict[str, Any]] = {}
-    for key, value in resolved.items():
-        section, name = key.split(".", 1)
-        tree.setdefault(section, {})[name] = value
-    return tree
 
 
 _DEFAULTS: Optional[Dict[str, Any]] = None

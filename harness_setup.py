@@ -16,6 +16,9 @@ import torch
 
 import harness_utils as hu
 from utils import checkpointing, controls, mask_layers, progressive, pruning_utils, rewind, run_lock, structured, training
+from utils.callbacks import AfterBackward
+from utils.stability import StabilityAnalysis, StabilityRun
+from utils.training_types import get_training_type
 from utils import distributed_utils as du
 from utils.callbacks import Callbacks, LevelInfo
 from utils.early_bird import EarlyBird
@@ -30,6 +33,7 @@ class ExperimentBase:
     def __init__(self, config: Dict[str, Any], ctx: du.DistributedContext, use_ddp: bool = True):
         self.c = config
         self.ctx = ctx
+        self.training_type = get_training_type(config["prune.training_type"])  # what happens between levels
         self.use_ddp = use_ddp and ctx.is_distributed
         self.stop_requests = StopRequests(None, ctx)
         fault_injection = FaultInjection.from_env(ctx.rank)
@@ -86,7 +90,7 @@ class ExperimentBase:
             zeroing.in_every_training = True  # the stability analysis' second copy keeps channels dead too
             self.callbacks += [zeroing, hu.ChannelReport(structure)]
         if c["training.bn_l1"] > 0:
-            self.callbacks.append(hu.AfterBackward(structured.bn_l1_hook(c["training.bn_l1"])))
+            self.callbacks.append(AfterBackward(structured.bn_l1_hook(c["training.bn_l1"])))
         if c["prune.early_bird"] and len(self.densities) > 1:
             next_density, seed = self.densities[1], pruning_utils.level_seed(c["experiment.seed"], 1)
             self.callbacks.append(EarlyBird(
@@ -94,9 +98,9 @@ class ExperimentBase:
                     m, structure, density=next_density, criterion=c["prune.criterion"],
                     allocation=c["prune.allocation"], seed=seed), structure),
                 threshold=c["prune.early_bird_threshold"], window=c["prune.early_bird_window"],
-                agree=du.broadcast_object, min_epochs=c["prune.rewind_epoch"] if c["prune.training_type"] == "wr" else 0))
+                agree=du.broadcast_object, min_epochs=c["prune.rewind_epoch"] if self.training_type.captures_rewind else 0))
         if c["analysis.stability"]:
-            self.callbacks.append(hu.StabilityAnalysis(self))
+            self.callbacks.append(StabilityAnalysis(self.stability_run))
 
     def decide_directory(self) -> hu.DirDecision:
         return du.decided_by_primary(lambda: hu.decide_experiment_dir(
@@ -109,7 +113,7 @@ class ExperimentBase:
             self.say(note)
         self.train_loader, self.test_loader = hu.build_loaders(c, self.spec, self.ctx, self.train_resolution,
                                                                self.eval_resolution)
-        if c["prune.training_type"] == "wr":  # where later levels rewind to: (epoch, batches done in it)
+        if self.training_type.captures_rewind:  # where later levels rewind to: (epoch, batches done in it)
             try:
                 point = rewind.rewind_point(c["prune.rewind_iteration"] or c["prune.rewind_epoch"] * len(self.train_loader),
                                             epochs=c["training.epochs"], iterations_per_epoch=len(self.train_loader))
@@ -128,9 +132,13 @@ class ExperimentBase:
         du.agreed(self.build_loaders)
         self.build_training_model()
 
-    def new_optimizer(self) -> None:
-        self.optimizer, self.schedule = hu.build_optimizer_and_schedule(self.c, self.model.parameters(),
-                                                                        len(self.train_loader))
+    def new_optimizer(self, level: int = 0) -> None:
+        """The optimizer and LR schedule of ``level``, as its training type says (level start and
+        resume alike, so a resumed level trains with the same learning rates)."""
+        def build(overrides=None):
+            return hu.build_optimizer_and_schedule({**self.c, **(overrides or {})}, self.model.parameters(),
+                                                   len(self.train_loader))
+        self.optimizer, self.schedule = self.training_type.optimizer_and_schedule(level, self.c, build)
 
     def prepare_epoch(self, epoch: int) -> None:
         """Progressive resizing: give the training loader epoch ``epoch``'s resolution (a function of
@@ -157,7 +165,7 @@ class ExperimentBase:
         return training.TrainingStep(
             self.train_model, self.model, self.optimizer, self.schedule, self.scaler, self.autocast_dtype,
             label_smoothing=self.c["optimizer.label_smoothing"], grad_clip=self.c["training.grad_clip"],
-            after_backward=[cb.after_backward for cb in callbacks if hasattr(cb, "after_backward")])
+            after_backward=[cb.after_backward for cb in callbacks if cb.after_backward is not None])
 
     def level_info(self, level: int, **fields: Any) -> LevelInfo:
         return LevelInfo(level=level, density=self.densities[level], model=self.model, root=self.files.root,
@@ -166,7 +174,7 @@ class ExperimentBase:
     # ---------------------------------------------------------------------- masks
     def prunes_at(self, level: int) -> bool:
         """Whether ``level`` starts by setting new masks (a control takes every level's, 0 included)."""
-        return self.source is not None or self.c["prune.training_type"] == "at_init" or level > 0
+        return self.source is not None or self.training_type.prunes_at(level)
 
     def level_masks(self, level: int, density: float) -> Dict[str, torch.Tensor]:
         """Level ``level``'s masks as rank 0 computes them: from the control's source, by channel,
@@ -280,7 +288,7 @@ class ExperimentBase:
         if "rewind" in state:
             self.rewind_state = {k: state["rewind"][k] for k in ("model", "optimizer", "schedule")}
         self.level_start_state = state.get("level_start")
-        self.new_optimizer()
+        self.new_optimizer(last["level"])
         checkpointing.restore(last, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
                               scaler=self.scaler, keep_masks=False, rng=True, callbacks=self.callbacks)
         self.level_stats = dict(last["level_stats"])
@@ -294,6 +302,24 @@ class ExperimentBase:
         return last["level"], last["next_epoch"]
 
     # --------------------------------------------------------- stability analysis
+    def stability_run(self) -> StabilityRun:
+        """What the stability analysis may ask of this run (utils/stability.py)."""
+        c = self.c
+
+        def save_start(state):
+            checkpointing.save_checkpoint(self.files.level_start_checkpoint, "rewind", config=c, snapshot=state)
+
+        return StabilityRun(
+            model=self.model, snapshot=lambda: checkpointing.training_snapshot(self.model, self.optimizer, self.schedule),
+            save_start=save_start, resumed_start=lambda: self.level_start_state, train_copy=self.train_second_copy,
+            sync_buffers=lambda: du.broadcast_buffers_(self.model, exclude=mask_layers.mask_buffer_names(self.model)),
+            bn_batches=lambda level: self.snip_loader().batches(hu.BN_BATCHES_EPOCH + level),
+            test_batches=lambda: self.test_loader.batches(0),
+            log_rows=lambda rows: [self.files.stability.append(row) for row in rows], say=self.say,
+            device=self.ctx.device, autocast_dtype=self.autocast_dtype, reduce=du.all_reduce_sum,
+            points=c["analysis.interpolation_points"], bn_batch_count=c["analysis.bn_batches"],
+            reestimate_endpoints=c["analysis.reestimate_endpoints"])
+
     def train_second_copy(self, start: Dict[str, Any], level: int) -> Dict[str, torch.Tensor]:
         """Train a second copy of a level from its start state ``start`` (snapshot, epoch,
         batches_done) with another data order; -> its final weights.  The first copy's state,
@@ -302,7 +328,7 @@ class ExperimentBase:
         checkpointing.restore(start, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
                               keep_masks=False)
         step = self.training_step(self.callbacks)
-        essential = [cb for cb in self.callbacks if getattr(cb, "in_every_training", False)]
+        essential = [cb for cb in self.callbacks if cb.in_every_training]
         epoch, done = start["epoch"], start["batches_done"]
         while epoch < self.c["training.epochs"]:
             self.prepare_epoch(epoch)
