@@ -25,6 +25,7 @@ from utils.callbacks import Callback, LevelInfo
 from utils.dataset import DataError, get_dataset_spec, make_loader, validate_beton
 from utils.models import ModelError, get_model
 from utils.schedulers import LRSchedule, ScheduleSpec
+from utils.training_types import get_training_type
 from utils.checkpointing import (  # noqa: F401  (re-exported: the harness layer's one import)
     CHECKPOINT_FORMAT, LAST_CHECKPOINT_KEYS, TEMPORARY_SUFFIX, atomic_torch_save, atomic_write_bytes,
     detached_copy, make_dirs, remove_stale_temporaries, rng_state, set_rng_state)
@@ -157,7 +158,7 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
         mask_layers.prepare_model(model, exclude=c["prune.exclude"])
     except mask_layers.MaskError as error:
         raise UserError(f"prune.exclude={c['prune.exclude']}: {error}") from None
-    if c["prune.training_type"] == "at_init":
+    if get_training_type(c["prune.training_type"]).one_shot:
         densities = [c["prune.target_density"]]
     elif c["prune.masks_from"] and c["prune.levels"] is None and c["prune.target_density"] is None:
         densities = [1.0]  # a control: its source's densities replace these (harness_setup.check_inputs)
