@@ -191,11 +191,24 @@ class LayerRates(Checker):
 
 
 class NMPattern(Checker):
-    """``"N:M"``: N weights kept of every M consecutive inputs (utils/nm_sparsity.py)."""
+    """``"N:M"``: N weights kept of every M consecutive inputs (utils/nm_sparsity.py).
+
+    YAML 1.1 reads an unquoted ``2:4`` (in a file or in ``--prune.nm=2:4``) as the base-60 number
+    2 * 60 + 4 = 124; such a number is read back as the N:M it was written as (M < 60 there)."""
+
+    @staticmethod
+    def as_written(value):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return f"{value // 60}:{value % 60}"
+        return value
 
     def check(self, value):
+        value = self.as_written(value)
         parse_nm(value)  # NMError (a ValueError) for a bad pattern
         return value
+
+    def display(self, value):
+        return repr(self.as_written(value))
 
     def help(self):
         return 'a pattern "N:M" with 1 <= N < M, e.g. "2:4"'
@@ -454,7 +467,8 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
             try:
                 resolved[key] = param.checker.check(value)
             except Exception:
-                _fail(f"{key}={value!r} is not allowed: expected {param.checker.help()}")
+                shown = getattr(param.checker, "display", repr)(value)
+                _fail(f"{key}={shown} is not allowed: expected {param.checker.help()}")
         elif param.required:
             _fail(f"{key} is required ({param.desc}); set it in the YAML or with --{key}=...")
         else:

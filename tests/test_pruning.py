@@ -687,3 +687,93 @@ def test_cli_as_a_module_end_to_end(cli_files):
     missing_out = subprocess.run(command[:-4], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert missing_out.returncode == 2
     assert missing_out.stderr.count("\n") == 1 and "--out" in missing_out.stderr
+
+
+OUTSIDE_CRITERIA = '''
+import torch
+from utils.mask_layers import masked_layers
+
+
+def grad_times_weight(inputs, masks):
+    """|w x grad| summed over inputs.num_batches training batches: refuses to run without them."""
+    if inputs.batches is None:
+        raise ValueError("grad_times_weight got no batches")
+    model = inputs.model
+    weights = {name: layer.weight for name, layer in masked_layers(model)}
+    totals = {name: torch.zeros_like(weight) for name, weight in weights.items()}
+    drawn = 0
+    for _, (x, y) in zip(range(inputs.num_batches), inputs.batches):
+        assert tuple(x.shape[1:]) == tuple(inputs.input_shape)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for name, weight in weights.items():
+            totals[name] += weight.grad
+        drawn += 1
+    model.zero_grad(set_to_none=True)
+    if drawn != inputs.num_batches:
+        raise ValueError(f"drew {drawn} batches")
+    with open(DRAWN_LOG, "a") as log:
+        log.write(f"{drawn}\\n")
+    return {name: (totals[name] * weights[name]).abs().detach() for name in weights}
+
+
+def data_free(inputs, masks):
+    return {name: layer.weight.detach().abs() for name, layer in masked_layers(inputs.model)}
+
+
+data_free.needs_batches = False
+'''
+
+
+@pytest.fixture()
+def outside_criteria(tmp_path, monkeypatch):
+    code = tmp_path / "code"
+    code.mkdir()
+    log = tmp_path / "drawn.txt"
+    (code / "outside_scores.py").write_text(OUTSIDE_CRITERIA.replace("DRAWN_LOG", repr(str(log))))
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.delitem(sys.modules, "outside_scores", raising=False)  # this test's file, not an earlier one's
+    yield log
+    sys.modules.pop("outside_scores", None)
+
+
+@pytest.fixture(scope="module")
+def digits_betons(tmp_path_factory):
+    from utils.write_beton import ensure_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    ensure_digits(out)
+    return out
+
+
+def test_outside_criteria_declare_their_needs(outside_criteria):
+    assert pu.get_criterion("outside_scores:grad_times_weight").needs() == ["batches"]  # undeclared: batches
+    data_free = pu.get_criterion("outside_scores:data_free")
+    assert not data_free.needs_batches and not data_free.iterative
+
+
+@pytest.mark.parametrize("batches_key", ["score_batches", "snip_batches"])  # the old name is still read
+def test_cli_gives_batches_to_an_outside_criterion_that_needs_them(cli_files, digits_betons, outside_criteria,
+                                                                   capsys, batches_key):
+    config, checkpoint, start, tmp_path = cli_files
+    tree = yaml.safe_load(config.read_text())
+    tree["dataset"].update(train_path=str(digits_betons / "digits_train.beton"), loader="torch", batch_size=32,
+                           num_workers=0)
+    tree["prune"][batches_key] = 3
+    config.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "masks.pt"
+    assert run_cli("--config", config, "--checkpoint", checkpoint, "--density", 0.3, "--out", out,
+                   "--criterion", "outside_scores:grad_times_weight") == 0, capsys.readouterr().err
+    assert outside_criteria.read_text().split() == ["3"]
+    masks = load_masks(out)
+    assert count_alive(masks) == round(0.3 * (64 * 300 + 300 * 100)) and is_subset(masks, start)
+
+
+def test_cli_gives_no_batches_to_a_criterion_that_declares_it_needs_none(cli_files, outside_criteria, capsys):
+    config, checkpoint, _, tmp_path = cli_files  # dataset.train_path does not exist
+    out = tmp_path / "masks.pt"
+    assert run_cli("--config", config, "--checkpoint", checkpoint, "--density", 0.3, "--out", out,
+                   "--criterion", "outside_scores:data_free") == 0
+    assert run_cli("--config", config, "--checkpoint", checkpoint, "--density", 0.3, "--out", out,
+                   "--criterion", "outside_scores:grad_times_weight") == 2
+    assert "needs training batches" in capsys.readouterr().err
