@@ -777,3 +777,39 @@ def test_cli_gives_no_batches_to_a_criterion_that_declares_it_needs_none(cli_fil
     assert run_cli("--config", config, "--checkpoint", checkpoint, "--density", 0.3, "--out", out,
                    "--criterion", "outside_scores:grad_times_weight") == 2
     assert "needs training batches" in capsys.readouterr().err
+
+
+def test_old_and_new_name_of_score_batches():
+    import harness_params
+    import harness_utils as hu
+
+    base = {"model.name": "lenet_300_100", "dataset.name": "digits", "dataset.train_path": "a",
+            "dataset.test_path": "b", "experiment.name": "x", "prune.levels": "2"}
+    assert harness_params.resolve(None, {**base, "prune.snip_batches": "3"})["prune.score_batches"] == 3
+    resolved = harness_params.resolve(None, {**base, "prune.score_batches": "3"})
+    assert "prune.snip_batches" not in resolved
+    with pytest.raises(harness_params.ConfigError, match="old name of prune.score_batches"):
+        harness_params.resolve(None, {**base, "prune.snip_batches": "2", "prune.score_batches": "3"})
+    old_run = {("prune.snip_batches" if key == "prune.score_batches" else key): value for key, value in resolved.items()}
+    assert hu.semantic_difference(old_run, resolved) == []
+    assert hu.semantic_difference({**old_run, "prune.snip_batches": 4}, resolved) == ["prune.score_batches"]
+
+
+def test_harness_gives_an_outside_criterion_its_batches_and_an_old_config_yaml_still_resumes(
+        digits_betons, outside_criteria, tmp_path):
+    from tests.helpers import digits_config, run_harness, write_config
+
+    tree = digits_config(digits_betons, tmp_path / "runs", **{
+        "prune.levels": 2, "training.epochs": 1, "prune.criterion": "outside_scores:grad_times_weight",
+        "prune.score_batches": 2})
+    config = write_config(tmp_path / "c.yaml", tree)
+    code = {"PYTHONPATH": str(tmp_path / "code")}
+    result = run_harness(config, env=code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert outside_criteria.read_text().split() == ["2"]  # level 1's masks, scored on 2 batches
+    saved = tmp_path / "runs" / "exp" / "config.yaml"
+    text = saved.read_text()
+    assert "score_batches: 2" in text
+    saved.write_text(text.replace("score_batches: 2", "snip_batches: 2"))  # a run made before the rename
+    again = run_harness(config, env=code)
+    assert again.returncode == 0 and "is finished" in again.stdout, again.stderr[-2000:]

@@ -880,7 +880,7 @@ def compute_masks(model: nn.Module, *, density: Optional[float] = None, criterio
     if spec.iterative and synflow_iterations < 1:
         raise ValueError(f"synflow iterations must be >= 1, got {synflow_iterations}")
     if sum(target is not None for target in (density, layer_counts, nm)) != 1:
-        raise ValueError("compute_masks needs exactly one of density, layer_counts and nm")
+        raise ValueError("compute_masks needs exactly one of density and layer_counts and nm")
     # The model's own buffers are only read (selections build new tensors): no copy.
     current = {name: layer.mask for name, layer in masked_layers(model)} if masks is None else masks
     validate_masks(model, current)
