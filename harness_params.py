@@ -23,6 +23,7 @@ from fastargs.validation import Checker
 
 from utils.dataset import DATASETS
 from utils.models import model_names
+from utils.nm_sparsity import parse_nm
 from utils.pruning_utils import ALLOCATIONS, SCORES, parse_layer_rates, user_criterion
 from utils.user_code import UserCodeError, import_callable, is_import_path
 from utils.optimizers import OPTIMIZERS
@@ -192,6 +193,30 @@ class LayerRates(Checker):
         return 'a list of "pattern=rate" strings (fnmatch layer-name pattern, rate in [0, 1)), e.g. ["conv*=0.1", "fc*=0.2"]'
 
 
+class NMPattern(Checker):
+    """``"N:M"``: N weights kept of every M consecutive inputs (utils/nm_sparsity.py).
+
+    YAML 1.1 reads an unquoted ``2:4`` (in a file or in ``--prune.nm=2:4``) as the base-60 number
+    2 * 60 + 4 = 124; such a number is read back as the N:M it was written as (M < 60 there)."""
+
+    @staticmethod
+    def as_written(value):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return f"{value // 60}:{value % 60}"
+        return value
+
+    def check(self, value):
+        value = self.as_written(value)
+        parse_nm(value)  # NMError (a ValueError) for a bad pattern
+        return value
+
+    def display(self, value):
+        return repr(self.as_written(value))
+
+    def help(self):
+        return 'a pattern "N:M" with 1 <= N < M, e.g. "2:4"'
+
+
 # ------------------------------------------------------------------------------ schema
 def P(checker: Checker, desc: str, default: Any = None, required: bool = False) -> Param:
     return Param(checker, desc, default=default, required=required)
@@ -260,9 +285,14 @@ def declare_sections() -> Config:
         rewind_epoch=P(StrictInt(0), "wr: the level-0 epoch whose end state later levels restart from", default=0),
         exclude=P(ListOf(StrictStr()), "fnmatch patterns of layer names kept dense and uncounted", default=[]),
         synflow_iterations=P(StrictInt(1), "SynFlow rounds (exponential density schedule)", default=100),
-        snip_batches=P(StrictInt(1), "Training batches summed for the SNIP score", default=1),
+        score_batches=P(StrictInt(1), "Training batches a criterion that needs batches scores on (snip sums their "
+                        "gradients; package.module:function criteria get them unless they say otherwise); the old "
+                        "name prune.snip_batches is still read", default=1),
         snip_mode=P(Choice(["eval", "train"]), "BatchNorm during SNIP scoring: eval (running statistics, as the reference codes) or train (batch statistics)", default="eval"),
-        structure=P(Choice(["unstructured", "channel"]), "Unit of pruning: single weights, or output channels (coupled groups together)", default="unstructured"),
+        structure=P(Choice(["unstructured", "channel", "nm"]), "Unit of pruning: single weights, output channels "
+                    "(coupled groups together), or nm: N of every M consecutive inputs (prune.nm)", default="unstructured"),
+        nm=P(NMPattern(), "prune.structure=nm: keep N of every M consecutive inputs at the last level; level L of K "
+             "keeps round(M - L*(M-N)/(K-1)) per group", default="2:4"),
         early_bird=P(StrictBool(), "Early-Bird: end level 0 when the next level's channel mask stops changing (channel structure)", default=False),
         early_bird_threshold=P(StrictFloat(0, 1, low_open=True), "Early-Bird: stop when the largest mask distance over the window is below this", default=0.1),
         early_bird_window=P(StrictInt(2), "Early-Bird: masks compared, the current epoch's included", default=5),
@@ -364,6 +394,26 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
+# Keys renamed since runs were made: old name -> new name.  The old name is still read from YAML,
+# the command line and an old run's config.yaml (which then still resumes).
+RENAMED_KEYS = {"prune.snip_batches": "prune.score_batches"}
+
+
+def current_key_names(flat: Dict[str, Any], origin: str = "") -> Dict[str, Any]:
+    """``flat`` with old key names (``RENAMED_KEYS``) under their new names.  ``origin`` (e.g. "in
+    FILE"): refuse old and new name both given with different values; empty: the new name wins."""
+    renamed = dict(flat)
+    for old, new in RENAMED_KEYS.items():
+        if old not in renamed:
+            continue
+        value = renamed.pop(old)
+        if new in renamed and renamed[new] != value and origin:
+            _fail(f"{old}={value!r} and {new}={renamed[new]!r} both given ({origin}); {old} is the old name of {new}: "
+                  f"give {new} only")
+        renamed.setdefault(new, value)
+    return renamed
+
+
 def _known_keys(config: Config) -> Dict[str, Param]:
     return {".".join(path): param for path, param in config.entries.items()}
 
@@ -402,7 +452,7 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
     """Merge YAML + overrides, check each key and value; -> {dotted key: checked value}."""
     config = declare_sections()
     known = _known_keys(config)
-    flat = _flatten(read_yaml(config_path)) if config_path else {}
+    flat = current_key_names(_flatten(read_yaml(config_path)), f"in {config_path}") if config_path else {}
     _check_declared(flat, known, f"in {config_path}")
     parsed_overrides = {}
     for key, raw in overrides.items():
@@ -410,6 +460,7 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
             parsed_overrides[key] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             parsed_overrides[key] = raw
+    parsed_overrides = current_key_names(parsed_overrides, "on the command line")
     _check_declared(parsed_overrides, known, "on the command line")
     flat.update(parsed_overrides)
 
@@ -420,7 +471,8 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
             try:
                 resolved[key] = param.checker.check(value)
             except Exception:
-                _fail(f"{key}={value!r} is not allowed: expected {param.checker.help()}")
+                shown = getattr(param.checker, "display", repr)(value)
+                _fail(f"{key}={shown} is not allowed: expected {param.checker.help()}")
         elif param.required:
             _fail(f"{key} is required ({param.desc}); set it in the YAML or with --{key}=...")
         else:
@@ -437,6 +489,7 @@ def check_cross_fields(c: Dict[str, Any]) -> None:
     kind = get_training_type(c["prune.training_type"])
     levels, target = c["prune.levels"], c["prune.target_density"]
     epochs = c["training.epochs"]
+    check_nm_fields(c)
     refusal = kind.check(c)
     if refusal:
         _fail(refusal)
@@ -507,6 +560,21 @@ def check_structure_fields(c: Dict[str, Any]) -> None:
             _fail("prune.early_bird=true needs a trained score (magnitude or bn_gamma), not prune.criterion=random")
         if c["prune.levels"] == 1 or c["prune.target_density"] == 1.0:
             _fail("prune.early_bird=true needs a level after level 0 (prune.levels >= 2 or prune.target_density < 1)")
+def check_nm_fields(c: Dict[str, Any]) -> None:
+    """prune.structure=nm (utils/nm_sparsity.py): the N:M pattern fixes every level's density."""
+    if c["prune.structure"] != "nm":
+        return
+    kind, levels = c["prune.training_type"], c["prune.levels"]
+    if c["prune.layer_rates"]:
+        _fail("prune.layer_rates contradicts prune.structure=nm (every group of every N:M layer keeps the same count)")
+    if c["prune.target_density"] is not None:
+        _fail(f"prune.target_density={c['prune.target_density']} contradicts prune.structure=nm: prune.nm="
+              f"{c['prune.nm']} fixes every level's density; give prune.levels (at_init: neither)")
+    if kind != "at_init" and not c["prune.masks_from"] and (levels is None or levels < 2):
+        _fail(f"prune.structure=nm with prune.training_type={kind} needs prune.levels >= 2 (level 0 dense, the last "
+              f"keeping {c['prune.nm']}; 2 is one-shot), got {levels}")
+
+
 def check_science_fields(c: Dict[str, Any]) -> None:
     """Controls, late resetting, per-layer rates, the user's own code (DESIGN.md section 9).
 
@@ -624,7 +692,7 @@ def defaults() -> Dict[str, Any]:
 
 def with_defaults(resolved: Dict[str, Any]) -> Dict[str, Any]:
     """``resolved`` with the keys it lacks (a config from before they existed) at their defaults."""
-    return {**defaults(), **resolved}
+    return {**defaults(), **current_key_names(resolved)}
 
 
 def differing_keys(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:

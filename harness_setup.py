@@ -15,7 +15,8 @@ from typing import Any, Dict, Optional
 import torch
 
 import harness_utils as hu
-from utils import checkpointing, controls, mask_layers, progressive, pruning_utils, rewind, run_lock, structured, training
+from utils import (checkpointing, controls, mask_layers, nm_sparsity, progressive, pruning_utils, rewind, run_lock,
+                   structured, training)
 from utils.callbacks import AfterBackward
 from utils.stability import StabilityAnalysis, StabilityRun
 from utils.training_types import get_training_type
@@ -42,7 +43,7 @@ class ExperimentBase:
         self._snip_loader = None
         self.lock = None  # rank 0: this directory's run lock, held for the run's life (utils/run_lock.py)
         self.resume_partial_epoch: Optional[Dict[str, Any]] = None
-        self.source = self.layer_plan = self.channel_structure = self.rewind_at = None
+        self.source = self.layer_plan = self.channel_structure = self.rewind_at = self.nm_plan = None
         self.level_start_state: Optional[Dict[str, Any]] = None
         self._loaders_by_resolution: Dict[int, Any] = {}  # progressive resizing with ffcv: one loader per size
 
@@ -74,9 +75,34 @@ class ExperimentBase:
                 self.channel_structure = structured.build_channel_structure(self.model, self.input_shape)
                 if c["prune.criterion"] == "bn_gamma":
                     structured.check_bn_gamma_possible(self.channel_structure)
+            if c["prune.structure"] == "nm" or (self.source is not None and self.source.config.get("prune.structure") == "nm"):
+                self.plan_nm()
         except (controls.ControlError, structured.StructureError, ValueError) as error:
             raise hu.UserError(str(error)) from None
         self.install_feature_callbacks()
+
+    def plan_nm(self) -> None:
+        """prune.structure=nm: each level's count per group and density, said in the start line; a
+        control only of a source with the same structure and pattern (utils/nm_sparsity.py)."""
+        c, source = self.c, self.source
+        if source is not None:
+            theirs, mine = source.config.get("prune.structure", "unstructured"), c["prune.structure"]
+            if theirs != mine or source.config.get("prune.nm") != c["prune.nm"]:
+                def said(structure, pattern):
+                    return f"{structure} (prune.nm={pattern})" if structure == "nm" else structure
+                raise hu.UserError(f"prune.masks_from={source.root} was made with prune.structure="
+                                   f"{said(theirs, source.config.get('prune.nm'))}, this run has prune.structure="
+                                   f"{said(mine, c['prune.nm'])}: a control trains its source's masks with the "
+                                   f"source's structure")
+            one_shot = get_training_type(source.config.get("prune.training_type", "imp")).one_shot
+            levels = source.planned_levels
+        else:
+            one_shot, levels = self.training_type.one_shot, c["prune.levels"]
+        n, m = nm_sparsity.parse_nm(c["prune.nm"])
+        shapes = {name: tuple(mask.shape) for name, mask in mask_layers.get_masks(self.model).items()}
+        self.nm_plan = nm_sparsity.nm_plan(shapes, n, m, None if one_shot else levels)
+        self.densities = self.nm_plan.densities[:len(self.densities)]
+        self.say(nm_sparsity.start_line(self.nm_plan, c["prune.allocation"]))
 
     @property
     def input_shape(self):
@@ -89,6 +115,8 @@ class ExperimentBase:
             zeroing = structured.ChannelZeroing(structure, self.model)
             zeroing.in_every_training = True  # the stability analysis' second copy keeps channels dead too
             self.callbacks += [zeroing, hu.ChannelReport(structure)]
+        if self.nm_plan is not None:
+            self.callbacks.append(nm_sparsity.NMReport(self.nm_plan.m))
         if c["training.bn_l1"] > 0:
             self.callbacks.append(AfterBackward(structured.bn_l1_hook(c["training.bn_l1"])))
         if c["prune.early_bird"] and len(self.densities) > 1:
@@ -182,7 +210,11 @@ class ExperimentBase:
         c, seed = self.c, pruning_utils.level_seed(self.c["experiment.seed"], level)
         if self.source is not None:
             controls.wait_for_level(self.source, level, say=self.say)
-            masks = controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"])
+            nm_shuffle = self.nm_plan is not None and c["prune.control"] == "shuffle"  # within groups, below
+            masks = controls.masks_for_level(self.source, level, "none" if nm_shuffle else c["prune.control"],
+                                             c["experiment.seed"])
+            if nm_shuffle:
+                masks = nm_sparsity.shuffled_nm_masks(masks, self.nm_plan.m, c["experiment.seed"])
             if self.channel_structure is not None and c["prune.control"] == "shuffle":
                 masks = structured.shuffled_channel_masks(self.channel_structure, masks, seed)
             return masks
@@ -190,11 +222,12 @@ class ExperimentBase:
             return structured.compute_channel_masks(self.model, self.channel_structure, density=density,
                                                     criterion=c["prune.criterion"], allocation=c["prune.allocation"],
                                                     seed=seed)
-        needs_batches = c["prune.criterion"] == "snip" or ":" in c["prune.criterion"]
-        batches = self.snip_loader().batches(pruning_utils.SNIP_EPOCH_OFFSET + level) if needs_batches else None
+        needs_batches = pruning_utils.get_criterion(c["prune.criterion"]).needs_batches  # its registry entry says
+        batches = self.snip_loader().batches(pruning_utils.SCORE_EPOCH_OFFSET + level) if needs_batches else None
         counts = self.layer_plan.counts[level] if self.layer_plan is not None else None
+        nm = self.nm_plan.target(level) if self.nm_plan is not None else None
         return hu.compute_masks(c, self.model, level=level, density=density, batches=batches, device=self.ctx.device,
-                                input_shape=self.input_shape, layer_counts=counts)
+                                input_shape=self.input_shape, layer_counts=counts, nm=nm)
 
     def snip_loader(self):
         """Built once per run (an FFCV loader compiles its pipeline when first used).  Every

@@ -230,12 +230,15 @@ def wants_sync_bn(setting: Any, device: torch.device) -> bool:
 
 
 def compute_masks(c: Dict[str, Any], model: torch.nn.Module, *, level: int, density: float, batches, device,
-                  input_shape, layer_counts=None) -> Dict[str, torch.Tensor]:
+                  input_shape, layer_counts=None, nm=None) -> Dict[str, torch.Tensor]:
     """Level ``level``'s masks by the config's criterion and allocation (seeded per level);
-    ``layer_counts``: per-layer kept counts (prune.layer_rates) instead of ``density``."""
+    ``layer_counts``: per-layer kept counts (prune.layer_rates), or ``nm``: (kept per group, M)
+    (prune.structure=nm, no allocation), instead of ``density``."""
+    target = ({"layer_counts": layer_counts} if layer_counts is not None else {"nm": nm} if nm is not None
+              else {"density": density})
     return pruning_utils.compute_masks(
-        model, density=None if layer_counts is not None else density, layer_counts=layer_counts, criterion=c["prune.criterion"], allocation=c["prune.allocation"], batches=batches,
-        loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.snip_batches"],
+        model, **target, criterion=c["prune.criterion"], allocation=None if nm is not None else c["prune.allocation"],
+        batches=batches, loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.score_batches"],
         synflow_iterations=c["prune.synflow_iterations"], input_shape=input_shape,
         seed=pruning_utils.level_seed(c["experiment.seed"], level), device=device, snip_mode=c["prune.snip_mode"])
 

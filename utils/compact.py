@@ -1,6 +1,13 @@
 """Compaction: a channel-pruned level -> a physically smaller network, checked and measured.
 
     python -m utils.compact --experiment DIR --level L --out FILE.pt [--batch-size N] [--repeats R]
+    python -m utils.compact --experiment DIR --level L --format semi-structured [--batch-size N] [--repeats R]
+
+``--format semi-structured`` (an N:M run's 2:4 level, ``utils/nm_sparsity.py``): on a CUDA GPU of
+compute capability >= 8.0, the level's 2:4 linear layers become torch's semi-structured sparse
+tensors (fp16), the outputs are checked against the dense fp16 network and the inference time
+of both is printed (nothing is written); anywhere else it says in one line that it needs such a
+GPU (exit status 2).
 
 * Reads ``DIR/config.yaml`` (model, dataset, ``prune.exclude``, ``prune.structure`` must be
   ``channel``), the level's masks ``DIR/masks/level_L.pt`` and the level's FINAL weights:
@@ -170,9 +177,9 @@ def median_seconds(function, device: torch.device, repeats: int = 10, warmup: in
 
 
 def inference_seconds(model: nn.Module, input_shape: Sequence[int], batch: int, device: torch.device,
-                      repeats: int = 10) -> float:
+                      repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
     model = model.to(device).eval()
-    inputs = torch.randn(batch, *input_shape, device=device)
+    inputs = torch.randn(batch, *input_shape, device=device, dtype=dtype)
 
     def run():
         with torch.inference_mode():
@@ -299,33 +306,72 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     parser = _Parser(prog=PROG, description="Turn a channel-pruned level into a smaller network.")
     parser.add_argument("--experiment", required=True, help="experiment directory (config.yaml, masks/, checkpoints/)")
     parser.add_argument("--level", required=True, type=int, help="the level to compact")
-    parser.add_argument("--out", required=True, help="output file: NAME.pt2 (torch.export) or NAME.pt (TorchScript)")
+    parser.add_argument("--out", help="output file: NAME.pt2 (torch.export) or NAME.pt (TorchScript); "
+                                      "--format smaller only (required there)")
+    parser.add_argument("--format", choices=("smaller", "semi-structured"), default="smaller",
+                        help="smaller (default): channel-pruned -> fewer channels; semi-structured: a 2:4 level's "
+                             "linear layers as torch's semi-structured sparse tensors, timed against dense (CUDA, "
+                             "compute capability >= 8.0)")
     parser.add_argument("--batch-size", type=int, help="training batch for timing (default dataset.batch_size)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median; default 10)")
     parser.add_argument("--no-timing", action="store_true", help="skip the timings")
     args = parser.parse_args(argv)
+    if args.format == "semi-structured":
+        from utils import nm_sparsity
+
+        unavailable = nm_sparsity.semi_structured_unavailable()  # first: nothing else matters without it
+        if unavailable:
+            raise UsageError(f"--format semi-structured {unavailable}")
+        if args.out is not None:
+            raise UsageError("--out does not apply to --format semi-structured (it measures; nothing is written)")
+    elif args.out is None:
+        raise UsageError("the following arguments are required: --out")
     if args.level < 0:
         raise UsageError(f"--level must be >= 0, got {args.level}")
     if args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise UsageError("--repeats and --batch-size must be >= 1")
-    if os.path.isdir(args.out):
+    if args.out is not None and os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a directory")
     directory = Path(args.experiment)
     tree = _read_config(directory)
     prune = tree.get("prune") or {}
+    if args.format == "semi-structured":
+        return _run_semi_structured(args, directory, tree)
     if prune.get("structure", "unstructured") != "channel":
         raise UsageError(f"{directory} was not channel-pruned (prune.structure={prune.get('structure', 'unstructured')}); "
                          f"only channel-pruned levels can be compacted")
-    masks_path = directory / "masks" / f"level_{args.level}.pt"
+    model, spec, input_shape, source = level_model(directory, tree, args.level)
+    model_name = tree["model"]["name"]
+    try:
+        structure = build_channel_structure(model, input_shape)
+        small = compact_model(model, structure, input_shape)
+    except StructureError as error:
+        raise UsageError(str(error)) from None
+    difference = check_same_outputs(model, small, input_shape)
+    written_as = save_portable(small, input_shape, args.out)
+    print(f"{PROG}: level {args.level} of {directory} ({model_name}, weights from {source}) -> {args.out} "
+          f"({written_as})")
+    print(f"outputs: compacted vs masked max |difference| {difference:.3g} (eval mode, float32, random batch of 8)")
+    batch = args.batch_size or int(tree["dataset"].get("batch_size") or 128)
+    print(format_comparison(model, small, input_shape, batch=batch, num_classes=spec.num_classes,
+                            repeats=args.repeats, timing=not args.no_timing))
+    return 0
+
+
+def level_model(directory: Path, tree: Dict[str, Dict], level: int):
+    """-> (the masked model holding level ``level``'s final weights, the dataset spec, the input
+    shape, the file the weights came from), or UsageError."""
+    masks_path = directory / "masks" / f"level_{level}.pt"
     if not masks_path.is_file():
-        raise UsageError(f"{masks_path} does not exist: level {args.level} was not reached")
-    state, source = level_weights(directory, args.level)
+        raise UsageError(f"{masks_path} does not exist: level {level} was not reached")
+    state, source = level_weights(directory, level)
     masks = {name: mask.to(torch.bool) for name, mask in _load(masks_path).items()}
 
     from utils.dataset import get_dataset_spec
     from utils.mask_layers import MaskError, prepare_model
     from utils.models import get_model
 
+    prune = tree.get("prune") or {}
     try:
         model_name, dataset_name = tree["model"]["name"], tree["dataset"]["name"]
         spec = get_dataset_spec(dataset_name)
@@ -340,21 +386,46 @@ def _run(argv: Optional[Sequence[str]]) -> int:
                          f"unexpected {result.unexpected_keys[:3]})")
     held = get_current_masks(model)
     if set(held) != set(masks) or any(not torch.equal(held[name], masks[name]) for name in masks):
-        raise UsageError(f"the masks in {source} differ from {masks_path}: the weights are not level {args.level}'s")
-    input_shape = (spec.channels, resolution, resolution)
-    try:
-        structure = build_channel_structure(model, input_shape)
-        small = compact_model(model, structure, input_shape)
-    except StructureError as error:
-        raise UsageError(str(error)) from None
-    difference = check_same_outputs(model, small, input_shape)
-    written_as = save_portable(small, input_shape, args.out)
-    print(f"{PROG}: level {args.level} of {directory} ({model_name}, weights from {source}) -> {args.out} "
-          f"({written_as})")
-    print(f"outputs: compacted vs masked max |difference| {difference:.3g} (eval mode, float32, random batch of 8)")
+        raise UsageError(f"the masks in {source} differ from {masks_path}: the weights are not level {level}'s")
+    return model, spec, (spec.channels, resolution, resolution), source
+
+
+def _run_semi_structured(args, directory: Path, tree: Dict[str, Dict]) -> int:
+    """A 2:4 level's linear layers as semi-structured sparse tensors vs dense, fp16 on this GPU."""
+    from utils import nm_sparsity
+
+    prune = tree.get("prune") or {}
+    if prune.get("structure") != "nm":
+        raise UsageError(f"{directory} is not an N:M run (prune.structure={prune.get('structure', 'unstructured')}); "
+                         f"--format semi-structured needs a level that keeps 2 of every 4")
+    model, spec, input_shape, source = level_model(directory, tree, args.level)
+    masks = get_current_masks(model)
+    device = torch.device("cuda")
+    dense = strip_masks_(copy.deepcopy(model)).to(device, torch.float16).eval()
+    sparse = copy.deepcopy(dense)
+    converted, skipped = nm_sparsity.to_semi_structured_(sparse, masks)
+    if not converted:
+        reasons = "; ".join(f"{name}: {why}" for name, why in list(skipped.items())[:3]) or "no linear layer"
+        raise UsageError(f"level {args.level} of {directory} has no linear layer that torch can hold as 2:4 "
+                         f"semi-structured ({reasons})")
     batch = args.batch_size or int(tree["dataset"].get("batch_size") or 128)
-    print(format_comparison(model, small, input_shape, batch=batch, num_classes=spec.num_classes,
-                            repeats=args.repeats, timing=not args.no_timing))
+    inputs = torch.randn(batch, *input_shape, device=device, dtype=torch.float16)
+    with torch.inference_mode():
+        expected, got = dense(inputs).float(), sparse(inputs).float()
+    difference, scale = float((expected - got).abs().max()), float(expected.abs().max())
+    if not difference <= 1e-2 * max(scale, 1.0):  # fp16 rounding of the same products, summed in another order
+        raise CompactionError(f"semi-structured outputs differ from dense by {difference:.3g} (scale {scale:.3g})")
+    print(f"{PROG}: level {args.level} of {directory} (weights from {source}), {torch.cuda.get_device_name()}, fp16")
+    print(f"2:4 semi-structured: {len(converted)} linear layers ({', '.join(converted[:6])}"
+          f"{', ...' if len(converted) > 6 else ''}); dense: {len(skipped)} others"
+          + (f" ({'; '.join(f'{name}: {why}' for name, why in list(skipped.items())[:3])})" if skipped else ""))
+    print(f"outputs: semi-structured vs dense max |difference| {difference:.3g} (output scale {scale:.3g})")
+    if not args.no_timing:
+        for size in (1, batch):
+            times = [inference_seconds(net, input_shape, size, device, args.repeats, dtype=torch.float16)
+                     for net in (dense, sparse)]
+            print(f"inference ms, batch {size}, cuda fp16: dense {1e3 * times[0]:.3f}, semi-structured "
+                  f"{1e3 * times[1]:.3f}, speed-up {times[0] / times[1]:.2f}x")
     return 0
 
 

@@ -204,11 +204,14 @@ class RunFiles:
 
 def extra_columns(resolved: Mapping[str, Any]) -> Dict[str, List[str]]:
     """The columns the config's features add: levels.csv ``instability`` (stability analysis),
-    ``channel_density`` and layers.csv ``channels``, ``channels_alive`` (channel structure)."""
+    ``channel_density`` and layers.csv ``channels``, ``channels_alive`` (channel structure),
+    layers.csv ``nm`` (N:M structure: each layer's pattern, utils.nm_sparsity.pattern_of)."""
     level, layer = [], []
     if resolved.get("prune.structure") == "channel":
         level.append("channel_density")
         layer += ["channels", "channels_alive"]
+    if resolved.get("prune.structure") == "nm":
+        layer.append("nm")
     if resolved.get("analysis.stability"):
         level.append("instability")
     return {"level_extra": level, "layer_extra": layer}

@@ -103,7 +103,7 @@ class AtInit(TrainingType):
     description = "pruned once before training, to prune.target_density; trained once"
 
     def check(self, c):
-        if c["prune.target_density"] is None:
+        if c["prune.target_density"] is None and c.get("prune.structure") != "nm":  # N:M: the pattern is the target
             return "prune.training_type=at_init needs prune.target_density in (0, 1]"
         if c["prune.levels"] not in (None, 1):
             return (f"prune.levels={c['prune.levels']} contradicts prune.training_type=at_init, which trains once "
