@@ -10,7 +10,7 @@ import pytest
 
 UTILS = Path(__file__).resolve().parents[1] / "utils"
 HARNESS_LAYER = {"harness", "harness_params", "harness_utils", "harness_setup"}
-ENTRY_POINTS = {"sweep", "single_gpu_harness", "pruning_utils", "report", "compact"}
+ENTRY_POINTS = {"sweep", "single_gpu_harness", "pruning_cli", "report", "compact"}
 
 
 def harness_imports(tree: ast.AST):
