@@ -342,8 +342,10 @@ def expand(sweep: Sweep) -> None:
         masks_from = {**sweep.overrides, **source.values}.get("prune.masks_from")
         _require(not masks_from, f"sweep file {sweep.file}: run {source.name} is itself a control "
                                  f"(prune.masks_from={masks_from}); controls: apply to runs that prune")
-        for spec in sweep.controls:
-            argv = source.argv + [f"--{k}={cli_value(v)}" for k, v in spec.overrides.items()]
+        for spec in sweep.controls:  # the source's arguments, its seed aside (validate_runs sets the control's)
+            argv = ["--config", str(sweep.base)]
+            argv += [f"--{k}={cli_value(v)}" for k, v in {**sweep.overrides, **source.values, **spec.overrides}.items()
+                     if k != "experiment.seed"]
             argv.append(f"--prune.control={spec.control}")
             add(Run(f"{source.name}_{spec.control}", {**source.values, "prune.control": spec.control}, argv,
                     source=source, control=spec))
