@@ -349,3 +349,13 @@ def test_bands_stay_between_0_and_100(tmp_path, monkeypatch):
         y = band.get_paths()[0].vertices[:, 1]
         assert y.min() >= 0.0 and y.max() <= 100.0
         assert y.min() == 0.0  # the clipped side reaches the limit, it is not dropped
+
+
+def test_a_level_taken_from_the_source_is_named_in_the_status(tmp_path):
+    base = tmp_path / "runs"
+    source = make_experiment(base, "imp", seed=0)
+    control = make_experiment(base, "shuffle", seed=0, **{"prune.masks_from": str(source), "prune.control": "shuffle"})
+    (control / "reused.csv").write_text(f"level,source,reason\n0,{source},identical\n")
+    out = tmp_path / "out"
+    report.write_report([source, control], out)
+    assert f"complete (3 levels); level 0 taken from `{source}` (identical: not retrained)" in (out / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""Controls: train, level by level, the masks another experiment wrote (DESIGN.md section 9).
+"""Controls: train, level by level, the masks another experiment wrote.
 
 ``prune.masks_from=runs/X`` makes a run (the *control*) train X's masks instead of pruning
 by itself: at level L it trains ``X/masks/level_L.pt``, with its own config's training
@@ -15,7 +15,7 @@ its own directory as any run does.  ``prune.control`` says what it does with the
              with (``experiment.seed``, layer index in module order): level L keeps the
              count_l(L) weights of highest priority.  So each level's mask is a uniformly
              random one with X's per-layer counts, and the masks of successive levels nest
-             (masks only shrink, DESIGN.md section 5) -- which per-level independent draws
+             (masks only shrink, as in every run) -- which per-level independent draws
              seeded by (seed, level) would not give; every level's marginal distribution is
              the same either way.
 

@@ -5,7 +5,7 @@
     python -m utils.sweep SWEEP.yaml --runs-per-gpu 2                         # 2 runs at once per GPU (or on CPU)
     python -m utils.sweep SWEEP.yaml --launcher slurm --partition gpu --time-min 240 [--wait]
 
-A sweep file (DESIGN.md section 11)::
+A sweep file::
 
     base: configs/resnet20_lrr_cifar10.yaml   # the base config (relative to the working directory,
                                               # else to the sweep file's directory)
