@@ -173,8 +173,7 @@ class Experiment(ExperimentBase):
                 start_level, start_epoch = self.resume()
             else:
                 self.say(f"writing results to {decision.root}")
-                self.start_fresh()
-                start_level, start_epoch = 0, None
+                start_level, start_epoch = self.start_fresh(), None
             self.callbacks.fire("on_run_start", self.level_info(start_level))
             self.run_levels(start_level, start_epoch)
         except Preempted:

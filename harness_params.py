@@ -10,6 +10,7 @@ anything is created on disk.
 """
 from __future__ import annotations
 
+import difflib
 import io
 import math
 import os
@@ -423,11 +424,13 @@ def _check_declared(flat: Dict[str, Any], known: Dict[str, Param], origin: str) 
     for key in flat:
         if key in known:
             continue
+        nearest = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)  # a typo: name the key meant
+        hint = f"; did you mean {nearest[0]}?" if nearest else ""
         section = key.split(".")[0]
         if section not in sections:
-            _fail(f"unknown section {section!r} ({origin} key {key}); sections: {', '.join(sections)}")
+            _fail(f"unknown section {section!r} ({origin} key {key}){hint}; sections: {', '.join(sections)}")
         keys = sorted(k.split(".", 1)[1] for k in known if k.startswith(section + "."))
-        _fail(f"unknown key {key} ({origin}); keys of {section}: {', '.join(keys)}")
+        _fail(f"unknown key {key} ({origin}){hint}; keys of {section}: {', '.join(keys)}")
 
 
 def read_yaml(path: str) -> Dict[str, Any]:

@@ -285,7 +285,8 @@ class ExperimentBase:
         if self.lock is None:
             self.lock = run_lock.acquire(self.files.root)
 
-    def start_fresh(self) -> None:
+    def start_fresh(self) -> int:
+        """-> the first level to train: 0, or 1 when a control takes its source's identical level 0."""
         du.decided_by_primary(self.hold_run_lock, self.ctx.is_primary)
         if self.source is not None:  # a control starts from its source's initial weights (or its own: reinit)
             checkpointing.restore({"model": controls.initial_state(self.source, self.c["prune.control"], self.model)},
@@ -295,6 +296,17 @@ class ExperimentBase:
             hu.create_experiment_dir(self.files, self.c, du.launch_id())
             checkpointing.save_checkpoint(self.files.init_checkpoint, "init", config=self.c, snapshot=self.init_state)
         du.barrier()
+        if self.source is None or self.c["prune.control"] == "reinit":
+            return 0
+        controls.wait_for_level(self.source, 0, say=self.say)  # as level 0's masks would (every rank)
+        taken, message = du.decided_by_primary(lambda: controls.take_level_zero(
+            self.source, self.c, self.model, self.files.root, self.files.logs(), world_size=self.ctx.world_size,
+            device_type=self.ctx.device.type, semantic_difference=hu.semantic_difference), self.ctx.is_primary)
+        self.say(message)
+        if taken:
+            self.checkpoint(level=0, next_epoch=self.c["training.epochs"], phase="level_done",
+                            finished=len(self.densities) == 1)
+        return int(taken)
 
     def resume(self) -> tuple:
         """Load rank 0's checkpoints on every rank; -> (start_level, start_epoch or None)."""
@@ -311,8 +323,7 @@ class ExperimentBase:
                 self.say(f"removed {stale}, left by an interrupted write")
         if state is None:  # the directory exists but no epoch finished: start over in it
             self.say(f"no checkpoint in {self.files.root} yet: starting the run from the beginning")
-            self.start_fresh()
-            return 0, None
+            return self.start_fresh(), None
         last = state["last"]
         if self.ctx.is_primary:
             for name, log in self.files.logs().items():
