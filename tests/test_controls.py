@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+
+from utils.rundir import REUSED_COLUMNS, RunFiles
 import torch
 import yaml
 
@@ -249,8 +251,8 @@ def test_an_identical_level_0_is_taken_with_its_rows_masks_and_a_note(tmp_path, 
         assert log.rows == expected and len(expected) == {"epochs": 2, "levels": 1, "layers": 3}[name]
     masks = torch.load(root / "masks" / "level_0.pt")
     assert masks.keys() == src.layer_shapes.keys() and all(bool(m.all()) for m in masks.values())
-    note = pd.read_csv(root / controls.REUSED_FILE)
-    assert list(note.columns) == controls.REUSED_COLUMNS and note.level.tolist() == [0]
+    note = pd.read_csv(RunFiles(root).reused.path)
+    assert list(note.columns) == REUSED_COLUMNS and note.level.tolist() == [0]
     assert note.source.tolist() == [str(full_source)]
 
 
@@ -292,11 +294,11 @@ def test_a_stale_note_goes_when_level_0_is_trained(tmp_path, full_source):
     src = controls.read_source(full_source, c, model_for(c))
     root = tmp_path / "runs" / "control"
     root.mkdir(parents=True)
-    (root / controls.REUSED_FILE).write_text("level,source,reason\n0,x,y\n")
+    (RunFiles(root).reused.path).write_text("level,source,reason\n0,x,y\n")
     taken, message = controls.take_level_zero(src, c, model_for(c), root, fake_logs(), world_size=1,
                                               device_type="cpu", semantic_difference=hu.semantic_difference)
     assert not taken and "differs from the source's in training.epochs" in message
-    assert not (root / controls.REUSED_FILE).exists()
+    assert not (RunFiles(root).reused.path).exists()
 
 
 def test_a_control_takes_its_sources_level_0_end_to_end(tmp_path, monkeypatch):

@@ -106,7 +106,7 @@ def make_dirs(path) -> None:
 
 
 def _temporary_beside(path: Path, suffix: str = "") -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + TEMPORARY_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX + suffix, dir=path.parent)
     os.close(fd)
     return Path(tmp)
 
@@ -115,8 +115,8 @@ def _temporary_beside(path: Path, suffix: str = "") -> Path:
 def atomic_output(path, *, keep_suffix: bool = False, keep_previous=None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit the file written there is
     fsynced and renamed to ``path``; on an error it is removed and ``path`` is untouched.
-    ``keep_suffix``: the temporary name ends in ``path``'s suffix before ``.tmp`` (for writers
-    that choose a format by the name, e.g. ``.png``, ``.pt2``).  ``keep_previous``: the file
+    ``keep_suffix``: the temporary name ends in ``path``'s suffix (``.NAME.XXXX.tmp.png``, for
+    writers that choose a format by the name, e.g. ``.png``, ``.pt2``).  ``keep_previous``: the file
     being replaced is kept there (hard link, so ``path`` is never missing)."""
     path = Path(path)
     make_dirs(path.parent)
@@ -161,14 +161,14 @@ def _keep_previous(path: Path, previous: Path) -> None:
 
 
 def remove_stale_temporaries(root) -> List[Path]:
-    """Delete the temporary files a killed writer left (``.NAME.XXXX.tmp``) under ``root``.
+    """Delete the temporary files a killed writer left (``.NAME.XXXX.tmp[.suffix]``) under ``root``.
 
     Only rank 0 writes and only while running, so at (re)start every such file is garbage:
     a checkpoint killed mid-write would otherwise leave up to a checkpoint's size behind.
     """
     removed = []
-    for path in Path(root).rglob(f".*{TEMPORARY_SUFFIX}"):
-        if path.is_file():
+    for path in Path(root).rglob(f".*{TEMPORARY_SUFFIX}*"):
+        if path.is_file() and (path.name.endswith(TEMPORARY_SUFFIX) or TEMPORARY_SUFFIX + "." in path.name):
             path.unlink()
             removed.append(path)
     return removed

@@ -69,15 +69,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import yaml
 from torch import nn
 
 from utils.mask_layers import Masks, mask_buffer_names, masked_layers
+from utils.rundir import RunDirError, RunFiles, read_config
+from utils.training_types import get_training_type
 from utils.pruning_utils import iterative_densities, keep_top_k, layer_rate_plan
 
 CONTROLS = ("none", "reinit", "shuffle")
-REUSED_FILE = "reused.csv"                       # the levels a control took from its source
-REUSED_COLUMNS = ["level", "source", "reason"]
 # Keys in which a control may differ from its source and still train the same level 0.
 LEVEL_ZERO_FREE_KEYS = ("prune.masks_from", "prune.control", "prune.levels")
 # Keys whose values must be the same in the source's config and the control's.
@@ -97,15 +96,15 @@ class Source:
     planned_densities: List[float]              # their target densities, as the source computes them
 
     def mask_path(self, level: int) -> Path:
-        return self.root / "masks" / f"level_{level}.pt"
+        return RunFiles(self.root).masks(level)
 
     @property
     def levels_csv(self) -> Path:
-        return self.root / "levels.csv"
+        return RunFiles(self.root).levels.path
 
     @property
     def init_checkpoint(self) -> Path:
-        return self.root / "checkpoints" / "init.pt"
+        return RunFiles(self.root).init_checkpoint
 
 
 def _first_line(error: BaseException) -> str:
@@ -114,17 +113,10 @@ def _first_line(error: BaseException) -> str:
 
 
 def _read_config(root: Path) -> Dict[str, Any]:
-    path = root / "config.yaml"
     try:
-        with open(path) as handle:
-            tree = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ControlError(f"prune.masks_from={root}: no config.yaml there; it is not an experiment directory") from None
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ControlError(f"prune.masks_from={root}: cannot read config.yaml ({_first_line(error)})") from None
-    if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
-        raise ControlError(f"prune.masks_from={root}: config.yaml is not a config of this harness")
-    return {f"{section}.{key}": value for section, keys in tree.items() for key, value in keys.items()}
+        return read_config(root)
+    except RunDirError as error:
+        raise ControlError(f"prune.masks_from={root}: {error}") from None
 
 
 def _same_directory(a: Path, b: Path) -> bool:
@@ -159,7 +151,7 @@ def read_source(path, config: Mapping[str, Any], model: nn.Module) -> Source:
         if mine != theirs:
             raise ControlError(f"prune.masks_from={path} was made with {key}={theirs!r}, this run has {key}={mine!r}")
     layer_shapes = {name: tuple(layer.weight.shape) for name, layer in masked_layers(model)}
-    _check_initial_weights(root / "checkpoints" / "init.pt", model, path)
+    _check_initial_weights(RunFiles(root).init_checkpoint, model, path)
     planned = _planned_densities(source_config, model, path)
     source = Source(root=root, config=source_config, layer_shapes=layer_shapes,
                     planned_levels=len(planned), planned_densities=planned)
@@ -175,7 +167,7 @@ def read_source(path, config: Mapping[str, Any], model: nn.Module) -> Source:
 def _planned_densities(source_config: Mapping[str, Any], model: nn.Module, path) -> List[float]:
     """The target densities of the source's levels, as its own run computes them."""
     try:
-        if source_config.get("prune.training_type") == "at_init":
+        if get_training_type(source_config.get("prune.training_type", "imp")).one_shot:
             return [float(source_config["prune.target_density"])]
         rate, levels = float(source_config["prune.rate"]), source_config.get("prune.levels")
         if source_config.get("prune.layer_rates"):
@@ -391,7 +383,7 @@ def level_zero_difference(source: Source, config: Mapping[str, Any], model: nn.M
 def copy_level_zero(source: Source, root, logs: Mapping[str, Any]) -> int:
     """Append the source's level-0 rows to the control's CSV logs (objects with ``append(row)``,
     by name: epochs, levels, layers), write its level-0 masks and ``reused.csv``; -> rows copied."""
-    from utils.checkpointing import atomic_torch_save, atomic_write_bytes
+    from utils.checkpointing import atomic_torch_save
     root = Path(root)
     copied = 0
     for name, log in logs.items():
@@ -400,15 +392,12 @@ def copy_level_zero(source: Source, root, logs: Mapping[str, Any]) -> int:
             if row.get("level") == "0":
                 log.append(row)  # the strings as written: an exact copy
                 copied += 1
-    atomic_torch_save(load_level_masks(source, 0), root / "masks" / "level_0.pt")
-    reason = "same config (masks_from, control, levels aside), seed and initial weights; dense level 0"
-    text = ",".join(REUSED_COLUMNS) + "\n" + f"0,{_csv_field(str(source.root))},{_csv_field(reason)}\n"
-    atomic_write_bytes(root / REUSED_FILE, text.encode())
+    atomic_torch_save(load_level_masks(source, 0), RunFiles(root).masks(0))
+    reused = RunFiles(root).reused
+    reused.create()
+    reused.append({"level": 0, "source": str(source.root),
+                   "reason": "same config (masks_from, control, levels aside), seed and initial weights; dense level 0"})
     return copied
-
-
-def _csv_field(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def take_level_zero(source: Source, config: Mapping[str, Any], model: nn.Module, root, logs: Mapping[str, Any], *,
@@ -425,8 +414,8 @@ def take_level_zero(source: Source, config: Mapping[str, Any], model: nn.Module,
     except ControlError as error:
         why_not = str(error)
     if why_not is not None:
-        (root / REUSED_FILE).unlink(missing_ok=True)
+        RunFiles(root).reused.path.unlink(missing_ok=True)
         return False, f"level 0 is trained, not taken from {source.root}: {why_not}"
     rows = copy_level_zero(source, root, logs)
-    return True, (f"level 0 taken from {source.root} ({rows} CSV rows copied; see {root / REUSED_FILE}): "
+    return True, (f"level 0 taken from {source.root} ({rows} CSV rows copied; see {RunFiles(root).reused.path}): "
                   f"it would be an exact copy of the source's")

@@ -41,14 +41,15 @@ import datetime as _dt
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
-import yaml
+
+from utils import rundir
+from utils.training_types import get_training_type
 
 LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
 EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
@@ -56,12 +57,11 @@ LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
 
 # Keys that never split a group: the seed (what the group averages over), where results go,
 # and settings that do not change the numbers (harness_utils.NON_SEMANTIC_KEYS, trackers).
-IGNORED_FOR_GROUPING = ("experiment.seed", "experiment.name", "experiment.base_dir", "experiment.resume",
-                        "training.progress", "dataset.num_workers", "logging.tensorboard", "logging.wandb_project")
+_WHERE = ("experiment.seed", "experiment.name", "experiment.base_dir")
+IGNORED_FOR_GROUPING = _WHERE + tuple(sorted(rundir.NON_SEMANTIC_KEYS - set(_WHERE)))
 CONTROL_KEYS = ("prune.masks_from", "prune.control")
 # The grouping key read from the run's checkpoints, not its config (see the module docstring).
 BN_PROCESSES_KEY = "bn_processes"
-REUSED_FILE = "reused.csv"   # utils/controls.py: levels a control took from its source instead of training
 
 
 class ReportError(ValueError):
@@ -149,26 +149,21 @@ def _level_list(levels: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def flat_config(tree: Any, source: Path) -> Dict[str, Any]:
-    if not isinstance(tree, dict):
-        raise ReportError(f"{source}: not a config (a YAML mapping of sections)")
-    flat: Dict[str, Any] = {}
-    for section, keys in tree.items():
-        if isinstance(keys, dict):
-            for key, value in keys.items():
-                flat[f"{section}.{key}"] = value
-        else:
-            flat[str(section)] = keys
-    return flat
+def config_defaults() -> Dict[str, Any]:
+    """Every config key's default (the harness's): a key an older run's config.yaml lacks counts
+    as its default, as it does when the harness resumes that run (utils/rundir.py)."""
+    try:
+        import harness_params
+        return harness_params.defaults()
+    except ImportError:  # the report used without the harness beside it
+        return {}
 
 
 def read_config(experiment_dir: Path) -> Dict[str, Any]:
-    path = Path(experiment_dir) / "config.yaml"
     try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ReportError(f"{path} cannot be read: {' '.join(str(error).split())[:200]}") from None
-    return flat_config(tree, path)
+        return rundir.read_config(experiment_dir)
+    except rundir.RunDirError as error:
+        raise ReportError(str(error)) from None
 
 
 def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
@@ -188,9 +183,11 @@ def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
 
 def expected_levels(config: Dict[str, Any]) -> Optional[int]:
     """How many levels the run will have when finished (None when the config does not say)."""
-    kind = config.get("prune.training_type")
-    if kind == "at_init":
-        return 1
+    try:
+        if get_training_type(str(config.get("prune.training_type", "imp"))).one_shot:
+            return 1
+    except ValueError:  # a user's type that cannot be imported here: the levels the config says
+        pass
     levels, target, rate = config.get("prune.levels"), config.get("prune.target_density"), config.get("prune.rate")
     if levels is not None and target is None:
         return int(levels)
@@ -214,7 +211,7 @@ def read_levels(experiment_dir) -> pd.DataFrame:
 
 def load_experiment(experiment_dir) -> Experiment:
     root = Path(experiment_dir)
-    if not (root / "config.yaml").is_file():
+    if not rundir.RunFiles(root).config.is_file():
         raise ReportError(f"{root} is not an experiment directory (no config.yaml)")
     config = read_config(root)
     levels = _read_csv(root / "levels.csv", LEVEL_COLUMNS).sort_values("level").reset_index(drop=True)
@@ -262,7 +259,7 @@ def number_of_classes(config: Dict[str, Any]) -> Optional[int]:
 
 def reused_levels(root: Path) -> List[str]:
     """What a control took from its source instead of training (utils/controls.py writes it)."""
-    path = root / REUSED_FILE
+    path = rundir.RunFiles(root).reused.path
     if not path.is_file():
         return []
     try:
@@ -282,10 +279,10 @@ def expand_dirs(dirs: Sequence) -> List[Path]:
             raise ReportError(f"{path} does not exist")
         if not path.is_dir():
             raise ReportError(f"{path} is not a directory (give experiment directories or a sweep directory)")
-        if (path / "config.yaml").is_file():
+        if rundir.RunFiles(path).config.is_file():
             children = [path]
         else:
-            children = sorted(child for child in path.iterdir() if (child / "config.yaml").is_file())
+            children = sorted(child for child in path.iterdir() if rundir.RunFiles(child).config.is_file())
             if not children:
                 raise ReportError(f"{path} is not an experiment directory (no config.yaml) and holds none")
         for child in children:
@@ -303,13 +300,13 @@ def grouping_config(config: Dict[str, Any], depth: int = 0, bn_processes: Option
     """The config keys that define a group, as canonical strings, and ``bn_processes`` when
     given (read from the run's checkpoints).  ``prune.masks_from`` is replaced by the grouping
     key of the experiment it names (when that can be read)."""
-    key = {k: _canonical(v) for k, v in config.items() if k not in IGNORED_FOR_GROUPING}
+    key = {k: _canonical(v) for k, v in {**config_defaults(), **config}.items() if k not in IGNORED_FOR_GROUPING}
     if bn_processes is not None:
         key[BN_PROCESSES_KEY] = _canonical(bn_processes)
     source = config.get("prune.masks_from")
     if source and depth < 4:
         source_dir = Path(str(source))
-        if (source_dir / "config.yaml").is_file():
+        if rundir.RunFiles(source_dir).config.is_file():
             try:
                 source_config = read_config(source_dir)
                 source_key = grouping_config(source_config, depth + 1, bn_processes_of(source_dir, source_config))
@@ -802,14 +799,13 @@ def write_report(dirs: Sequence, out_dir, command: str = "python -m utils.report
 
 # ====================================================================== the one-plot CLI
 def label_for(experiment_dir) -> str:
-    config_path = Path(experiment_dir) / "config.yaml"
     name = Path(experiment_dir).name
-    if config_path.exists():
-        config = yaml.safe_load(config_path.read_text()) or {}
-        prune = config.get("prune", {})
-        model = config.get("model", {}).get("name", "?")
-        return f"{name} ({model}, {prune.get('criterion', '?')}/{prune.get('allocation', '?')}/{prune.get('training_type', '?')})"
-    return name
+    try:
+        c = rundir.read_config(experiment_dir)
+    except rundir.RunDirError:
+        return name
+    return (f"{name} ({c.get('model.name', '?')}, {c.get('prune.criterion', '?')}/{c.get('prune.allocation', '?')}/"
+            f"{c.get('prune.training_type', '?')})")
 
 
 def table(frame: pd.DataFrame) -> str:

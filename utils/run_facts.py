@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from utils.rundir import RunFiles
+
 
 @dataclass(frozen=True)
 class Execution:
@@ -35,7 +37,7 @@ def recorded_execution(root, requested_device: Optional[str] = None) -> Optional
     (None when there is no readable ``checkpoints/last.pt``).  ``requested_device``: the
     config's ``training.device``; ``cpu``/``cuda`` are taken as said, ``auto`` (or None) is
     CUDA exactly when the checkpoint holds a CUDA RNG state."""
-    path = Path(root) / "checkpoints" / "last.pt"
+    path = RunFiles(root).last_checkpoint
     if not path.is_file():
         return None
     try:
@@ -61,7 +63,7 @@ def state_has_batchnorm(state_dict: Mapping[str, Any]) -> bool:
 def initial_weights_have_batchnorm(root) -> Optional[bool]:
     """Whether the model of the run in ``root`` has BatchNorm (from ``checkpoints/init.pt``);
     None when that file cannot be read."""
-    path = Path(root) / "checkpoints" / "init.pt"
+    path = RunFiles(root).init_checkpoint
     try:
         state = _load(path)
     except Exception:  # noqa: BLE001

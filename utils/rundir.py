@@ -36,6 +36,7 @@ LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_t
 LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
 STABILITY_COLUMNS = ["level", "alpha", "test_loss", "test_acc"]
 EARLY_BIRD_COLUMNS = ["epoch", "distance"]
+REUSED_COLUMNS = ["level", "source", "reason"]  # the levels a control took from its source
 TIMING_COLUMNS = ("epoch_time_s", "images_per_s", "train_time_s")  # differ between identical runs
 
 # Keys that change how a run is watched or where it lives, not what it computes: a resumed
@@ -182,6 +183,11 @@ class RunFiles:
     @property
     def early_bird(self) -> CsvLog:
         return CsvLog(self.root / "early_bird.csv", EARLY_BIRD_COLUMNS)
+
+    @property
+    def reused(self) -> CsvLog:
+        """A control's levels taken from its source instead of retrained (utils.controls)."""
+        return CsvLog(self.root / "reused.csv", REUSED_COLUMNS)
 
     def logs(self) -> Dict[str, CsvLog]:
         """The logs the harness creates and truncates on resume (Early-Bird keeps its own)."""
