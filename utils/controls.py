@@ -116,7 +116,7 @@ def _read_config(root: Path) -> Dict[str, Any]:
     try:
         return read_config(root)
     except RunDirError as error:
-        raise ControlError(f"prune.masks_from={root}: {error}") from None
+        raise ControlError(f"prune.masks_from={error}") from None
 
 
 def _same_directory(a: Path, b: Path) -> bool:

@@ -252,11 +252,11 @@ def read_config(root) -> Dict[str, Any]:
         with open(path) as handle:
             tree = yaml.safe_load(handle)
     except FileNotFoundError:
-        raise RunDirError(f"{path.parent} is not an experiment directory (no {CONFIG_NAME})") from None
+        raise RunDirError(f"{path.parent}: no {CONFIG_NAME} there; it is not an experiment directory") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
-        raise RunDirError(f"{path} cannot be read ({_one_line(error)})") from None
+        raise RunDirError(f"{path.parent}: {CONFIG_NAME} cannot be read ({_one_line(error)})") from None
     if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
-        raise RunDirError(f"{path} is not a config of this harness")
+        raise RunDirError(f"{path.parent}: {CONFIG_NAME} is not a config of this harness")
     return {f"{section}.{key}": value for section, keys in tree.items() for key, value in keys.items()}
 
 
