@@ -121,15 +121,21 @@ def ffcv_cifar_train(cifar):
 
 # --------------------------------------------------------------------------- registry
 def test_registry_specs_are_consistent():
-    assert set(ds.DATASETS) == {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagenet", "digits"}
-    assert set(wb.SOURCES) == set(ds.DATASETS)
+    assert {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagenet", "digits", "folder"} <= set(ds.DATASETS)
     for spec in ds.DATASETS.values():
-        assert len(spec.mean) == len(spec.std) == spec.channels
+        assert spec.source is not None and callable(spec.source.read)     # the writer reads every entry
         ds.get_augment_policy(spec.train_augment)
+        if spec.from_record:                                              # folder: completed from its record
+            assert spec.channels == 0 and spec.mean == ()
+            continue
+        assert len(spec.mean) == len(spec.std) == spec.channels
         ds.get_storage(spec.storage)
-    assert ds.AUGMENTATIONS["crop_flip"] == ds.AugmentPolicy(False, True, 4)
+    assert ds.AUGMENTATIONS["flip_crop"] == ds.AugmentPolicy(False, True, 4)
     assert not ds.AUGMENTATIONS[get_dataset_spec("svhn").train_augment].horizontal_flip
     assert (DIGITS.resolution, DIGITS.channels, DIGITS.num_classes) == (8, 1, 10)
+    # whether a mirror image keeps its class lives on the entry (test-time flip, flip augmentations)
+    assert {n for n, s in ds.DATASETS.items() if s.flip_changes_labels} >= {"digits", "mnist", "svhn"}
+    assert not get_dataset_spec("cifar10").flip_changes_labels
 
 
 def test_unknown_dataset_lists_valid_names():
