@@ -145,7 +145,8 @@ def test_the_three_loaders_give_the_same_augmented_batches(grey):
 # --------------------------------------------------------------------------- the harness on a folder
 def folder_config(tmp_path, data, **overrides):
     tree = digits_config(tmp_path, tmp_path / "runs", **{"prune.levels": 2, "training.epochs": 1, **overrides})
-    tree["dataset"].update(name="folder", train_path=str(data["train"]), test_path=str(data["test"]), batch_size=16)
+    tree["dataset"].update(name=overrides.get("dataset.name", "folder"), train_path=str(data["train"]),
+                           test_path=str(data["test"]), batch_size=16)
     return write_config(tmp_path / "c.yaml", tree)
 
 
@@ -256,3 +257,37 @@ def test_run_refusals_are_one_line(tmp_path, grey, rgb):
     with pytest.raises(hp.ConfigError, match="dataset.name: no_such_module:DATA: cannot import module"):
         hp.resolve(str(write_config(tmp_path / "d.yaml", tree)), {})
     assert not (tmp_path / "runs").exists() and record_path(other_test).endswith(".json")
+
+
+# --------------------------------------------------------------------------- an outside dataset
+def recipe_module() -> str:
+    """The dataset module of the docs' recipe (docs/extending*.md), as the docs show it."""
+    import re
+    for doc in sorted((Path(__file__).resolve().parents[1] / "docs").glob("extending*.md")):
+        for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
+            if "STRIPES = DatasetSpec(" in block:
+                return block
+    raise AssertionError("no STRIPES recipe in docs/extending*.md")
+
+
+def test_an_outside_module_adds_a_dataset_and_a_run_uses_it(tmp_path, monkeypatch, capsys):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "stripes.py").write_text(recipe_module())
+    monkeypatch.syspath_prepend(str(code))
+    assert wb.main(["--dataset", "stripes:STRIPES", "--out", str(tmp_path / "data"), "--num-workers", "1"]) == 0
+    assert "256 samples, labels 0..1, 2 classes, 12x12, 1 channel(s)" in capsys.readouterr().out
+    train, test = tmp_path / "data" / "stripes_train.beton", tmp_path / "data" / "stripes_test.beton"
+    record = read_record(train)
+    assert record["dataset"] == "stripes" and record["classes"] == ["horizontal", "vertical"]
+    spec = get_dataset_spec("stripes:STRIPES")
+    np.testing.assert_allclose(record["mean"], spec.mean, atol=0.01)     # the recipe's numbers are the data's
+    np.testing.assert_allclose(record["std"], spec.std, atol=0.01)
+    config = folder_config(tmp_path, {"train": train, "test": test}, **{"dataset.name": "stripes:STRIPES",
+                                                                        "training.epochs": 2})
+    result = run_harness(config, env={"PYTHONPATH": str(code)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    levels = read_csv(tmp_path / "runs" / "exp" / "levels.csv")
+    assert len(levels) == 2 and float(levels[0]["final_test_acc"]) > 90      # stripes are easy to tell apart
+    layers = {row["layer"]: int(row["numel"]) for row in read_csv(tmp_path / "runs" / "exp" / "layers.csv")}
+    assert layers["1"] == 12 * 12 * 300 and layers["5"] == 100 * 2
