@@ -1,9 +1,13 @@
-"""Dataset registry, the data order, and two loaders over FFCV ``.beton`` files.
+"""Dataset registry, the data order, and the loaders over FFCV ``.beton`` files.
 
-What is here (see ../shared/DESIGN.md sections 4 and 7):
+What is here:
 
-* ``DATASETS`` / ``get_dataset_spec``: resolution, channels, classes, mean/std, the
-  training augmentation and how ``utils/write_beton.py`` stores the images.
+* ``DATASETS`` / ``get_dataset_spec`` / ``register_dataset``: one ``DatasetSpec`` per dataset:
+  resolution, channels, classes, mean/std, the default training augmentation, how
+  ``utils/write_beton.py`` stores the images and reads the source (``utils/data_sources.py``),
+  whether a mirror flip changes labels.  ``package.module:NAME`` names an outside entry.
+  ``folder`` is completed from its training file's write record (``resolve_dataset_spec``);
+  ``dataset.augment`` replaces the default augmentation (``with_augment``).
 * ``epoch_order``: THE definition of which samples a rank sees in which batch.  Both
   loader back-ends use it, so 1 process and N processes see the same global batches, and
   a run resumed in the middle of an epoch (``start_batch``) sees exactly the batches it
@@ -11,7 +15,7 @@ What is here (see ../shared/DESIGN.md sections 4 and 7):
 * ``make_loader(path, spec, train=..., batch_size=GLOBAL, ...)`` -> a ``BetonLoader``
   whose ``batches(epoch, start_batch)`` yields ``(images, labels)``: float32 normalized
   NCHW images on ``device`` (``torch.channels_last`` when asked) and int64 labels.
-  Two back-ends read the same file:
+  Three back-ends (``LOADER_BACKENDS``) read the same file:
 
   - ``'ffcv'``: ffcv 1.0.2's ``Loader`` (numba-compiled decoding and augmentation).  Our
     order is plugged in as a custom ``TraversalOrder``; ffcv's own distributed sampler is
