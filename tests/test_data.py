@@ -146,6 +146,52 @@ def test_unknown_dataset_lists_valid_names():
         ds.get_loader_backend("jax")
 
 
+def test_outside_dataset_names_are_checked_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "my_data.py").write_text(
+        "from utils.dataset import DatasetSpec, get_dataset_spec\n"
+        "NOT_A_SPEC = 3\n"
+        "COPY = get_dataset_spec('digits')\n"
+        "CLASH = DatasetSpec('cifar10', 8, 1, 2, (0.5,), (0.5,), 'none', 'gray')\n"
+        "OWN = DatasetSpec('my_own', 8, 1, 2, (0.5,), (0.5,), 'none', 'gray')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(ds, "DATASETS", dict(ds.DATASETS))          # registrations end with the test
+    cases = {"no_such_module:X": "cannot import module 'no_such_module'",
+             "my_data:MISSING": "module 'my_data' has no attribute 'MISSING'",
+             "my_data:NOT_A_SPEC": "is a int, not a utils.dataset.DatasetSpec",
+             "my_data:CLASH": "is named 'cifar10', the name of another registered dataset"}
+    for name, message in cases.items():
+        with pytest.raises(DataError, match=message) as info:
+            get_dataset_spec(name)
+        assert "\n" not in str(info.value)
+    assert get_dataset_spec("my_data:COPY") is get_dataset_spec("digits")
+    own = get_dataset_spec("my_data:OWN")
+    assert own.name == "my_own" and get_dataset_spec("my_own") is own and "my_own" in ds.dataset_names()
+
+
+def test_config_takes_its_names_from_the_registries(tmp_path, monkeypatch):
+    """dataset.name, dataset.loader and dataset.augment accept what the registries hold."""
+    import yaml
+
+    import harness_params as hp
+    tree = {"model": {"name": "lenet_300_100"}, "experiment": {"name": "x"}, "prune": {"levels": 2},
+            "dataset": {"name": "digits", "train_path": "a.beton", "test_path": "b.beton", "loader": "mine"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(hp.ConfigError, match="dataset.loader"):
+        hp.resolve(str(path), {})
+    monkeypatch.setitem(ds.LOADER_BACKENDS, "mine", ds.TorchBetonLoader)
+    assert hp.resolve(str(path), {})["dataset.loader"] == "mine"
+    for augment in ds.augment_names():
+        allowed = augment in ("default", "none", "crop")                   # digits: no flips, no resized crops
+        if allowed:
+            assert hp.resolve(str(path), {"dataset.augment": augment})["dataset.augment"] == augment
+        else:
+            with pytest.raises(hp.ConfigError, match=f"dataset.augment={augment} does not suit dataset.name=digits"):
+                hp.resolve(str(path), {"dataset.augment": augment})
+    help_text = hp.help_text()
+    assert all(name in help_text for name in ds.dataset_names())
+
+
 # --------------------------------------------------------------------------- epoch_order
 def test_epoch_order_matches_its_definition():
     n, g = 103, 10
