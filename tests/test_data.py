@@ -446,7 +446,6 @@ def test_imagefolder_tree_to_jpeg_beton_and_resized_crops(imagenet_tree, tmp_pat
 
 
 def test_jpeg_storage_decodes_close_to_the_original(imagenet_tree, tmp_path):
-    spec = get_dataset_spec("imagenet")
     train, _ = wb.write_dataset("imagenet", imagenet_tree, tmp_path, num_workers=1, compress_probability=1.0,
                                 jpeg_quality=95)
     assert inspect_beton(train)["jpg_fraction"] == 1.0

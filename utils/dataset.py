@@ -187,23 +187,25 @@ def get_augment_policy(name: str) -> AugmentPolicy:
     return _lookup(AUGMENTATIONS, "augmentation", name)
 
 
+def _augment_misfit(spec: DatasetSpec, policy: AugmentPolicy) -> Optional[str]:
+    """Why ``policy`` does not suit ``spec`` (None: it does)."""
+    if policy.horizontal_flip and spec.flip_changes_labels:
+        return f"it mirrors images, and a mirrored {spec.name} image is another class (or none)"
+    if not policy.resized_crop and not spec.fixed_size:
+        return f"it uses images at their stored size, and {spec.name}'s images vary in size"
+    if policy.resized_crop and spec.storage == "gray":
+        return f"resized crops are made for RGB images and {spec.name} is greyscale"
+    return None
+
+
 def with_augment(spec: DatasetSpec, augment: str = DEFAULT_AUGMENT) -> DatasetSpec:
     """``spec`` training with ``augment`` (``default``: its own); a combination that does not
     apply is a one-line DataError."""
     if augment in (None, DEFAULT_AUGMENT):
         return spec
-    policy = get_augment_policy(augment)
-    allowed = [name for name, p in AUGMENTATIONS.items()
-               if not (p.horizontal_flip and spec.flip_changes_labels) and (p.resized_crop or spec.fixed_size)
-               and not (p.resized_crop and spec.storage == "gray")]
-    why = None
-    if policy.horizontal_flip and spec.flip_changes_labels:
-        why = f"it mirrors images, and a mirrored {spec.name} image is another class (or none)"
-    elif not policy.resized_crop and not spec.fixed_size:
-        why = f"it uses images at their stored size, and {spec.name}'s images vary in size"
-    elif policy.resized_crop and spec.storage == "gray":
-        why = f"resized crops are made for RGB images and {spec.name} is greyscale"
+    why = _augment_misfit(spec, get_augment_policy(augment))
     if why:
+        allowed = [name for name, policy in AUGMENTATIONS.items() if _augment_misfit(spec, policy) is None]
         raise DataError(f"dataset.augment={augment} does not suit dataset.name={spec.name}: {why}; "
                         f"allowed: {', '.join([DEFAULT_AUGMENT, *allowed])}")
     return replace(spec, train_augment=augment)
