@@ -22,7 +22,8 @@ import yaml
 from fastargs import Config, Param, Section, get_current_config, set_current_config
 from fastargs.validation import Checker
 
-from utils.dataset import DATASETS
+from utils.dataset import (LOADER_BACKENDS, DataError, augment_names, dataset_names, get_dataset_spec,
+                           uses_resized_crops, with_augment)
 from utils.models import model_names
 from utils.nm_sparsity import parse_nm
 from utils.pruning_utils import ALLOCATIONS, SCORES, parse_layer_rates, user_criterion
@@ -234,12 +235,14 @@ def declare_sections() -> Config:
         blurpool=P(StrictBool(), "Anti-aliasing blur before every strided convolution (BlurPool, as ffcv-imagenet)", default=False),
     )
     Section("dataset", "Data (FFCV .beton files)").params(
-        name=P(Choice(sorted(DATASETS)), "Dataset; fixes resolution, channels, classes, mean/std", required=True),
+        name=P(NameOrImport(dataset_names()), "Dataset (utils/dataset.py); fixes resolution, channels, classes, mean/std "
+               "(folder: from the training file's write record), or package.module:NAME of an outside DatasetSpec", required=True),
         train_path=P(StrictStr(), "Training .beton file", required=True),
         test_path=P(StrictStr(), "Evaluation .beton file", required=True),
         batch_size=P(StrictInt(1), "GLOBAL batch size: each of W processes takes batch_size / W", default=128),
         num_workers=P(StrictInt(0), "Loader worker threads per process", default=4),
-        loader=P(Choice(["ffcv", "torch", "memory"]), "ffcv (fast), torch (no JIT; debugging) or memory (small datasets in device memory)", default="ffcv"),
+        loader=P(Choice(sorted(LOADER_BACKENDS)), "ffcv (fast), torch (no JIT; debugging) or memory (small datasets in device memory)", default="ffcv"),
+        augment=P(Choice(augment_names()), "Training augmentation: default (the dataset's own), none, flip_crop (pad 4 + random crop + flip), crop (no flip) or rrc (RandomResizedCrop + flip)", default="default"),
         resolution=P(StrictInt(0), "Training image size; 0 = the dataset's own (ImageNet: RandomResizedCrop size)", default=0),
         eval_resolution=P(StrictInt(0), "Evaluation image size; 0 = the dataset's own (ImageNet: center crop, ratio 224/256)", default=0),
     )
@@ -518,21 +521,23 @@ def check_cross_fields(c: Dict[str, Any]) -> None:
         _fail(f"schedule.peak_epoch={c['schedule.peak_epoch']} must be within training.epochs={epochs}")
 
 
-FLIP_VARIANT_DATASETS = ("digits", "mnist", "fashionmnist", "svhn")  # a mirrored digit is another digit (or none)
-
-
 def check_speed_fields(c: Dict[str, Any]) -> None:
-    """Test-time flip and progressive resizing (DESIGN.md section 12)."""
-    if c["training.flip_tta"] and c["dataset.name"] in FLIP_VARIANT_DATASETS:
+    """The dataset and its augmentation, test-time flip and progressive resizing (docs/speed.md)."""
+    try:
+        spec = get_dataset_spec(c["dataset.name"])
+        with_augment(spec, c["dataset.augment"])
+    except DataError as error:
+        _fail(str(error) if str(error).startswith("dataset.augment=") else f"dataset.name: {error}")
+    if c["training.flip_tta"] and spec.flip_changes_labels:
         _fail(f"training.flip_tta=true does not suit dataset.name={c['dataset.name']}: its labels change under a "
-              f"mirror flip; use it for {', '.join(sorted(set(DATASETS) - set(FLIP_VARIANT_DATASETS)))}")
+              f"mirror flip; use it for {', '.join(n for n in dataset_names() if not get_dataset_spec(n).flip_changes_labels)}")
     start, end = c["resolution.start_res"], c["resolution.end_res"]
     if start or end:
         if not (start and end):
             _fail(f"resolution.start_res={start} and resolution.end_res={end}: give both (or neither)")
-        if c["dataset.name"] != "imagenet":
-            _fail(f"progressive resizing (resolution.start_res) needs resized crops: dataset.name=imagenet, "
-                  f"not {c['dataset.name']}")
+        if not uses_resized_crops(spec, c["dataset.augment"]):
+            _fail(f"progressive resizing (resolution.start_res) needs resized crops: dataset.augment=rrc "
+                  f"(imagenet's default), not {c['dataset.augment']} with dataset.name={c['dataset.name']}")
         if not c["resolution.start_epoch"] <= c["resolution.end_epoch"] <= c["training.epochs"]:
             _fail(f"resolution.start_epoch={c['resolution.start_epoch']} <= resolution.end_epoch="
                   f"{c['resolution.end_epoch']} <= training.epochs={c['training.epochs']} does not hold")

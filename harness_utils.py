@@ -22,7 +22,7 @@ from utils import checkpointing, mask_layers, pruning_utils, rundir, stability, 
 from utils import distributed_utils as du
 from utils.blurpool import add_blurpool_
 from utils.callbacks import Callback, LevelInfo
-from utils.dataset import DataError, get_dataset_spec, make_loader, validate_beton
+from utils.dataset import DataError, make_loader, resolve_dataset_spec, validate_beton
 from utils.models import ModelError, get_model
 from utils.schedulers import LRSchedule, ScheduleSpec
 from utils.training_types import get_training_type
@@ -132,7 +132,7 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
     if c["distributed.sync_bn"] is True and world_size > 1 and device.type != "cuda":
         raise UserError("distributed.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); set it to false")
     try:
-        spec = get_dataset_spec(c["dataset.name"])
+        spec = resolve_dataset_spec(c["dataset.name"], train_path=c["dataset.train_path"], augment=c["dataset.augment"])
     except DataError as error:
         raise UserError(str(error)) from None
     train_resolution = c["dataset.resolution"] or spec.resolution
