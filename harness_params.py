@@ -259,6 +259,8 @@ def declare_sections() -> Config:
         snip_batches=P(StrictInt(1), "Training batches summed for the SNIP score", default=1),
         snip_mode=P(Choice(["eval", "train"]), "BatchNorm during SNIP scoring: eval (running statistics, as the reference codes) or train (batch statistics)", default="eval"),
         structure=P(Choice(["unstructured", "channel"]), "Unit of pruning: single weights, or output channels (coupled groups together)", default="unstructured"),
+        min_channel_fraction=P(StrictFloat(0, 1), "Channel structure: no coupled group keeps fewer than this fraction of its "
+                               "channels (and never fewer than 1); densities too low for it are refused", default=0.1),
         early_bird=P(StrictBool(), "Early-Bird: end level 0 when the next level's channel mask stops changing (channel structure)", default=False),
         early_bird_threshold=P(StrictFloat(0, 1, low_open=True), "Early-Bird: stop when the largest mask distance over the window is below this", default=0.1),
         early_bird_window=P(StrictInt(2), "Early-Bird: masks compared, the current epoch's included", default=5),

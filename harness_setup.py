@@ -70,6 +70,9 @@ class ExperimentBase:
                 self.channel_structure = structured.build_channel_structure(self.model, self.input_shape)
                 if c["prune.criterion"] == "bn_gamma":
                     structured.check_bn_gamma_possible(self.channel_structure)
+                if self.source is None:  # a control trains its source's masks as they are
+                    structured.check_channel_densities(self.channel_structure, self.densities,
+                                                       c["prune.min_channel_fraction"])
         except (controls.ControlError, structured.StructureError, ValueError) as error:
             raise hu.UserError(str(error)) from None
         self.install_feature_callbacks()
@@ -92,7 +95,8 @@ class ExperimentBase:
             self.callbacks.append(EarlyBird(
                 lambda m: structured.keep_vector(structured.select_channels(
                     m, structure, density=next_density, criterion=c["prune.criterion"],
-                    allocation=c["prune.allocation"], seed=seed), structure),
+                    allocation=c["prune.allocation"], seed=seed, min_fraction=c["prune.min_channel_fraction"]),
+                    structure),
                 threshold=c["prune.early_bird_threshold"], window=c["prune.early_bird_window"],
                 agree=du.broadcast_object, min_epochs=c["prune.rewind_epoch"] if c["prune.training_type"] == "wr" else 0))
         if c["analysis.stability"]:
@@ -181,7 +185,7 @@ class ExperimentBase:
         if self.channel_structure is not None:
             return structured.compute_channel_masks(self.model, self.channel_structure, density=density,
                                                     criterion=c["prune.criterion"], allocation=c["prune.allocation"],
-                                                    seed=seed)
+                                                    seed=seed, min_fraction=c["prune.min_channel_fraction"])
         needs_batches = c["prune.criterion"] == "snip" or ":" in c["prune.criterion"]
         batches = self.snip_loader().batches(pruning_utils.SNIP_EPOCH_OFFSET + level) if needs_batches else None
         counts = self.layer_plan.counts[level] if self.layer_plan is not None else None
