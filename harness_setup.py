@@ -178,10 +178,13 @@ class ExperimentBase:
         c, seed = self.c, pruning_utils.level_seed(self.c["experiment.seed"], level)
         if self.source is not None:
             controls.wait_for_level(self.source, level, say=self.say)
-            masks = controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"])
             if self.channel_structure is not None and c["prune.control"] == "shuffle":
-                masks = structured.shuffled_channel_masks(self.channel_structure, masks, seed)
-            return masks
+                # each group's count of kept channels, read from the source's masks as they are (its
+                # weight-shuffled masks would leave every channel partly alive), at the positions of
+                # one permutation per run: fewer channels -> a subset, as for weights
+                masks = controls.masks_for_level(self.source, level, "none", c["experiment.seed"])
+                return structured.shuffled_channel_masks(self.channel_structure, masks, c["experiment.seed"])
+            return controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"])
         if self.channel_structure is not None:
             return structured.compute_channel_masks(self.model, self.channel_structure, density=density,
                                                     criterion=c["prune.criterion"], allocation=c["prune.allocation"],

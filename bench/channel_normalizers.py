@@ -51,7 +51,7 @@ from utils.write_beton import ensure_digits, write_dataset  # noqa: E402
 METHODS = [("none", "global"), ("mean", "global"), ("max", "global"), ("gaussian", "global"), ("mean", "uniform")]
 # (data set, model, criteria of the trained scenario)
 CASES = {"digits": [("lenet_300_100", ["magnitude"]), ("resnet20", ["magnitude", "bn_gamma"])],
-         "cifar-format": [("resnet20", ["magnitude", "bn_gamma"])]}
+         "cifar-format": [("resnet20", ["magnitude"])]}
 
 
 def write_cifar_format_digits(root: Path, seed: int = 0) -> None:
