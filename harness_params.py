@@ -29,6 +29,7 @@ from utils.nm_sparsity import parse_nm
 from utils.pruning_utils import ALLOCATIONS, SCORES, parse_layer_rates, user_criterion
 from utils.user_code import UserCodeError, import_callable, is_import_path
 from utils.optimizers import OPTIMIZERS
+from utils.structured import CHANNEL_ALLOCATIONS, CHANNEL_SCORES
 from utils.rundir import as_tree  # noqa: F401  (the config's nesting: one rule, in utils/rundir.py)
 from utils.schedulers import schedule_names
 from utils.training_types import TRAINING_TYPES, TrainingTypeError, get_training_type
@@ -297,6 +298,8 @@ def declare_sections() -> Config:
                     "(coupled groups together), or nm: N of every M consecutive inputs (prune.nm)", default="unstructured"),
         nm=P(NMPattern(), "prune.structure=nm: keep N of every M consecutive inputs at the last level; level L of K "
              "keeps round(M - L*(M-N)/(K-1)) per group", default="2:4"),
+        min_channel_fraction=P(StrictFloat(0, 1), "Channel structure: no coupled group keeps fewer than this fraction of its "
+                               "channels (and never fewer than 1); densities too low for it are refused", default=0.1),
         early_bird=P(StrictBool(), "Early-Bird: end level 0 when the next level's channel mask stops changing (channel structure)", default=False),
         early_bird_threshold=P(StrictFloat(0, 1, low_open=True), "Early-Bird: stop when the largest mask distance over the window is below this", default=0.1),
         early_bird_window=P(StrictInt(2), "Early-Bird: masks compared, the current epoch's included", default=5),
@@ -543,17 +546,12 @@ def check_speed_fields(c: Dict[str, Any]) -> None:
                   f"{c['resolution.end_epoch']} <= training.epochs={c['training.epochs']} does not hold")
 
 
-# Channel pruning (DESIGN.md section 10; utils/structured.py) supports these scores and allocations.
-CHANNEL_CRITERIA = ("magnitude", "bn_gamma", "random")
-CHANNEL_ALLOCATIONS = ("global", "uniform")
-
-
 def check_structure_fields(c: Dict[str, Any]) -> None:
     """prune.structure, prune.early_bird and the criteria/allocations each structure allows."""
     structure, criterion, allocation = c["prune.structure"], c["prune.criterion"], c["prune.allocation"]
     if structure == "channel":
-        if criterion not in CHANNEL_CRITERIA:
-            _fail(f"prune.criterion={criterion} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_CRITERIA)}")
+        if criterion not in CHANNEL_SCORES:
+            _fail(f"prune.criterion={criterion} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_SCORES)}")
         if allocation not in CHANNEL_ALLOCATIONS:
             _fail(f"prune.allocation={allocation} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_ALLOCATIONS)}")
     elif criterion == "bn_gamma":

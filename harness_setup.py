@@ -75,6 +75,9 @@ class ExperimentBase:
                 self.channel_structure = structured.build_channel_structure(self.model, self.input_shape)
                 if c["prune.criterion"] == "bn_gamma":
                     structured.check_bn_gamma_possible(self.channel_structure)
+                if self.source is None:  # a control trains its source's masks as they are
+                    structured.check_channel_densities(self.channel_structure, self.densities,
+                                                       c["prune.min_channel_fraction"])
             if c["prune.structure"] == "nm" or (self.source is not None and self.source.config.get("prune.structure") == "nm"):
                 self.plan_nm()
         except (controls.ControlError, structured.StructureError, ValueError) as error:
@@ -124,7 +127,8 @@ class ExperimentBase:
             self.callbacks.append(EarlyBird(
                 lambda m: structured.keep_vector(structured.select_channels(
                     m, structure, density=next_density, criterion=c["prune.criterion"],
-                    allocation=c["prune.allocation"], seed=seed), structure),
+                    allocation=c["prune.allocation"], seed=seed, min_fraction=c["prune.min_channel_fraction"]),
+                    structure),
                 threshold=c["prune.early_bird_threshold"], window=c["prune.early_bird_window"],
                 agree=du.broadcast_object, min_epochs=c["prune.rewind_epoch"] if self.training_type.captures_rewind else 0))
         if c["analysis.stability"]:
@@ -210,18 +214,19 @@ class ExperimentBase:
         c, seed = self.c, pruning_utils.level_seed(self.c["experiment.seed"], level)
         if self.source is not None:
             controls.wait_for_level(self.source, level, say=self.say)
-            nm_shuffle = self.nm_plan is not None and c["prune.control"] == "shuffle"  # within groups, below
-            masks = controls.masks_for_level(self.source, level, "none" if nm_shuffle else c["prune.control"],
-                                             c["experiment.seed"])
-            if nm_shuffle:
-                masks = nm_sparsity.shuffled_nm_masks(masks, self.nm_plan.m, c["experiment.seed"])
-            if self.channel_structure is not None and c["prune.control"] == "shuffle":
-                masks = structured.shuffled_channel_masks(self.channel_structure, masks, seed)
-            return masks
+            if c["prune.control"] == "shuffle" and (self.channel_structure is not None or self.nm_plan is not None):
+                # shuffled within the structure: each group's count of kept channels (or of kept inputs
+                # per N:M group), read from the source's masks as they are, at random positions (a
+                # weight-shuffled channel mask would leave every channel partly alive)
+                masks = controls.masks_for_level(self.source, level, "none", c["experiment.seed"])
+                if self.channel_structure is not None:
+                    return structured.shuffled_channel_masks(self.channel_structure, masks, c["experiment.seed"])
+                return nm_sparsity.shuffled_nm_masks(masks, self.nm_plan.m, c["experiment.seed"])
+            return controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"])
         if self.channel_structure is not None:
             return structured.compute_channel_masks(self.model, self.channel_structure, density=density,
                                                     criterion=c["prune.criterion"], allocation=c["prune.allocation"],
-                                                    seed=seed)
+                                                    seed=seed, min_fraction=c["prune.min_channel_fraction"])
         needs_batches = pruning_utils.get_criterion(c["prune.criterion"]).needs_batches  # its registry entry says
         batches = self.snip_loader().batches(pruning_utils.SCORE_EPOCH_OFFSET + level) if needs_batches else None
         counts = self.layer_plan.counts[level] if self.layer_plan is not None else None
