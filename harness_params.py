@@ -494,11 +494,11 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
 
 def check_cross_fields(c: Dict[str, Any]) -> None:
     """Contradictions between keys that each look fine alone."""
+    kind = training_type_of(c)
+    check_nm_fields(c)
     check_science_fields(c)
-    kind = get_training_type(c["prune.training_type"])
     levels, target = c["prune.levels"], c["prune.target_density"]
     epochs = c["training.epochs"]
-    check_nm_fields(c)
     refusal = kind.check(c)
     if refusal:
         _fail(refusal)
@@ -566,18 +566,27 @@ def check_structure_fields(c: Dict[str, Any]) -> None:
             _fail("prune.early_bird=true needs a trained score (magnitude or bn_gamma), not prune.criterion=random")
         if c["prune.levels"] == 1 or c["prune.target_density"] == 1.0:
             _fail("prune.early_bird=true needs a level after level 0 (prune.levels >= 2 or prune.target_density < 1)")
+def training_type_of(c: Dict[str, Any]):
+    """The config's training type (utils/training_types.py); an outside one that cannot be had is
+    refused in one line."""
+    try:
+        return get_training_type(c["prune.training_type"])
+    except TrainingTypeError as error:
+        _fail(f"prune.training_type: {error}")
+
+
 def check_nm_fields(c: Dict[str, Any]) -> None:
     """prune.structure=nm (utils/nm_sparsity.py): the N:M pattern fixes every level's density."""
     if c["prune.structure"] != "nm":
         return
-    kind, levels = c["prune.training_type"], c["prune.levels"]
+    kind, levels = training_type_of(c), c["prune.levels"]
     if c["prune.layer_rates"]:
         _fail("prune.layer_rates contradicts prune.structure=nm (every group of every N:M layer keeps the same count)")
     if c["prune.target_density"] is not None:
         _fail(f"prune.target_density={c['prune.target_density']} contradicts prune.structure=nm: prune.nm="
               f"{c['prune.nm']} fixes every level's density; give prune.levels (at_init: neither)")
-    if kind != "at_init" and not c["prune.masks_from"] and (levels is None or levels < 2):
-        _fail(f"prune.structure=nm with prune.training_type={kind} needs prune.levels >= 2 (level 0 dense, the last "
+    if not kind.one_shot and not c["prune.masks_from"] and (levels is None or levels < 2):
+        _fail(f"prune.structure=nm with prune.training_type={kind.name} needs prune.levels >= 2 (level 0 dense, the last "
               f"keeping {c['prune.nm']}; 2 is one-shot), got {levels}")
 
 
@@ -589,12 +598,7 @@ def check_science_fields(c: Dict[str, Any]) -> None:
     ``utils.controls.read_source``, ``utils.rewind.rewind_point`` and
     ``utils.pruning_utils.layer_rate_plan``.
     """
-    if is_import_path(c["prune.training_type"]):
-        try:
-            get_training_type(c["prune.training_type"])
-        except TrainingTypeError as error:
-            _fail(f"prune.training_type: {error}")
-    kind = get_training_type(c["prune.training_type"])
+    kind = training_type_of(c)
     masks_from, control = c["prune.masks_from"], c["prune.control"]
     if control != "none" and not masks_from:
         _fail(f"prune.control={control} needs prune.masks_from (the experiment directory whose masks it controls)")
