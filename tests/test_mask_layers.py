@@ -499,4 +499,4 @@ def test_dense_parameter_report_counts_every_parameter_once_by_category():
     assert report.dense["norms"] == 2 * width * (2 * 2 + 1)  # two LayerNorms per block, one at the end
     line = dense_summary(model)
     assert "\n" not in line and "tokens 64 (class_token)" in line and "excluded layers" in line
-    assert f"prunable: {report.prunable:,} of {report.total:,}" in line
+    assert f"weight matrices): {report.prunable:,} of {report.total:,}" in line

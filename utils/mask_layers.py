@@ -309,8 +309,8 @@ def dense_summary(model: nn.Module) -> str:
             names = report.names[category]
             text += f" ({', '.join(names[:3])}{f', +{len(names) - 3} more' if len(names) > 3 else ''})"
         parts.append(text)
-    return (f"prunable: {report.prunable:,} of {report.total:,} parameters ({share(report.prunable)}: conv, linear and "
-            f"attention weight matrices); dense, never pruned and outside every density: "
+    return (f"prunable (conv, linear and attention weight matrices): {report.prunable:,} of {report.total:,} "
+            f"parameters ({share(report.prunable)}); dense, never pruned and outside every density: "
             f"{dense_total:,} ({share(dense_total)})" + (f": {'; '.join(parts)}" if parts else ""))
 
 
