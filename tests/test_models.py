@@ -266,3 +266,19 @@ def test_build_is_seeded_and_leaves_the_model_in_training_mode():
     assert first.training
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["vit_b_32", "vit_nano_p4"])
+def test_vit_heads_are_not_zero_so_gradient_scores_see_the_network(name):
+    """torchvision zero-initialises a ViT's head: every gradient into the network would be 0 at
+    initialisation and SNIP would rank nothing but positions."""
+    from utils.pruning_utils import ScoringInputs, snip_scores
+    torch.manual_seed(0)
+    model = prepare_model(get_model(name, num_classes=10, image_size=32))
+    assert bool((model.heads.head.weight != 0).all())
+    assert 0.015 < float(model.heads.head.weight.std()) < 0.025
+    batch = (torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    scores = snip_scores(ScoringInputs(model=model, device=torch.device("cpu"), batches=[batch]),
+                         {n: m.mask for n, m in model.named_modules() if isinstance(m, MaskedLayer)})
+    attention = scores["encoder.layers.encoder_layer_0.self_attention.in_proj"]
+    assert float(attention.count_nonzero()) > 0.5 * attention.numel()

@@ -18,6 +18,9 @@ efficientnet_b0, densenet121, convnext_tiny, regnet_*, vit_*, swin_*, ...):
 * every replaced stem conv is initialised ``kaiming_normal_(mode="fan_out",
   nonlinearity="relu")``, bias 0, which is what torchvision itself uses for the convs of
   ResNet, VGG, MobileNet, EfficientNet and RegNet;
+* ViTs (``vit_b_16`` ... ``vit_h_14``) get a truncated-normal classifier head instead of
+  torchvision's all-zero one (``init_vit_head_``: with a zero head, SNIP and SynFlow score every
+  weight 0 at initialisation);
 * GoogLeNet and Inception-v3 are built without auxiliary heads (``aux_logits=False``) so
   every model returns one logits tensor in training mode too; ViT and MaxViT are told
   ``image_size`` (their position embeddings / partitions depend on it).
@@ -60,8 +63,7 @@ Lottery-ticket families (written here):
   torchvision's initialisation throughout, except two things: a patch embedding for
   ``in_channels != 3`` is made anew with torchvision's rule (truncated normal, std
   sqrt(1 / fan_in), zero bias), and the classifier head gets a truncated normal with std 0.02
-  (DeiT / timm) instead of torchvision's zeros -- with a zero head every gradient into the
-  network is zero at initialisation, so SNIP and SynFlow would score every other weight 0.
+  (as every ViT of the registry, ``init_vit_head_``).
   No dropout and no stochastic depth (torchvision's ViT has no drop-path).
 
 Initialisation of our own families: ``kaiming_normal_`` (fan_in, ReLU gain sqrt(2); the
@@ -278,6 +280,22 @@ _TORCHVISION_SIZE_KWARGS: Dict[str, Callable[[int], dict]] = {
 }
 
 
+@torch.no_grad()
+def init_vit_head_(model: torchvision.models.VisionTransformer) -> None:
+    """Truncated normal (std 0.02, DeiT / timm) for the classifier head instead of torchvision's
+    zeros: with a zero head every gradient into the network is zero at initialisation, so SNIP and
+    SynFlow score every weight 0 and their masks would be mere positions."""
+    head = model.heads.head
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+
+
+# What is changed after torchvision built a model, by the module that defines its builder.
+_TORCHVISION_AFTER_BUILD: Dict[str, Callable[[nn.Module], None]] = {
+    "torchvision.models.vision_transformer": init_vit_head_,
+}
+
+
 def _build_torchvision(tv_name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     tv_builder = torchvision.models.get_model_builder(tv_name)
     kwargs = {"weights": None, "num_classes": num_classes}
@@ -286,6 +304,7 @@ def _build_torchvision(tv_name: str, num_classes: int, in_channels: int, image_s
     if size_kwargs is not None:
         kwargs.update(size_kwargs(image_size))
     model = tv_builder(**kwargs)
+    _TORCHVISION_AFTER_BUILD.get(tv_builder.__module__, lambda m: None)(model)
     if isinstance(model, torchvision.models.ResNet) and image_size <= CIFAR_STEM_MAX_IMAGE_SIZE:
         cifar_adapt_resnet_(model, in_channels)
     elif in_channels != 3:
@@ -537,8 +556,7 @@ def _vit_p4(name: str, num_classes: int, in_channels: int, image_size: int) -> n
             fan_in = in_channels * VIT_PATCH_SIZE * VIT_PATCH_SIZE
             nn.init.trunc_normal_(model.conv_proj.weight, std=math.sqrt(1.0 / fan_in))
             nn.init.zeros_(model.conv_proj.bias)
-        nn.init.trunc_normal_(model.heads.head.weight, std=0.02)
-        nn.init.zeros_(model.heads.head.bias)
+    init_vit_head_(model)
     return model
 
 
