@@ -82,8 +82,8 @@ def test_registry_holds_every_torchvision_classifier_and_our_families():
     assert model_names() == sorted(MODELS)
 
 
-@pytest.mark.parametrize("name", model_names())
-def test_every_registered_name_builds_prepares_and_forwards(name):
+@pytest.mark.parametrize("name", model_names())  # every torchvision.models.list_models(module=torchvision.models)
+def test_every_registered_name_builds_prepares_and_forwards(name):     # name among them (test above)
     # 224 px works for every family; in_channels=1 and 7 classes exercise both adaptations.
     with parameters_on_meta():
         model = get_model(name, num_classes=7, in_channels=1, image_size=224)
