@@ -30,16 +30,8 @@ from utils.models import get_model
 from utils.pretrained import (WeightsError, apply_given_weights, check_control_weights, classifier_head,
                               load_given_weights)
 from utils.pruning_utils import target_keep_count
-from utils.write_beton import ensure_digits
 
 VIT_EXCLUDE = ["conv_proj", "heads.*"]  # as configs/vit_imp_cifar10.yaml
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 def run_main(capsys, config: Path, *args: str):
