@@ -234,6 +234,9 @@ def declare_sections() -> Config:
         name=P(NameOrImport(model_names()), "Registry name of the network (utils/models.py), or package.module:factory "
                "(called with num_classes=, and in_channels=, image_size= when it takes them)", required=True),
         blurpool=P(StrictBool(), "Anti-aliasing blur before every strided convolution (BlurPool, as ffcv-imagenet)", default=False),
+        weights=P(StrictStr(), "Given initial weights: a state dict file (torch.save(model.state_dict()), a torchvision "
+                  "weights file) loaded with weights_only before level 0; a head of another class count keeps its "
+                  "fresh init (utils/pretrained.py); empty = random init", default=""),
     )
     Section("dataset", "Data (FFCV .beton files)").params(
         name=P(NameOrImport(dataset_names()), "Dataset (utils/dataset.py); fixes resolution, channels, classes, mean/std "

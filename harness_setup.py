@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional
 import torch
 
 import harness_utils as hu
-from utils import (checkpointing, controls, mask_layers, nm_sparsity, progressive, pruning_utils, rewind, run_lock,
-                   structured, training)
+from utils import (checkpointing, controls, mask_layers, nm_sparsity, pretrained, progressive, pruning_utils, rewind,
+                   run_lock, structured, training)
 from utils.callbacks import AfterBackward
 from utils.stability import StabilityAnalysis, StabilityRun
 from utils.training_types import get_training_type
@@ -62,6 +62,8 @@ class ExperimentBase:
         try:
             if c["prune.masks_from"]:
                 self.source = controls.read_source(c["prune.masks_from"], c, self.model)
+                pretrained.check_control_weights(c["model.weights"], self.source.config.get("model.weights", ""),
+                                                 c["prune.control"], self.source.root)
                 if c["prune.control"] == "reinit" and self.source.config.get("experiment.seed") == c["experiment.seed"]:
                     raise hu.UserError(f"prune.control=reinit with experiment.seed={c['experiment.seed']}, the seed of "
                                        f"prune.masks_from={self.source.root}: the 'fresh' initialisation would be "

@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import harness_params
-from utils import checkpointing, mask_layers, pruning_utils, rundir, stability, structured
+from utils import checkpointing, mask_layers, pretrained, pruning_utils, rundir, stability, structured
 from utils import distributed_utils as du
 from utils.blurpool import add_blurpool_
 from utils.callbacks import Callback, LevelInfo
@@ -158,6 +158,11 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
         mask_layers.prepare_model(model, exclude=c["prune.exclude"])
     except mask_layers.MaskError as error:
         raise UserError(f"prune.exclude={c['prune.exclude']}: {error}") from None
+    notes.append(mask_layers.dense_summary(model))
+    try:
+        notes += pretrained.apply_given_weights(model, c["model.weights"], c["prune.masks_from"] and c["prune.control"])
+    except pretrained.WeightsError as error:
+        raise UserError(str(error)) from None
     if get_training_type(c["prune.training_type"]).one_shot:
         densities = [c["prune.target_density"]]
     elif c["prune.masks_from"] and c["prune.levels"] is None and c["prune.target_density"] is None:
