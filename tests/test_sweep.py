@@ -15,14 +15,7 @@ import yaml
 
 from tests.helpers import ROOT, digits_config, write_config
 from utils import sweep as sw
-from utils.write_beton import ensure_digits
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 def base_config(tmp_path, digits, **overrides):
