@@ -1,4 +1,4 @@
-"""Distributed correctness on CPU with gloo (issue 4; DESIGN.md sections 4-6).
+"""Distributed correctness on CPU with gloo (issue 4; docs/design.md sections 4-6).
 
 What is pinned here, mostly with real torchrun launches (gloo, CPU) on the bundled digits data:
 

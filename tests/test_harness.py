@@ -1,5 +1,5 @@
 """The level loop end to end on real digits .beton files: output contract and the exact
-semantics of IMP / WR / LRR / at_init (DESIGN.md sections 5 and 6)."""
+semantics of IMP / WR / LRR / at_init (docs/design.md sections 5 and 6)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """utils/pruning_utils.py: exact counts, allocations, nesting, criteria, schedules, CLI.
 
-Pins DESIGN.md section 5: kept counts are the target rounded, masks only shrink, pruned
+Pins docs/design.md section 5: kept counts are the target rounded, masks only shrink, pruned
 weights never come back, and each score / allocation means what the docstrings say.
 """
 from __future__ import annotations
