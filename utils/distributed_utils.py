@@ -101,6 +101,8 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 1800) 
     on this attempt's own keys (``_store_of_this_attempt``)."""
     if not launched_by_torchrun():
         return DistributedContext(device=pick_device(device, 0))
+    from utils import launcher_watch
+    launcher_watch.start()  # a worker whose torchrun has died stops (never trains on, never waits in set-up)
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ["WORLD_SIZE"])
