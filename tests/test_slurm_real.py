@@ -24,6 +24,7 @@ import yaml
 
 from tests.helpers import ROOT, TORCHRUN, digits_config, run_harness, write_config
 from tests.test_resume import assert_same_results
+from utils import sweep as sw
 from utils.write_beton import ensure_digits
 
 SLURM_LOCAL = ROOT / "scripts" / "slurm_local.sh"
@@ -83,28 +84,29 @@ def queue() -> List[str]:
 
 
 # ----------------------------------------------------------------------------- refusals
-def test_a_request_the_partition_can_never_meet_is_refused_and_a_busy_one_pends(tmp_path, digits, slurm_cluster):
+def test_a_request_the_partition_can_never_meet_is_refused_and_a_busy_one_pends(tmp_path, digits, slurm_cluster,
+                                                                                  capsys):
     cpus = slurm_cluster["cpus"]
     path = write_sweep(tmp_path, digits, "toobig", launcher="slurm", slurm={"time_min": 5})
     before = queue()
     # the default request: 4 CPUs per process, here 4 x 2 on a node of `cpus`
-    refused = sweep(path, "--nproc-per-node", "2")
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    lines = [line for line in refused.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, refused.stderr
+    assert sw.main([str(path), "--nproc-per-node", "2"]) == 2
+    refused = capsys.readouterr()
+    lines = [line for line in refused.err.splitlines() if line.strip()]
+    assert len(lines) == 1, refused.err
     assert "slurm.cpus_per_task asks for 8 CPUs on one node" in lines[0]
     assert f"at most {cpus} CPUs" in lines[0] and "partition debug" in lines[0]
-    assert "submitted" not in refused.stdout and queue() == before
+    assert "submitted" not in refused.out and queue() == before
     assert not list((tmp_path / "runs" / "toobig").glob("slurm/*.pkl"))
 
     # a request that fits but must wait (the node is busy): submitted, pending, exit 0
     blocker = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={cpus}", "--time=5", "--output=/dev/null",
                               "--wrap", "sleep 300"], capture_output=True, text=True, check=True).stdout.strip()
     try:
-        pending = sweep(path, "--cpus-per-task", "1")
-        assert pending.returncode == 0, pending.stdout + pending.stderr
-        assert "submitted 1 run(s)" in pending.stdout
-        job = re.search(r"seed-0: job (\S+)", pending.stdout).group(1)
+        assert sw.main([str(path), "--cpus-per-task", "1"]) == 0
+        pending = capsys.readouterr()
+        assert "submitted 1 run(s)" in pending.out, pending.out + pending.err
+        job = re.search(r"seed-0: job (\S+)", pending.out).group(1)
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
         assert state == "PENDING"
     finally:
@@ -114,22 +116,22 @@ def test_a_request_the_partition_can_never_meet_is_refused_and_a_busy_one_pends(
 
 # ----------------------------------------------------------------------------- time limit
 def test_a_run_longer_than_its_time_limit_checkpoints_requeues_and_finishes(tmp_path, digits, slurm_cluster):
-    """time_min: 1, a run that needs well over a minute (0.75 s per step, 88 steps): Slurm's
+    """time_min: 1, a run that needs over a minute (0.6 s per step, 88 steps): Slurm's
     warning signal stops it at a checkpoint, submitit requeues it, the requeued task resumes;
     nobody re-runs anything, and the CSVs equal those of the same run made locally (no delay)."""
     on_slurm = write_sweep(tmp_path, digits, "limited", launcher="slurm", nproc_per_node=1,
                            slurm={"time_min": 1, "cpus_per_task": 1})
     local = write_sweep(tmp_path, digits, "reference", launcher="local", nproc_per_node=1)
     began = time.monotonic()
-    job = sweep(on_slurm, "--wait", env={"HARNESS_TEST_STEP_DELAY_S": "0.75"}, wait=False)
+    job = sweep(on_slurm, "--wait", env={"HARNESS_TEST_STEP_DELAY_S": "0.6"}, wait=False)
     reference = sweep(local, "--no-report")
     assert reference.returncode == 0, reference.stdout + reference.stderr
     try:
-        out, err = job.communicate(timeout=540)
+        out, err = job.communicate(timeout=900)  # about 2 min on a quiet machine; each attempt pays the start-up
     except subprocess.TimeoutExpired:
         job.kill()
         subprocess.run(["scancel", "--name", "sweep-limited"], capture_output=True)
-        pytest.fail(f"the sweep did not finish in 9 min; task logs:\n{task_logs(tmp_path / 'runs' / 'limited')[-4000:]}")
+        pytest.fail(f"the sweep did not finish in 15 min; task logs:\n{task_logs(tmp_path / 'runs' / 'limited')[-4000:]}")
     seconds = time.monotonic() - began
     logs = task_logs(tmp_path / "runs" / "limited")
     assert job.returncode == 0, f"{out}\n{err}\n{logs[-4000:]}"
@@ -241,7 +243,7 @@ def workers_of(launcher: subprocess.Popen, count: int = 2, limit: float = 120) -
 
 
 def test_workers_stop_when_torchrun_is_sigkilled_at_start_and_mid_run_and_the_run_resumes(tmp_path, digits):
-    tree = digits_config(digits, tmp_path / "runs", name="orphaned", **{"training.epochs": 2, "prune.levels": 2})
+    tree = digits_config(digits, tmp_path / "runs", name="orphaned", **{"training.epochs": 1, "prune.levels": 2})
     config = write_config(tmp_path / "c.yaml", tree)
     log = tmp_path / "torchrun.log"
 
@@ -253,8 +255,8 @@ def test_workers_stop_when_torchrun_is_sigkilled_at_start_and_mid_run_and_the_ru
     launcher.wait()
     at_start = seconds_until_gone(workers, 60)
 
-    # mid-run: slowed down so that the kill lands inside an epoch
-    launcher = start_torchrun(config, log, env={"HARNESS_TEST_STEP_DELAY_S": "0.1"})
+    # mid-run (level 0 written, level 1 training): slowed down so that the kill lands inside an epoch
+    launcher = start_torchrun(config, log, env={"HARNESS_TEST_STEP_DELAY_S": "0.15"})
     workers = workers_of(launcher)
     epochs = tmp_path / "runs" / "orphaned" / "epochs.csv"
     deadline = time.monotonic() + 240
@@ -279,3 +281,16 @@ def test_workers_stop_when_torchrun_is_sigkilled_at_start_and_mid_run_and_the_ru
     assert reference.returncode == 0, reference.stdout + reference.stderr
     assert_same_results(tmp_path / "runs" / "reference", tmp_path / "runs" / "orphaned")
     print(f"workers gone {at_start:.1f} s after torchrun's SIGKILL at start, {mid_run:.1f} s mid-run")
+
+
+# ----------------------------------------------------------------------------- pieces (no Slurm needed)
+def test_the_warning_signal_goes_to_the_batch_shell_with_a_lead_that_fits_the_limit():
+    from utils import slurm
+    assert [slurm.warning_lead_s(m) for m in (1, 2, 5, 15, 240)] == [10, 12, 30, 90, 90]
+    parameters = slurm.executor_parameters("sweep-x", {"time_min": 1, "cpus_per_task": 2}, 2, 0)
+    assert parameters["additional_parameters"] == {"signal": "B:USR2@10"} and parameters["use_srun"] is False
+    assert parameters["cpus_per_task"] == 2 and "gpus_per_node" not in parameters
+    default = slurm.executor_parameters("sweep-x", {"partition": "gpu", "mem_gb": 16}, 4, 4)
+    assert default["cpus_per_task"] == 16 and default["gpus_per_node"] == 4 and default["mem"] == "16G"
+    assert slurm._minutes("1-02:03:00") == 26 * 60 + 3 and slurm._minutes("30") == 30
+    assert slurm._minutes("UNLIMITED") is None and slurm._mb("16G") == 16 * 1024 and slurm._mb("24105") == 24105

@@ -29,6 +29,7 @@ EXIT_LAUNCHER_GONE = 1
 
 _stop_request: Optional[Callable[[], None]] = None
 _started = False
+_rank = 0
 
 
 def set_stop_request(request: Optional[Callable[[], None]]) -> None:
@@ -38,13 +39,14 @@ def set_stop_request(request: Optional[Callable[[], None]]) -> None:
     _stop_request = request
 
 
-def start(poll_s: float = POLL_S, grace_s: float = GRACE_S) -> None:
-    """Watch the launcher (the parent process) from now on; a no-op after the first call.
-    A worker whose launcher is already gone (its parent is init) ends here."""
-    global _started
+def start(rank: int, poll_s: float = POLL_S, grace_s: float = GRACE_S) -> None:
+    """Watch the launcher (the parent process of this torchrun worker of global rank ``rank``)
+    from now on; a no-op after the first call.  A worker whose launcher is already gone (its
+    parent is init) ends here."""
+    global _started, _rank
     if _started:
         return
-    _started = True
+    _started, _rank = True, rank
     parent = os.getppid()
     if parent == 1:
         _exit_now("before the process group was set up")
@@ -52,7 +54,7 @@ def start(poll_s: float = POLL_S, grace_s: float = GRACE_S) -> None:
 
 
 def _say(text: str) -> None:
-    print(f"error (rank {os.environ.get('RANK', '0')}): {text}", file=sys.stderr, flush=True)
+    print(f"error (rank {_rank}): {text}", file=sys.stderr, flush=True)
 
 
 def _exit_now(when: str) -> None:
