@@ -17,6 +17,7 @@
 #                    so two jobs sharing a node do not collide)
 #   REPO_DIR         repository root (default: the directory sbatch was called from)
 #   TORCHRUN         torchrun executable (default: $REPO_DIR/.venv/bin/torchrun)
+#   PYTHON           python that reads the config to place the log (default: beside TORCHRUN)
 #   TORCHRUN_ARGS    extra torchrun flags, e.g. "--max_restarts=3" (a restarted job resumes
 #                    from the last checkpoint)
 #   SRUN_ARGS        extra srun flags, e.g. "--export=ALL,NCCL_SOCKET_IFNAME=ib0"
