@@ -99,6 +99,14 @@ def test_a_request_the_partition_can_never_meet_is_refused_and_a_busy_one_pends(
     assert "submitted" not in refused.out and queue() == before
     assert not list((tmp_path / "runs" / "toobig").glob("slurm/*.pkl"))
 
+    # the other resources, named the same way
+    from utils import slurm
+    ask = lambda **settings: slurm.request_problem(slurm.executor_parameters("x", {"cpus_per_task": 1, **settings}, 1, 0))
+    assert ask(mem_gb=100_000).startswith("slurm.mem_gb asks for 100000G of memory, which partition debug can never give")
+    assert ask(gpus_per_node=1).startswith("slurm.gpus_per_node asks for 1 GPUs on one node")
+    assert ask(partition="nosuch").startswith("slurm partition 'nosuch' does not exist (partitions: debug)")
+    assert ask(time_min=5) is None
+
     # a request that fits but must wait (the node is busy): submitted, pending, exit 0
     blocker = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={cpus}", "--time=5", "--output=/dev/null",
                               "--wrap", "sleep 300"], capture_output=True, text=True, check=True).stdout.strip()
