@@ -50,22 +50,6 @@ cd "$REPO_DIR"
 TORCHRUN=${TORCHRUN:-$REPO_DIR/.venv/bin/torchrun}
 PYTHON=${PYTHON:-$(dirname "$TORCHRUN")/python}
 
-# The log goes beside the experiment: the config (with its overrides) says where that is.
-# A config the harness refuses is said here, in Slurm's own output file, and ends the job.
-EXPERIMENT_LOGS=$("$PYTHON" -c '
-import sys
-import harness_params
-config = harness_params.load_config(sys.argv[1:])
-print(config["experiment.base_dir"] + "/logs/" + config["experiment.name"])
-' "$@") || exit 2
-mkdir -p "$(dirname "$EXPERIMENT_LOGS")" || die "cannot create $(dirname "$EXPERIMENT_LOGS")"
-LOG="$EXPERIMENT_LOGS-$SLURM_JOB_ID.out"
-SLURM_OUT=$(scontrol show job -o "$SLURM_JOB_ID" 2> /dev/null | tr ' ' '\n' | awk -F= '$1 == "StdOut" {print $2}')
-exec >> "$LOG" 2>&1
-if [[ -n "$SLURM_OUT" && "$SLURM_OUT" != "$LOG" && -f "$SLURM_OUT" && ! -s "$SLURM_OUT" ]]; then
-    rm -f "$SLURM_OUT"  # nothing was said before the log moved: no file left where sbatch ran
-fi
-
 # Workers per node: NPROC_PER_NODE, else the GPUs Slurm allocated per node
 # (SLURM_GPUS_ON_NODE; SLURM_GPUS_PER_NODE may read "a100:8"), else what nvidia-smi lists.
 gpus_per_node() {
@@ -90,7 +74,25 @@ RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
 [[ -n "$RDZV_HOST" ]] || die "could not read the first host of '$SLURM_JOB_NODELIST' with scontrol"
 RDZV_PORT=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 
-echo "slurm_torchrun.sh: job $SLURM_JOB_ID, $SLURM_NNODES nodes x $NPROC_PER_NODE workers, rendezvous $RDZV_HOST:$RDZV_PORT, log $LOG" >&2
+# The log goes beside the experiment: the config (with its overrides) says where that is.  A
+# config that cannot be read keeps the log in Slurm's own file, where the harness says what is
+# wrong with it.  (Everything refused above is said there too.)
+LOG=""
+if EXPERIMENT_LOGS=$("$PYTHON" -c '
+import sys
+import harness_params
+config = harness_params.load_config(sys.argv[1:])
+print(config["experiment.base_dir"] + "/logs/" + config["experiment.name"])
+' "$@" 2> /dev/null) && [[ -n "$EXPERIMENT_LOGS" ]] && mkdir -p "$(dirname "$EXPERIMENT_LOGS")"; then
+    LOG="$EXPERIMENT_LOGS-$SLURM_JOB_ID.out"
+    SLURM_OUT=$(scontrol show job -o "$SLURM_JOB_ID" 2> /dev/null | tr ' ' '\n' | awk -F= '$1 == "StdOut" {print $2}')
+    exec >> "$LOG" 2>&1
+    if [[ -n "$SLURM_OUT" && "$SLURM_OUT" != "$LOG" && -f "$SLURM_OUT" && ! -s "$SLURM_OUT" ]]; then
+        rm -f "$SLURM_OUT"  # nothing was said before the log moved: no file left where sbatch ran
+    fi
+fi
+
+echo "slurm_torchrun.sh: job $SLURM_JOB_ID, $SLURM_NNODES nodes x $NPROC_PER_NODE workers, rendezvous $RDZV_HOST:$RDZV_PORT${LOG:+, log $LOG}" >&2
 
 # --cpus-per-task again: srun no longer inherits it from sbatch (Slurm >= 22.05), and without
 # it each node's torchrun and all its workers would share one core.  GPUs: a step gets all of
