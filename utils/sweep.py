@@ -568,101 +568,16 @@ def _tail(path: Path, count: int) -> List[str]:
 
 
 # ============================================================================ Slurm launcher
-class SlurmRun:
-    """What one array task runs: torchrun on the node, in the sweep's working directory.  On a
-    Slurm preemption or time limit (submitit calls ``checkpoint``) it forwards SIGTERM to the
-    harness, which writes a checkpoint, and requeues itself: the requeued task resumes."""
-
-    def __init__(self, command: List[str], cwd: str):
-        self.command, self.cwd = list(command), cwd
-        self.child: Optional[subprocess.Popen] = None
-
-    def __call__(self) -> int:
-        self.child = subprocess.Popen(self.command, cwd=self.cwd, start_new_session=True)
-        code = self.child.wait()
-        if code != 0:
-            raise RuntimeError(f"{show_command(self.command)} exited with status {code}")
-        return code
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        if self.child is not None and self.child.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.child.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.child.wait(timeout=60)
-        return submitit.helpers.DelayedSubmission(SlurmRun(self.command, self.cwd))
-
-    def __getstate__(self):
-        return {"command": self.command, "cwd": self.cwd}
-
-    def __setstate__(self, state):
-        self.command, self.cwd, self.child = state["command"], state["cwd"], None
-
-
-def slurm_executor(sweep: Sweep, cluster: str):
-    try:
-        import submitit
-    except ImportError:
-        raise SweepError("launcher=slurm needs the submitit package (pip install submitit)") from None
-    folder = sweep.directory / "slurm"
-    if cluster == "local":  # submitit's local executor: the same job objects, on this machine (tests)
-        executor = submitit.LocalExecutor(folder=str(folder))
-        executor.update_parameters(timeout_min=int(sweep.slurm.get("time_min", 60)),
-                                   gpus_per_node=int(sweep.slurm.get("gpus_per_node", 0)))
-        return executor
-    executor = submitit.SlurmExecutor(folder=str(folder))
-    s = sweep.slurm
-    gpus = int(s.get("gpus_per_node", sweep.nproc_per_node if visible_gpus() or s.get("partition") else 0))
-    parameters = {"job_name": f"sweep-{sweep.name}", "time": int(s.get("time_min", 60)), "nodes": 1,
-                  "ntasks_per_node": 1, "cpus_per_task": int(s.get("cpus_per_task", 4 * max(1, sweep.nproc_per_node))),
-                  "array_parallelism": int(s.get("array_parallelism", 256)), "use_srun": False}
-    if gpus:
-        parameters["gpus_per_node"] = gpus
-    for key, target in (("partition", "partition"), ("account", "account"), ("qos", "qos"),
-                        ("constraint", "constraint"), ("setup", "setup")):
-        if key in s:
-            parameters[target] = s[key]
-    if "mem_gb" in s:
-        parameters["mem"] = f"{int(s['mem_gb'])}G"
-    executor.update_parameters(**parameters)
-    return executor
-
-
 def launch_slurm(sweep: Sweep, runs: Sequence[Run], *, cluster: str = "slurm", wait: bool = False) -> int:
-    """One job array, one task per run (each: torchrun --nproc-per-node on one node)."""
-    try:
-        executor = slurm_executor(sweep, cluster)
-    except RuntimeError as error:  # submitit: no srun on PATH, i.e. not on a Slurm login node
-        print(f"sweep {sweep.name}: launcher=slurm: {' '.join(str(error).split())[:300]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    tasks = [SlurmRun(run_command(run, sweep.nproc_per_node), os.getcwd()) for run in runs]
-    try:
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks]
-    except Exception as error:  # sbatch refused, not found, ...
-        print(f"sweep {sweep.name}: submission failed: {' '.join(str(error).split())[:400]}", file=sys.stderr)
-        return EXIT_FAILED
-    ids = [job.job_id for job in jobs]
-    print(f"submitted {len(jobs)} run(s) as {'Slurm job array ' + ids[0].split('_')[0] if cluster == 'slurm' else 'local jobs'}"
-          f" (logs under {executor.folder})", flush=True)
-    for run, job in zip(runs, jobs):
-        print(f"    {run.name}: job {job.job_id}")
-    if not wait and cluster == "slurm":
-        print(f"when they are done, run the same command again: it launches nothing more and writes the report "
-              f"(or: python -m utils.report {sweep.directory} --out-dir {sweep.directory / 'report'})")
-        return 0
-    failed = []
-    for run, job in zip(runs, jobs):
-        try:
-            job.result()
-        except Exception as error:
-            failed.append(run.name)
-            print(f"    {run.name}: FAILED: {' '.join(str(error).split())[-300:]}", flush=True)
-    if failed:
-        print(f"sweep {sweep.name}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    """One job array, one task per run (each: torchrun --nproc-per-node on one node): utils/slurm.py."""
+    from utils import slurm
+    gpus_default = sweep.nproc_per_node if visible_gpus() or sweep.slurm.get("partition") else 0
+    parameters = slurm.executor_parameters(f"sweep-{sweep.name}", sweep.slurm, sweep.nproc_per_node, gpus_default)
+    hint = (f"when they are done, run the same command again: it launches nothing more and writes the report "
+            f"(or: python -m utils.report {sweep.directory} --out-dir {sweep.directory / 'report'})")
+    return slurm.launch_array(f"sweep {sweep.name}", sweep.directory / "slurm", [run.name for run in runs],
+                              [run_command(run, sweep.nproc_per_node) for run in runs], os.getcwd(), parameters,
+                              cluster=cluster, wait=wait, after_hint=hint)
 
 
 # ============================================================================ report
