@@ -62,6 +62,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from utils import rundir
+
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 143
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = {"base", "name", "overrides", "grid", "zip", "controls", "launcher", "nproc_per_node", "runs_per_gpu",
@@ -73,9 +75,7 @@ CONTROL_SET_KEYS = ("prune.masks_from", "prune.control", "experiment.seed")
 SLURM_KEYS = {"partition": str, "account": str, "qos": str, "constraint": str, "time_min": int, "gpus_per_node": int,
               "cpus_per_task": int, "mem_gb": int, "array_parallelism": int, "setup": list}
 RESERVED_GRID_KEYS = ("experiment.name", "experiment.base_dir")  # the sweep decides where runs go
-# Keys whose difference does not make an existing run directory another run (harness_utils.NON_SEMANTIC_KEYS).
-NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers", "experiment.name",
-                     "experiment.base_dir", "logging.tensorboard", "logging.wandb_project"}
+
 
 
 class SweepError(ValueError):
@@ -390,36 +390,13 @@ def _describe(values: Dict[str, Any]) -> str:
 
 
 # ============================================================================ run state
-def _flat_config_file(path: Path) -> Dict[str, Any]:
-    tree = yaml.safe_load(path.read_text()) or {}
-    return {f"{s}.{k}": v for s, keys in tree.items() if isinstance(keys, dict) for k, v in keys.items()}
-
-
 def run_status(run: Run) -> str:
     """'new', 'finished', 'partial' (the harness resumes it) or 'conflict' (another config there:
-    the harness will refuse it, naming the keys)."""
-    root = run.directory
-    config_file = root / "config.yaml"
-    if not config_file.exists():
-        return "new"
-    try:
-        existing = _flat_config_file(config_file)
-    except Exception:
-        return "conflict"
-    keys = (set(existing) | set(run.config)) - NON_SEMANTIC_KEYS
-    # a key this version of the harness added (absent there) at its default value is no difference
-    if any(existing.get(k, run.config.get(k)) != run.config.get(k) for k in keys):
-        return "conflict"
-    last = root / "checkpoints" / "last.pt"
-    if last.exists():
-        try:
-            import torch
-            state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-            if isinstance(state, dict) and state.get("finished", False):
-                return "finished"
-        except Exception:
-            pass  # the harness says what is wrong with it when it resumes
-    return "partial"
+    the harness will refuse it, naming the keys).  The harness's own rule: utils.rundir.run_state
+    with the harness's defaults for keys an older config.yaml lacks."""
+    import harness_params
+    state = rundir.run_state(run.directory, run.config, harness_params.defaults())
+    return {"new": "new", "finished": "finished", "resume": "partial", "other": "conflict"}[state]
 
 
 # ============================================================================ commands
@@ -583,7 +560,7 @@ def launch_slurm(sweep: Sweep, runs: Sequence[Run], *, cluster: str = "slurm", w
 # ============================================================================ report
 def write_sweep_report(sweep: Sweep) -> Optional[Path]:
     from utils import report
-    dirs = [run.directory for run in sweep.runs if (run.directory / "config.yaml").is_file()]
+    dirs = [run.directory for run in sweep.runs if rundir.RunFiles(run.directory).config.is_file()]
     if not dirs:
         return None
     out = sweep.directory / "report"
