@@ -64,6 +64,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
+from utils.atomic_io import atomic_write_text  # noqa: E402  (standard library only: no torch at start)
+
 TOTAL_LIMIT_S = 450.0          # the whole check on the GPU: under 8 minutes with start-up and pip install
 GRACE_S = 15.0                 # a section past its budget by this much is killed
 RESERVE_PER_SECTION_S = 8.0    # kept back for each section still to come (its start-up)
@@ -91,16 +93,6 @@ FINAL = {"ok", "failed", "timeout", "out_of_time", "skipped"}
 
 
 # ------------------------------------------------------------------------------ files
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def section_path(out: Path, name: str) -> Path:
     return out / "sections" / f"{name}.json"
 
@@ -130,7 +122,7 @@ def render(out: Path) -> dict:
     for name in meta.get("sections", SECTIONS):
         sections[name] = read_json(section_path(out, name)) or {"name": name, "status": "pending", "items": []}
     report = {"meta": meta, "sections": sections}
-    atomic_write(out / "device_check.json", json.dumps(report, indent=1, sort_keys=False, default=str) + "\n")
+    atomic_write_text(out / "device_check.json", json.dumps(report, indent=1, sort_keys=False, default=str) + "\n")
     lines = ["# Device check", ""]
     if meta.get("tiny"):
         lines += ["**Rehearsal (`--tiny`): tiny sizes, the figures mean nothing.**", ""]
@@ -160,7 +152,7 @@ def render(out: Path) -> dict:
             lines.append(f"- {note}")
         if section.get("notes"):
             lines.append("")
-    atomic_write(out / "device_check.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "device_check.md", "\n".join(lines) + "\n")
     return report
 
 
@@ -185,7 +177,7 @@ class Recorder:
 
     def save(self) -> None:
         self.record["elapsed_s"] = time.time() - self.started
-        atomic_write(section_path(self.out, self.name), json.dumps(self.record, indent=1, default=str) + "\n")
+        atomic_write_text(section_path(self.out, self.name), json.dumps(self.record, indent=1, default=str) + "\n")
         render(self.out)
 
     def note(self, text: str) -> None:
@@ -462,11 +454,16 @@ def short_config(config: dict, ctx: Context, data: Dict[str, tuple], name: str) 
     ``prune.levels`` (at_init configs prune at level 0 anyway), every epoch-valued setting (LR
     milestones, warm-up, peak, step size, the progressive-resizing ramp, the rewind epoch) scaled
     into that one epoch, the memory loader where the dataset allows it (else torch)."""
-    from utils.dataset import get_augment_policy, get_dataset_spec, get_storage
+    from utils.dataset import DataError, get_dataset_spec
+    from utils.memory_loader import check_memory_loader_spec
     short = copy.deepcopy(config)
     dataset = short["dataset"]
     spec = get_dataset_spec(dataset["name"])
-    fits_memory = not get_storage(spec.storage).jpeg and not get_augment_policy(spec.train_augment).resized_crop
+    try:
+        check_memory_loader_spec(spec)
+        fits_memory = True
+    except DataError:
+        fits_memory = False
     train, test = data[dataset["name"]]
     dataset.update({"train_path": str(train), "test_path": str(test), "loader": "memory" if fits_memory else "torch",
                     "num_workers": min(int(dataset.get("num_workers", 4)), os.cpu_count() or 1)})
@@ -611,7 +608,7 @@ def run_all(args) -> int:
         with contextlib.suppress(FileNotFoundError):
             section_path(out, name).unlink()
     device_name = "CPU" if args.cpu else torch.cuda.get_device_name()
-    atomic_write(out / "meta.json", json.dumps(environment(args, device_name), indent=1) + "\n")
+    atomic_write_text(out / "meta.json", json.dumps(environment(args, device_name), indent=1) + "\n")
     render(out)
     work = Path(tempfile.mkdtemp(prefix="device-check-"))
     started = time.time()
@@ -655,7 +652,7 @@ def run_all(args) -> int:
                 tail = (out / "logs" / f"{plan.name}.log").read_text(errors="replace").strip().splitlines()[-1:]
                 record["status"] = "failed"
                 record["error"] = f"exit {code}: {tail[0][:300] if tail else '(no output)'}"
-            atomic_write(section_path(out, plan.name), json.dumps(record, indent=1, default=str) + "\n")
+            atomic_write_text(section_path(out, plan.name), json.dumps(record, indent=1, default=str) + "\n")
             render(out)
             print(f"   {plan.name}: {record['status']} in {used:.0f} s", flush=True)
     finally:

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -41,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from utils import dataset as ds  # noqa: E402
 from utils import write_beton as wb  # noqa: E402
+from utils.atomic_io import atomic_output  # noqa: E402
+from utils.data_sources import ArraySource, ImageSource, ReadOptions  # noqa: E402
 
 _FIELD_TYPE_ID = {"int": 1, "rgb_image": 2, "ndarray": 4}     # ffcv/types.py's type ids
 _RGB_MODE = {"jpg": 0, "raw": 1}                               # ffcv.fields.rgb_image.IMAGE_MODES
@@ -84,10 +85,12 @@ def _encode_rgb(image: np.ndarray, rng: np.random.Generator, *, max_resolution: 
     return _RGB_MODE["raw"], image.reshape(-1), image.shape
 
 
-def write_beton_numpy(source: wb.ImageSource, path, spec: ds.DatasetSpec, *, split: str,
+def write_beton_numpy(source: ImageSource, path, spec: ds.DatasetSpec, *, split: str,
                       max_resolution: Optional[int] = None, jpeg_quality: int = wb.DEFAULT_JPEG_QUALITY,
-                      compress_probability: float = 0.0, page_size: int = wb.MIN_PAGE_SIZE, seed: int = 0) -> Path:
-    """Write ``source`` (``source[i] -> (uint8 HWC image, label)``) as ``path`` with its write record."""
+                      compress_probability: float = 0.0, page_size: int = wb.MIN_PAGE_SIZE, seed: int = 0,
+                      classes=None) -> Path:
+    """Write ``source`` (``source[i] -> (uint8 HWC image, label)``) as ``path`` with its write record
+    (``classes``: the class names in label order; default: the source's, when it knows them)."""
     path = Path(path)
     storage = ds.get_storage(spec.storage)
     if not storage.jpeg:
@@ -110,9 +113,7 @@ def write_beton_numpy(source: wb.ImageSource, path, spec: ds.DatasetSpec, *, spl
     first_page = -(-(metadata_start + metadata.nbytes) // page_size) * page_size
     rng = np.random.default_rng(seed)
     allocations = []
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_output(path) as temporary:
         with open(temporary, "wb") as handle:
             handle.write(b"\0" * first_page)
             page = np.zeros(page_size, dtype=np.uint8)
@@ -155,27 +156,22 @@ def write_beton_numpy(source: wb.ImageSource, path, spec: ds.DatasetSpec, *, spl
             header["alloc_table_ptr"] = alloc_table_ptr
             handle.seek(0)
             handle.write(header.tobytes() + descriptors.tobytes() + metadata.tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
         ds.validate_beton(temporary, spec)
-        record = ds.make_record(temporary, spec, split)
+        record = ds.make_record(temporary, spec, split, classes=classes if classes is not None else source.classes)
+        # as utils.write_beton: the old record out first, so no record ever describes another file
         stale = Path(ds.record_path(path))
         if stale.exists():
             stale.unlink()
-        os.replace(temporary, path)
-        wb.write_record(path, record)
-        return path
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    wb.write_record(path, record)
+    return path
 
 
 # ------------------------------------------------------------------------------ synthetic images
-def random_images(spec: ds.DatasetSpec, count: int, seed: int = 0) -> wb.ArraySource:
+def random_images(spec: ds.DatasetSpec, count: int, seed: int = 0) -> ArraySource:
     """``count`` images of the dataset's stored size and channels, uniform noise, random labels."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (count, spec.resolution, spec.resolution, spec.channels), dtype=np.uint8)
-    return wb.ArraySource(images, rng.integers(0, spec.num_classes, count))
+    return ArraySource(images, rng.integers(0, spec.num_classes, count))
 
 
 def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -187,10 +183,10 @@ def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def photo_like_images(count: int, side: int, num_classes: int, seed: int = 0) -> wb.ArraySource:
+def photo_like_images(count: int, side: int, num_classes: int, seed: int = 0) -> ArraySource:
     rng = np.random.default_rng(seed)
     images = np.stack([photo_like(rng, side, side) for _ in range(count)]) if count else np.zeros((0, side, side, 3))
-    return wb.ArraySource(images, rng.integers(0, num_classes, count))
+    return ArraySource(images, rng.integers(0, num_classes, count))
 
 
 def write_jpeg_image_folder(root: Path, *, train: int, test: int, classes: int, side: int, seed: int = 0) -> Path:
@@ -229,9 +225,30 @@ def write_cifar_pickles(root: Path, dataset: str, *, train: int, test: int, seed
     return root
 
 
+def write_from_root(dataset: str, root, out_dir, *, seed: int = 0) -> Tuple[Path, Path]:
+    """``utils.write_beton.write_dataset`` without ffcv: the dataset's own reader on ``root`` (its
+    files in their usual layout; None for digits), both splits written here with their records as
+    ``out_dir/{dataset}_{train,test}.beton``.  JPEG-stored datasets (ImageNet) take the writer's
+    defaults (longest side 500, quality 90, half JPEG)."""
+    spec = ds.get_dataset_spec(dataset)
+    options = {}
+    if ds.get_storage(spec.storage).jpeg:
+        options = dict(max_resolution=wb.DEFAULT_MAX_RESOLUTION, jpeg_quality=wb.DEFAULT_JPEG_QUALITY,
+                       compress_probability=wb.DEFAULT_COMPRESS_PROBABILITY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # "not the standard files (MD5)": synthetic ones are not
+        train, test = spec.source.read(None if root is None else Path(root),
+                                       ReadOptions(max_resolution=options.get("max_resolution")))
+    outputs = tuple(Path(out_dir) / f"{dataset}_{split}.beton" for split in ("train", "test"))
+    for split, source, path in zip(("train", "test"), (train, test), outputs):
+        write_beton_numpy(source, path, spec, split=split, seed=seed, classes=train.classes, **options)
+    return outputs
+
+
 def synthetic_dataset(dataset: str, out_dir, *, train: int, test: int, imagenet_side: int = 160,
                       seed: int = 0) -> Tuple[Path, Path]:
-    """``out_dir/{dataset}_train.beton`` and ``_test.beton`` of the dataset's format, written here.
+    """``out_dir/{dataset}_train.beton`` and ``_test.beton`` of the dataset's format, written here
+    (kept when both exist).
 
     digits: sklearn's real digits (the writer's own reader; ``train``/``test`` ignored);
     cifar10/cifar100: random pixels in the CIFAR pickle layout, read by the writer's reader;
@@ -244,25 +261,19 @@ def synthetic_dataset(dataset: str, out_dir, *, train: int, test: int, imagenet_
     if all(p.is_file() for p in outputs):
         return outputs
     spec = ds.get_dataset_spec(dataset)
-    options = {}
     with tempfile.TemporaryDirectory(prefix=f"synthetic-{dataset}-") as scratch:
         scratch = Path(scratch)
         if dataset == "digits":
-            sources = wb.get_source_format("digits").read(None, None)
-        elif dataset in ("cifar10", "cifar100"):
+            return write_from_root(dataset, None, out_dir, seed=seed)
+        if dataset in ("cifar10", "cifar100"):
             root = write_cifar_pickles(scratch, dataset, train=train, test=test, seed=seed)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")        # "differs from the published files (MD5)": it does
-                sources = wb.get_source_format(dataset).read(root, None)
-        elif dataset == "imagenet":
+            return write_from_root(dataset, root, out_dir, seed=seed)
+        if dataset == "imagenet":
             root = write_jpeg_image_folder(scratch, train=train, test=test, classes=10, side=imagenet_side, seed=seed)
-            options = dict(max_resolution=wb.DEFAULT_MAX_RESOLUTION, jpeg_quality=wb.DEFAULT_JPEG_QUALITY,
-                           compress_probability=wb.DEFAULT_COMPRESS_PROBABILITY)
-            sources = wb.get_source_format("imagenet").read(root, options["max_resolution"])
-        else:
-            sources = (random_images(spec, train, seed), random_images(spec, test, seed + 1))
-        for split, source, path in zip(("train", "test"), sources, outputs):
-                write_beton_numpy(source, path, spec, split=split, seed=seed, **options)
+            return write_from_root(dataset, root, out_dir, seed=seed)
+    for split, source, path in zip(("train", "test"), (random_images(spec, train, seed), random_images(spec, test, seed + 1)),
+                                   outputs):
+        write_beton_numpy(source, path, spec, split=split, seed=seed)
     return outputs
 
 

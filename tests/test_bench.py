@@ -162,6 +162,7 @@ def test_numpy_writer_matches_ffcv_writer(tmp_path, dataset):
     source = synthetic_beton.random_images(spec, 37, seed=3)
     ours = synthetic_beton.write_beton_numpy(source, tmp_path / "ours.beton", spec, split="train")
     theirs = wb._write_one(source, tmp_path / "theirs.beton", spec, split="train", num_workers=1, page_size=None,
+                           files_name=dataset, classes=None,
                            field_options=dict(max_resolution=None, jpeg_quality=90, compress_probability=0.0))
     assert validate_beton(ours, spec)["record"]["dataset"] == dataset
     (our_images, our_labels), (their_images, their_labels) = _decoded(ours), _decoded(theirs)
@@ -195,10 +196,10 @@ def test_numpy_writer_jpeg_dataset_from_generated_jpegs(tmp_path):
 
 def test_numpy_writer_refuses_a_sample_of_the_wrong_shape(tmp_path):
     import synthetic_beton
-    from utils import write_beton as wb
+    from utils.data_sources import ArraySource
     from utils.dataset import DataError, get_dataset_spec
     spec = get_dataset_spec("mnist")
-    source = wb.ArraySource(np.zeros((3, 27, 27), dtype=np.uint8), np.zeros(3, dtype=np.int64))
+    source = ArraySource(np.zeros((3, 27, 27), dtype=np.uint8), np.zeros(3, dtype=np.int64))
     with pytest.raises(DataError, match="sample 0 is"):
         synthetic_beton.write_beton_numpy(source, tmp_path / "bad.beton", spec, split="train")
     assert not list(tmp_path.iterdir())
