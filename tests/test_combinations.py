@@ -72,11 +72,15 @@ MODEL_KINDS = [
     ModelKind("mlp", "lenet_300_100", batchnorm=False),
     ModelKind("bn_cnn", "tests.test_combinations:bn_cnn", batchnorm=True),
     ModelKind("residual_cnn", "resnet20", batchnorm=True),
+    ModelKind("vit", "vit_nano_p4", batchnorm=False),
 ]
 STRUCTURES = [
     Structure("unstructured", WEIGHT_CRITERIA, frozenset({"global", "uniform", "erk", "balanced"})),
     Structure("channel", frozenset({"magnitude", "bn_gamma", "random"}), frozenset({"global", "uniform"})),
+    # N:M is its own allocation: prune.allocation is accepted and does not apply (the start line says so)
+    Structure("nm", WEIGHT_CRITERIA, frozenset({"global", "uniform", "erk", "balanced"}), {"prune.nm": "2:4"}),
 ]
+NM_KEEPS = {"at_init": [2], "iterative": [4, 2]}   # 2:4 kept per group of 4 at each level (2 levels)
 # name -> values; the first value of each is the cheapest, and what refusal rows fill in.
 FACTORS: List[Tuple[str, List]] = [
     ("model", [kind.name for kind in MODEL_KINDS]),
@@ -230,14 +234,14 @@ def row_id(row: Row) -> str:
 
 # ============================================================================ running
 def run_config(row: Row, digits: Path, base: Path, name: str, source: Optional[Path] = None) -> Dict:
-    """The config of ``row``: LeNet/BN-CNN/ResNet-20 on digits, 1 epoch a level, 2 levels."""
+    """The config of ``row``: LeNet/BN-CNN/ResNet-20/ViT on digits, 1 epoch a level, 2 levels."""
     overrides = {"model.name": KINDS[row["model"]].model, "prune.structure": row["structure"],
                  "prune.criterion": row["criterion"], "prune.allocation": row["allocation"],
                  "prune.training_type": row["training_type"], "dataset.loader": row["loader"],
                  "training.epochs": 1, "prune.levels": 2, "prune.rate": 0.3, "prune.synflow_iterations": 10,
                  **STRUCTURE_BY_NAME[row["structure"]].overrides}
-    if row["training_type"] == "at_init":
-        overrides.update({"prune.levels": None, "prune.target_density": 0.5})
+    if row["training_type"] == "at_init":  # N:M: the pattern is the target
+        overrides.update({"prune.levels": None, "prune.target_density": None if row["structure"] == "nm" else 0.5})
     if row["training_type"] == "wr":
         overrides["prune.rewind_iteration"] = 5   # late resetting: level 0's 5th step
     if row["control"] != "off":
@@ -359,6 +363,9 @@ def check_run(row: Row, root: Path, runs: Runs) -> None:
                    {n: int(m.sum()) for n, m in source_masks[level].items()}
             same = all(torch.equal(masks[level][n], source_masks[level][n]) for n in masks[level])
             assert same == (row["control"] != "shuffle" or level == 0)
+        elif row["structure"] == "nm":
+            keep = NM_KEEPS["at_init" if row["training_type"] == "at_init" else "iterative"][level]
+            assert set(at.nm) <= {f"{keep}:4", "dense"} and f"{keep}:4" in set(at.nm), at.nm.tolist()
         elif structure is None:
             assert at.alive.sum() == target_keep_count(target, at.numel.sum()), "kept weights: the target rounded"
         if structure is not None:
@@ -367,8 +374,8 @@ def check_run(row: Row, root: Path, runs: Runs) -> None:
             kept = sum(int(a.sum()) for a in alive.values())
             if source_masks is None:
                 assert kept == target_keep_count(target, structure.total_units), "kept channels: the target rounded"
-            assert levels.channel_density[level] == pytest.approx(kept / structure.total_units)
-        assert levels.density[level] == pytest.approx(at.alive.sum() / at.numel.sum())
+            assert levels.channel_density[level] == pytest.approx(kept / structure.total_units, abs=1e-6)
+        assert levels.density[level] == pytest.approx(at.alive.sum() / at.numel.sum(), abs=1e-6)  # CSV: 6 digits
     if len(expected_levels) == 2:  # shuffle controls too: one random order per run, fewer kept -> a subset
         assert is_subset(masks[1], masks[0]), "masks only shrink"
 
