@@ -230,3 +230,7 @@ def test_batch_not_divisible_by_processes_under_torchrun(tmp_path, digits):
     # torchrun itself exits with 1 and appends its failure summary; the workers' status is 2.
     assert result.returncode != 0 and re.search(r"exitcode\s*:\s*2", result.stderr), result.stderr
     assert not (tmp_path / "runs").exists()
+    # torchrun's "Root Cause" shows the refusal line alone: a user error has no stack frames.
+    root_cause = result.stderr.split("Root Cause", 1)[-1]
+    assert message in root_cause, result.stderr
+    assert "Traceback" not in root_cause and 'File "' not in root_cause, root_cause

@@ -6,6 +6,7 @@ conv or the classifier's input to their producers makes these tests fail."""
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 from torch import nn
 
 import harness_params
-from utils import compact, structured
+from utils import compact, mask_layers, structured
 from utils.mask_layers import get_masks, prepare_model, set_masks
 from utils.models import get_model
 from utils.pruning_utils import target_keep_count
@@ -183,6 +184,121 @@ def test_magnitude_is_the_filter_l1_norm(resnet20):
     scores = structured.channel_scores(model, structure, "magnitude")
     conv1 = model.blocks[4].conv1.weight.detach()
     assert torch.allclose(scores["blocks.4.conv1"], conv1.abs().flatten(1).sum(1).double())
+
+
+# ------------------------------------------------------- global ranking on a common scale
+def _fresh_resnet20(seed: int = 0):
+    torch.manual_seed(seed)
+    model = prepare_model(get_model("resnet20", num_classes=10, image_size=32))
+    return model, structured.build_channel_structure(model, SHAPE)
+
+
+def _group_fractions(structure, masks):
+    alive = structured.units_alive(structure, masks)
+    return {g.name: int(alive[g.name].sum()) / g.size for g in structure.groups}
+
+
+def test_global_magnitude_at_init_keeps_every_layer_and_compacts_to_a_quarter():
+    """The reported collapse: raw filter L1 norms grow with fan-in, so ranking them globally at
+    initialisation kept 1 of 16 / 1 of 32 channels in stages 1-2 and all 64 in stage 3 (0.59 of
+    the dense parameters after compaction).  On the normalised scale every layer keeps a fair
+    share and half the channels give about a quarter of the parameters."""
+    model, structure = _fresh_resnet20()
+    masks = structured.compute_channel_masks(model, structure, density=0.5, criterion="magnitude",
+                                             allocation="global")
+    assert min(alive / total for alive, total in structured.channels_alive(masks).values()) >= 0.25
+    set_masks(model, masks)
+    dense = compact.count_parameters(compact.strip_masks_(copy.deepcopy(model)))
+    assert compact.count_parameters(compact.compact_model(model, structure, SHAPE)) <= 0.35 * dense
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "bn_gamma"])
+@pytest.mark.parametrize("normalizer", ["mean", "max", "gaussian"])
+def test_scaling_one_layer_does_not_change_the_global_choice(resnet20, criterion, normalizer):
+    """A common scale: multiplying the filters (or BatchNorm scales) of one layer by 50 leaves
+    the chosen channels as they were (the raw ranking would give that layer everything)."""
+    model = copy.deepcopy(resnet20[0])
+    structure = resnet20[1]
+    before = structured.select_channels(model, structure, density=0.4, criterion=criterion, allocation="global",
+                                        normalizer=normalizer)
+    with torch.no_grad():
+        (model.blocks[4].conv1 if criterion == "magnitude" else model.blocks[4].bn1).weight.mul_(50.0)
+    after = structured.select_channels(model, structure, density=0.4, criterion=criterion, allocation="global",
+                                       normalizer=normalizer)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    raw = structured.select_channels(model, structure, density=0.4, criterion=criterion, allocation="global",
+                                     normalizer="none")
+    assert bool(raw["blocks.4.conv1"].all())  # the test can fail: unnormalised, the scaled layer keeps all
+
+
+def test_equal_scores_spread_evenly_over_groups():
+    """bn_gamma at initialisation: every scale is 1.  Ties no longer go to the first groups in
+    structure order (which kept stages 1-2 whole and cut stage 3 to one channel a group)."""
+    model, structure = _fresh_resnet20()
+    masks = structured.compute_channel_masks(model, structure, density=0.5, criterion="bn_gamma",
+                                             allocation="global")
+    fractions = _group_fractions(structure, masks)
+    assert all(abs(fraction - 0.5) <= 1 / 16 for fraction in fractions.values()), fractions
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("criterion", ["magnitude", "bn_gamma", "random"])
+def test_min_channel_fraction_is_a_floor_for_every_group_with_exact_counts(resnet20, criterion, allocation):
+    """A group whose scores are far below the others' would be pruned to one channel; the floor
+    keeps ceil(fraction * size) of it, the total stays exact, masks still only shrink."""
+    model = copy.deepcopy(resnet20[0])
+    structure = resnet20[1]
+    with torch.no_grad():  # make stage 3's inner convs look useless to every score but random
+        for block in (6, 7, 8):
+            model.blocks[block].conv1.weight.mul_(1e-3)
+            model.blocks[block].bn1.weight.mul_(1e-3)
+    scaled = copy.deepcopy(model)
+    previous = None
+    for density in (0.6, 0.35):
+        masks = structured.compute_channel_masks(model, structure, density=density, criterion=criterion,
+                                                 allocation=allocation, normalizer="none", min_fraction=0.3,
+                                                 seed=1)
+        alive = structured.units_alive(structure, masks)
+        assert sum(int(a.sum()) for a in alive.values()) == target_keep_count(density, structure.total_units)
+        for group in structure.groups:
+            assert int(alive[group.name].sum()) >= math.ceil(0.3 * group.size)
+        if previous is not None:
+            assert mask_layers.is_subset(masks, previous)
+        set_masks(model, masks)
+        previous = masks
+    if criterion != "random" and allocation == "global":  # without the floor the scaled groups collapse
+        unfloored = structured.compute_channel_masks(scaled, structure, density=0.35, criterion=criterion,
+                                                     allocation=allocation, normalizer="none", min_fraction=0.0)
+        assert int(structured.units_alive(structure, unfloored)["blocks.6.conv1"].sum()) < math.ceil(0.3 * 64)
+
+
+def test_floors_round_up_and_refuse_densities_below_them(resnet20):
+    _, structure = resnet20
+    floors = structured.channel_floors(structure, 0.25)
+    assert [floors[g.name] for g in structure.groups[:2]] == [4, 4] and floors["blocks.6.conv1"] == 16
+    assert structured.channel_floors(structure, 0.0)["conv"] == 1 and structured.channel_floors(structure, 0.01)["conv"] == 1
+    lowest = structured.lowest_channel_density(structure, 0.25)
+    assert lowest == sum(floors.values()) / structure.total_units
+    structured.check_channel_densities(structure, [1.0, lowest], 0.25)
+    with pytest.raises(structured.StructureError, match="min_channel_fraction=0.25"):
+        structured.check_channel_densities(structure, [1.0, 0.8, lowest - 0.01], 0.25)
+    with pytest.raises(structured.StructureError, match="fewer than one"):
+        structured.select_channels(resnet20[0], structure, density=lowest - 0.01, criterion="random",
+                                   allocation="global", min_fraction=0.25)
+
+
+def test_harness_refuses_a_channel_density_below_the_floor_before_writing(tmp_path):
+    from tests.helpers import digits_config, run_harness, write_config
+    from utils.write_beton import ensure_digits
+    data = ensure_digits(tmp_path / "data")[0].parent
+    config = write_config(tmp_path / "c.yaml", digits_config(
+        data, tmp_path / "runs", **{"prune.structure": "channel", "prune.training_type": "at_init",
+                                    "prune.target_density": 0.2, "prune.levels": None,
+                                    "prune.min_channel_fraction": 0.3}))
+    result = run_harness(config)
+    assert result.returncode == 2, result.stderr
+    assert "prune.min_channel_fraction=0.3" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------------------- refusals
@@ -360,6 +476,11 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "resnet20_slim_cifar1
 def test_config_refuses_contradictory_structure_keys(overrides, message):
     with pytest.raises(harness_params.ConfigError, match=message):
         harness_params.resolve(str(CONFIG), overrides)
+
+
+def test_config_refuses_a_min_channel_fraction_outside_0_1():
+    with pytest.raises(harness_params.ConfigError, match="min_channel_fraction"):
+        harness_params.resolve(str(CONFIG), {"prune.min_channel_fraction": "1.5"})
 
 
 def test_slimming_config_resolves_with_channel_keys():

@@ -42,7 +42,6 @@ import copy
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -51,6 +50,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from utils.atomic_io import atomic_output
+from utils.rundir import RunDirError, RunFiles, as_tree, read_config
 from utils.mask_layers import MaskedLayer, masked_layers
 from utils.structured import (
     ChannelStructure,
@@ -221,25 +222,16 @@ def save_portable(model: nn.Module, input_shape: Sequence[int], path: str) -> st
     FutureWarnings are silenced here because the user asked for that format by the name.
     """
     model = model.to("cpu").eval()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     exported = str(path).endswith(".pt2")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".compact-", suffix=".pt2" if exported else ".tmp")
-    os.close(handle)
-    try:
+    with atomic_output(path, keep_suffix=True) as temporary:
         if exported:
             program = torch.export.export(model, (torch.zeros(2, *input_shape),),
                                           dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
-            torch.export.save(program, temporary)
+            torch.export.save(program, str(temporary))
         else:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", FutureWarning)
-                torch.jit.save(torch.jit.trace(model, torch.zeros(1, *input_shape)), temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+                torch.jit.save(torch.jit.trace(model, torch.zeros(1, *input_shape)), str(temporary))
     return "torch.export" if exported else "TorchScript"
 
 
@@ -250,18 +242,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _read_config(directory: Path) -> Dict[str, Dict]:
-    import yaml
-
-    path = directory / "config.yaml"
-    if not path.is_file():
-        raise UsageError(f"{directory} is not an experiment directory (no config.yaml)")
+    """The run's config.yaml (utils.rundir.read_config), nested by section."""
     try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise UsageError(f"{path} is not a config of this harness")
-    return tree
+        return as_tree(read_config(directory))
+    except RunDirError as error:
+        raise UsageError(str(error)) from None
 
 
 def _load(path: Path) -> Dict:
@@ -284,10 +269,10 @@ def _model_state(checkpoint) -> Dict[str, torch.Tensor]:
 
 def level_weights(directory: Path, level: int) -> Tuple[Dict[str, torch.Tensor], str]:
     """(model state of level ``level``'s end, the file it came from), or UsageError."""
-    per_level = directory / "checkpoints" / f"level_{level}.pt"
+    per_level = RunFiles(directory).level_weights(level)
     if per_level.is_file():
         return _model_state(_load(per_level)), str(per_level)
-    last = directory / "checkpoints" / "last.pt"
+    last = RunFiles(directory).last_checkpoint
     if not last.is_file():
         raise UsageError(f"{directory} has no checkpoints/last.pt: no finished level to compact")
     checkpoint = _load(last)
@@ -361,7 +346,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
 def level_model(directory: Path, tree: Dict[str, Dict], level: int):
     """-> (the masked model holding level ``level``'s final weights, the dataset spec, the input
     shape, the file the weights came from), or UsageError."""
-    masks_path = directory / "masks" / f"level_{level}.pt"
+    masks_path = RunFiles(directory).masks(level)
     if not masks_path.is_file():
         raise UsageError(f"{masks_path} does not exist: level {level} was not reached")
     state, source = level_weights(directory, level)

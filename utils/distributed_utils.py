@@ -65,12 +65,21 @@ def launch_id() -> Optional[str]:
     return os.environ.get("TORCHELASTIC_RUN_ID") or None
 
 
-def record_error_for_launcher(error: BaseException) -> None:
+def record_error_for_launcher(error: BaseException, one_line: bool = False) -> None:
     """Under torchrun, write ``error`` to the file torchrun reads (TORCHELASTIC_ERROR_FILE),
-    so its failure summary shows this message instead of "error_file: <N/A>".  Best effort."""
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    so its failure summary shows this message instead of "error_file: <N/A>".  ``one_line``
+    (a refusal of the user's input, or a failed write): the file holds the line alone, so the
+    summary shows it without the harness's stack frames.  Best effort."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
         return
     try:
+        if one_line:
+            import json
+            from utils.atomic_io import atomic_write_text
+            line = " ".join(f"error: {error}".split())
+            atomic_write_text(path, json.dumps({"message": line, "timestamp": str(int(time.time()))}))
+            return
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
         ErrorHandler().record_exception(error)
     except Exception:  # reporting must never mask the error being reported
@@ -259,7 +268,7 @@ def report_agreed_refusal(ctx: DistributedContext, error: BaseException) -> None
     torchrun's failure summary names it, and this line, as the root cause."""
     if ctx.is_primary:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        record_error_for_launcher(error)
+        record_error_for_launcher(error, one_line=True)
     barrier()
     if not ctx.is_primary:
         time.sleep(1.0)
@@ -287,7 +296,7 @@ def report_failure_and_exit(ctx: DistributedContext, error: BaseException, exit_
     interval (0.1 s) and stops the other ranks (SIGTERM, then SIGKILL after 30 s); a rank
     blocked in a gloo collective with this one fails at once and says so in one line."""
     if one_line:  # already said in one line by the caller
-        record_error_for_launcher(error)
+        record_error_for_launcher(error, one_line=True)
     elif is_lost_peer(error):
         first = (str(error).strip().splitlines() or [""])[0][:200]
         print(f"error (rank {ctx.rank}): stopping: lost contact with another process, which probably failed "

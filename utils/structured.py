@@ -60,12 +60,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from utils.callbacks import Callback
 from utils.mask_layers import Masks, masked_layers, validate_masks
-from utils.pruning_utils import keep_top_k_alive, layer_keep_counts, target_keep_count
+from utils.pruning_utils import layer_keep_counts, target_keep_count
 
 STRUCTURES = ("unstructured", "channel")
 CHANNEL_SCORES = ("magnitude", "bn_gamma", "random")
@@ -199,12 +200,24 @@ def build_channel_structure(model: nn.Module, input_shape: Sequence[int]) -> Cha
 
 
 # --------------------------------------------------------------------------------- scores
-def _per_unit_mean(group: ChannelGroup, members: List[Member], values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over ``members`` of the per-unit sum of ``values[layer][index]`` (float64, CPU)."""
-    total = torch.zeros(group.size, dtype=torch.float64)
+# A score function returns, for every group, one ``MemberScores`` per member it reads (a
+# producing layer for magnitude, a BatchNorm for bn_gamma, one draw for random): the member's
+# raw value per unit and which units it covers (a member of a concatenation covers a part).
+@dataclass
+class MemberScores:
+    values: torch.Tensor    # float64 [size]
+    covered: torch.Tensor   # bool [size]
+
+
+def _member_scores(group: ChannelGroup, members: List[Member], values: Mapping[str, torch.Tensor]) -> List[MemberScores]:
+    out = []
     for member in members:
+        total = torch.zeros(group.size, dtype=torch.float64)
+        covered = torch.zeros(group.size, dtype=torch.bool)
         total.index_add_(0, member.unit, values[member.layer][member.index].double())
-    return total / max(1, len(members))
+        covered[member.unit] = True
+        out.append(MemberScores(total, covered))
+    return out
 
 
 def _module_lookup(model: nn.Module) -> Dict[str, nn.Module]:
@@ -212,32 +225,71 @@ def _module_lookup(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def _magnitude(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, torch.Tensor]:
+def _magnitude(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, List[MemberScores]]:
     modules = _module_lookup(model)
     needed = {m.layer for g in structure.groups for m in g.producers}
     row_l1 = {name: modules[name].weight.detach().abs().flatten(1).sum(1).to("cpu") for name in needed}
-    return {g.name: _per_unit_mean(g, g.producers, row_l1) for g in structure.groups}
+    return {g.name: _member_scores(g, g.producers, row_l1) for g in structure.groups}
 
 
 @torch.no_grad()
-def _bn_gamma(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, torch.Tensor]:
+def _bn_gamma(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, List[MemberScores]]:
     check_bn_gamma_possible(structure)
     modules = _module_lookup(model)
     gammas = {m.layer: modules[m.layer].weight.detach().abs().to("cpu")
               for g in structure.groups for m in g.norms}
-    return {g.name: _per_unit_mean(g, g.norms, gammas) for g in structure.groups}
+    return {g.name: _member_scores(g, g.norms, gammas) for g in structure.groups}
 
 
-def _random(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, torch.Tensor]:
+def _random(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, List[MemberScores]]:
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return {g.name: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in structure.groups}
+    return {g.name: [MemberScores(torch.rand(g.size, generator=generator, dtype=torch.float64),
+                                  torch.ones(g.size, dtype=torch.bool))] for g in structure.groups}
 
 
-CHANNEL_SCORE_FUNCTIONS: Dict[str, Callable[[nn.Module, ChannelStructure, int], Dict[str, torch.Tensor]]] = {
+CHANNEL_SCORE_FUNCTIONS: Dict[str, Callable[[nn.Module, ChannelStructure, int], Dict[str, List[MemberScores]]]] = {
     "magnitude": _magnitude,
     "bn_gamma": _bn_gamma,
     "random": _random,
 }
+
+
+# A normaliser maps one member's raw scores over the units it is ranked among (alive and
+# covered; a 1-d float64 tensor, never empty) to a common scale.  Scale-free ones (mean, max,
+# gaussian) make a layer with a larger fan-in -- whose filter L1 norms are larger just because
+# they sum more weights -- and a wide or narrow group comparable under ``global``.
+def _normalise_none(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
+def _divide_by(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    scale = float(scale)
+    return values / scale if math.isfinite(scale) and scale > 0 else torch.ones_like(values)
+
+
+def _normalise_mean(values: torch.Tensor) -> torch.Tensor:
+    return _divide_by(values, values.mean())
+
+
+def _normalise_max(values: torch.Tensor) -> torch.Tensor:
+    return _divide_by(values, values.max())
+
+
+def _normalise_gaussian(values: torch.Tensor) -> torch.Tensor:
+    centred = values - values.mean()
+    if values.numel() < 2:
+        return torch.zeros_like(values)
+    return _divide_by(centred, centred.std())
+
+
+CHANNEL_NORMALIZERS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": _normalise_none,        # raw scores (a filter's L1 norm grows with its fan-in)
+    "mean": _normalise_mean,        # score / mean score of the member's ranked units
+    "max": _normalise_max,          # score / largest score
+    "gaussian": _normalise_gaussian,  # (score - mean) / standard deviation
+}
+# The measured best at equal FLOPs (docs/structured.md, bench/channel_normalizers.py).
+DEFAULT_CHANNEL_NORMALIZER = "mean"
 
 
 def check_bn_gamma_possible(structure: ChannelStructure) -> None:
@@ -251,11 +303,31 @@ def check_bn_gamma_possible(structure: ChannelStructure) -> None:
                              f"{', '.join(without[:3])}{' ...' if len(without) > 3 else ''} has none")
 
 
-def channel_scores(model: nn.Module, structure: ChannelStructure, criterion: str, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """group name -> float64 score per unit (CPU)."""
+def channel_scores(model: nn.Module, structure: ChannelStructure, criterion: str, seed: int = 0, *,
+                   normalizer: str = "none", alive: Optional[ChannelKeep] = None) -> Dict[str, torch.Tensor]:
+    """group name -> float64 score per unit (CPU): the mean, over the members covering a unit,
+    of each member's score after ``normalizer`` (fitted on the member's ``alive`` units; all
+    units when ``alive`` is None).  ``normalizer="none"``: the raw scores' mean."""
     if criterion not in CHANNEL_SCORE_FUNCTIONS:
         raise StructureError(f"unknown channel criterion {criterion!r}; valid: {', '.join(CHANNEL_SCORES)}")
-    return CHANNEL_SCORE_FUNCTIONS[criterion](model, structure, seed)
+    if normalizer not in CHANNEL_NORMALIZERS:
+        raise StructureError(f"unknown channel normalizer {normalizer!r}; valid: {', '.join(CHANNEL_NORMALIZERS)}")
+    normalise = CHANNEL_NORMALIZERS[normalizer]
+    result = {}
+    member_scores = CHANNEL_SCORE_FUNCTIONS[criterion](model, structure, seed)
+    for group in structure.groups:
+        ranked_among = alive[group.name].to("cpu", torch.bool) if alive is not None else torch.ones(group.size, dtype=torch.bool)
+        total = torch.zeros(group.size, dtype=torch.float64)
+        count = torch.zeros(group.size, dtype=torch.float64)
+        for member in member_scores[group.name]:
+            where = member.covered & ranked_among
+            values = member.values.clone()
+            if bool(where.any()):
+                values[where] = normalise(values[where])
+            total += torch.where(member.covered, values, torch.zeros_like(values))
+            count += member.covered.double()
+        result[group.name] = total / count.clamp(min=1)
+    return result
 
 
 # ------------------------------------------------------------------------- masks <-> units
@@ -297,79 +369,133 @@ def masks_for_units(structure: ChannelStructure, keep: ChannelKeep, masks: Masks
     return out
 
 
+def channel_floors(structure: ChannelStructure, min_fraction: float) -> Dict[str, int]:
+    """Units each group keeps at least: ceil(min_fraction * size), and never fewer than 1."""
+    if not 0.0 <= min_fraction <= 1.0:
+        raise StructureError(f"min_channel_fraction must be in [0, 1], got {min_fraction}")
+    # the 1e-9 keeps 0.25 * 16 = 4.000000000000001 from becoming 5
+    return {g.name: max(1, math.ceil(min_fraction * g.size - 1e-9)) for g in structure.groups}
+
+
+def lowest_channel_density(structure: ChannelStructure, min_fraction: float) -> float:
+    """The smallest channel density whose kept count leaves every group its floor."""
+    return sum(channel_floors(structure, min_fraction).values()) / structure.total_units
+
+
+def check_channel_densities(structure: ChannelStructure, densities: Sequence[float], min_fraction: float) -> None:
+    """Refuse (``StructureError``, one line) a plan with a density too low for the floors,
+    before anything runs."""
+    need = sum(channel_floors(structure, min_fraction).values())
+    for level, density in enumerate(densities):
+        keep = target_keep_count(density, structure.total_units)
+        if keep < need:
+            raise StructureError(
+                f"channel density {density:.4g} (level {level}) keeps {keep} of {structure.total_units} channels, "
+                f"fewer than the {need} that give each of the {len(structure.groups)} coupled groups its floor "
+                f"(at least one channel, and prune.min_channel_fraction={min_fraction:g} of its channels); the "
+                f"lowest density is {need / structure.total_units:.4g}: raise prune.target_density or lower "
+                f"prune.min_channel_fraction")
+
+
+def _top_units(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` best candidate units of one group (ties: lower index)."""
+    keep = torch.zeros_like(candidates)
+    if k > 0:
+        order = sorted(torch.nonzero(candidates).flatten().tolist(), key=lambda i: (-float(scores[i]), i))
+        keep[order[:k]] = True
+    return keep
+
+
 def select_units(structure: ChannelStructure, scores: Mapping[str, torch.Tensor], alive: ChannelKeep,
-                 keep_count: int, allocation: str) -> ChannelKeep:
-    """Exactly ``keep_count`` alive units, at least one per group, chosen by score."""
+                 keep_count: int, allocation: str, *, min_fraction: float = 0.0) -> ChannelKeep:
+    """Exactly ``keep_count`` alive units, chosen by score, every group keeping its floor
+    (``channel_floors``; a group with fewer alive units than its floor keeps them all).
+
+    ``global``: each group first gets its ``floor`` best alive units; the rest are ranked
+    together by score (ties: the unit at the lower relative position index / size, so equal
+    scores spread evenly over groups; then structure order).  ``uniform``: every group keeps
+    the same fraction (``uniform_unit_counts``), raised to its floor.  Compare scores across
+    groups only on a common scale (``channel_scores(..., normalizer=)``)."""
     groups = structure.groups
-    alive_total = sum(int(alive[g.name].sum()) for g in groups)
+    alive_count = {g.name: int(alive[g.name].sum()) for g in groups}
+    alive_total = sum(alive_count.values())
     if keep_count > alive_total:
         raise StructureError(f"cannot keep {keep_count} channels: only {alive_total} are alive (masks only shrink)")
-    if keep_count < len(groups):
-        raise StructureError(f"keeping {keep_count} of {structure.total_units} channels leaves fewer than one "
-                             f"per coupled group ({len(groups)} groups): density too low")
+    for g in groups:
+        if alive_count[g.name] == 0:
+            raise StructureError(f"group {g.name} has no alive channel left")
+    floors = {name: min(count, alive_count[name]) for name, count in channel_floors(structure, min_fraction).items()}
+    if keep_count < sum(floors.values()):
+        raise StructureError(
+            f"keeping {keep_count} of {structure.total_units} channels leaves fewer than one channel per coupled "
+            f"group, or less than min_channel_fraction={min_fraction:g} of one ({len(groups)} groups need "
+            f"{sum(floors.values())}): density too low")
     masked_scores = {}
     for g in groups:
-        s = scores[g.name].to(torch.float64).clone()
-        s[~alive[g.name]] = -math.inf
-        masked_scores[g.name] = torch.nan_to_num(s, nan=-math.inf)
-    for g in groups:
-        if not bool(alive[g.name].any()):
-            raise StructureError(f"group {g.name} has no alive channel left")
+        s = torch.nan_to_num(scores[g.name].to("cpu", torch.float64).clone(), nan=-math.inf)
+        s[~alive[g.name].to("cpu")] = -math.inf
+        masked_scores[g.name] = s
     if allocation == "global":
-        # each group's best alive unit first (ties: lowest index), then the best of the rest
-        reserved = {}
-        for g in groups:
-            r = torch.zeros(g.size, dtype=torch.bool)
-            r[int(torch.argmax(masked_scores[g.name]))] = True  # argmax returns the first maximum
-            reserved[g.name] = r
-        candidates = {g.name: alive[g.name] & ~reserved[g.name] for g in groups}
+        reserved = {g.name: _top_units(masked_scores[g.name], alive[g.name].to("cpu"), floors[g.name]) for g in groups}
         names = [g.name for g in groups]
-        flat_scores = torch.cat([masked_scores[n].masked_fill(~candidates[n], -math.inf) for n in names])
-        flat_alive = torch.cat([candidates[n] for n in names])
-        flat_keep = keep_top_k_alive(flat_scores, flat_alive, keep_count - len(groups))
+        candidates = torch.cat([alive[n].to("cpu") & ~reserved[n] for n in names])
+        flat_scores = torch.cat([masked_scores[n] for n in names]).numpy()
+        relative = torch.cat([torch.arange(g.size, dtype=torch.float64) / g.size for g in groups]).numpy()
+        position = np.arange(len(flat_scores))
+        order = np.lexsort((position, relative, -flat_scores))  # last key sorts first
+        order = order[candidates.numpy()[order]][:keep_count - sum(floors.values())]
+        flat_keep = torch.zeros(len(flat_scores), dtype=torch.bool)
+        flat_keep[torch.from_numpy(order)] = True
         extra = dict(zip(names, flat_keep.split([g.size for g in groups])))
         return {g.name: reserved[g.name] | extra[g.name] for g in groups}
     if allocation == "uniform":
-        counts = uniform_unit_counts(structure, {g.name: int(alive[g.name].sum()) for g in groups}, keep_count)
-        return {g.name: keep_top_k_alive(masked_scores[g.name], alive[g.name], counts[g.name]) for g in groups}
+        counts = uniform_unit_counts(structure, alive_count, keep_count, floors=floors)
+        return {g.name: _top_units(masked_scores[g.name], alive[g.name].to("cpu"), counts[g.name]) for g in groups}
     raise StructureError(f"unknown channel allocation {allocation!r}; valid: {', '.join(CHANNEL_ALLOCATIONS)}")
 
 
-def uniform_unit_counts(structure: ChannelStructure, capacities: Mapping[str, int], keep_count: int) -> Dict[str, int]:
+def uniform_unit_counts(structure: ChannelStructure, capacities: Mapping[str, int], keep_count: int,
+                        floors: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
     """Units each group keeps under ``uniform``: density * size, apportioned by largest
     remainder to sum exactly to ``keep_count`` (``pruning_utils.layer_keep_counts``); a group
-    that would get 0 gets 1, taken from the group with the most units kept (the last such
-    group in structure order)."""
+    below its floor (default 1) is raised to it, one unit at a time taken from the group with
+    the most units above its own floor (the last such group in structure order)."""
     groups = structure.groups
+    floors = floors or {g.name: 1 for g in groups}
     counts = layer_keep_counts("uniform", capacities=capacities, numels={g.name: g.size for g in groups},
                                shapes={g.name: (g.size,) for g in groups}, total_keep=keep_count)
     for g in groups:
-        if counts[g.name] == 0:
-            donor = max(reversed(groups), key=lambda other: counts[other.name]).name
+        while counts[g.name] < floors[g.name]:
+            donor = max(reversed(groups), key=lambda other: counts[other.name] - floors[other.name]).name
             counts[donor] -= 1
-            counts[g.name] = 1
+            counts[g.name] += 1
     return counts
 
 
 def select_channels(model: nn.Module, structure: ChannelStructure, *, density: float, criterion: str,
-                    allocation: str, masks: Optional[Masks] = None, seed: int = 0) -> ChannelKeep:
-    """The units kept at channel ``density`` (a fraction of ALL prunable units)."""
+                    allocation: str, masks: Optional[Masks] = None, seed: int = 0, min_fraction: float = 0.0,
+                    normalizer: str = DEFAULT_CHANNEL_NORMALIZER) -> ChannelKeep:
+    """The units kept at channel ``density`` (a fraction of ALL prunable units): scores from
+    ``criterion``, each member's put on a common scale by ``normalizer`` over the alive units,
+    chosen by ``allocation`` with every group keeping ``min_fraction`` of its units (>= 1)."""
     if not 0.0 < density <= 1.0:
         raise StructureError(f"density must be in (0, 1], got {density}")
     current = {name: layer.mask for name, layer in masked_layers(model)} if masks is None else masks
     alive = units_alive(structure, current)
-    scores = channel_scores(model, structure, criterion, seed)
-    return select_units(structure, scores, alive, target_keep_count(density, structure.total_units), allocation)
+    scores = channel_scores(model, structure, criterion, seed, normalizer=normalizer, alive=alive)
+    return select_units(structure, scores, alive, target_keep_count(density, structure.total_units), allocation,
+                        min_fraction=min_fraction)
 
 
 def compute_channel_masks(model: nn.Module, structure: ChannelStructure, *, density: float, criterion: str,
-                          allocation: str, masks: Optional[Masks] = None, seed: int = 0) -> Masks:
+                          allocation: str, masks: Optional[Masks] = None, seed: int = 0, min_fraction: float = 0.0,
+                          normalizer: str = DEFAULT_CHANNEL_NORMALIZER) -> Masks:
     """Weight masks (CPU bool, a subset of ``masks`` / the model's masks) keeping exactly
-    round(density * units) coupled channel units.  The model is not modified."""
+    round(density * units) coupled channel units (``select_channels``).  The model is not modified."""
     current = get_current_masks(model) if masks is None else masks
     validate_masks(model, current)
     keep = select_channels(model, structure, density=density, criterion=criterion, allocation=allocation,
-                           masks=current, seed=seed)
+                           masks=current, seed=seed, min_fraction=min_fraction, normalizer=normalizer)
     return masks_for_units(structure, keep, current)
 
 

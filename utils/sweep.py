@@ -5,20 +5,35 @@
     python -m utils.sweep SWEEP.yaml --runs-per-gpu 2                         # 2 runs at once per GPU (or on CPU)
     python -m utils.sweep SWEEP.yaml --launcher slurm --partition gpu --time-min 240 [--wait]
 
-A sweep file (DESIGN.md section 11)::
+A sweep file::
 
     base: configs/resnet20_lrr_cifar10.yaml   # the base config (relative to the working directory,
                                               # else to the sweep file's directory)
     name: r20_lrr_vs_wr                       # the sweep's directory under experiment.base_dir
     overrides: {training.epochs: 160}         # fixed for every run (optional)
     grid: {experiment.seed: [0, 1, 2], prune.training_type: [lrr, wr]}   # the product
+    zip: {experiment.seed: [0, 1, 2], optimizer.lr: [0.1, 0.2, 0.4]}     # optional: varied together
+    controls: {reinit: {seed_offset: 1000}, shuffle: {}}                 # optional: each run's controls
     launcher: local                           # optional: local (default) or slurm
     nproc_per_node: 1                         # optional: processes per run (torchrun --nproc-per-node)
     runs_per_gpu: 1                           # optional, local: runs at once per GPU (on CPU: at once)
     slurm: {partition: gpu, time_min: 240, gpus_per_node: 1, cpus_per_task: 8, mem_gb: 32}   # optional
 
-Run ``r`` is ``experiment.base_dir/<name>/<run name>``, the run name made of the grid values
-(``seed-0_training_type-lrr``).  Every expanded run is checked by the harness's own config
+Runs: every combination of the ``grid`` lists (their product) times every row of the ``zip``
+lists (lists of one length, the i-th values of all of them together: seeds paired with their
+own masks, say).  Either section may be left out, not both.  Run ``r`` is
+``experiment.base_dir/<name>/<run name>``, the run name made of the grid values, then the zip
+values (``seed-0_training_type-lrr``).
+
+``controls`` gives each of those runs (a *source*) its control runs (utils/controls.py), listed
+after all the sources -- a launcher starts runs in list order, and a control waits for the
+levels of its source anyway: ``<source name>_<control>`` trains with the source's config plus
+``--prune.masks_from=<source's directory> --prune.control=<control>`` and
+``--experiment.seed=<source's seed + seed_offset>``.  ``seed_offset`` defaults to 0 (``none``,
+``shuffle``: the source's seed and initial weights, so the level 0 of a ``shuffle`` control is the
+source's and is taken, not retrained) and to 1000 for ``reinit``, whose fresh initialisation must
+come from another seed (0 is refused).  ``overrides`` in a control's entry apply to that control's
+runs only.  Written ``controls: [reinit, shuffle]`` for the defaults.  Every expanded run is checked by the harness's own config
 validation before anything runs; a bad sweep file is refused in one line, exit status 2.
 Finished runs are skipped; a run with a directory but not finished is launched again and the
 harness resumes it; a re-run of the sweep only does what is missing.  At the end the report of
@@ -49,7 +64,12 @@ import yaml
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 143
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SWEEP_KEYS = {"base", "name", "overrides", "grid", "launcher", "nproc_per_node", "runs_per_gpu", "slurm"}
+SWEEP_KEYS = {"base", "name", "overrides", "grid", "zip", "controls", "launcher", "nproc_per_node", "runs_per_gpu",
+              "slurm"}
+CONTROL_ENTRY_KEYS = {"seed_offset", "overrides"}
+DEFAULT_SEED_OFFSET = {"reinit": 1000}   # reinit needs another seed than its source's; the others keep it (0)
+# Set by the sweep for each control run (a control entry's overrides may not set them).
+CONTROL_SET_KEYS = ("prune.masks_from", "prune.control", "experiment.seed")
 SLURM_KEYS = {"partition": str, "account": str, "qos": str, "constraint": str, "time_min": int, "gpus_per_node": int,
               "cpus_per_task": int, "mem_gb": int, "array_parallelism": int, "setup": list}
 RESERVED_GRID_KEYS = ("experiment.name", "experiment.base_dir")  # the sweep decides where runs go
@@ -64,11 +84,20 @@ class SweepError(ValueError):
 
 # ============================================================================ the sweep
 @dataclass
+class ControlSpec:
+    control: str                    # none, reinit or shuffle (prune.control)
+    seed_offset: int                # the control's experiment.seed = its source's + seed_offset
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Run:
     name: str
-    values: Dict[str, Any]          # the grid values of this run
+    values: Dict[str, Any]          # the grid (and zip) values of this run
     argv: List[str]                 # harness arguments: --config BASE --k=v ...
     config: Dict[str, Any] = field(default_factory=dict)   # the resolved config (flat)
+    source: Optional["Run"] = None  # a control run: the run whose masks it trains
+    control: Optional[ControlSpec] = None
 
     @property
     def directory(self) -> Path:
@@ -88,6 +117,8 @@ class Sweep:
     slurm: Dict[str, Any] = field(default_factory=dict)
     runs: List[Run] = field(default_factory=list)
     directory: Optional[Path] = None
+    zip: Dict[str, List[Any]] = field(default_factory=dict)
+    controls: List[ControlSpec] = field(default_factory=list)
 
 
 def cli_value(value: Any) -> str:
@@ -175,19 +206,19 @@ def parse_sweep(path: Path, flags: Optional[Dict[str, Any]] = None) -> Sweep:
     _require(isinstance(overrides, dict), f"sweep file {path}: overrides must be a mapping of section.key: value, "
                                           f"got {type(overrides).__name__}")
     overrides = _dotted(overrides, f"sweep file {path}: overrides")
-    _require("grid" in tree, f"sweep file {path}: missing 'grid' (section.key: [values, ...])")
-    grid = tree["grid"]
-    _require(isinstance(grid, dict), f"sweep file {path}: grid must be a mapping of section.key: [values], "
-                                     f"got {type(grid).__name__}")
-    grid = _dotted(grid, f"sweep file {path}: grid")
-    _require(len(grid) > 0, f"sweep file {path}: the grid is empty; give at least one section.key: [values]")
-    for key, values in grid.items():
-        _require(isinstance(values, list), f"sweep file {path}: grid key {key} must be a list of values, "
-                                           f"got {type(values).__name__} {values!r}")
-        _require(len(values) > 0, f"sweep file {path}: grid key {key} has no values")
-        _require(key not in RESERVED_GRID_KEYS, f"sweep file {path}: grid key {key} is set by the sweep "
-                                                f"(runs go to experiment.base_dir/{name}/<run name>)")
-        _require(key not in overrides, f"sweep file {path}: {key} is both in overrides and in the grid")
+    _require("grid" in tree or "zip" in tree,
+             f"sweep file {path}: missing 'grid' (section.key: [values, ...]; or 'zip', lists varied together)")
+    grid = _varied_section(tree, "grid", path, name, overrides)
+    paired = _varied_section(tree, "zip", path, name, overrides)
+    _require(len(grid) + len(paired) > 0, f"sweep file {path}: the grid is empty; give at least one "
+                                          f"section.key: [values]")
+    both = sorted(set(grid) & set(paired))
+    _require(not both, f"sweep file {path}: {both[0] if both else ''} is both in the grid and in zip")
+    lengths = {key: len(values) for key, values in paired.items()}
+    _require(len(set(lengths.values())) <= 1,
+             f"sweep file {path}: zip lists are varied together and must have one length; got "
+             + ", ".join(f"{key}: {count} values" for key, count in lengths.items()))
+    control_specs = parse_controls(tree.get("controls"), path)
     _require("experiment.name" not in overrides,
              f"sweep file {path}: overrides cannot set experiment.name (the sweep names its runs)")
     settings = {"launcher": tree.get("launcher", "local"), "nproc_per_node": tree.get("nproc_per_node", 1),
@@ -213,26 +244,111 @@ def parse_sweep(path: Path, flags: Optional[Dict[str, Any]] = None) -> Sweep:
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{key}={value!r} must be an integer >= 1")
     sweep = Sweep(path, name, base_path, overrides, grid, settings["launcher"], settings["nproc_per_node"],
-                  settings["runs_per_gpu"], settings["slurm"])
+                  settings["runs_per_gpu"], settings["slurm"], zip=paired, controls=control_specs)
     expand(sweep)
     return sweep
 
 
+def _varied_section(tree: Dict[str, Any], section: str, path: Path, name: str,
+                    overrides: Dict[str, Any]) -> Dict[str, List[Any]]:
+    """The ``grid`` or ``zip`` section: section.key -> a non-empty list of values ({} when absent)."""
+    if section not in tree:
+        return {}
+    varied = tree[section]
+    _require(isinstance(varied, dict), f"sweep file {path}: {section} must be a mapping of section.key: [values], "
+                                       f"got {type(varied).__name__}")
+    varied = _dotted(varied, f"sweep file {path}: {section}")
+    for key, values in varied.items():
+        _require(isinstance(values, list), f"sweep file {path}: {section} key {key} must be a list of values, "
+                                           f"got {type(values).__name__} {values!r}")
+        _require(len(values) > 0, f"sweep file {path}: {section} key {key} has no values")
+        _require(key not in RESERVED_GRID_KEYS, f"sweep file {path}: {section} key {key} is set by the sweep "
+                                                f"(runs go to experiment.base_dir/{name}/<run name>)")
+        _require(key not in overrides, f"sweep file {path}: {key} is both in overrides and in the {section}")
+    return varied
+
+
+def parse_controls(section: Any, path: Path) -> List[ControlSpec]:
+    """``controls: {reinit: {seed_offset: 1000}, shuffle: {}}`` or ``controls: [reinit, shuffle]``."""
+    from utils.controls import CONTROLS
+    if section is None:
+        return []
+    where = f"sweep file {path}: controls"
+    if isinstance(section, list):
+        _require(all(isinstance(entry, str) for entry in section),
+                 f"{where} must list control names ({', '.join(CONTROLS)}) or map them to settings")
+        _require(len(set(section)) == len(section), f"{where} names a control twice")
+        section = {entry: {} for entry in section}
+    _require(isinstance(section, dict) and len(section) > 0,
+             f"{where} must map control names ({', '.join(CONTROLS)}) to settings ({', '.join(sorted(CONTROL_ENTRY_KEYS))})")
+    specs = []
+    for control, settings in section.items():
+        _require(control in CONTROLS, f"{where}: {control!r} is not a control; valid: {', '.join(CONTROLS)}")
+        settings = settings if settings is not None else {}
+        _require(isinstance(settings, dict), f"{where}.{control} must be a mapping "
+                                             f"({', '.join(sorted(CONTROL_ENTRY_KEYS))}), got {settings!r}")
+        unknown = sorted(set(map(str, settings)) - CONTROL_ENTRY_KEYS)
+        _require(not unknown, f"{where}.{control}: unknown key {unknown[0] if unknown else ''!r}; "
+                              f"allowed: {', '.join(sorted(CONTROL_ENTRY_KEYS))}")
+        offset = settings.get("seed_offset", DEFAULT_SEED_OFFSET.get(control, 0))
+        _require(isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0,
+                 f"{where}.{control}: seed_offset={offset!r} must be an integer >= 0")
+        _require(control != "reinit" or offset != 0,
+                 f"{where}.reinit: seed_offset=0 gives the control its source's seed, so its 'fresh' initialisation "
+                 f"would be the ticket's own; use another offset (default {DEFAULT_SEED_OFFSET['reinit']})")
+        extra = settings.get("overrides") or {}
+        _require(isinstance(extra, dict), f"{where}.{control}: overrides must be a mapping of section.key: value")
+        extra = _dotted(extra, f"{where}.{control}: overrides")
+        for key in (*CONTROL_SET_KEYS, *RESERVED_GRID_KEYS):
+            _require(key not in extra, f"{where}.{control}: overrides cannot set {key} (the sweep sets it for "
+                                       f"each control run; the seed through seed_offset)")
+        _require(control != "none" or offset != 0 or extra,
+                 f"{where}.none: with the source's seed and no overrides it would repeat the source run; "
+                 f"give it a seed_offset or overrides")
+        specs.append(ControlSpec(control, offset, extra))
+    return specs
+
+
+def varied_values(sweep: Sweep) -> List[Dict[str, Any]]:
+    """The values of each run: the grid's product (in the grid's key order), times the zip rows."""
+    grid_keys, zip_keys = list(sweep.grid), list(sweep.zip)
+    rows = list(zip(*(sweep.zip[k] for k in zip_keys))) if zip_keys else [()]
+    return [{**dict(zip(grid_keys, combo)), **dict(zip(zip_keys, row))}
+            for combo in itertools.product(*(sweep.grid[k] for k in grid_keys)) for row in rows]
+
+
 def expand(sweep: Sweep) -> None:
-    keys = list(sweep.grid)
-    combos = list(itertools.product(*(sweep.grid[k] for k in keys)))
-    names = run_names(keys, combos)
+    """Sweep.runs: the sources (grid x zip), then each source's controls, in that order."""
+    combos = varied_values(sweep)
+    keys = list(sweep.grid) + list(sweep.zip)
+    names = run_names(keys, [[values[k] for k in keys] for values in combos])
     seen: Dict[str, Dict[str, Any]] = {}
-    for name, combo in zip(names, combos):
-        values = dict(zip(keys, combo))
-        if name in seen:
-            raise SweepError(f"sweep file {sweep.file}: grid values {seen[name]} and {values} give the same run "
-                             f"name {name!r}; make the values distinct")
-        seen[name] = values
+
+    def add(run: Run) -> None:
+        if run.name in seen:
+            raise SweepError(f"sweep file {sweep.file}: runs {_describe(seen[run.name])} and {_describe(run.values)} "
+                             f"give the same run name {run.name!r}; make the values distinct")
+        seen[run.name] = run.values
+        sweep.runs.append(run)
+
+    for name, values in zip(names, combos):
         argv = ["--config", str(sweep.base)]
         argv += [f"--{k}={cli_value(v)}" for k, v in sweep.overrides.items()]
         argv += [f"--{k}={cli_value(v)}" for k, v in values.items()]
-        sweep.runs.append(Run(name, values, argv))
+        add(Run(name, values, argv))
+    if not sweep.controls:
+        return
+    for source in list(sweep.runs):
+        masks_from = {**sweep.overrides, **source.values}.get("prune.masks_from")
+        _require(not masks_from, f"sweep file {sweep.file}: run {source.name} is itself a control "
+                                 f"(prune.masks_from={masks_from}); controls: apply to runs that prune")
+        for spec in sweep.controls:  # the source's arguments, its seed aside (validate_runs sets the control's)
+            argv = ["--config", str(sweep.base)]
+            argv += [f"--{k}={cli_value(v)}" for k, v in {**sweep.overrides, **source.values, **spec.overrides}.items()
+                     if k != "experiment.seed"]
+            argv.append(f"--prune.control={spec.control}")
+            add(Run(f"{source.name}_{spec.control}", {**source.values, "prune.control": spec.control}, argv,
+                    source=source, control=spec))
 
 
 def harness_check(argv: Sequence[str]) -> Dict[str, Any]:
@@ -260,7 +376,11 @@ def validate_runs(sweep: Sweep) -> None:
     first = sweep.runs[0]
     base_dir = check(first, first.argv + [f"--experiment.name={first.name}"])["experiment.base_dir"]
     sweep.directory = Path(base_dir) / sweep.name
-    for run in sweep.runs:
+    for run in sweep.runs:  # sources come first: a control's seed and masks are its checked source's
+        if run.source is not None:
+            seed = run.source.config["experiment.seed"] + run.control.seed_offset
+            run.values["experiment.seed"] = seed
+            run.argv += [f"--prune.masks_from={run.source.directory}", f"--experiment.seed={seed}"]
         run.argv += [f"--experiment.base_dir={sweep.directory}", f"--experiment.name={run.name}"]
         run.config = check(run, run.argv)
 
@@ -607,7 +727,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{len(sweep.runs) - len(todo)} finished, {len(todo)} to run ({sweep.launcher} launcher)")
     if args.dry_run:
         for run in sweep.runs:
-            print(f"  {run.name} [{states[run.name]}]")
+            role = "" if run.source is None else \
+                f"  (control {run.control.control} of {run.source.name}, seed {run.config['experiment.seed']})"
+            print(f"  {run.name} [{states[run.name]}]{role}")
             print(f"    {show_command(run_command(run, sweep.nproc_per_node))}")
         return 0
     conflicts = [run.name for run in todo if states[run.name] == "conflict"]
