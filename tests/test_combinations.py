@@ -77,6 +77,9 @@ MODEL_KINDS = [
 STRUCTURES = [
     Structure("unstructured", WEIGHT_CRITERIA, frozenset({"global", "uniform", "erk", "balanced"})),
     Structure("channel", frozenset({"magnitude", "bn_gamma", "random"}), frozenset({"global", "uniform"})),
+    # N:M: the pattern fixes each level's density (at_init: no target_density); allocation does not apply
+    Structure("nm", WEIGHT_CRITERIA, frozenset({"global", "uniform", "erk", "balanced"}),
+              {"prune.nm": "2:4", "prune.target_density": None}),
 ]
 # name -> values; the first value of each is the cheapest, and what refusal rows fill in.
 FACTORS: List[Tuple[str, List]] = [
@@ -242,10 +245,10 @@ def run_config(row: Row, digits: Path, base: Path, name: str, source: Optional[P
     overrides = {"model.name": KINDS[row["model"]].model, "prune.structure": row["structure"],
                  "prune.criterion": row["criterion"], "prune.allocation": row["allocation"],
                  "prune.training_type": row["training_type"], "dataset.loader": row["loader"],
-                 "training.epochs": 1, "prune.levels": 2, "prune.rate": 0.3, "prune.synflow_iterations": 10,
-                 **STRUCTURE_BY_NAME[row["structure"]].overrides}
+                 "training.epochs": 1, "prune.levels": 2, "prune.rate": 0.3, "prune.synflow_iterations": 10}
     if row["training_type"] == "at_init":
         overrides.update({"prune.levels": None, "prune.target_density": 0.5})
+    overrides.update(STRUCTURE_BY_NAME[row["structure"]].overrides)
     if row["training_type"] == "wr":
         overrides["prune.rewind_iteration"] = 5   # late resetting: level 0's 5th step
     if row["control"] != "off":
@@ -376,6 +379,9 @@ def check_run(row: Row, root: Path, runs: Runs) -> None:
             if source_masks is None:
                 assert kept == target_keep_count(target, structure.total_units), "kept channels: the target rounded"
             assert levels.channel_density[level] == pytest.approx(kept / structure.total_units)
+        if row["structure"] == "nm":  # every group keeps its level's count; layers without groups stay dense
+            keep = 2 if row["training_type"] == "at_init" or level == 1 else 4
+            assert set(at.nm) <= {f"{keep}:4", "dense"} and f"{keep}:4" in set(at.nm), set(at.nm)
         assert levels.density[level] == pytest.approx(at.alive.sum() / at.numel.sum())
     if len(expected_levels) == 2:  # shuffle controls too: one random order per run, fewer kept -> a subset
         assert is_subset(masks[1], masks[0]), "masks only shrink"
