@@ -587,7 +587,7 @@ def check_nm_fields(c: Dict[str, Any]) -> None:
 
 
 def check_science_fields(c: Dict[str, Any]) -> None:
-    """Controls, late resetting, per-layer rates, the user's own code (DESIGN.md section 9).
+    """Controls, late resetting, per-layer rates, the user's own code (docs/design.md section 9).
 
     What needs the data or the model (the loader length for rewind_iteration, layer names
     for layer_rates, the source directory for masks_from) is checked by the harness with

@@ -20,14 +20,7 @@ import harness
 import harness_utils as hu
 from tests.helpers import digits_config, run_harness, write_config
 from utils.dataset import _FIELD_DESCRIPTOR, _HEADER, BetonFile
-from utils.write_beton import ensure_digits
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 def beton_with_label(source: Path, target: Path, label: int) -> Path:

@@ -40,7 +40,6 @@ from utils import structured
 from utils.mask_layers import is_subset, prepare_model
 from utils.models import get_model
 from utils.pruning_utils import target_keep_count
-from utils.write_beton import ensure_digits
 
 
 # ============================================================================ the factors
@@ -233,13 +232,6 @@ def row_id(row: Row) -> str:
 
 
 # ============================================================================ running
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
-
-
 def run_config(row: Row, digits: Path, base: Path, name: str, source: Optional[Path] = None) -> Dict:
     """The config of ``row``: LeNet/BN-CNN/ResNet-20 on digits, 1 epoch a level, 2 levels."""
     overrides = {"model.name": KINDS[row["model"]].model, "prune.structure": row["structure"],

@@ -97,6 +97,7 @@ def test_every_registered_name_builds_prepares_and_forwards(name):     # name am
     report = dense_parameter_report(model)
     assert report.prunable == sum(p.numel() for p in model.parameters() if id(p) in weight_matrices)
     assert "excluded layers" not in report.dense and report.prunable + sum(report.dense.values()) == report.total
+    assert "other" not in report.dense, report.names.get("other")  # every dense parameter has a named kind
     with torch.no_grad():
         out = model.eval()(torch.empty(2, 1, 224, 224, device="meta"))
     assert isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 7)

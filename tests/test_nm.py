@@ -178,15 +178,6 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from utils.write_beton import ensure_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
-
-
 def nm_config(digits, base, name="nm", **overrides):
     """examples.custom:build_net on digits: a conv of 1 input (dense) and two linear layers."""
     return digits_config(digits, base, name, **{"model.name": "examples.custom:build_net", "training.epochs": 1,

@@ -1,6 +1,6 @@
 """utils/pruning_utils.py: exact counts, allocations, nesting, criteria, schedules, CLI.
 
-Pins DESIGN.md section 5: kept counts are the target rounded, masks only shrink, pruned
+Pins docs/design.md section 5: kept counts are the target rounded, masks only shrink, pruned
 weights never come back, and each score / allocation means what the docstrings say.
 """
 from __future__ import annotations
@@ -737,15 +737,6 @@ def outside_criteria(tmp_path, monkeypatch):
     sys.modules.pop("outside_scores", None)
 
 
-@pytest.fixture(scope="module")
-def digits_betons(tmp_path_factory):
-    from utils.write_beton import ensure_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
-
-
 def test_outside_criteria_declare_their_needs(outside_criteria):
     assert pu.get_criterion("outside_scores:grad_times_weight").needs() == ["batches"]  # undeclared: batches
     data_free = pu.get_criterion("outside_scores:data_free")
@@ -753,11 +744,11 @@ def test_outside_criteria_declare_their_needs(outside_criteria):
 
 
 @pytest.mark.parametrize("batches_key", ["score_batches", "snip_batches"])  # the old name is still read
-def test_cli_gives_batches_to_an_outside_criterion_that_needs_them(cli_files, digits_betons, outside_criteria,
+def test_cli_gives_batches_to_an_outside_criterion_that_needs_them(cli_files, digits, outside_criteria,
                                                                    capsys, batches_key):
     config, checkpoint, start, tmp_path = cli_files
     tree = yaml.safe_load(config.read_text())
-    tree["dataset"].update(train_path=str(digits_betons / "digits_train.beton"), loader="torch", batch_size=32,
+    tree["dataset"].update(train_path=str(digits / "digits_train.beton"), loader="torch", batch_size=32,
                            num_workers=0)
     tree["prune"][batches_key] = 3
     config.write_text(yaml.safe_dump(tree))
@@ -796,10 +787,10 @@ def test_old_and_new_name_of_score_batches():
 
 
 def test_harness_gives_an_outside_criterion_its_batches_and_an_old_config_yaml_still_resumes(
-        digits_betons, outside_criteria, tmp_path):
+        digits, outside_criteria, tmp_path):
     from tests.helpers import digits_config, run_harness, write_config
 
-    tree = digits_config(digits_betons, tmp_path / "runs", **{
+    tree = digits_config(digits, tmp_path / "runs", **{
         "prune.levels": 2, "training.epochs": 1, "prune.criterion": "outside_scores:grad_times_weight",
         "prune.score_batches": 2})
     config = write_config(tmp_path / "c.yaml", tree)

@@ -1,4 +1,4 @@
-"""Config keys and plain functions of the lottery-ticket science features (DESIGN.md section 9):
+"""Config keys and plain functions of the lottery-ticket science features (docs/design.md section 9):
 per-layer pruning rates, late-resetting checks, a user's own networks and criteria."""
 from __future__ import annotations
 

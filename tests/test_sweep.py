@@ -15,14 +15,7 @@ import yaml
 
 from tests.helpers import ROOT, digits_config, write_config
 from utils import sweep as sw
-from utils.write_beton import ensure_digits
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 def base_config(tmp_path, digits, **overrides):
@@ -311,3 +304,30 @@ def test_shipped_sweep_files_expand_and_validate(path, capsys, monkeypatch):
     assert sw.main([str(path.relative_to(ROOT)), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "to run" in out and "torchrun --standalone" in out
+
+
+def test_sweep_and_harness_judge_an_old_run_directory_by_one_rule(tmp_path):
+    """A key an older config.yaml lacks counts as its default for the sweep exactly as for the
+    harness: at its default the run resumes, at another value both call it another run."""
+    import shutil
+
+    import harness_params
+    import harness_utils as hu
+    from utils import rundir
+
+    base = {"model.name": "lenet_300_100", "dataset.name": "digits", "dataset.train_path": "a",
+            "dataset.test_path": "b", "experiment.name": "old", "experiment.base_dir": str(tmp_path),
+            "prune.levels": "2"}
+    for value, expected in (("0.1", "partial"), ("0.3", "conflict")):
+        resolved = harness_params.resolve(None, {**base, "prune.min_channel_fraction": value})
+        old = {k: v for k, v in resolved.items() if k != "prune.min_channel_fraction"}  # written before the key
+        root = tmp_path / "old"
+        rundir.RunFiles(root).create(rundir.config_bytes(old))
+        run = sw.Run(name="old", values={}, argv=[], config=resolved)
+        assert sw.run_status(run) == expected
+        if expected == "conflict":
+            with pytest.raises(hu.UserError, match="prune.min_channel_fraction"):
+                hu.decide_experiment_dir(resolved, restarted=False)
+        else:
+            assert hu.decide_experiment_dir(resolved, restarted=False).action == "resume"
+        shutil.rmtree(root)

@@ -352,14 +352,14 @@ def level_model(directory: Path, tree: Dict[str, Dict], level: int):
     state, source = level_weights(directory, level)
     masks = {name: mask.to(torch.bool) for name, mask in _load(masks_path).items()}
 
-    from utils.dataset import get_dataset_spec
+    from utils.dataset import resolve_dataset_spec
     from utils.mask_layers import MaskError, prepare_model
     from utils.models import get_model
 
     prune = tree.get("prune") or {}
     try:
         model_name, dataset_name = tree["model"]["name"], tree["dataset"]["name"]
-        spec = get_dataset_spec(dataset_name)
+        spec = resolve_dataset_spec(dataset_name, train_path=tree["dataset"].get("train_path"))
         resolution = (tree["dataset"].get("resolution") or 0) or spec.resolution
         model = get_model(model_name, num_classes=spec.num_classes, in_channels=spec.channels, image_size=resolution)
         prepare_model(model, prune.get("exclude") or [])

@@ -1,7 +1,7 @@
 """Everything about the process group, driven by torchrun's environment.
 
 This is the only module that reads torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE,
-TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_RUN_ID, TORCHELASTIC_ERROR_FILE; MASTER_ADDR and
+TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID, TORCHELASTIC_ERROR_FILE; MASTER_ADDR and
 MASTER_PORT are read by torch's env:// rendezvous).  Without them the program is one
 process (rank 0 of 1) and no process group is created, so ``python harness.py`` and the
 debug harness need no special casing: every collective below is a no-op for a single
@@ -46,6 +46,13 @@ class DistributedContext:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def started_by_torchrun_agent() -> bool:
+    """Whether torchrun's elastic agent started this process as one of its workers (it sets
+    TORCHELASTIC_MAX_RESTARTS; a bare RANK / WORLD_SIZE, as some tests set, does not count): then
+    the parent process is torchrun, whose death the worker follows (utils/launcher_watch.py)."""
+    return launched_by_torchrun() and "TORCHELASTIC_MAX_RESTARTS" in os.environ
 
 
 def restart_count() -> int:
@@ -111,6 +118,9 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 1800) 
     if not launched_by_torchrun():
         return DistributedContext(device=pick_device(device, 0))
     rank = int(os.environ["RANK"])
+    if started_by_torchrun_agent():
+        from utils import launcher_watch
+        launcher_watch.start(rank)  # a worker whose torchrun has died stops (never trains on, never waits in set-up)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ["WORLD_SIZE"])
     torch_device = pick_device(device, local_rank)

@@ -262,7 +262,7 @@ def _dense_category(module: nn.Module, attribute: str) -> str:
         return "excluded layers" if attribute == "weight" or attribute in ATTENTION_PROJECTIONS else "biases"
     lower = attribute.lower()
     for words, category in ((("token",), "tokens"), (("pos_emb", "position"), "position embeddings"),
-                            (("layer_scale", "gamma"), "layer scales"), (("embed",), "embeddings"),
+                            (("layer_scale", "gamma", "logit_scale"), "layer scales"), (("embed",), "embeddings"),
                             (("bias",), "biases")):
         if any(word in lower for word in words):
             return category
@@ -271,8 +271,9 @@ def _dense_category(module: nn.Module, attribute: str) -> str:
 
 def dense_parameter_report(model: nn.Module) -> DenseReport:
     """Count the prunable weights and every parameter that stays dense, by category
-    (``DENSE_CATEGORIES``): biases, normalisation layers, embeddings, position embeddings,
-    class/distillation tokens, layer scales, weights of excluded layers, anything else."""
+    (``DENSE_CATEGORIES``): biases, normalisation layers, embeddings, position embeddings (and
+    relative-position bias tables), class/distillation tokens, layer scales (and Swin-V2's
+    attention logit scales), weights of excluded layers, anything else."""
     masked = {id(layer.weight) for _, layer in masked_layers(model)}
     report = DenseReport(total=0, prunable=0)
     seen = set()

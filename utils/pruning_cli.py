@@ -136,11 +136,11 @@ def _run_cli(argv: Optional[Sequence[str]]) -> None:
 
     import harness_utils as hu
     from utils.blurpool import add_blurpool_
-    from utils.dataset import get_dataset_spec
+    from utils.dataset import resolve_dataset_spec
     from utils.models import get_model
 
     try:
-        spec = get_dataset_spec(c["dataset.name"])
+        spec = resolve_dataset_spec(c["dataset.name"], train_path=c["dataset.train_path"])
         image_size = c["dataset.resolution"] or spec.resolution  # 0 = the dataset's own, as in the harness
         model = get_model(c["model.name"], num_classes=spec.num_classes, in_channels=spec.channels,
                           image_size=image_size)

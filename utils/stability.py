@@ -1,5 +1,5 @@
 """Stability to SGD noise: the error barrier on the linear path between two trained networks
-(linear mode connectivity, Frankle et al. 2020; DESIGN.md section 9).
+(linear mode connectivity, Frankle et al. 2020; docs/design.md section 9).
 
 Two copies of one level's start state train with different data orders, giving networks
 A and B with the same masks.  For alpha in ``points`` evenly spaced values 0, ..., 1 (end

@@ -62,6 +62,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from utils import rundir
+
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 143
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = {"base", "name", "overrides", "grid", "zip", "controls", "launcher", "nproc_per_node", "runs_per_gpu",
@@ -73,9 +75,7 @@ CONTROL_SET_KEYS = ("prune.masks_from", "prune.control", "experiment.seed")
 SLURM_KEYS = {"partition": str, "account": str, "qos": str, "constraint": str, "time_min": int, "gpus_per_node": int,
               "cpus_per_task": int, "mem_gb": int, "array_parallelism": int, "setup": list}
 RESERVED_GRID_KEYS = ("experiment.name", "experiment.base_dir")  # the sweep decides where runs go
-# Keys whose difference does not make an existing run directory another run (harness_utils.NON_SEMANTIC_KEYS).
-NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers", "experiment.name",
-                     "experiment.base_dir", "logging.tensorboard", "logging.wandb_project"}
+
 
 
 class SweepError(ValueError):
@@ -390,36 +390,13 @@ def _describe(values: Dict[str, Any]) -> str:
 
 
 # ============================================================================ run state
-def _flat_config_file(path: Path) -> Dict[str, Any]:
-    tree = yaml.safe_load(path.read_text()) or {}
-    return {f"{s}.{k}": v for s, keys in tree.items() if isinstance(keys, dict) for k, v in keys.items()}
-
-
 def run_status(run: Run) -> str:
     """'new', 'finished', 'partial' (the harness resumes it) or 'conflict' (another config there:
-    the harness will refuse it, naming the keys)."""
-    root = run.directory
-    config_file = root / "config.yaml"
-    if not config_file.exists():
-        return "new"
-    try:
-        existing = _flat_config_file(config_file)
-    except Exception:
-        return "conflict"
-    keys = (set(existing) | set(run.config)) - NON_SEMANTIC_KEYS
-    # a key this version of the harness added (absent there) at its default value is no difference
-    if any(existing.get(k, run.config.get(k)) != run.config.get(k) for k in keys):
-        return "conflict"
-    last = root / "checkpoints" / "last.pt"
-    if last.exists():
-        try:
-            import torch
-            state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-            if isinstance(state, dict) and state.get("finished", False):
-                return "finished"
-        except Exception:
-            pass  # the harness says what is wrong with it when it resumes
-    return "partial"
+    the harness will refuse it, naming the keys).  The harness's own rule: utils.rundir.run_state
+    with the harness's defaults for keys an older config.yaml lacks."""
+    import harness_params
+    state = rundir.run_state(run.directory, run.config, harness_params.defaults())
+    return {"new": "new", "finished": "finished", "resume": "partial", "other": "conflict"}[state]
 
 
 # ============================================================================ commands
@@ -568,107 +545,22 @@ def _tail(path: Path, count: int) -> List[str]:
 
 
 # ============================================================================ Slurm launcher
-class SlurmRun:
-    """What one array task runs: torchrun on the node, in the sweep's working directory.  On a
-    Slurm preemption or time limit (submitit calls ``checkpoint``) it forwards SIGTERM to the
-    harness, which writes a checkpoint, and requeues itself: the requeued task resumes."""
-
-    def __init__(self, command: List[str], cwd: str):
-        self.command, self.cwd = list(command), cwd
-        self.child: Optional[subprocess.Popen] = None
-
-    def __call__(self) -> int:
-        self.child = subprocess.Popen(self.command, cwd=self.cwd, start_new_session=True)
-        code = self.child.wait()
-        if code != 0:
-            raise RuntimeError(f"{show_command(self.command)} exited with status {code}")
-        return code
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        if self.child is not None and self.child.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.child.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.child.wait(timeout=60)
-        return submitit.helpers.DelayedSubmission(SlurmRun(self.command, self.cwd))
-
-    def __getstate__(self):
-        return {"command": self.command, "cwd": self.cwd}
-
-    def __setstate__(self, state):
-        self.command, self.cwd, self.child = state["command"], state["cwd"], None
-
-
-def slurm_executor(sweep: Sweep, cluster: str):
-    try:
-        import submitit
-    except ImportError:
-        raise SweepError("launcher=slurm needs the submitit package (pip install submitit)") from None
-    folder = sweep.directory / "slurm"
-    if cluster == "local":  # submitit's local executor: the same job objects, on this machine (tests)
-        executor = submitit.LocalExecutor(folder=str(folder))
-        executor.update_parameters(timeout_min=int(sweep.slurm.get("time_min", 60)),
-                                   gpus_per_node=int(sweep.slurm.get("gpus_per_node", 0)))
-        return executor
-    executor = submitit.SlurmExecutor(folder=str(folder))
-    s = sweep.slurm
-    gpus = int(s.get("gpus_per_node", sweep.nproc_per_node if visible_gpus() or s.get("partition") else 0))
-    parameters = {"job_name": f"sweep-{sweep.name}", "time": int(s.get("time_min", 60)), "nodes": 1,
-                  "ntasks_per_node": 1, "cpus_per_task": int(s.get("cpus_per_task", 4 * max(1, sweep.nproc_per_node))),
-                  "array_parallelism": int(s.get("array_parallelism", 256)), "use_srun": False}
-    if gpus:
-        parameters["gpus_per_node"] = gpus
-    for key, target in (("partition", "partition"), ("account", "account"), ("qos", "qos"),
-                        ("constraint", "constraint"), ("setup", "setup")):
-        if key in s:
-            parameters[target] = s[key]
-    if "mem_gb" in s:
-        parameters["mem"] = f"{int(s['mem_gb'])}G"
-    executor.update_parameters(**parameters)
-    return executor
-
-
 def launch_slurm(sweep: Sweep, runs: Sequence[Run], *, cluster: str = "slurm", wait: bool = False) -> int:
-    """One job array, one task per run (each: torchrun --nproc-per-node on one node)."""
-    try:
-        executor = slurm_executor(sweep, cluster)
-    except RuntimeError as error:  # submitit: no srun on PATH, i.e. not on a Slurm login node
-        print(f"sweep {sweep.name}: launcher=slurm: {' '.join(str(error).split())[:300]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    tasks = [SlurmRun(run_command(run, sweep.nproc_per_node), os.getcwd()) for run in runs]
-    try:
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks]
-    except Exception as error:  # sbatch refused, not found, ...
-        print(f"sweep {sweep.name}: submission failed: {' '.join(str(error).split())[:400]}", file=sys.stderr)
-        return EXIT_FAILED
-    ids = [job.job_id for job in jobs]
-    print(f"submitted {len(jobs)} run(s) as {'Slurm job array ' + ids[0].split('_')[0] if cluster == 'slurm' else 'local jobs'}"
-          f" (logs under {executor.folder})", flush=True)
-    for run, job in zip(runs, jobs):
-        print(f"    {run.name}: job {job.job_id}")
-    if not wait and cluster == "slurm":
-        print(f"when they are done, run the same command again: it launches nothing more and writes the report "
-              f"(or: python -m utils.report {sweep.directory} --out-dir {sweep.directory / 'report'})")
-        return 0
-    failed = []
-    for run, job in zip(runs, jobs):
-        try:
-            job.result()
-        except Exception as error:
-            failed.append(run.name)
-            print(f"    {run.name}: FAILED: {' '.join(str(error).split())[-300:]}", flush=True)
-    if failed:
-        print(f"sweep {sweep.name}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    """One job array, one task per run (each: torchrun --nproc-per-node on one node): utils/slurm.py."""
+    from utils import slurm
+    gpus_default = sweep.nproc_per_node if visible_gpus() or sweep.slurm.get("partition") else 0
+    parameters = slurm.executor_parameters(f"sweep-{sweep.name}", sweep.slurm, sweep.nproc_per_node, gpus_default)
+    hint = (f"when they are done, run the same command again: it launches nothing more and writes the report "
+            f"(or: python -m utils.report {sweep.directory} --out-dir {sweep.directory / 'report'})")
+    return slurm.launch_array(f"sweep {sweep.name}", sweep.directory / "slurm", [run.name for run in runs],
+                              [run_command(run, sweep.nproc_per_node) for run in runs], os.getcwd(), parameters,
+                              cluster=cluster, wait=wait, after_hint=hint)
 
 
 # ============================================================================ report
 def write_sweep_report(sweep: Sweep) -> Optional[Path]:
     from utils import report
-    dirs = [run.directory for run in sweep.runs if (run.directory / "config.yaml").is_file()]
+    dirs = [run.directory for run in sweep.runs if rundir.RunFiles(run.directory).config.is_file()]
     if not dirs:
         return None
     out = sweep.directory / "report"
