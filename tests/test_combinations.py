@@ -77,10 +77,10 @@ MODEL_KINDS = [
 STRUCTURES = [
     Structure("unstructured", WEIGHT_CRITERIA, frozenset({"global", "uniform", "erk", "balanced"})),
     Structure("channel", frozenset({"magnitude", "bn_gamma", "random"}), frozenset({"global", "uniform"})),
-    # N:M is its own allocation: prune.allocation is accepted and does not apply (the start line says so)
-    Structure("nm", WEIGHT_CRITERIA, frozenset({"global", "uniform", "erk", "balanced"}), {"prune.nm": "2:4"}),
+    # N:M: the pattern fixes each level's density (at_init: no target_density); allocation does not apply
+    Structure("nm", WEIGHT_CRITERIA, frozenset({"global", "uniform", "erk", "balanced"}),
+              {"prune.nm": "2:4", "prune.target_density": None}),
 ]
-NM_KEEPS = {"at_init": [2], "iterative": [4, 2]}   # 2:4 kept per group of 4 at each level (2 levels)
 # name -> values; the first value of each is the cheapest, and what refusal rows fill in.
 FACTORS: List[Tuple[str, List]] = [
     ("model", [kind.name for kind in MODEL_KINDS]),
@@ -238,10 +238,10 @@ def run_config(row: Row, digits: Path, base: Path, name: str, source: Optional[P
     overrides = {"model.name": KINDS[row["model"]].model, "prune.structure": row["structure"],
                  "prune.criterion": row["criterion"], "prune.allocation": row["allocation"],
                  "prune.training_type": row["training_type"], "dataset.loader": row["loader"],
-                 "training.epochs": 1, "prune.levels": 2, "prune.rate": 0.3, "prune.synflow_iterations": 10,
-                 **STRUCTURE_BY_NAME[row["structure"]].overrides}
-    if row["training_type"] == "at_init":  # N:M: the pattern is the target
-        overrides.update({"prune.levels": None, "prune.target_density": None if row["structure"] == "nm" else 0.5})
+                 "training.epochs": 1, "prune.levels": 2, "prune.rate": 0.3, "prune.synflow_iterations": 10}
+    if row["training_type"] == "at_init":
+        overrides.update({"prune.levels": None, "prune.target_density": 0.5})
+    overrides.update(STRUCTURE_BY_NAME[row["structure"]].overrides)
     if row["training_type"] == "wr":
         overrides["prune.rewind_iteration"] = 5   # late resetting: level 0's 5th step
     if row["control"] != "off":
@@ -274,6 +274,7 @@ class Runs:
     def config(self, row: Row, base: Optional[Path] = None) -> Tuple[Path, Path]:
         name = row_id(row)
         base = base or self.base
+        base.mkdir(parents=True, exist_ok=True)
         source = self.source(row) if row["control"] != "off" else None
         config = write_config(base / f"{name}.yaml", run_config(row, self.digits, base, name, source))
         return config, base / name
@@ -363,9 +364,6 @@ def check_run(row: Row, root: Path, runs: Runs) -> None:
                    {n: int(m.sum()) for n, m in source_masks[level].items()}
             same = all(torch.equal(masks[level][n], source_masks[level][n]) for n in masks[level])
             assert same == (row["control"] != "shuffle" or level == 0)
-        elif row["structure"] == "nm":
-            keep = NM_KEEPS["at_init" if row["training_type"] == "at_init" else "iterative"][level]
-            assert set(at.nm) <= {f"{keep}:4", "dense"} and f"{keep}:4" in set(at.nm), at.nm.tolist()
         elif structure is None:
             assert at.alive.sum() == target_keep_count(target, at.numel.sum()), "kept weights: the target rounded"
         if structure is not None:
@@ -375,6 +373,9 @@ def check_run(row: Row, root: Path, runs: Runs) -> None:
             if source_masks is None:
                 assert kept == target_keep_count(target, structure.total_units), "kept channels: the target rounded"
             assert levels.channel_density[level] == pytest.approx(kept / structure.total_units, abs=1e-6)
+        if row["structure"] == "nm":  # every group keeps its level's count; layers without groups stay dense
+            keep = 2 if row["training_type"] == "at_init" or level == 1 else 4
+            assert set(at.nm) <= {f"{keep}:4", "dense"} and f"{keep}:4" in set(at.nm), set(at.nm)
         assert levels.density[level] == pytest.approx(at.alive.sum() / at.numel.sum(), abs=1e-6)  # CSV: 6 digits
     if len(expected_levels) == 2:  # shuffle controls too: one random order per run, fewer kept -> a subset
         assert is_subset(masks[1], masks[0]), "masks only shrink"
