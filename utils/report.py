@@ -181,7 +181,7 @@ def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
-def expected_levels(config: Dict[str, Any]) -> Optional[int]:
+def expected_levels(config: Dict[str, Any], _depth: int = 0) -> Optional[int]:
     """How many levels the run will have when finished (None when the config does not say)."""
     try:
         if get_training_type(str(config.get("prune.training_type", "imp"))).one_shot:
@@ -191,6 +191,12 @@ def expected_levels(config: Dict[str, Any]) -> Optional[int]:
     levels, target, rate = config.get("prune.levels"), config.get("prune.target_density"), config.get("prune.rate")
     if levels is not None and target is None:
         return int(levels)
+    source = config.get("prune.masks_from")
+    if levels is None and target is None and source and _depth < 4:  # a control trains all its source's levels
+        try:
+            return expected_levels(read_config(Path(str(source))), _depth + 1)
+        except ReportError:
+            return None
     try:
         from utils.pruning_utils import iterative_densities
         return len(iterative_densities(float(rate), levels=levels, target_density=target))
