@@ -49,20 +49,14 @@ class Experiment(ExperimentBase):
     def begin_level(self, level: int) -> int:
         """prune -> reset for ``level``; returns the first epoch to train (a WR level rewound
         inside an epoch starts there: ``resume_partial_epoch``)."""
-        kind = self.c["prune.training_type"]
         if self.prunes_at(level):
             self.prune_to(level, self.densities[level])
-        self.new_optimizer()
-        start_epoch = start_batch = 0
-        if level > 0 and kind == "imp":
-            checkpointing.restore(self.init_state, model=self.model)
-        elif level > 0 and kind == "wr":
-            checkpointing.restore(self.rewind_state, model=self.model, optimizer=self.optimizer, schedule=self.schedule)
-            start_epoch, start_batch = self.rewind_at.epoch, self.rewind_at.batch
-            if start_batch:
-                self.resume_partial_epoch = {"batches_done": start_batch, "lr_at_start": self.schedule.lr,
-                                             "time_s": 0.0, "sums": torch.zeros(3, dtype=torch.float64)}
-        mask_layers.apply_masks_(self.model)  # lrr keeps the trained weights; level 0 and at_init the initial ones
+        self.new_optimizer(level)
+        start_epoch, start_batch = self.training_type.reset(level, self)  # e.g. IMP: initial weights; WR: rewind state
+        if start_batch:  # a level that starts inside an epoch (late resetting) goes on as a resumed epoch does
+            self.resume_partial_epoch = {"batches_done": start_batch, "lr_at_start": self.schedule.lr,
+                                         "time_s": 0.0, "sums": torch.zeros(3, dtype=torch.float64)}
+        mask_layers.apply_masks_(self.model)  # the new masks on whatever weights the level starts from
         if self.ctx.is_primary:
             hu.atomic_torch_save(mask_layers.get_masks(self.model), self.files.masks(level))
         self.level_stats = {"best_test_acc": 0.0, "train_time_s": 0.0}
@@ -171,7 +165,7 @@ class Experiment(ExperimentBase):
             return 0
         self.build_training_objects()
         self.level_stats = {"best_test_acc": 0.0, "train_time_s": 0.0}
-        self.new_optimizer()
+        self.new_optimizer(0)
         self.callbacks += trackers.make_trackers(self.c, self.files.root, self.ctx.is_primary)
         self.stop_requests.flag = StopFlag()
         try:
@@ -179,8 +173,7 @@ class Experiment(ExperimentBase):
                 start_level, start_epoch = self.resume()
             else:
                 self.say(f"writing results to {decision.root}")
-                self.start_fresh()
-                start_level, start_epoch = 0, None
+                start_level, start_epoch = self.start_fresh(), None
             self.callbacks.fire("on_run_start", self.level_info(start_level))
             self.run_levels(start_level, start_epoch)
         except Preempted:
@@ -189,7 +182,7 @@ class Experiment(ExperimentBase):
         finally:
             self.stop_requests.flag.restore()
             for callback in self.callbacks:
-                getattr(callback, "close", lambda: None)()
+                callback.close()
             if self.lock is not None:
                 self.lock.release()
         du.barrier()

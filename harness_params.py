@@ -10,6 +10,7 @@ anything is created on disk.
 """
 from __future__ import annotations
 
+import difflib
 import io
 import math
 import os
@@ -21,11 +22,18 @@ import yaml
 from fastargs import Config, Param, Section, get_current_config, set_current_config
 from fastargs.validation import Checker
 
-from utils.dataset import DATASETS
+from utils.dataset import (LOADER_BACKENDS, DataError, augment_names, dataset_names, get_dataset_spec,
+                           uses_resized_crops, with_augment)
 from utils.models import model_names
+from utils.nm_sparsity import parse_nm
 from utils.pruning_utils import ALLOCATIONS, SCORES, parse_layer_rates, user_criterion
 from utils.user_code import UserCodeError, import_callable, is_import_path
+from utils.optimizers import OPTIMIZERS
+from utils.structured import CHANNEL_ALLOCATIONS, CHANNEL_SCORES
+from utils.rundir import as_tree  # noqa: F401  (the config's nesting: one rule, in utils/rundir.py)
+from utils.rundir import RENAMED_KEYS, current_key_names as rundir_key_names
 from utils.schedulers import schedule_names
+from utils.training_types import TRAINING_TYPES, TrainingTypeError, get_training_type
 
 EXIT_CONFIG_ERROR = 2
 
@@ -189,6 +197,30 @@ class LayerRates(Checker):
         return 'a list of "pattern=rate" strings (fnmatch layer-name pattern, rate in [0, 1)), e.g. ["conv*=0.1", "fc*=0.2"]'
 
 
+class NMPattern(Checker):
+    """``"N:M"``: N weights kept of every M consecutive inputs (utils/nm_sparsity.py).
+
+    YAML 1.1 reads an unquoted ``2:4`` (in a file or in ``--prune.nm=2:4``) as the base-60 number
+    2 * 60 + 4 = 124; such a number is read back as the N:M it was written as (M < 60 there)."""
+
+    @staticmethod
+    def as_written(value):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return f"{value // 60}:{value % 60}"
+        return value
+
+    def check(self, value):
+        value = self.as_written(value)
+        parse_nm(value)  # NMError (a ValueError) for a bad pattern
+        return value
+
+    def display(self, value):
+        return repr(self.as_written(value))
+
+    def help(self):
+        return 'a pattern "N:M" with 1 <= N < M, e.g. "2:4"'
+
+
 # ------------------------------------------------------------------------------ schema
 def P(checker: Checker, desc: str, default: Any = None, required: bool = False) -> Param:
     return Param(checker, desc, default=default, required=required)
@@ -203,19 +235,24 @@ def declare_sections() -> Config:
         name=P(NameOrImport(model_names()), "Registry name of the network (utils/models.py), or package.module:factory "
                "(called with num_classes=, and in_channels=, image_size= when it takes them)", required=True),
         blurpool=P(StrictBool(), "Anti-aliasing blur before every strided convolution (BlurPool, as ffcv-imagenet)", default=False),
+        weights=P(StrictStr(), "Given initial weights: a state dict file (torch.save(model.state_dict()), a torchvision "
+                  "weights file) loaded with weights_only before level 0; a head of another class count keeps its "
+                  "fresh init (utils/pretrained.py); empty = random init", default=""),
     )
     Section("dataset", "Data (FFCV .beton files)").params(
-        name=P(Choice(sorted(DATASETS)), "Dataset; fixes resolution, channels, classes, mean/std", required=True),
+        name=P(NameOrImport(dataset_names()), "Dataset (utils/dataset.py); fixes resolution, channels, classes, mean/std "
+               "(folder: from the training file's write record), or package.module:NAME of an outside DatasetSpec", required=True),
         train_path=P(StrictStr(), "Training .beton file", required=True),
         test_path=P(StrictStr(), "Evaluation .beton file", required=True),
         batch_size=P(StrictInt(1), "GLOBAL batch size: each of W processes takes batch_size / W", default=128),
         num_workers=P(StrictInt(0), "Loader worker threads per process", default=4),
-        loader=P(Choice(["ffcv", "torch", "memory"]), "ffcv (fast), torch (no JIT; debugging) or memory (small datasets in device memory)", default="ffcv"),
+        loader=P(Choice(sorted(LOADER_BACKENDS)), "ffcv (fast), torch (no JIT; debugging) or memory (small datasets in device memory)", default="ffcv"),
+        augment=P(Choice(augment_names()), "Training augmentation: default (the dataset's own), none, flip_crop (pad 4 + random crop + flip), crop (no flip) or rrc (RandomResizedCrop + flip)", default="default"),
         resolution=P(StrictInt(0), "Training image size; 0 = the dataset's own (ImageNet: RandomResizedCrop size)", default=0),
         eval_resolution=P(StrictInt(0), "Evaluation image size; 0 = the dataset's own (ImageNet: center crop, ratio 224/256)", default=0),
     )
     Section("optimizer", "Optimizer").params(
-        name=P(Choice(["sgd", "adam", "adamw"]), "Optimizer", default="sgd"),
+        name=P(Choice(list(OPTIMIZERS)), "Optimizer (utils/optimizers.py)", default="sgd"),
         lr=P(StrictFloat(0, math.inf, low_open=True), "Peak learning rate (for the global batch size)", default=0.1),
         momentum=P(StrictFloat(0, 1, high_open=True), "SGD momentum", default=0.9),
         nesterov=P(StrictBool(), "Nesterov momentum (sgd with momentum > 0)", default=False),
@@ -249,16 +286,22 @@ def declare_sections() -> Config:
                     "(channel structure only); or package.module:function taking (inputs, masks) like "
                     "utils.pruning_utils' score functions", default="magnitude"),
         allocation=P(Choice(sorted(ALLOCATIONS)), "How kept weights are shared among layers", default="global"),
-        training_type=P(Choice(["imp", "wr", "lrr", "at_init"]), "What happens between levels", default="imp"),
+        training_type=P(NameOrImport(list(TRAINING_TYPES)), "What happens between levels (utils/training_types.py), or "
+                        "package.module:Name (a TrainingType subclass)", default="imp"),
         rate=P(StrictFloat(0, 1, low_open=True, high_open=True), "Fraction of the remaining weights removed per level", default=0.2),
         levels=P(Optional_(StrictInt(1)), "Number of levels, dense level 0 included", default=None),
         target_density=P(Optional_(StrictFloat(0, 1, low_open=True)), "at_init: the density; iterative: stop at the first level at or below it", default=None),
         rewind_epoch=P(StrictInt(0), "wr: the level-0 epoch whose end state later levels restart from", default=0),
         exclude=P(ListOf(StrictStr()), "fnmatch patterns of layer names kept dense and uncounted", default=[]),
         synflow_iterations=P(StrictInt(1), "SynFlow rounds (exponential density schedule)", default=100),
-        snip_batches=P(StrictInt(1), "Training batches summed for the SNIP score", default=1),
+        score_batches=P(StrictInt(1), "Training batches a criterion that needs batches scores on (snip sums their "
+                        "gradients; package.module:function criteria get them unless they say otherwise); the old "
+                        "name prune.snip_batches is still read", default=1),
         snip_mode=P(Choice(["eval", "train"]), "BatchNorm during SNIP scoring: eval (running statistics, as the reference codes) or train (batch statistics)", default="eval"),
-        structure=P(Choice(["unstructured", "channel"]), "Unit of pruning: single weights, or output channels (coupled groups together)", default="unstructured"),
+        structure=P(Choice(["unstructured", "channel", "nm"]), "Unit of pruning: single weights, output channels "
+                    "(coupled groups together), or nm: N of every M consecutive inputs (prune.nm)", default="unstructured"),
+        nm=P(NMPattern(), "prune.structure=nm: keep N of every M consecutive inputs at the last level; level L of K "
+             "keeps round(M - L*(M-N)/(K-1)) per group", default="2:4"),
         min_channel_fraction=P(StrictFloat(0, 1), "Channel structure: no coupled group keeps fewer than this fraction of its "
                                "channels (and never fewer than 1); densities too low for it are refused", default=0.1),
         early_bird=P(StrictBool(), "Early-Bird: end level 0 when the next level's channel mask stops changing (channel structure)", default=False),
@@ -362,6 +405,18 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
+def current_key_names(flat: Dict[str, Any], origin: str = "") -> Dict[str, Any]:
+    """``flat`` with old key names (``utils.rundir.RENAMED_KEYS``) under their new names.  ``origin``
+    (e.g. "in FILE"): refuse old and new name both given with different values; empty: the new
+    name wins (utils.rundir.current_key_names)."""
+    if origin:
+        for old, new in RENAMED_KEYS.items():
+            if old in flat and new in flat and flat[old] != flat[new]:
+                _fail(f"{old}={flat[old]!r} and {new}={flat[new]!r} both given ({origin}); {old} is the old name of "
+                      f"{new}: give {new} only")
+    return rundir_key_names(flat)
+
+
 def _known_keys(config: Config) -> Dict[str, Param]:
     return {".".join(path): param for path, param in config.entries.items()}
 
@@ -371,11 +426,13 @@ def _check_declared(flat: Dict[str, Any], known: Dict[str, Param], origin: str) 
     for key in flat:
         if key in known:
             continue
+        nearest = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)  # a typo: name the key meant
+        hint = f"; did you mean {nearest[0]}?" if nearest else ""
         section = key.split(".")[0]
         if section not in sections:
-            _fail(f"unknown section {section!r} ({origin} key {key}); sections: {', '.join(sections)}")
+            _fail(f"unknown section {section!r} ({origin} key {key}){hint}; sections: {', '.join(sections)}")
         keys = sorted(k.split(".", 1)[1] for k in known if k.startswith(section + "."))
-        _fail(f"unknown key {key} ({origin}); keys of {section}: {', '.join(keys)}")
+        _fail(f"unknown key {key} ({origin}){hint}; keys of {section}: {', '.join(keys)}")
 
 
 def read_yaml(path: str) -> Dict[str, Any]:
@@ -400,7 +457,7 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
     """Merge YAML + overrides, check each key and value; -> {dotted key: checked value}."""
     config = declare_sections()
     known = _known_keys(config)
-    flat = _flatten(read_yaml(config_path)) if config_path else {}
+    flat = current_key_names(_flatten(read_yaml(config_path)), f"in {config_path}") if config_path else {}
     _check_declared(flat, known, f"in {config_path}")
     parsed_overrides = {}
     for key, raw in overrides.items():
@@ -408,6 +465,7 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
             parsed_overrides[key] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             parsed_overrides[key] = raw
+    parsed_overrides = current_key_names(parsed_overrides, "on the command line")
     _check_declared(parsed_overrides, known, "on the command line")
     flat.update(parsed_overrides)
 
@@ -418,7 +476,8 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
             try:
                 resolved[key] = param.checker.check(value)
             except Exception:
-                _fail(f"{key}={value!r} is not allowed: expected {param.checker.help()}")
+                shown = getattr(param.checker, "display", repr)(value)
+                _fail(f"{key}={shown} is not allowed: expected {param.checker.help()}")
         elif param.required:
             _fail(f"{key} is required ({param.desc}); set it in the YAML or with --{key}=...")
         else:
@@ -431,23 +490,20 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
 
 def check_cross_fields(c: Dict[str, Any]) -> None:
     """Contradictions between keys that each look fine alone."""
-    kind = c["prune.training_type"]
+    kind = training_type_of(c)
+    check_nm_fields(c)
+    check_science_fields(c)
     levels, target = c["prune.levels"], c["prune.target_density"]
     epochs = c["training.epochs"]
-    check_science_fields(c)
-    if kind == "at_init":
-        if target is None:
-            _fail("prune.training_type=at_init needs prune.target_density in (0, 1]")
-        if levels not in (None, 1):
-            _fail(f"prune.levels={levels} contradicts prune.training_type=at_init, which trains once (leave levels unset or 1)")
-    else:
+    refusal = kind.check(c)
+    if refusal:
+        _fail(refusal)
+    if not kind.one_shot:
         # A control (masks_from) without either trains as many levels as its source plans.
         if levels is None and target is None and not c["prune.masks_from"]:
-            _fail(f"prune.training_type={kind} needs prune.levels (>= 1) or prune.target_density (in (0, 1])")
+            _fail(f"prune.training_type={kind.name} needs prune.levels (>= 1) or prune.target_density (in (0, 1])")
         if levels is not None and target is not None:
             _fail(f"prune.levels={levels} and prune.target_density={target} both set; give one (levels, or the density to stop at)")
-    if kind == "wr" and c["prune.rewind_epoch"] >= epochs:
-        _fail(f"prune.rewind_epoch={c['prune.rewind_epoch']} must be less than training.epochs={epochs}")
     if c["optimizer.nesterov"] and (c["optimizer.name"] != "sgd" or c["optimizer.momentum"] == 0):
         _fail("optimizer.nesterov=true needs optimizer.name=sgd and optimizer.momentum > 0")
     if c["schedule.name"] == "multistep":
@@ -464,37 +520,34 @@ def check_cross_fields(c: Dict[str, Any]) -> None:
         _fail(f"schedule.peak_epoch={c['schedule.peak_epoch']} must be within training.epochs={epochs}")
 
 
-FLIP_VARIANT_DATASETS = ("digits", "mnist", "fashionmnist", "svhn")  # a mirrored digit is another digit (or none)
-
-
 def check_speed_fields(c: Dict[str, Any]) -> None:
-    """Test-time flip and progressive resizing (DESIGN.md section 12)."""
-    if c["training.flip_tta"] and c["dataset.name"] in FLIP_VARIANT_DATASETS:
+    """The dataset and its augmentation, test-time flip and progressive resizing (docs/speed.md)."""
+    try:
+        spec = get_dataset_spec(c["dataset.name"])
+        with_augment(spec, c["dataset.augment"])
+    except DataError as error:
+        _fail(str(error) if str(error).startswith("dataset.augment=") else f"dataset.name: {error}")
+    if c["training.flip_tta"] and spec.flip_changes_labels:
         _fail(f"training.flip_tta=true does not suit dataset.name={c['dataset.name']}: its labels change under a "
-              f"mirror flip; use it for {', '.join(sorted(set(DATASETS) - set(FLIP_VARIANT_DATASETS)))}")
+              f"mirror flip; use it for {', '.join(n for n in dataset_names() if not get_dataset_spec(n).flip_changes_labels)}")
     start, end = c["resolution.start_res"], c["resolution.end_res"]
     if start or end:
         if not (start and end):
             _fail(f"resolution.start_res={start} and resolution.end_res={end}: give both (or neither)")
-        if c["dataset.name"] != "imagenet":
-            _fail(f"progressive resizing (resolution.start_res) needs resized crops: dataset.name=imagenet, "
-                  f"not {c['dataset.name']}")
+        if not uses_resized_crops(spec, c["dataset.augment"]):
+            _fail(f"progressive resizing (resolution.start_res) needs resized crops: dataset.augment=rrc "
+                  f"(imagenet's default), not {c['dataset.augment']} with dataset.name={c['dataset.name']}")
         if not c["resolution.start_epoch"] <= c["resolution.end_epoch"] <= c["training.epochs"]:
             _fail(f"resolution.start_epoch={c['resolution.start_epoch']} <= resolution.end_epoch="
                   f"{c['resolution.end_epoch']} <= training.epochs={c['training.epochs']} does not hold")
-
-
-# Channel pruning (DESIGN.md section 10; utils/structured.py) supports these scores and allocations.
-CHANNEL_CRITERIA = ("magnitude", "bn_gamma", "random")
-CHANNEL_ALLOCATIONS = ("global", "uniform")
 
 
 def check_structure_fields(c: Dict[str, Any]) -> None:
     """prune.structure, prune.early_bird and the criteria/allocations each structure allows."""
     structure, criterion, allocation = c["prune.structure"], c["prune.criterion"], c["prune.allocation"]
     if structure == "channel":
-        if criterion not in CHANNEL_CRITERIA:
-            _fail(f"prune.criterion={criterion} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_CRITERIA)}")
+        if criterion not in CHANNEL_SCORES:
+            _fail(f"prune.criterion={criterion} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_SCORES)}")
         if allocation not in CHANNEL_ALLOCATIONS:
             _fail(f"prune.allocation={allocation} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_ALLOCATIONS)}")
     elif criterion == "bn_gamma":
@@ -502,28 +555,53 @@ def check_structure_fields(c: Dict[str, Any]) -> None:
     if c["prune.early_bird"]:
         if structure != "channel":
             _fail("prune.early_bird=true needs prune.structure=channel (it compares channel masks)")
-        if c["prune.training_type"] == "at_init":
-            _fail("prune.early_bird=true contradicts prune.training_type=at_init (Early-Bird ends a dense level 0)")
+        if get_training_type(c["prune.training_type"]).one_shot:
+            _fail(f"prune.early_bird=true contradicts prune.training_type={c['prune.training_type']} (Early-Bird "
+                  f"ends a dense level 0)")
         if criterion == "random":
             _fail("prune.early_bird=true needs a trained score (magnitude or bn_gamma), not prune.criterion=random")
         if c["prune.levels"] == 1 or c["prune.target_density"] == 1.0:
             _fail("prune.early_bird=true needs a level after level 0 (prune.levels >= 2 or prune.target_density < 1)")
+def training_type_of(c: Dict[str, Any]):
+    """The config's training type (utils/training_types.py); an outside one that cannot be had is
+    refused in one line."""
+    try:
+        return get_training_type(c["prune.training_type"])
+    except TrainingTypeError as error:
+        _fail(f"prune.training_type: {error}")
+
+
+def check_nm_fields(c: Dict[str, Any]) -> None:
+    """prune.structure=nm (utils/nm_sparsity.py): the N:M pattern fixes every level's density."""
+    if c["prune.structure"] != "nm":
+        return
+    kind, levels = training_type_of(c), c["prune.levels"]
+    if c["prune.layer_rates"]:
+        _fail("prune.layer_rates contradicts prune.structure=nm (every group of every N:M layer keeps the same count)")
+    if c["prune.target_density"] is not None:
+        _fail(f"prune.target_density={c['prune.target_density']} contradicts prune.structure=nm: prune.nm="
+              f"{c['prune.nm']} fixes every level's density; give prune.levels (at_init: neither)")
+    if not kind.one_shot and not c["prune.masks_from"] and (levels is None or levels < 2):
+        _fail(f"prune.structure=nm with prune.training_type={kind.name} needs prune.levels >= 2 (level 0 dense, the last "
+              f"keeping {c['prune.nm']}; 2 is one-shot), got {levels}")
+
+
 def check_science_fields(c: Dict[str, Any]) -> None:
-    """Controls, late resetting, per-layer rates, the user's own code (DESIGN.md section 9).
+    """Controls, late resetting, per-layer rates, the user's own code (docs/design.md section 9).
 
     What needs the data or the model (the loader length for rewind_iteration, layer names
     for layer_rates, the source directory for masks_from) is checked by the harness with
     ``utils.controls.read_source``, ``utils.rewind.rewind_point`` and
     ``utils.pruning_utils.layer_rate_plan``.
     """
-    kind = c["prune.training_type"]
+    kind = training_type_of(c)
     masks_from, control = c["prune.masks_from"], c["prune.control"]
     if control != "none" and not masks_from:
         _fail(f"prune.control={control} needs prune.masks_from (the experiment directory whose masks it controls)")
     if masks_from:
-        if kind == "at_init":
-            _fail("prune.masks_from takes the masks of every level from the source; prune.training_type=at_init "
-                  "contradicts it (use imp, wr or lrr)")
+        if kind.one_shot:
+            _fail(f"prune.masks_from takes the masks of every level from the source; prune.training_type={kind.name} "
+                  f"contradicts it (use imp, wr or lrr)")
         if c["prune.target_density"] is not None:
             _fail(f"prune.target_density={c['prune.target_density']} contradicts prune.masks_from (the source's masks "
                   f"fix the densities); give prune.levels, or neither to train all of the source's levels")
@@ -531,8 +609,8 @@ def check_science_fields(c: Dict[str, Any]) -> None:
             _fail("prune.layer_rates contradicts prune.masks_from (the source's masks fix every layer's density)")
     rewind_iteration = c["prune.rewind_iteration"]
     if rewind_iteration:
-        if kind != "wr":
-            _fail(f"prune.rewind_iteration={rewind_iteration} needs prune.training_type=wr, not {kind}")
+        if not kind.captures_rewind:
+            _fail(f"prune.rewind_iteration={rewind_iteration} needs prune.training_type=wr, not {kind.name}")
         if c["prune.rewind_epoch"]:
             _fail(f"prune.rewind_iteration={rewind_iteration} and prune.rewind_epoch={c['prune.rewind_epoch']} both "
                   f"set; give one")
@@ -540,8 +618,9 @@ def check_science_fields(c: Dict[str, Any]) -> None:
         if c["prune.allocation"] != "uniform":
             _fail(f"prune.layer_rates are per-layer densities: they need prune.allocation=uniform, not "
                   f"{c['prune.allocation']}")
-        if kind == "at_init":
-            _fail("prune.layer_rates need an iterative run (imp, wr or lrr); at_init prunes once to prune.target_density")
+        if kind.one_shot:
+            _fail(f"prune.layer_rates need an iterative run (imp, wr or lrr); {kind.name} prunes once to "
+                  f"prune.target_density")
         if c["prune.target_density"] is not None:
             _fail(f"prune.layer_rates and prune.target_density={c['prune.target_density']} both set; with per-layer "
                   f"rates give prune.levels")
@@ -603,14 +682,6 @@ def load_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         sys.exit(EXIT_CONFIG_ERROR)
 
 
-def as_tree(resolved: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    tree: Dict[str, Dict[str, Any]] = {}
-    for key, value in resolved.items():
-        section, name = key.split(".", 1)
-        tree.setdefault(section, {})[name] = value
-    return tree
-
-
 _DEFAULTS: Optional[Dict[str, Any]] = None
 
 
@@ -627,7 +698,7 @@ def defaults() -> Dict[str, Any]:
 
 def with_defaults(resolved: Dict[str, Any]) -> Dict[str, Any]:
     """``resolved`` with the keys it lacks (a config from before they existed) at their defaults."""
-    return {**defaults(), **resolved}
+    return {**defaults(), **current_key_names(resolved)}
 
 
 def differing_keys(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:

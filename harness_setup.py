@@ -15,7 +15,11 @@ from typing import Any, Dict, Optional
 import torch
 
 import harness_utils as hu
-from utils import checkpointing, controls, mask_layers, progressive, pruning_utils, rewind, run_lock, structured, training
+from utils import (checkpointing, controls, mask_layers, nm_sparsity, pretrained, progressive, pruning_utils, rewind,
+                   run_lock, structured, training)
+from utils.callbacks import AfterBackward
+from utils.stability import StabilityAnalysis, StabilityRun
+from utils.training_types import get_training_type
 from utils import distributed_utils as du
 from utils.callbacks import Callbacks, LevelInfo
 from utils.early_bird import EarlyBird
@@ -30,6 +34,7 @@ class ExperimentBase:
     def __init__(self, config: Dict[str, Any], ctx: du.DistributedContext, use_ddp: bool = True):
         self.c = config
         self.ctx = ctx
+        self.training_type = get_training_type(config["prune.training_type"])  # what happens between levels
         self.use_ddp = use_ddp and ctx.is_distributed
         self.stop_requests = StopRequests(None, ctx)
         fault_injection = FaultInjection.from_env(ctx.rank)
@@ -38,7 +43,7 @@ class ExperimentBase:
         self._snip_loader = None
         self.lock = None  # rank 0: this directory's run lock, held for the run's life (utils/run_lock.py)
         self.resume_partial_epoch: Optional[Dict[str, Any]] = None
-        self.source = self.layer_plan = self.channel_structure = self.rewind_at = None
+        self.source = self.layer_plan = self.channel_structure = self.rewind_at = self.nm_plan = None
         self.level_start_state: Optional[Dict[str, Any]] = None
         self._loaders_by_resolution: Dict[int, Any] = {}  # progressive resizing with ffcv: one loader per size
 
@@ -57,6 +62,8 @@ class ExperimentBase:
         try:
             if c["prune.masks_from"]:
                 self.source = controls.read_source(c["prune.masks_from"], c, self.model)
+                pretrained.check_control_weights(c["model.weights"], self.source.config.get("model.weights", ""),
+                                                 c["prune.control"], self.source.root)
                 if c["prune.control"] == "reinit" and self.source.config.get("experiment.seed") == c["experiment.seed"]:
                     raise hu.UserError(f"prune.control=reinit with experiment.seed={c['experiment.seed']}, the seed of "
                                        f"prune.masks_from={self.source.root}: the 'fresh' initialisation would be "
@@ -73,9 +80,34 @@ class ExperimentBase:
                 if self.source is None:  # a control trains its source's masks as they are
                     structured.check_channel_densities(self.channel_structure, self.densities,
                                                        c["prune.min_channel_fraction"])
+            if c["prune.structure"] == "nm" or (self.source is not None and self.source.config.get("prune.structure") == "nm"):
+                self.plan_nm()
         except (controls.ControlError, structured.StructureError, ValueError) as error:
             raise hu.UserError(str(error)) from None
         self.install_feature_callbacks()
+
+    def plan_nm(self) -> None:
+        """prune.structure=nm: each level's count per group and density, said in the start line; a
+        control only of a source with the same structure and pattern (utils/nm_sparsity.py)."""
+        c, source = self.c, self.source
+        if source is not None:
+            theirs, mine = source.config.get("prune.structure", "unstructured"), c["prune.structure"]
+            if theirs != mine or source.config.get("prune.nm") != c["prune.nm"]:
+                def said(structure, pattern):
+                    return f"{structure} (prune.nm={pattern})" if structure == "nm" else structure
+                raise hu.UserError(f"prune.masks_from={source.root} was made with prune.structure="
+                                   f"{said(theirs, source.config.get('prune.nm'))}, this run has prune.structure="
+                                   f"{said(mine, c['prune.nm'])}: a control trains its source's masks with the "
+                                   f"source's structure")
+            one_shot = get_training_type(source.config.get("prune.training_type", "imp")).one_shot
+            levels = source.planned_levels
+        else:
+            one_shot, levels = self.training_type.one_shot, c["prune.levels"]
+        n, m = nm_sparsity.parse_nm(c["prune.nm"])
+        shapes = {name: tuple(mask.shape) for name, mask in mask_layers.get_masks(self.model).items()}
+        self.nm_plan = nm_sparsity.nm_plan(shapes, n, m, None if one_shot else levels)
+        self.densities = self.nm_plan.densities[:len(self.densities)]
+        self.say(nm_sparsity.start_line(self.nm_plan, c["prune.allocation"]))
 
     @property
     def input_shape(self):
@@ -88,8 +120,10 @@ class ExperimentBase:
             zeroing = structured.ChannelZeroing(structure, self.model)
             zeroing.in_every_training = True  # the stability analysis' second copy keeps channels dead too
             self.callbacks += [zeroing, hu.ChannelReport(structure)]
+        if self.nm_plan is not None:
+            self.callbacks.append(nm_sparsity.NMReport(self.nm_plan.m))
         if c["training.bn_l1"] > 0:
-            self.callbacks.append(hu.AfterBackward(structured.bn_l1_hook(c["training.bn_l1"])))
+            self.callbacks.append(AfterBackward(structured.bn_l1_hook(c["training.bn_l1"])))
         if c["prune.early_bird"] and len(self.densities) > 1:
             next_density, seed = self.densities[1], pruning_utils.level_seed(c["experiment.seed"], 1)
             self.callbacks.append(EarlyBird(
@@ -98,9 +132,9 @@ class ExperimentBase:
                     allocation=c["prune.allocation"], seed=seed, min_fraction=c["prune.min_channel_fraction"]),
                     structure),
                 threshold=c["prune.early_bird_threshold"], window=c["prune.early_bird_window"],
-                agree=du.broadcast_object, min_epochs=c["prune.rewind_epoch"] if c["prune.training_type"] == "wr" else 0))
+                agree=du.broadcast_object, min_epochs=c["prune.rewind_epoch"] if self.training_type.captures_rewind else 0))
         if c["analysis.stability"]:
-            self.callbacks.append(hu.StabilityAnalysis(self))
+            self.callbacks.append(StabilityAnalysis(self.stability_run))
 
     def decide_directory(self) -> hu.DirDecision:
         return du.decided_by_primary(lambda: hu.decide_experiment_dir(
@@ -113,7 +147,7 @@ class ExperimentBase:
             self.say(note)
         self.train_loader, self.test_loader = hu.build_loaders(c, self.spec, self.ctx, self.train_resolution,
                                                                self.eval_resolution)
-        if c["prune.training_type"] == "wr":  # where later levels rewind to: (epoch, batches done in it)
+        if self.training_type.captures_rewind:  # where later levels rewind to: (epoch, batches done in it)
             try:
                 point = rewind.rewind_point(c["prune.rewind_iteration"] or c["prune.rewind_epoch"] * len(self.train_loader),
                                             epochs=c["training.epochs"], iterations_per_epoch=len(self.train_loader))
@@ -132,9 +166,13 @@ class ExperimentBase:
         du.agreed(self.build_loaders)
         self.build_training_model()
 
-    def new_optimizer(self) -> None:
-        self.optimizer, self.schedule = hu.build_optimizer_and_schedule(self.c, self.model.parameters(),
-                                                                        len(self.train_loader))
+    def new_optimizer(self, level: int = 0) -> None:
+        """The optimizer and LR schedule of ``level``, as its training type says (level start and
+        resume alike, so a resumed level trains with the same learning rates)."""
+        def build(overrides=None):
+            return hu.build_optimizer_and_schedule({**self.c, **(overrides or {})}, self.model.parameters(),
+                                                   len(self.train_loader))
+        self.optimizer, self.schedule = self.training_type.optimizer_and_schedule(level, self.c, build)
 
     def prepare_epoch(self, epoch: int) -> None:
         """Progressive resizing: give the training loader epoch ``epoch``'s resolution (a function of
@@ -161,7 +199,7 @@ class ExperimentBase:
         return training.TrainingStep(
             self.train_model, self.model, self.optimizer, self.schedule, self.scaler, self.autocast_dtype,
             label_smoothing=self.c["optimizer.label_smoothing"], grad_clip=self.c["training.grad_clip"],
-            after_backward=[cb.after_backward for cb in callbacks if hasattr(cb, "after_backward")])
+            after_backward=[cb.after_backward for cb in callbacks if cb.after_backward is not None])
 
     def level_info(self, level: int, **fields: Any) -> LevelInfo:
         return LevelInfo(level=level, density=self.densities[level], model=self.model, root=self.files.root,
@@ -170,7 +208,7 @@ class ExperimentBase:
     # ---------------------------------------------------------------------- masks
     def prunes_at(self, level: int) -> bool:
         """Whether ``level`` starts by setting new masks (a control takes every level's, 0 included)."""
-        return self.source is not None or self.c["prune.training_type"] == "at_init" or level > 0
+        return self.source is not None or self.training_type.prunes_at(level)
 
     def level_masks(self, level: int, density: float) -> Dict[str, torch.Tensor]:
         """Level ``level``'s masks as rank 0 computes them: from the control's source, by channel,
@@ -178,22 +216,25 @@ class ExperimentBase:
         c, seed = self.c, pruning_utils.level_seed(self.c["experiment.seed"], level)
         if self.source is not None:
             controls.wait_for_level(self.source, level, say=self.say)
-            if self.channel_structure is not None and c["prune.control"] == "shuffle":
-                # each group's count of kept channels, read from the source's masks as they are (its
-                # weight-shuffled masks would leave every channel partly alive), at the positions of
-                # one permutation per run: fewer channels -> a subset, as for weights
+            if c["prune.control"] == "shuffle" and (self.channel_structure is not None or self.nm_plan is not None):
+                # shuffled within the structure: each group's count of kept channels (or of kept inputs
+                # per N:M group), read from the source's masks as they are, at random positions (a
+                # weight-shuffled channel mask would leave every channel partly alive)
                 masks = controls.masks_for_level(self.source, level, "none", c["experiment.seed"])
-                return structured.shuffled_channel_masks(self.channel_structure, masks, c["experiment.seed"])
+                if self.channel_structure is not None:
+                    return structured.shuffled_channel_masks(self.channel_structure, masks, c["experiment.seed"])
+                return nm_sparsity.shuffled_nm_masks(masks, self.nm_plan.m, c["experiment.seed"])
             return controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"])
         if self.channel_structure is not None:
             return structured.compute_channel_masks(self.model, self.channel_structure, density=density,
                                                     criterion=c["prune.criterion"], allocation=c["prune.allocation"],
                                                     seed=seed, min_fraction=c["prune.min_channel_fraction"])
-        needs_batches = c["prune.criterion"] == "snip" or ":" in c["prune.criterion"]
-        batches = self.snip_loader().batches(pruning_utils.SNIP_EPOCH_OFFSET + level) if needs_batches else None
+        needs_batches = pruning_utils.get_criterion(c["prune.criterion"]).needs_batches  # its registry entry says
+        batches = self.snip_loader().batches(pruning_utils.SCORE_EPOCH_OFFSET + level) if needs_batches else None
         counts = self.layer_plan.counts[level] if self.layer_plan is not None else None
+        nm = self.nm_plan.target(level) if self.nm_plan is not None else None
         return hu.compute_masks(c, self.model, level=level, density=density, batches=batches, device=self.ctx.device,
-                                input_shape=self.input_shape, layer_counts=counts)
+                                input_shape=self.input_shape, layer_counts=counts, nm=nm)
 
     def snip_loader(self):
         """Built once per run (an FFCV loader compiles its pipeline when first used).  Every
@@ -251,7 +292,8 @@ class ExperimentBase:
         if self.lock is None:
             self.lock = run_lock.acquire(self.files.root)
 
-    def start_fresh(self) -> None:
+    def start_fresh(self) -> int:
+        """-> the first level to train: 0, or 1 when a control takes its source's identical level 0."""
         du.decided_by_primary(self.hold_run_lock, self.ctx.is_primary)
         if self.source is not None:  # a control starts from its source's initial weights (or its own: reinit)
             checkpointing.restore({"model": controls.initial_state(self.source, self.c["prune.control"], self.model)},
@@ -261,6 +303,17 @@ class ExperimentBase:
             hu.create_experiment_dir(self.files, self.c, du.launch_id())
             checkpointing.save_checkpoint(self.files.init_checkpoint, "init", config=self.c, snapshot=self.init_state)
         du.barrier()
+        if self.source is None or self.c["prune.control"] == "reinit":
+            return 0
+        controls.wait_for_level(self.source, 0, say=self.say)  # as level 0's masks would (every rank)
+        taken, message = du.decided_by_primary(lambda: controls.take_level_zero(
+            self.source, self.c, self.model, self.files.root, self.files.logs(), world_size=self.ctx.world_size,
+            device_type=self.ctx.device.type, semantic_difference=hu.semantic_difference), self.ctx.is_primary)
+        self.say(message)
+        if taken:
+            self.checkpoint(level=0, next_epoch=self.c["training.epochs"], phase="level_done",
+                            finished=len(self.densities) == 1)
+        return int(taken)
 
     def resume(self) -> tuple:
         """Load rank 0's checkpoints on every rank; -> (start_level, start_epoch or None)."""
@@ -277,8 +330,7 @@ class ExperimentBase:
                 self.say(f"removed {stale}, left by an interrupted write")
         if state is None:  # the directory exists but no epoch finished: start over in it
             self.say(f"no checkpoint in {self.files.root} yet: starting the run from the beginning")
-            self.start_fresh()
-            return 0, None
+            return self.start_fresh(), None
         last = state["last"]
         if self.ctx.is_primary:
             for name, log in self.files.logs().items():
@@ -287,7 +339,7 @@ class ExperimentBase:
         if "rewind" in state:
             self.rewind_state = {k: state["rewind"][k] for k in ("model", "optimizer", "schedule")}
         self.level_start_state = state.get("level_start")
-        self.new_optimizer()
+        self.new_optimizer(last["level"])
         checkpointing.restore(last, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
                               scaler=self.scaler, keep_masks=False, rng=True, callbacks=self.callbacks)
         self.level_stats = dict(last["level_stats"])
@@ -301,6 +353,24 @@ class ExperimentBase:
         return last["level"], last["next_epoch"]
 
     # --------------------------------------------------------- stability analysis
+    def stability_run(self) -> StabilityRun:
+        """What the stability analysis may ask of this run (utils/stability.py)."""
+        c = self.c
+
+        def save_start(state):
+            checkpointing.save_checkpoint(self.files.level_start_checkpoint, "rewind", config=c, snapshot=state)
+
+        return StabilityRun(
+            model=self.model, snapshot=lambda: checkpointing.training_snapshot(self.model, self.optimizer, self.schedule),
+            save_start=save_start, resumed_start=lambda: self.level_start_state, train_copy=self.train_second_copy,
+            sync_buffers=lambda: du.broadcast_buffers_(self.model, exclude=mask_layers.mask_buffer_names(self.model)),
+            bn_batches=lambda level: self.snip_loader().batches(hu.BN_BATCHES_EPOCH + level),
+            test_batches=lambda: self.test_loader.batches(0),
+            log_rows=lambda rows: [self.files.stability.append(row) for row in rows], say=self.say,
+            device=self.ctx.device, autocast_dtype=self.autocast_dtype, reduce=du.all_reduce_sum,
+            points=c["analysis.interpolation_points"], bn_batch_count=c["analysis.bn_batches"],
+            reestimate_endpoints=c["analysis.reestimate_endpoints"])
+
     def train_second_copy(self, start: Dict[str, Any], level: int) -> Dict[str, torch.Tensor]:
         """Train a second copy of a level from its start state ``start`` (snapshot, epoch,
         batches_done) with another data order; -> its final weights.  The first copy's state,
@@ -309,7 +379,7 @@ class ExperimentBase:
         checkpointing.restore(start, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
                               keep_masks=False)
         step = self.training_step(self.callbacks)
-        essential = [cb for cb in self.callbacks if getattr(cb, "in_every_training", False)]
+        essential = [cb for cb in self.callbacks if cb.in_every_training]
         epoch, done = start["epoch"], start["batches_done"]
         while epoch < self.c["training.epochs"]:
             self.prepare_epoch(epoch)

@@ -8,9 +8,6 @@ harness routes writes through ``primary_only``).
 """
 from __future__ import annotations
 
-import csv
-import io
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,317 +15,46 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 import harness_params
-from utils import checkpointing, mask_layers, pruning_utils, run_lock, stability, structured
+from utils import checkpointing, mask_layers, pretrained, pruning_utils, rundir, stability, structured
 from utils import distributed_utils as du
 from utils.blurpool import add_blurpool_
 from utils.callbacks import Callback, LevelInfo
-from utils.dataset import DataError, get_dataset_spec, make_loader, validate_beton
+from utils.dataset import DataError, make_loader, resolve_dataset_spec, validate_beton
 from utils.models import ModelError, get_model
 from utils.schedulers import LRSchedule, ScheduleSpec
+from utils.training_types import get_training_type
 from utils.checkpointing import (  # noqa: F401  (re-exported: the harness layer's one import)
     CHECKPOINT_FORMAT, LAST_CHECKPOINT_KEYS, TEMPORARY_SUFFIX, atomic_torch_save, atomic_write_bytes,
     detached_copy, make_dirs, remove_stale_temporaries, rng_state, set_rng_state)
+from utils.optimizers import OPTIMIZERS, build_optimizer  # noqa: F401
+from utils.rundir import (  # noqa: F401  (re-exported: the run directory's rules live in utils/rundir.py)
+    EPOCH_COLUMNS, LAYER_COLUMNS, LEVEL_COLUMNS, NON_SEMANTIC_KEYS, STABILITY_COLUMNS, CsvLog, DirDecision,
+    extra_columns, usable_launch_id)
+from utils.rundir import RunFiles as ExperimentFiles  # noqa: F401
+from utils.rundir import config_bytes as config_yaml  # noqa: F401
+from utils.rundir import read_config as read_config_yaml  # noqa: F401
 from utils.errors import UserError
 
 
-EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-                 "epoch_time_s", "images_per_s"]
-LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
-LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
-STABILITY_COLUMNS = ["level", "alpha", "test_loss", "test_acc"]
 BN_BATCHES_EPOCH = 3_000_000  # data order of the batches the stability analysis re-estimates BatchNorm on
-
-# Keys that change how a run is watched or where it lives, not what it computes: a resumed
-# run may differ in them (e.g. --experiment.name=NAME_1 resumes the run that
-# --experiment.resume=false started in NAME_1; a moved base_dir still resumes).
-NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers", "logging.tensorboard",
-                     "logging.wandb_project",
-                     "experiment.name", "experiment.base_dir"}
-
-
-# ---------------------------------------------------------------------------- CSV logs
-class CsvLog:
-    """An append-only CSV file with a fixed header.
-
-    A row is written with one ``write`` of the whole line followed by fsync, so a reader
-    never sees half a row.  ``truncate(n)`` keeps the first n rows (used on resume to drop
-    rows written after the checkpoint being resumed, so no row is ever written twice).
-    """
-
-    def __init__(self, path, columns: Sequence[str]):
-        self.path = Path(path)
-        self.columns = list(columns)
-
-    def create(self) -> None:
-        atomic_write_bytes(self.path, (",".join(self.columns) + "\n").encode())
-
-    def append(self, row: Dict[str, Any]) -> None:
-        missing = [c for c in self.columns if c not in row]
-        if missing:
-            raise KeyError(f"{self.path.name}: row lacks columns {missing}")
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerow([_format(row[c]) for c in self.columns])
-        data = buffer.getvalue().encode()
-        with checkpointing.writing(self.path):  # a failure: one line (resume truncates a partial row)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            try:
-                while data:  # a regular file takes it in one write; loop in case it does not
-                    data = data[os.write(fd, data):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def rows(self) -> List[List[str]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, newline="") as handle:
-            return list(csv.reader(handle))[1:]
-
-    def count(self) -> int:
-        return len(self.rows())
-
-    def truncate(self, keep: int) -> None:
-        rows = self.rows()
-        if len(rows) == keep and self.path.exists():
-            return
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(self.columns)
-        writer.writerows(rows[:keep])
-        atomic_write_bytes(self.path, buffer.getvalue().encode())
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return repr(round(value, 6)) if abs(value) >= 1e-4 or value == 0 else f"{value:.6g}"
-    return str(value)
-
-
-@dataclass
-class ExperimentFiles:
-    root: Path
-    level_extra: Sequence[str] = ()   # columns features add to levels.csv / layers.csv (see extra_columns)
-    layer_extra: Sequence[str] = ()
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def init_checkpoint(self) -> Path:
-        return self.checkpoints / "init.pt"
-
-    @property
-    def rewind_checkpoint(self) -> Path:
-        return self.checkpoints / "rewind.pt"
-
-    @property
-    def launch_id(self) -> Path:
-        """The torchrun launch (TORCHELASTIC_RUN_ID) that created the directory: an elastic
-        restart of that launch finds its directory again by it."""
-        return self.checkpoints / "launch_id.txt"
-
-    def masks(self, level: int) -> Path:
-        return self.root / "masks" / f"level_{level}.pt"
-
-    @property
-    def epochs(self) -> CsvLog:
-        return CsvLog(self.root / "epochs.csv", EPOCH_COLUMNS)
-
-    @property
-    def levels(self) -> CsvLog:
-        return CsvLog(self.root / "levels.csv", LEVEL_COLUMNS + list(self.level_extra))
-
-    @property
-    def layers(self) -> CsvLog:
-        return CsvLog(self.root / "layers.csv", LAYER_COLUMNS + list(self.layer_extra))
-
-    @property
-    def stability(self) -> CsvLog:
-        return CsvLog(self.root / "stability.csv", STABILITY_COLUMNS)
-
-    @property
-    def level_start_checkpoint(self) -> Path:
-        """The state a level started from (stability analysis: the second copy starts there)."""
-        return self.checkpoints / "level_start.pt"
-
-    def level_weights(self, level: int) -> Path:
-        """A finished level's weights (channel structure: what utils.compact makes smaller)."""
-        return self.checkpoints / f"level_{level}.pt"
-
-    def logs(self) -> Dict[str, CsvLog]:
-        logs = {"epochs": self.epochs, "levels": self.levels, "layers": self.layers}
-        if "instability" in self.level_extra:
-            logs["stability"] = self.stability
-        return logs
-
-
-def extra_columns(resolved: Dict[str, Any]) -> Dict[str, List[str]]:
-    """The columns the config's features add: levels.csv ``instability`` (stability analysis),
-    ``channel_density`` and layers.csv ``channels``, ``channels_alive`` (channel structure)."""
-    level, layer = [], []
-    if resolved.get("prune.structure") == "channel":
-        level.append("channel_density")
-        layer += ["channels", "channels_alive"]
-    if resolved.get("analysis.stability"):
-        level.append("instability")
-    return {"level_extra": level, "layer_extra": layer}
 
 
 # ---------------------------------------------------------------- experiment directory
-@dataclass
-class DirDecision:
-    action: str          # "fresh", "resume" or "finished"
-    root: Path
-    note: str = ""
-
-
-def config_yaml(resolved: Dict[str, Any]) -> bytes:
-    return yaml.safe_dump(harness_params.as_tree(resolved), sort_keys=True).encode()
-
-
-def read_config_yaml(path: Path) -> Dict[str, Any]:
-    with open(path) as handle:
-        tree = yaml.safe_load(handle) or {}
-    return {f"{section}.{key}": value for section, keys in tree.items() for key, value in keys.items()}
-
-
 def semantic_difference(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
-    """Keys whose values differ in what a run computes.  A key one side lacks (a config written
-    before the key existed) counts as its default, so older runs still resume."""
-    a, b = harness_params.with_defaults(a), harness_params.with_defaults(b)
-    return [k for k in harness_params.differing_keys(a, b) if k not in NON_SEMANTIC_KEYS]
-
-
-def _checkpoint_finished(files: ExperimentFiles) -> bool:
-    if not files.last_checkpoint.exists():
-        return False
-    try:  # mmap: only the few bytes of the flag are read, not the whole model
-        state = torch.load(files.last_checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return False  # a corrupt checkpoint is refused, with a message, when resume loads it
-    return isinstance(state, dict) and bool(state.get("finished", False))
-
-
-def _launch_id_of(path: Path) -> Optional[str]:
-    try:
-        return ExperimentFiles(path).launch_id.read_text().strip()
-    except OSError:
-        return None
-
-
-def usable_launch_id(launch_id: Optional[str]) -> Optional[str]:
-    """torchrun's run id names one launch only when it is set and not the default 'none'
-    (--standalone draws a fresh uuid; a multi-node job passes its own --rdzv-id)."""
-    return launch_id if launch_id and launch_id != "none" else None
+    """Keys whose values differ in what a run computes (a key one side lacks counts as its default)."""
+    return rundir.semantic_difference(a, b, harness_params.defaults())
 
 
 def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool,
                           launch_id: Optional[str] = None) -> DirDecision:
-    """Where this run goes and whether it resumes.  Creates nothing.
-
-    * a new name -> fresh;
-    * same config there -> resume (or 'finished' when the run is done);
-    * another config there -> refuse, naming the keys that differ, unless
-      experiment.resume=false, which starts fresh in NAME_1, NAME_2, ... (never overwriting);
-    * an elastic restart (torchrun restarted the workers: ``restarted``) resumes the
-      directory its own launch created (found by ``launch_id``, torchrun's run id, which
-      ``start_fresh`` records); when that launch created none, it decides as the first
-      attempt did.  Without a usable launch id, a restart of a resume=false run resumes
-      the newest directory with the same config.
-    """
-    base = Path(resolved["experiment.base_dir"])
-    name = resolved["experiment.name"]
-    if "/" in name or name in ("", ".", ".."):
-        raise UserError(f"experiment.name={name!r} must be a plain directory name (no '/')")
-    candidates = [base / name] + [base / f"{name}_{k}" for k in range(1, 10_000)]
-    existing = []
-    for path in candidates:
-        if not path.exists():
-            break
-        existing.append(path)
-    first_free = candidates[len(existing)]
-
-    def matches(path: Path) -> bool:
-        files = ExperimentFiles(path)
-        try:
-            return files.config.exists() and not semantic_difference(read_config_yaml(files.config), resolved)
-        except Exception:  # an unreadable config is nobody's match
-            return False
-
-    def resume_or_finished(path: Path) -> DirDecision:
-        if _checkpoint_finished(ExperimentFiles(path)):
-            return DirDecision("finished", path)
-        return DirDecision("resume", path)
-
-    if restarted:
-        launch_id = usable_launch_id(launch_id)
-        if launch_id is not None:
-            for path in existing:
-                if _launch_id_of(path) == launch_id and matches(path):
-                    return resume_or_finished(path)
-        elif not resolved["experiment.resume"]:
-            for path in reversed(existing):
-                if matches(path):
-                    return resume_or_finished(path)
-    if not resolved["experiment.resume"]:
-        return DirDecision("fresh", first_free)
-    root = base / name
-    if not root.exists():
-        return DirDecision("fresh", root)
-    files = ExperimentFiles(root)
-    if not files.config.exists():
-        if root.is_dir() and not any(p.name != run_lock.LOCK_NAME for p in root.iterdir()):
-            return DirDecision("fresh", root)
-        raise UserError(f"{root} exists but is not an experiment directory (no config.yaml); "
-                        f"choose another experiment.name or experiment.base_dir")
+    """utils.rundir.decide with this harness's defaults; a refusal is one UserError line."""
     try:
-        previous = read_config_yaml(files.config)
-    except Exception as error:
-        raise UserError(f"{files.config} cannot be read ({_one_line(error)}); "
-                        f"move the directory away or choose another experiment.name") from None
-    differing = semantic_difference(previous, resolved)
-    if differing:
-        shown = ", ".join(f"{k} ({previous.get(k)!r} there, {resolved.get(k)!r} now)" for k in differing[:6])
-        more = f" and {len(differing) - 6} more" if len(differing) > 6 else ""
-        raise UserError(f"{root} holds a run with a different config: {shown}{more}; "
-                        f"use another experiment.name, or --experiment.resume=false to start fresh in a new directory")
-    return resume_or_finished(root)
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())[:300]
-
-
-# --------------------------------------------------------------------------- optimizer
-OPTIMIZERS = {
-    "sgd": lambda params, c: torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"],
-                                             nesterov=c["nesterov"], weight_decay=c["weight_decay"]),
-    "adam": lambda params, c: torch.optim.Adam(params, lr=c["lr"], betas=tuple(c["betas"]),
-                                               weight_decay=c["weight_decay"]),
-    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c["lr"], betas=tuple(c["betas"]),
-                                                 weight_decay=c["weight_decay"]),
-}
-
-
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], *, name: str, lr: float, momentum: float = 0.9,
-                    nesterov: bool = False, weight_decay: float = 0.0, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
-    settings = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas)
-    return OPTIMIZERS[name](list(parameters), settings)
+        return rundir.decide(resolved, harness_params.defaults(), restarted=restarted, launch_id=launch_id)
+    except rundir.RunDirError as error:
+        raise UserError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------ seeding
@@ -406,7 +132,7 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
     if c["distributed.sync_bn"] is True and world_size > 1 and device.type != "cuda":
         raise UserError("distributed.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); set it to false")
     try:
-        spec = get_dataset_spec(c["dataset.name"])
+        spec = resolve_dataset_spec(c["dataset.name"], train_path=c["dataset.train_path"], augment=c["dataset.augment"])
     except DataError as error:
         raise UserError(str(error)) from None
     train_resolution = c["dataset.resolution"] or spec.resolution
@@ -432,7 +158,12 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
         mask_layers.prepare_model(model, exclude=c["prune.exclude"])
     except mask_layers.MaskError as error:
         raise UserError(f"prune.exclude={c['prune.exclude']}: {error}") from None
-    if c["prune.training_type"] == "at_init":
+    notes.append(mask_layers.dense_summary(model))
+    try:
+        notes += pretrained.apply_given_weights(model, c["model.weights"], c["prune.masks_from"] and c["prune.control"])
+    except pretrained.WeightsError as error:
+        raise UserError(str(error)) from None
+    if get_training_type(c["prune.training_type"]).one_shot:
         densities = [c["prune.target_density"]]
     elif c["prune.masks_from"] and c["prune.levels"] is None and c["prune.target_density"] is None:
         densities = [1.0]  # a control: its source's densities replace these (harness_setup.check_inputs)
@@ -504,12 +235,15 @@ def wants_sync_bn(setting: Any, device: torch.device) -> bool:
 
 
 def compute_masks(c: Dict[str, Any], model: torch.nn.Module, *, level: int, density: float, batches, device,
-                  input_shape, layer_counts=None) -> Dict[str, torch.Tensor]:
+                  input_shape, layer_counts=None, nm=None) -> Dict[str, torch.Tensor]:
     """Level ``level``'s masks by the config's criterion and allocation (seeded per level);
-    ``layer_counts``: per-layer kept counts (prune.layer_rates) instead of ``density``."""
+    ``layer_counts``: per-layer kept counts (prune.layer_rates), or ``nm``: (kept per group, M)
+    (prune.structure=nm, no allocation), instead of ``density``."""
+    target = ({"layer_counts": layer_counts} if layer_counts is not None else {"nm": nm} if nm is not None
+              else {"density": density})
     return pruning_utils.compute_masks(
-        model, density=None if layer_counts is not None else density, layer_counts=layer_counts, criterion=c["prune.criterion"], allocation=c["prune.allocation"], batches=batches,
-        loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.snip_batches"],
+        model, **target, criterion=c["prune.criterion"], allocation=None if nm is not None else c["prune.allocation"],
+        batches=batches, loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.score_batches"],
         synflow_iterations=c["prune.synflow_iterations"], input_shape=input_shape,
         seed=pruning_utils.level_seed(c["experiment.seed"], level), device=device, snip_mode=c["prune.snip_mode"])
 
@@ -527,16 +261,8 @@ def build_loaders(c: Dict[str, Any], spec: Any, ctx: Any, train_resolution: int,
 
 
 def create_experiment_dir(files: ExperimentFiles, resolved: Dict[str, Any], launch_id: Optional[str]) -> None:
-    """A new experiment directory: its folders, the launch id (first: an elastic restart finds
-    this directory by it), the resolved config and the CSV headers (rank 0 only)."""
-    make_dirs(files.root / "masks")
-    make_dirs(files.checkpoints)
-    launch = usable_launch_id(launch_id)
-    if launch is not None:
-        atomic_write_bytes(files.launch_id, (launch + "\n").encode())
-    atomic_write_bytes(files.config, config_yaml(resolved))
-    for log in files.logs().values():
-        log.create()
+    """A new experiment directory (rank 0 only): utils.rundir.RunFiles.create."""
+    files.create(config_yaml(resolved), usable_launch_id(launch_id))
 
 
 def resume_message(root: Path, last: Dict[str, Any]) -> str:
@@ -550,14 +276,6 @@ def resume_message(root: Path, last: Dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ feature callbacks
-class AfterBackward(Callback):
-    """Puts ``hook(model)`` into every training step, after backward (e.g. training.bn_l1)."""
-    in_every_training = True
-
-    def __init__(self, hook):
-        self.after_backward = hook
-
-
 class ChannelReport(Callback):
     """Channel structure: channels alive in levels.csv / layers.csv, and each finished level's
     weights in checkpoints/level_L.pt (what ``python -m utils.compact`` makes smaller)."""
@@ -577,39 +295,3 @@ class ChannelReport(Callback):
             atomic_torch_save({"format": CHECKPOINT_FORMAT, "level": info.level,
                                "model": checkpointing.model_state(info.model)},
                               ExperimentFiles(Path(info.root)).level_weights(info.level))
-
-
-class StabilityAnalysis(Callback):
-    """analysis.stability: at each level's start the state is kept (and written, for resume);
-    at its end a second copy trains from it with another data order, the test error along the
-    linear path between the two goes to stability.csv and the barrier to levels.csv."""
-
-    def __init__(self, experiment):
-        self.x = experiment  # harness_setup.ExperimentBase: the training objects and the run's files
-
-    def on_level_start(self, info: LevelInfo) -> None:
-        x = self.x
-        x.level_start_state = {**checkpointing.training_snapshot(x.model, x.optimizer, x.schedule),
-                               "epoch": info.extra["start_epoch"], "batches_done": info.extra["start_batch"]}
-        if info.is_primary:
-            checkpointing.save_checkpoint(x.files.level_start_checkpoint, "rewind", config=x.c,
-                                          snapshot=x.level_start_state)
-
-    def on_level_end(self, info: LevelInfo) -> None:
-        x, c = self.x, self.x.c
-        du.broadcast_buffers_(x.model, exclude=mask_layers.mask_buffer_names(x.model))
-        first = checkpointing.model_state(x.model)
-        second = x.train_second_copy(x.level_start_state, info.level)
-        offset = BN_BATCHES_EPOCH
-        result = stability.evaluate_path(
-            x.model, first, second, train_batches=lambda: x.snip_loader().batches(offset + info.level),
-            test_batches=lambda: x.test_loader.batches(0), device=x.ctx.device,
-            points=c["analysis.interpolation_points"], bn_batches=c["analysis.bn_batches"],
-            reestimate_endpoints=c["analysis.reestimate_endpoints"], autocast_dtype=x.autocast_dtype,
-            reduce=du.all_reduce_sum)
-        info.row["instability"] = result.instability
-        if info.is_primary:
-            for row in result.rows(info.level):
-                x.files.stability.append(row)
-        x.say(f"level {info.level}: instability {result.instability:.2f} points "
-              f"(error barrier on the path between two copies)")

@@ -17,12 +17,19 @@
 #                    so two jobs sharing a node do not collide)
 #   REPO_DIR         repository root (default: the directory sbatch was called from)
 #   TORCHRUN         torchrun executable (default: $REPO_DIR/.venv/bin/torchrun)
+#   PYTHON           python that reads the config to place the log (default: beside TORCHRUN)
 #   TORCHRUN_ARGS    extra torchrun flags, e.g. "--max_restarts=3" (a restarted job resumes
 #                    from the last checkpoint)
 #   SRUN_ARGS        extra srun flags, e.g. "--export=ALL,NCCL_SOCKET_IFNAME=ib0"
 # Results: experiment.base_dir must be on a filesystem every node sees; only global rank 0
 # writes, and c10d decides which node hosts rank 0.
+# Log: <experiment.base_dir>/logs/<experiment.name>-<job id>.out, beside the experiment (as a
+# sweep's logs are).  Until the config is read (or when it cannot be) Slurm's own
+# slurm-<job id>.out in the submit directory; that file is removed once it is left empty.
 #
+# The #SBATCH values below are EXAMPLES: adapt them to your cluster and job (nodes, GPUs and
+# CPUs per node, partition, account, time), here or on the sbatch command line (flags given
+# there win over these lines).
 #SBATCH --job-name=prune
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -41,6 +48,7 @@ REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 [[ -f "$REPO_DIR/harness.py" ]] || die "$REPO_DIR has no harness.py; submit from the repository root or set REPO_DIR"
 cd "$REPO_DIR"
 TORCHRUN=${TORCHRUN:-$REPO_DIR/.venv/bin/torchrun}
+PYTHON=${PYTHON:-$(dirname "$TORCHRUN")/python}
 
 # Workers per node: NPROC_PER_NODE, else the GPUs Slurm allocated per node
 # (SLURM_GPUS_ON_NODE; SLURM_GPUS_PER_NODE may read "a100:8"), else what nvidia-smi lists.
@@ -66,7 +74,25 @@ RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
 [[ -n "$RDZV_HOST" ]] || die "could not read the first host of '$SLURM_JOB_NODELIST' with scontrol"
 RDZV_PORT=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 
-echo "slurm_torchrun.sh: job $SLURM_JOB_ID, $SLURM_NNODES nodes x $NPROC_PER_NODE workers, rendezvous $RDZV_HOST:$RDZV_PORT" >&2
+# The log goes beside the experiment: the config (with its overrides) says where that is.  A
+# config that cannot be read keeps the log in Slurm's own file, where the harness says what is
+# wrong with it.  (Everything refused above is said there too.)
+LOG=""
+if EXPERIMENT_LOGS=$("$PYTHON" -c '
+import sys
+import harness_params
+config = harness_params.load_config(sys.argv[1:])
+print(config["experiment.base_dir"] + "/logs/" + config["experiment.name"])
+' "$@" 2> /dev/null) && [[ -n "$EXPERIMENT_LOGS" ]] && mkdir -p "$(dirname "$EXPERIMENT_LOGS")"; then
+    LOG="$EXPERIMENT_LOGS-$SLURM_JOB_ID.out"
+    SLURM_OUT=$(scontrol show job -o "$SLURM_JOB_ID" 2> /dev/null | tr ' ' '\n' | awk -F= '$1 == "StdOut" {print $2}')
+    exec >> "$LOG" 2>&1
+    if [[ -n "$SLURM_OUT" && "$SLURM_OUT" != "$LOG" && -f "$SLURM_OUT" && ! -s "$SLURM_OUT" ]]; then
+        rm -f "$SLURM_OUT"  # nothing was said before the log moved: no file left where sbatch ran
+    fi
+fi
+
+echo "slurm_torchrun.sh: job $SLURM_JOB_ID, $SLURM_NNODES nodes x $NPROC_PER_NODE workers, rendezvous $RDZV_HOST:$RDZV_PORT${LOG:+, log $LOG}" >&2
 
 # --cpus-per-task again: srun no longer inherits it from sbatch (Slurm >= 22.05), and without
 # it each node's torchrun and all its workers would share one core.  GPUs: a step gets all of

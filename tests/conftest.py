@@ -39,3 +39,13 @@ def _signal_handlers_restored():
         signal.signal(sig, before[sig])
     if leaked:
         pytest.fail(f"signal handlers left installed: {leaked}")
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The bundled digits data as .beton files (digits_train.beton, digits_test.beton), written
+    once per test session and shared by every test that asks for ``digits``."""
+    from utils.write_beton import ensure_digits
+    out = tmp_path_factory.mktemp("digits")
+    ensure_digits(out)
+    return out

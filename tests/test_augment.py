@@ -1,9 +1,10 @@
-"""Seeded augmentation (DESIGN.md section 8): the ffcv back-end's flip, translate and
+"""Seeded augmentation (docs/data-loaders.md): the ffcv back-end's flip, translate and
 random resized crop draw their numbers from (seed, epoch, sample index) like the torch
 back-end, so for raw-stored images both give bit-identical training batches.
 
-Two ffcv Loaders in this file (numba compiles each pipeline once): CIFAR-10 training with
-2 numba threads (the prange code path) and ImageNet-format raw training with 1 thread.
+Three ffcv Loaders in this file (numba compiles each pipeline once): CIFAR-10 training with
+2 numba threads (the prange code path), ImageNet-format raw training with 1 thread, and
+CIFAR-10 with ``dataset.augment=rrc``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from tests.test_data import augmentation_of, unnormalize, write_cifar10_tree
 from utils import augment as A
 from utils import write_beton as wb
-from utils.dataset import get_dataset_spec, make_loader
+from utils.dataset import get_dataset_spec, make_loader, with_augment
 
 CIFAR10 = get_dataset_spec("cifar10")
 IMAGENET = get_dataset_spec("imagenet")
@@ -162,3 +163,29 @@ def test_ffcv_and_torch_resized_crops_are_identical_for_raw_images(raw_imagenet)
             assert torch.equal(fx, tx) and torch.equal(fy, ty)
         epochs[epoch] = images_of(ffcv_loader.batches(epoch))
     assert not torch.equal(epochs[0], epochs[1])
+
+
+# --------------------------------------------------------------------------- dataset.augment on any dataset
+def test_crop_without_flip_on_cifar_same_in_torch_and_memory(cifar):
+    spec = with_augment(CIFAR10, "crop")
+    torch_batches = list(loader(cifar["train"], spec, "torch").batches(1))
+    memory_batches = list(loader(cifar["train"], spec, "memory").batches(1))
+    assert all(torch.equal(tx, mx) and torch.equal(ty, my) for (tx, ty), (mx, my) in zip(torch_batches, memory_batches))
+    order = loader(cifar["train"], spec, "torch").order(1)
+    found = [augmentation_of(out, cifar["x"][i], 4, True) for out, i in zip(unnormalize(images_of(torch_batches), spec),
+                                                                             order)]
+    assert all(f is not None for f in found)
+    # translated, never mirrored (an image and its mirror image can coincide only when symmetric)
+    assert {f[2] for f in found} == {False} and len({f[:2] for f in found}) > 40
+
+
+def test_resized_crops_on_cifar_same_in_ffcv_and_torch(cifar):
+    spec = with_augment(CIFAR10, "rrc")
+    ffcv_loader = loader(cifar["train"], spec, "ffcv", resolution=24)
+    torch_loader = loader(cifar["train"], spec, "torch", resolution=24)
+    pairs = list(zip(ffcv_loader.batches(2), torch_loader.batches(2)))
+    assert len(pairs) == 5
+    for (fx, fy), (tx, ty) in pairs:
+        assert fx.shape == (60, 3, 24, 24) and torch.equal(fx, tx) and torch.equal(fy, ty)
+    with pytest.raises(Exception, match="dataset.loader=memory flips and pad-and-crops on the device"):
+        loader(cifar["train"], spec, "memory")

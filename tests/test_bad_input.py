@@ -20,14 +20,7 @@ import harness
 import harness_utils as hu
 from tests.helpers import digits_config, run_harness, write_config
 from utils.dataset import _FIELD_DESCRIPTOR, _HEADER, BetonFile
-from utils.write_beton import ensure_digits
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 def beton_with_label(source: Path, target: Path, label: int) -> Path:
@@ -230,3 +223,7 @@ def test_batch_not_divisible_by_processes_under_torchrun(tmp_path, digits):
     # torchrun itself exits with 1 and appends its failure summary; the workers' status is 2.
     assert result.returncode != 0 and re.search(r"exitcode\s*:\s*2", result.stderr), result.stderr
     assert not (tmp_path / "runs").exists()
+    # torchrun's "Root Cause" shows the refusal line alone: a user error has no stack frames.
+    root_cause = result.stderr.split("Root Cause", 1)[-1]
+    assert message in root_cause, result.stderr
+    assert "Traceback" not in root_cause and 'File "' not in root_cause, root_cause

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from tests.test_data import write_cifar10_tree
@@ -20,11 +21,11 @@ CIFAR100 = get_dataset_spec("cifar100")
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar_raw")
-    write_cifar10_tree(root, per_batch=4, test=6, seed=2)
+    train_x, _, test_x, _ = write_cifar10_tree(root, per_batch=4, test=6, seed=2)
     out = tmp_path_factory.mktemp("cifar_beton")
     with pytest.warns(UserWarning, match="MD5"):
         train, test = wb.write_dataset("cifar10", root, out, num_workers=1)
-    return dict(root=root, out=out, train=train, test=test)
+    return dict(root=root, out=out, train=train, test=test, images={"train": train_x, "test": test_x})
 
 
 def copy_of(cifar, tmp_path, split="train", record=True):
@@ -41,9 +42,15 @@ def test_writer_records_what_it_wrote(cifar):
     for split, count in (("train", 20), ("test", 6)):
         path = cifar[split]
         record = json.loads(open(record_path(path)).read())
-        assert record == {"format": "beton-write-record/1", "dataset": "cifar10", "split": split,
-                          "num_samples": count, "num_classes": 10, "image_shape": [32, 32, 3],
-                          "storage": "rgb_raw", "file_size": path.stat().st_size, "sha256": file_sha256(path)}
+        pixels = cifar["images"][split].reshape(-1, 3) / 255.0            # what was written, per channel
+        mean, std = record.pop("mean"), record.pop("std")
+        np.testing.assert_allclose(mean, pixels.mean(axis=0), atol=1e-6)
+        np.testing.assert_allclose(std, pixels.std(axis=0), atol=1e-6)
+        assert record == {"format": "beton-write-record/2", "dataset": "cifar10", "name": "cifar10", "split": split,
+                          "num_samples": count, "num_classes": 10, "classes": None, "size": [32, 32], "channels": 3,
+                          "statistics_images": count, "storage": "raw", "jpg_fraction": 0.0,
+                          "file_size": path.stat().st_size, "sha256": file_sha256(path)}
+        record.update(mean=mean, std=std)
         summary = validate_beton(path, CIFAR10)
         assert summary["record"] == record and summary["note"] is None
 
@@ -103,3 +110,15 @@ def test_rewriting_replaces_the_record_and_leaves_no_temporary_files(cifar, tmp_
         wb.write_dataset("cifar10", cifar["root"], out, num_workers=1)
     assert validate_beton(train, CIFAR10)["record"]["split"] == "train"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_record_of_the_first_format_is_still_read(cifar, tmp_path):
+    """Files written before records held classes and statistics keep working."""
+    path = copy_of(cifar, tmp_path)
+    record = json.loads(open(record_path(path)).read())
+    old = {k: record[k] for k in ("dataset", "split", "num_samples", "num_classes", "file_size", "sha256")}
+    with open(record_path(path), "w") as f:
+        json.dump({**old, "format": "beton-write-record/1", "image_shape": [32, 32, 3], "storage": "rgb_raw"}, f)
+    assert validate_beton(path, CIFAR10)["record"]["format"] == "beton-write-record/1"
+    with pytest.raises(DataError, match="written for cifar10"):
+        validate_beton(path, CIFAR100)

@@ -17,7 +17,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 REQUIRED = ["resnet18_lrr_imagenet", "resnet18_wr_imagenet", "resnet50_lrr_imagenet", "resnet20_imp_cifar10",
             "resnet20_wr_cifar10", "resnet20_lrr_cifar10", "vgg16_snip_cifar10", "vgg16_synflow_cifar10",
             "resnet18_erk_cifar100", "resnet18_balanced_cifar100", "lenet_300_100_imp_mnist", "quickstart",
-            "resnet20_slim_cifar10", "resnet20_earlybird_cifar10"]
+            "resnet20_slim_cifar10", "resnet20_earlybird_cifar10", "vit_imp_cifar10"]
 
 
 def test_required_configs_exist():

@@ -1,7 +1,10 @@
 """utils/controls.py: training another experiment's masks as they are, re-initialised or shuffled."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
+
+from utils.rundir import REUSED_COLUMNS, RunFiles
 import torch
 import yaml
 
@@ -173,3 +176,174 @@ def test_wait_for_level_polls_until_the_row_appears_and_gives_up_when_told(tmp_p
     (source / "levels.csv").write_text("level,target_density\n0,1.0\n")
     with pytest.raises(controls.ControlError, match="did not finish within 10 s"):
         controls.wait_for_level(src, 2, poll_s=4, timeout_s=10, sleep=lambda s: None)
+
+
+# ------------------------------------------------------------------ level 0 taken from the source
+def add_run_files(root, *, epochs=2, world_size=1, cuda=False):
+    """What a finished harness run also has: every level's epochs.csv and layers.csv rows, and a
+    last checkpoint recording the launch (world_size; a CUDA RNG state only when CUDA ran)."""
+    import harness_utils as hu
+    levels = pd.read_csv(root / "levels.csv")
+    epoch_rows = [{"level": level, "epoch": epoch, "lr": 0.1, "train_loss": 0.5, "train_acc": 80.0 + level,
+                   "test_loss": 0.6, "test_acc": 85.0 + epoch, "epoch_time_s": 1.5, "images_per_s": 900.0}
+                  for level in levels.level for epoch in range(epochs)]
+    pd.DataFrame(epoch_rows, columns=hu.EPOCH_COLUMNS).to_csv(root / "epochs.csv", index=False)
+    layer_rows = []
+    for level in levels.level:
+        for name, mask in torch.load(root / "masks" / f"level_{level}.pt").items():
+            layer_rows.append({"level": level, "layer": name, "numel": mask.numel(), "alive": int(mask.sum()),
+                               "density": float(mask.float().mean())})
+    pd.DataFrame(layer_rows, columns=hu.LAYER_COLUMNS).to_csv(root / "layers.csv", index=False)
+    rng = {"torch": torch.get_rng_state(), **({"cuda": [torch.get_rng_state()]} if cuda else {})}
+    torch.save({"format": 1, "world_size": world_size, "rng": rng}, root / "checkpoints" / "last.pt")
+
+
+class FakeLog:
+    def __init__(self, columns):
+        self.columns, self.rows = list(columns), []
+
+    def append(self, row):
+        self.rows.append(row)
+
+
+def fake_logs():
+    import harness_utils as hu
+    return {"epochs": FakeLog(hu.EPOCH_COLUMNS), "levels": FakeLog(hu.LEVEL_COLUMNS), "layers": FakeLog(hu.LAYER_COLUMNS)}
+
+
+def level_zero_check(tmp_path, source, *, model=None, world_size=1, device_type="cpu", **overrides):
+    import harness_utils as hu
+    c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": source, "prune.control": "shuffle",
+                            "training.epochs": 2, "training.device": "cpu", **overrides})
+    src = controls.read_source(source, c, model_for(c))
+    logs = fake_logs()
+    return controls.level_zero_difference(src, c, model or model_for(c), world_size=world_size, device_type=device_type,
+                                          columns={n: log.columns for n, log in logs.items()},
+                                          semantic_difference=hu.semantic_difference)
+
+
+@pytest.fixture
+def full_source(tmp_path, source):
+    """The source of the fixture above run with training.epochs=2 on CPU, all its files there."""
+    tree = yaml.safe_load((source / "config.yaml").read_text())
+    tree["training"].update({"epochs": 2, "device": "cpu"})
+    (source / "config.yaml").write_text(yaml.safe_dump(tree))
+    add_run_files(source)
+    return source
+
+
+def test_an_identical_level_0_is_taken_with_its_rows_masks_and_a_note(tmp_path, full_source):
+    import harness_utils as hu
+    assert level_zero_check(tmp_path, full_source) is None
+    assert level_zero_check(tmp_path, full_source, **{"prune.control": "none", "prune.levels": 2}) is None
+    c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": full_source, "prune.control": "shuffle",
+                            "training.epochs": 2, "training.device": "cpu"})
+    src = controls.read_source(full_source, c, model_for(c))
+    root = tmp_path / "runs" / "control"
+    (root / "masks").mkdir(parents=True)
+    logs = fake_logs()
+    taken, message = controls.take_level_zero(src, c, model_for(c), root, logs, world_size=1, device_type="cpu",
+                                              semantic_difference=hu.semantic_difference)
+    assert taken and message.startswith(f"level 0 taken from {full_source} (6 CSV rows copied")
+    for name, log in logs.items():
+        source_rows = pd.read_csv(full_source / f"{name}.csv", dtype=str, keep_default_na=False)
+        expected = source_rows[source_rows.level == "0"].to_dict("records")
+        assert log.rows == expected and len(expected) == {"epochs": 2, "levels": 1, "layers": 3}[name]
+    masks = torch.load(root / "masks" / "level_0.pt")
+    assert masks.keys() == src.layer_shapes.keys() and all(bool(m.all()) for m in masks.values())
+    note = pd.read_csv(RunFiles(root).reused.path)
+    assert list(note.columns) == REUSED_COLUMNS and note.level.tolist() == [0]
+    assert note.source.tolist() == [str(full_source)]
+
+
+def bn_model():
+    return torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+
+
+@pytest.mark.parametrize("overrides,kwargs,fragment", [
+    ({"prune.control": "reinit"}, {}, "prune.control=reinit starts from its own initial weights"),
+    ({"prune.training_type": "lrr"}, {}, "prune.training_type=lrr: later levels start from level 0's trained state"),
+    ({"optimizer.lr": 0.5}, {}, "its config differs from the source's in optimizer.lr"),
+    ({"experiment.seed": 1}, {}, "differs from the source's in experiment.seed"),
+    ({"dataset.loader": "torch"}, {}, "differs from the source's in dataset.loader"),
+    ({"analysis.stability": True}, {}, "analysis.stability=True writes files of its own"),
+    ({}, {"device_type": "cuda"}, "the source ran on cpu, this run on cuda"),
+    ({}, {"world_size": 2, "model": bn_model()}, "per-rank over 1 process(es), this run's over 2"),
+])
+def test_a_level_0_that_is_not_identical_is_trained(tmp_path, full_source, overrides, kwargs, fragment):
+    assert fragment in level_zero_check(tmp_path, full_source, **overrides, **kwargs)
+
+
+def test_level_0_is_trained_when_the_source_does_not_have_it_all(tmp_path, full_source):
+    # with 2 processes and no BatchNorm the model is the same: still taken
+    assert level_zero_check(tmp_path, full_source, world_size=2) is None
+    epochs = pd.read_csv(full_source / "epochs.csv")
+    epochs.iloc[1:].to_csv(full_source / "epochs.csv", index=False)
+    assert "has 1 level-0 rows, 2 expected" in level_zero_check(tmp_path, full_source)
+    add_run_files(full_source)
+    masks = torch.load(full_source / "masks" / "level_0.pt")
+    masks["1"][0, 0] = False
+    torch.save(masks, full_source / "masks" / "level_0.pt")
+    assert "level 0 is pruned" in level_zero_check(tmp_path, full_source)
+
+
+def test_a_stale_note_goes_when_level_0_is_trained(tmp_path, full_source):
+    import harness_utils as hu
+    c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": full_source, "prune.control": "shuffle",
+                            "training.epochs": 3, "training.device": "cpu"})
+    src = controls.read_source(full_source, c, model_for(c))
+    root = tmp_path / "runs" / "control"
+    root.mkdir(parents=True)
+    (RunFiles(root).reused.path).write_text("level,source,reason\n0,x,y\n")
+    taken, message = controls.take_level_zero(src, c, model_for(c), root, fake_logs(), world_size=1,
+                                              device_type="cpu", semantic_difference=hu.semantic_difference)
+    assert not taken and "differs from the source's in training.epochs" in message
+    assert not (RunFiles(root).reused.path).exists()
+
+
+def test_a_control_takes_its_sources_level_0_end_to_end(tmp_path, monkeypatch):
+    """A shuffle control of a real digits run takes level 0 and trains level 1; the same control
+    made to retrain level 0 gets the same numbers (so the copy is what training would give), and
+    the taken one interrupted in level 1 resumes to them too."""
+    from tests.helpers import digits_config, write_config
+    from tests.test_resume import assert_same_results, run_in_process
+    from utils.write_beton import ensure_digits
+    data = tmp_path / "data"
+    ensure_digits(data)
+    runs = tmp_path / "runs"
+    short = {"training.epochs": 1, "prune.levels": 2}
+    source_config = write_config(tmp_path / "s.yaml", digits_config(data, runs, "source", **short))
+    code, _, err = run_in_process(source_config)
+    assert code == 0, err
+    source = runs / "source"
+
+    def control(name):
+        return write_config(tmp_path / f"{name}.yaml", digits_config(data, runs, name, **{
+            **short, "prune.masks_from": str(source), "prune.control": "shuffle"}))
+
+    code, out, err = run_in_process(control("taken"))
+    assert code == 0, err
+    assert f"level 0 taken from {source} (5 CSV rows copied" in out
+    taken = runs / "taken"
+    for name in ("epochs", "levels", "layers"):
+        ours = (taken / f"{name}.csv").read_text().splitlines()
+        theirs = (source / f"{name}.csv").read_text().splitlines()
+        level0 = [line for line in theirs[1:] if line.startswith("0,")]
+        assert ours[0] == theirs[0] and ours[1:1 + len(level0)] == level0  # copied as written, timing included
+    assert pd.read_csv(taken / "levels.csv").level.tolist() == [0, 1]
+    assert pd.read_csv(taken / "reused.csv").source.tolist() == [str(source)]
+    assert "level 0 taken" not in run_in_process(control("taken"))[1]  # finished: nothing more to do
+
+    with monkeypatch.context() as patch:
+        patch.setattr(controls, "level_zero_difference", lambda *a, **k: "retrained for the test")
+        code, out, err = run_in_process(control("trained"))
+    assert code == 0, err
+    assert "level 0 is trained, not taken from" in out and not (runs / "trained" / "reused.csv").exists()
+    assert_same_results(taken, runs / "trained")
+
+    cut = control("cut")
+    code, out, err = run_in_process(cut, env={"HARNESS_TEST_KILL_AT": "batch:1:0:5", "HARNESS_TEST_KILL_SIGNAL": "SIGTERM"})
+    assert code == 143 and "level 0 taken" in out, err
+    code, out, err = run_in_process(cut)
+    assert code == 0, err
+    assert_same_results(taken, runs / "cut")

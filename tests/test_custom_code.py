@@ -6,14 +6,7 @@ import csv
 import pytest
 
 from tests.helpers import digits_config, run_harness, write_config
-from utils.write_beton import ensure_digits
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 def read_csv(path):

@@ -121,15 +121,21 @@ def ffcv_cifar_train(cifar):
 
 # --------------------------------------------------------------------------- registry
 def test_registry_specs_are_consistent():
-    assert set(ds.DATASETS) == {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagenet", "digits"}
-    assert set(wb.SOURCES) == set(ds.DATASETS)
+    assert {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagenet", "digits", "folder"} <= set(ds.DATASETS)
     for spec in ds.DATASETS.values():
-        assert len(spec.mean) == len(spec.std) == spec.channels
+        assert spec.source is not None and callable(spec.source.read)     # the writer reads every entry
         ds.get_augment_policy(spec.train_augment)
+        if spec.from_record:                                              # folder: completed from its record
+            assert spec.channels == 0 and spec.mean == ()
+            continue
+        assert len(spec.mean) == len(spec.std) == spec.channels
         ds.get_storage(spec.storage)
-    assert ds.AUGMENTATIONS["crop_flip"] == ds.AugmentPolicy(False, True, 4)
+    assert ds.AUGMENTATIONS["flip_crop"] == ds.AugmentPolicy(False, True, 4)
     assert not ds.AUGMENTATIONS[get_dataset_spec("svhn").train_augment].horizontal_flip
     assert (DIGITS.resolution, DIGITS.channels, DIGITS.num_classes) == (8, 1, 10)
+    # whether a mirror image keeps its class lives on the entry (test-time flip, flip augmentations)
+    assert {n for n, s in ds.DATASETS.items() if s.flip_changes_labels} >= {"digits", "mnist", "svhn"}
+    assert not get_dataset_spec("cifar10").flip_changes_labels
 
 
 def test_unknown_dataset_lists_valid_names():
@@ -138,6 +144,52 @@ def test_unknown_dataset_lists_valid_names():
     assert "\n" not in str(info.value)
     with pytest.raises(DataError, match="unknown loader back-end 'jax'"):
         ds.get_loader_backend("jax")
+
+
+def test_outside_dataset_names_are_checked_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "my_data.py").write_text(
+        "from utils.dataset import DatasetSpec, get_dataset_spec\n"
+        "NOT_A_SPEC = 3\n"
+        "COPY = get_dataset_spec('digits')\n"
+        "CLASH = DatasetSpec('cifar10', 8, 1, 2, (0.5,), (0.5,), 'none', 'gray')\n"
+        "OWN = DatasetSpec('my_own', 8, 1, 2, (0.5,), (0.5,), 'none', 'gray')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(ds, "DATASETS", dict(ds.DATASETS))          # registrations end with the test
+    cases = {"no_such_module:X": "cannot import module 'no_such_module'",
+             "my_data:MISSING": "module 'my_data' has no attribute 'MISSING'",
+             "my_data:NOT_A_SPEC": "is a int, not a utils.dataset.DatasetSpec",
+             "my_data:CLASH": "is named 'cifar10', the name of another registered dataset"}
+    for name, message in cases.items():
+        with pytest.raises(DataError, match=message) as info:
+            get_dataset_spec(name)
+        assert "\n" not in str(info.value)
+    assert get_dataset_spec("my_data:COPY") is get_dataset_spec("digits")
+    own = get_dataset_spec("my_data:OWN")
+    assert own.name == "my_own" and get_dataset_spec("my_own") is own and "my_own" in ds.dataset_names()
+
+
+def test_config_takes_its_names_from_the_registries(tmp_path, monkeypatch):
+    """dataset.name, dataset.loader and dataset.augment accept what the registries hold."""
+    import yaml
+
+    import harness_params as hp
+    tree = {"model": {"name": "lenet_300_100"}, "experiment": {"name": "x"}, "prune": {"levels": 2},
+            "dataset": {"name": "digits", "train_path": "a.beton", "test_path": "b.beton", "loader": "mine"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(hp.ConfigError, match="dataset.loader"):
+        hp.resolve(str(path), {})
+    monkeypatch.setitem(ds.LOADER_BACKENDS, "mine", ds.TorchBetonLoader)
+    assert hp.resolve(str(path), {})["dataset.loader"] == "mine"
+    for augment in ds.augment_names():
+        allowed = augment in ("default", "none", "crop")                   # digits: no flips, no resized crops
+        if allowed:
+            assert hp.resolve(str(path), {"dataset.augment": augment})["dataset.augment"] == augment
+        else:
+            with pytest.raises(hp.ConfigError, match=f"dataset.augment={augment} does not suit dataset.name=digits"):
+                hp.resolve(str(path), {"dataset.augment": augment})
+    help_text = hp.help_text()
+    assert all(name in help_text for name in ds.dataset_names())
 
 
 # --------------------------------------------------------------------------- epoch_order
@@ -394,7 +446,6 @@ def test_imagefolder_tree_to_jpeg_beton_and_resized_crops(imagenet_tree, tmp_pat
 
 
 def test_jpeg_storage_decodes_close_to_the_original(imagenet_tree, tmp_path):
-    spec = get_dataset_spec("imagenet")
     train, _ = wb.write_dataset("imagenet", imagenet_tree, tmp_path, num_workers=1, compress_probability=1.0,
                                 jpeg_quality=95)
     assert inspect_beton(train)["jpg_fraction"] == 1.0

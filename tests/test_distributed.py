@@ -1,4 +1,4 @@
-"""Distributed correctness on CPU with gloo (issue 4; DESIGN.md sections 4-6).
+"""Distributed correctness on CPU with gloo (issue 4; docs/design.md sections 4-6).
 
 What is pinned here, mostly with real torchrun launches (gloo, CPU) on the bundled digits data:
 
@@ -54,7 +54,6 @@ import torch
 from tests.helpers import ROOT, TORCHRUN, digits_config, run_harness, write_config
 from utils import distributed_utils as du
 from utils import mask_layers
-from utils.write_beton import ensure_digits
 
 PROBE_PREFIX = "PROBE "
 DIGITS_TEST_SIZE = 360            # utils/write_beton.py's digits split: 1437 train / 360 test
@@ -282,12 +281,6 @@ def _assert_count(percent: float, total: int, what: str) -> int:
     assert abs(examples - round(examples)) < 1e-3, f"{what}={percent}% is not k/{total}: {examples} examples"
     return round(examples)
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 # ===================================================== 1 process vs 2 processes (and rank-0 output)

@@ -18,14 +18,7 @@ import pytest
 import harness_utils as hu
 from tests.helpers import digits_config, run_harness, write_config
 from tests.test_resume import assert_same_results
-from utils.write_beton import ensure_digits
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 # ------------------------------------------------------------------ directory decision

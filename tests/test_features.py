@@ -12,14 +12,7 @@ import torch
 import harness
 from tests.helpers import PYTHON, ROOT, digits_config, write_config
 from tests.test_resume import assert_same_results, run_in_process
-from utils.write_beton import ensure_digits
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 @pytest.fixture(scope="module")

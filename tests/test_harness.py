@@ -1,5 +1,5 @@
 """The level loop end to end on real digits .beton files: output contract and the exact
-semantics of IMP / WR / LRR / at_init (DESIGN.md sections 5 and 6)."""
+semantics of IMP / WR / LRR / at_init (docs/design.md sections 5 and 6)."""
 from __future__ import annotations
 
 import math
@@ -14,14 +14,6 @@ import harness_utils as hu
 from tests.helpers import digits_config, run_harness, write_config
 from utils import distributed_utils as du
 from utils import mask_layers
-from utils.write_beton import ensure_digits
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 def make_experiment(tmp_path, digits, **overrides) -> harness.Experiment:

@@ -349,3 +349,154 @@ def test_fused_apply_follows_load_state_dict_and_device_moves():
     apply_masks_(model)
     assert model.fc.weight.dtype == torch.float64
     _assert_zero_exactly_where_pruned(model)
+
+
+# ----- nn.MultiheadAttention: every weight matrix prunable -----
+
+class TinyAttention(nn.Module):
+    """A packed attention (kdim = vdim = embed_dim) and one with separate Q/K/V projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.packed = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.separate = nn.MultiheadAttention(8, 2, kdim=4, vdim=6, batch_first=True, add_bias_kv=True)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: (batch, tokens, 12): 8 query features, 4 key features (values: 6 of them)
+        query, key, value = x[..., :8], x[..., 8:12], x[..., 6:12]
+        h, _ = self.packed(query, query, query, need_weights=False)
+        h, _ = self.separate(self.norm(h), key, value, need_weights=False)
+        return self.fc(h.mean(1))
+
+
+def test_attention_projections_become_masked_layers_and_outputs_stay_identical():
+    torch.manual_seed(0)
+    model = TinyAttention()
+    x = torch.randn(3, 5, 12)
+    packed_weight, q_weight = model.packed.in_proj_weight, model.separate.q_proj_weight
+    plain_state = model.state_dict()
+    expected = model(x)
+    prepare_model(model)
+    assert prunable_layer_names(model) == ["packed.in_proj", "packed.out_proj", "separate.q_proj",
+                                           "separate.k_proj", "separate.v_proj", "separate.out_proj", "fc"]
+    assert model.packed.in_proj.weight is packed_weight and model.packed.in_proj_weight is packed_weight
+    assert model.separate.q_proj_weight is q_weight and model.separate.in_proj_weight is None
+    assert model.packed.in_proj_weight.shape == (24, 8) and model.separate.k_proj.mask.shape == (8, 4)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    # torch's own names (a plain model's state dict) load into the prepared model, masks untouched
+    other = TinyAttention()
+    prepare_model(other)
+    other.load_state_dict(plain_state, strict=False)
+    assert torch.equal(other.packed.in_proj.weight, packed_weight) and torch.equal(other.separate.v_proj.weight,
+                                                                                   model.separate.v_proj.weight)
+    missing = other.load_state_dict(plain_state, strict=False).missing_keys
+    assert sorted(missing) == sorted(mask_buffer_names(other))
+    assert mask_layers_aliases(other)["packed.in_proj_weight"] == "packed.in_proj.weight"
+
+
+def mask_layers_aliases(model):
+    from utils.mask_layers import state_dict_aliases
+    return state_dict_aliases(model)
+
+
+def test_attention_masks_zero_the_projection_weights_and_the_forward_uses_them():
+    torch.manual_seed(0)
+    model = prepare_model(TinyAttention())
+    x = torch.randn(3, 5, 12)
+    masks = random_masks(model, 0.4)
+    set_masks(model, masks)
+    for name in ("packed.in_proj", "separate.q_proj"):
+        layer = model.get_submodule(name)
+        assert bool((layer.weight[~layer.mask] == 0).all()) and bool((layer.weight[layer.mask] != 0).any())
+    # the same network built from scratch with the zeroed weights, unprepared, gives the same output
+    plain = TinyAttention()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(".mask")}
+                          | {"packed.in_proj_weight": model.packed.in_proj.weight,
+                             "separate.q_proj_weight": model.separate.q_proj.weight,
+                             "separate.k_proj_weight": model.separate.k_proj.weight,
+                             "separate.v_proj_weight": model.separate.v_proj.weight}, strict=False)
+    assert torch.equal(plain.packed.in_proj_weight, model.packed.in_proj.weight)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+    # training keeps them zero (apply_masks_ after each step, as the harness does)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+        apply_masks_(model)
+    for name, mask in masks.items():
+        assert torch.count_nonzero(model.get_submodule(name).weight[~mask]) == 0, name
+
+
+def test_attention_exclude_by_projection_or_module_and_prepare_twice():
+    # "separate" names the module's own Q/K/V weights; its out_proj is a layer of its own
+    model = prepare_model(TinyAttention(), exclude=["packed.in_proj", "separate"])
+    assert prunable_layer_names(model) == ["packed.out_proj", "separate.out_proj", "fc"]
+    for name in ("packed", "separate"):  # every projection excluded: left as torch made it
+        assert type(model.get_submodule(name)) is nn.MultiheadAttention
+    assert model.packed.in_proj_weight.shape == (24, 8)
+    # one projection excluded: it stays dense, the others are masked
+    partial = prepare_model(TinyAttention(), exclude=["separate.k_proj"])
+    assert "separate.k_proj" not in prunable_layer_names(partial) and "separate.q_proj" in prunable_layer_names(partial)
+    assert not isinstance(partial.separate.k_proj, MaskedLayer) and partial.separate.k_proj_weight.shape == (8, 4)
+    prepare_model(model, exclude=["packed.in_proj", "separate"])
+    assert prunable_layer_names(model) == ["packed.out_proj", "separate.out_proj", "fc"]
+    assert prunable_layer_names(prepare_model(TinyAttention(), exclude=["separate*"])) == [
+        "packed.in_proj", "packed.out_proj", "fc"]
+
+
+def test_attention_masks_round_trip_through_state_dict_deepcopy_and_pickle(tmp_path):
+    import copy
+    torch.manual_seed(0)
+    model = prepare_model(TinyAttention())
+    set_masks(model, random_masks(model, 0.5))
+    for restored in (copy.deepcopy(model), _pickled(model, tmp_path)):
+        assert masks_checksum(get_masks(restored)) == masks_checksum(get_masks(model))
+        assert restored.packed.in_proj_weight is restored.packed.in_proj.weight
+        x = torch.randn(2, 4, 12)
+        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    fresh = prepare_model(TinyAttention())
+    fresh.load_state_dict(model.state_dict())
+    assert masks_checksum(get_masks(fresh)) == masks_checksum(get_masks(model))
+
+
+def _pickled(model, tmp_path):
+    torch.save(model, tmp_path / "model.pt")
+    return torch.load(tmp_path / "model.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "snip", "synflow"])
+@pytest.mark.parametrize("allocation", ["global", "uniform", "erk", "balanced"])
+def test_every_criterion_and_allocation_prunes_attention_weights_exactly(criterion, allocation):
+    from utils.pruning_utils import compute_masks, target_keep_count
+    torch.manual_seed(0)
+    model = prepare_model(get_model("vit_nano_p4", num_classes=10, in_channels=1, image_size=8))
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    masks = compute_masks(model, density=0.3, criterion=criterion, allocation=allocation, batches=batches,
+                          input_shape=(1, 8, 8), synflow_iterations=3, seed=1)
+    assert count_alive(masks) == target_keep_count(0.3, count_total(masks))
+    attention = [n for n in masks if n.endswith("self_attention.in_proj")]
+    assert len(attention) == 2 and all(0 < int(masks[n].sum()) < masks[n].numel() for n in attention)
+    if criterion in ("snip", "synflow"):  # gradients reach the packed projection: scores are not all ties
+        kept = masks[attention[0]].reshape(-1)
+        assert not torch.equal(kept, torch.sort(kept, descending=True).values)
+
+
+def test_dense_parameter_report_counts_every_parameter_once_by_category():
+    from utils.mask_layers import dense_parameter_report, dense_summary
+    model = prepare_model(get_model("vit_nano_p4", num_classes=10, in_channels=1, image_size=8),
+                          exclude=["conv_proj", "heads.*"])
+    report = dense_parameter_report(model)
+    assert report.total == sum(p.numel() for p in model.parameters())
+    assert report.prunable == count_total(get_masks(model))
+    assert report.prunable + sum(report.dense.values()) == report.total
+    width = 64
+    assert report.dense["tokens"] == width and report.names["tokens"] == ["class_token"]
+    assert report.dense["position embeddings"] == 5 * width  # 2x2 patches + class token
+    assert report.names["excluded layers"] == ["conv_proj.weight", "heads.head.weight"]
+    assert report.dense["excluded layers"] == width * 16 + 10 * width
+    assert report.dense["norms"] == 2 * width * (2 * 2 + 1)  # two LayerNorms per block, one at the end
+    line = dense_summary(model)
+    assert "\n" not in line and "tokens 64 (class_token)" in line and "excluded layers" in line
+    assert f"weight matrices): {report.prunable:,} of {report.total:,}" in line

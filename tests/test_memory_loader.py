@@ -80,7 +80,7 @@ def test_evaluation_and_gray_images_equal_the_torch_backend(cifar, digits):
 
 
 def test_imagenet_is_refused_before_reading_anything(tmp_path):
-    with pytest.raises(DataError, match="imagenet has JPEG images of varying size.*use dataset.loader=ffcv") as info:
+    with pytest.raises(DataError, match="imagenet has images of varying size.*use dataset.loader=ffcv") as info:
         make_loader(tmp_path / "missing.beton", get_dataset_spec("imagenet"), train=True, batch_size=8,
                     num_workers=1, device="cpu", backend="memory")
     assert "\n" not in str(info.value)

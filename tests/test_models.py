@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from utils.mask_layers import MaskedLayer, prepare_model
+from utils.mask_layers import MaskedLayer, dense_parameter_report, prepare_model
 from utils.models import MODELS, ModelError, get_model, model_names
 
 LOTTERY_NAMES = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet20_w64",
@@ -46,6 +46,29 @@ def parameters_on_meta():
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
+def standard_weight_matrices(model: nn.Module):
+    """(name, parameter) of every weight matrix of a Conv2d, Linear or MultiheadAttention (Q/K/V,
+    packed or separate; its out_proj is a Linear), found in the unprepared model."""
+    for module_name, module in model.named_modules():
+        attributes = (["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+                      if isinstance(module, nn.MultiheadAttention) else
+                      ["weight"] if isinstance(module, (nn.Conv2d, nn.Linear)) else [])
+        for attribute in attributes:
+            parameter = getattr(module, attribute)
+            if parameter is not None:
+                yield f"{module_name}.{attribute}", parameter
+
+
+def test_vit_b_16_has_its_attention_weights_among_the_matrices_checked():
+    with parameters_on_meta():
+        model = get_model("vit_b_16", num_classes=7, image_size=224)
+    names = [name for name, _ in standard_weight_matrices(model)]
+    assert sum(name.endswith("self_attention.in_proj_weight") for name in names) == 12
+    prepare_model(model)
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attention) == 12 and all(isinstance(m.in_proj, MaskedLayer) for m in attention)
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -59,14 +82,22 @@ def test_registry_holds_every_torchvision_classifier_and_our_families():
     assert model_names() == sorted(MODELS)
 
 
-@pytest.mark.parametrize("name", model_names())
-def test_every_registered_name_builds_prepares_and_forwards(name):
+@pytest.mark.parametrize("name", model_names())  # every torchvision.models.list_models(module=torchvision.models)
+def test_every_registered_name_builds_prepares_and_forwards(name):     # name among them (test above)
     # 224 px works for every family; in_channels=1 and 7 classes exercise both adaptations.
     with parameters_on_meta():
         model = get_model(name, num_classes=7, in_channels=1, image_size=224)
+    weight_matrices = {id(p): name for name, p in standard_weight_matrices(model)}
     prepare_model(model)
     prunable = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert prunable and all(isinstance(m, MaskedLayer) for m in prunable)
+    # full coverage: every conv, linear and attention weight matrix is a masked layer's weight
+    masked = {id(layer.weight) for layer in model.modules() if isinstance(layer, MaskedLayer)}
+    assert sorted(weight_matrices[i] for i in set(weight_matrices) - masked) == []
+    report = dense_parameter_report(model)
+    assert report.prunable == sum(p.numel() for p in model.parameters() if id(p) in weight_matrices)
+    assert "excluded layers" not in report.dense and report.prunable + sum(report.dense.values()) == report.total
+    assert "other" not in report.dense, report.names.get("other")  # every dense parameter has a named kind
     with torch.no_grad():
         out = model.eval()(torch.empty(2, 1, 224, 224, device="meta"))
     assert isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 7)
@@ -236,3 +267,19 @@ def test_build_is_seeded_and_leaves_the_model_in_training_mode():
     assert first.training
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["vit_b_32", "vit_nano_p4"])
+def test_vit_heads_are_not_zero_so_gradient_scores_see_the_network(name):
+    """torchvision zero-initialises a ViT's head: every gradient into the network would be 0 at
+    initialisation and SNIP would rank nothing but positions."""
+    from utils.pruning_utils import ScoringInputs, snip_scores
+    torch.manual_seed(0)
+    model = prepare_model(get_model(name, num_classes=10, image_size=32))
+    assert bool((model.heads.head.weight != 0).all())
+    assert 0.015 < float(model.heads.head.weight.std()) < 0.025
+    batch = (torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    scores = snip_scores(ScoringInputs(model=model, device=torch.device("cpu"), batches=[batch]),
+                         {n: m.mask for n, m in model.named_modules() if isinstance(m, MaskedLayer)})
+    attention = scores["encoder.layers.encoder_layer_0.self_attention.in_proj"]
+    assert float(attention.count_nonzero()) > 0.5 * attention.numel()

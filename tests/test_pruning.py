@@ -1,6 +1,6 @@
 """utils/pruning_utils.py: exact counts, allocations, nesting, criteria, schedules, CLI.
 
-Pins DESIGN.md section 5: kept counts are the target rounded, masks only shrink, pruned
+Pins docs/design.md section 5: kept counts are the target rounded, masks only shrink, pruned
 weights never come back, and each score / allocation means what the docstrings say.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ from utils.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE = (3, 8, 8)
-CRITERIA = ["magnitude", "random", "snip", "synflow"]
-ALLOCATIONS = ["global", "uniform", "erk", "balanced"]
+CRITERIA = list(pu.SCORES)          # every registered name: a new entry is tested without editing this file
+ALLOCATIONS = list(pu.ALLOCATIONS)
 DENSITIES = [0.5, 0.2, 0.05, 0.011]
 
 
@@ -231,11 +231,30 @@ def test_layer_keep_counts_refuses_global_and_unknown_names():
 
 
 def test_registries_list_valid_names():
-    with pytest.raises(ValueError, match="magnitude, random, snip, synflow"):
+    with pytest.raises(ValueError, match=", ".join(sorted(pu.SCORES))):
         pu.get_score_fn("l1")
-    with pytest.raises(ValueError, match="balanced, erk, global, uniform"):
+    with pytest.raises(ValueError, match=", ".join(sorted(pu.ALLOCATIONS))):
         pu.get_allocation("layerwise")
-    assert sorted(pu.SCORES) == sorted(CRITERIA) and sorted(pu.ALLOCATIONS) == sorted(ALLOCATIONS)
+
+
+def test_criteria_entries_say_what_they_need():
+    """The entries, not the names, say who gets batches, an input shape and rounds: each score
+    function fails without what its entry says it needs, and works without the rest."""
+    model = resnet20()
+    dense = all_true_masks(model)
+    for name, entry in pu.SCORES.items():
+        full = pu.ScoringInputs(model=model, device=torch.device("cpu"), batches=make_batches(), num_batches=1,
+                                input_shape=INPUT_SHAPE)
+        assert set(entry.score(full, dense)) == set(dense), name
+        for need, field in (("needs_batches", "batches"), ("needs_input_shape", "input_shape")):
+            lacking = copy.copy(full)
+            setattr(lacking, field, None)
+            if getattr(entry, need):
+                with pytest.raises(ValueError, match="needs"):
+                    entry.score(lacking, dense)
+            else:
+                entry.score(lacking, dense)  # works without it
+    assert pu.SCORES["snip"].needs() == ["batches"] and pu.SCORES["synflow"].needs() == ["input shape", "rounds"]
 
 
 # ------------------------------------------------------------------- masks only shrink
@@ -425,6 +444,34 @@ def test_snip_scores_are_eval_mode_gradients_by_default_train_mode_on_request_su
         assert torch.allclose(scores[name], expected[name], rtol=1e-4, atol=1e-7), name
 
 
+@pytest.mark.parametrize("snip_mode", pu.SNIP_MODES)
+def test_a_density_and_the_same_per_layer_counts_give_the_same_masks(snip_mode):
+    """One mask path: every option reaches the per-layer target as it reaches the density target."""
+    model = resnet20()
+    options = dict(criterion="snip", allocation="uniform", batches=make_batches(count=2), num_batches=2,
+                   snip_mode=snip_mode)
+    by_density = pu.compute_masks(model, density=0.3, **options)
+    by_layer = pu.compute_masks(model, layer_counts=layer_counts(by_density), **options)
+    assert all(torch.equal(by_density[name], by_layer[name]) for name in by_density)
+
+
+def test_layer_rates_with_snip_train_mode_score_in_train_mode():
+    """prune.layer_rates + criterion=snip + snip_mode=train: batch statistics, not running ones."""
+    model = resnet20()
+    plan = pu.layer_rate_plan(model, ["fc=0.5", "blocks.*=0.3"], 0.2, 2)
+    batches = make_batches(count=2)
+    masks = {mode: pu.compute_masks(model, layer_counts=plan.counts[1], criterion="snip", allocation="uniform",
+                                    batches=batches, num_batches=2, snip_mode=mode) for mode in pu.SNIP_MODES}
+    for mode, train in (("train", True), ("eval", False)):
+        scores = manual_snip_scores(model, batches, train=train)
+        for name, mask in masks[mode].items():
+            assert int(mask.sum()) == plan.counts[1][name]
+            expected = pu.keep_top_k(scores[name], plan.counts[1][name])
+            assert int((mask & expected).sum()) >= 0.99 * int(mask.sum()), (mode, name)
+    differing = sum(int((masks["train"][name] ^ masks["eval"][name]).sum()) for name in masks["train"])
+    assert differing > 0.05 * sum(plan.counts[1].values())
+
+
 def test_snip_leaves_model_state_modes_and_grads_alone():
     model = resnet20()
     model.eval()
@@ -546,10 +593,12 @@ def test_synflow_density_schedule_is_exponential_and_ends_on_target():
 @pytest.fixture()
 def cli_files(tmp_path):
     """A config and a checkpoint of LeNet-300-100 on digits pruned to 50% (masks in it)."""
-    config = {
+    config = {  # an experiment config the harness would accept (the command reads it as harness.py does)
         "model": {"name": "lenet_300_100"},
-        "dataset": {"name": "digits", "train_path": str(tmp_path / "missing.beton")},
-        "prune": {"criterion": "magnitude", "allocation": "erk", "exclude": ["5"], "synflow_iterations": 3},
+        "dataset": {"name": "digits", "train_path": str(tmp_path / "missing.beton"),
+                    "test_path": str(tmp_path / "missing_test.beton")},
+        "prune": {"criterion": "magnitude", "allocation": "erk", "exclude": ["5"], "synflow_iterations": 3,
+                  "levels": 3},
         "experiment": {"name": "cli", "seed": 0},
     }
     config_path = tmp_path / "config.yaml"
@@ -595,9 +644,11 @@ def test_cli_accepts_a_plain_dense_state_dict(tmp_path, cli_files):
     ({"density": "1.5"}, "--density must be in"),
     ({"density": "0.9"}, "only shrink"),  # the checkpoint is at 0.5
     ({"density": "abc"}, "invalid float"),
-    ({"criterion": "grasp"}, "unknown criterion 'grasp'"),
+    ({"criterion": "grasp"}, "prune.criterion='grasp' is not allowed"),
     ({"checkpoint": "nowhere.pt"}, "does not exist"),
-    ({"config_model": None}, "config has no model.name"),
+    ({"config_model": None}, "model.name is required"),
+    ({"config_typo": {"snip_batchez": 2}}, "unknown key prune.snip_batchez"),
+    ({"config_typo": {"structure": "nm"}}, "this command computes unstructured masks"),
     ({"config_model": "resnet20"}, "does not fit the model"),
     ({"criterion": "snip"}, "does not exist"),  # snip needs dataset.train_path
 ])
@@ -606,6 +657,10 @@ def test_cli_bad_arguments_exit_2_with_one_line_and_write_nothing(cli_files, cap
     if "config_model" in change:
         tree = yaml.safe_load(config.read_text())
         tree["model"] = {"name": change["config_model"]} if change["config_model"] else {}
+        config.write_text(yaml.safe_dump(tree))
+    if "config_typo" in change:
+        tree = yaml.safe_load(config.read_text())
+        tree["prune"].update(change["config_typo"])
         config.write_text(yaml.safe_dump(tree))
     out = tmp_path / "masks.pt"
     args = ["--config", config, "--checkpoint", change.get("checkpoint", checkpoint),
@@ -632,3 +687,120 @@ def test_cli_as_a_module_end_to_end(cli_files):
     missing_out = subprocess.run(command[:-4], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert missing_out.returncode == 2
     assert missing_out.stderr.count("\n") == 1 and "--out" in missing_out.stderr
+
+
+OUTSIDE_CRITERIA = '''
+import torch
+from utils.mask_layers import masked_layers
+
+
+def grad_times_weight(inputs, masks):
+    """|w x grad| summed over inputs.num_batches training batches: refuses to run without them."""
+    if inputs.batches is None:
+        raise ValueError("grad_times_weight got no batches")
+    model = inputs.model
+    weights = {name: layer.weight for name, layer in masked_layers(model)}
+    totals = {name: torch.zeros_like(weight) for name, weight in weights.items()}
+    drawn = 0
+    for _, (x, y) in zip(range(inputs.num_batches), inputs.batches):
+        assert tuple(x.shape[1:]) == tuple(inputs.input_shape)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for name, weight in weights.items():
+            totals[name] += weight.grad
+        drawn += 1
+    model.zero_grad(set_to_none=True)
+    if drawn != inputs.num_batches:
+        raise ValueError(f"drew {drawn} batches")
+    with open(DRAWN_LOG, "a") as log:
+        log.write(f"{drawn}\\n")
+    return {name: (totals[name] * weights[name]).abs().detach() for name in weights}
+
+
+def data_free(inputs, masks):
+    return {name: layer.weight.detach().abs() for name, layer in masked_layers(inputs.model)}
+
+
+data_free.needs_batches = False
+'''
+
+
+@pytest.fixture()
+def outside_criteria(tmp_path, monkeypatch):
+    code = tmp_path / "code"
+    code.mkdir()
+    log = tmp_path / "drawn.txt"
+    (code / "outside_scores.py").write_text(OUTSIDE_CRITERIA.replace("DRAWN_LOG", repr(str(log))))
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.delitem(sys.modules, "outside_scores", raising=False)  # this test's file, not an earlier one's
+    yield log
+    sys.modules.pop("outside_scores", None)
+
+
+def test_outside_criteria_declare_their_needs(outside_criteria):
+    assert pu.get_criterion("outside_scores:grad_times_weight").needs() == ["batches"]  # undeclared: batches
+    data_free = pu.get_criterion("outside_scores:data_free")
+    assert not data_free.needs_batches and not data_free.iterative
+
+
+@pytest.mark.parametrize("batches_key", ["score_batches", "snip_batches"])  # the old name is still read
+def test_cli_gives_batches_to_an_outside_criterion_that_needs_them(cli_files, digits, outside_criteria,
+                                                                   capsys, batches_key):
+    config, checkpoint, start, tmp_path = cli_files
+    tree = yaml.safe_load(config.read_text())
+    tree["dataset"].update(train_path=str(digits / "digits_train.beton"), loader="torch", batch_size=32,
+                           num_workers=0)
+    tree["prune"][batches_key] = 3
+    config.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "masks.pt"
+    assert run_cli("--config", config, "--checkpoint", checkpoint, "--density", 0.3, "--out", out,
+                   "--criterion", "outside_scores:grad_times_weight") == 0, capsys.readouterr().err
+    assert outside_criteria.read_text().split() == ["3"]
+    masks = load_masks(out)
+    assert count_alive(masks) == round(0.3 * (64 * 300 + 300 * 100)) and is_subset(masks, start)
+
+
+def test_cli_gives_no_batches_to_a_criterion_that_declares_it_needs_none(cli_files, outside_criteria, capsys):
+    config, checkpoint, _, tmp_path = cli_files  # dataset.train_path does not exist
+    out = tmp_path / "masks.pt"
+    assert run_cli("--config", config, "--checkpoint", checkpoint, "--density", 0.3, "--out", out,
+                   "--criterion", "outside_scores:data_free") == 0
+    assert run_cli("--config", config, "--checkpoint", checkpoint, "--density", 0.3, "--out", out,
+                   "--criterion", "outside_scores:grad_times_weight") == 2
+    assert "needs training batches" in capsys.readouterr().err
+
+
+def test_old_and_new_name_of_score_batches():
+    import harness_params
+    import harness_utils as hu
+
+    base = {"model.name": "lenet_300_100", "dataset.name": "digits", "dataset.train_path": "a",
+            "dataset.test_path": "b", "experiment.name": "x", "prune.levels": "2"}
+    assert harness_params.resolve(None, {**base, "prune.snip_batches": "3"})["prune.score_batches"] == 3
+    resolved = harness_params.resolve(None, {**base, "prune.score_batches": "3"})
+    assert "prune.snip_batches" not in resolved
+    with pytest.raises(harness_params.ConfigError, match="old name of prune.score_batches"):
+        harness_params.resolve(None, {**base, "prune.snip_batches": "2", "prune.score_batches": "3"})
+    old_run = {("prune.snip_batches" if key == "prune.score_batches" else key): value for key, value in resolved.items()}
+    assert hu.semantic_difference(old_run, resolved) == []
+    assert hu.semantic_difference({**old_run, "prune.snip_batches": 4}, resolved) == ["prune.score_batches"]
+
+
+def test_harness_gives_an_outside_criterion_its_batches_and_an_old_config_yaml_still_resumes(
+        digits, outside_criteria, tmp_path):
+    from tests.helpers import digits_config, run_harness, write_config
+
+    tree = digits_config(digits, tmp_path / "runs", **{
+        "prune.levels": 2, "training.epochs": 1, "prune.criterion": "outside_scores:grad_times_weight",
+        "prune.score_batches": 2})
+    config = write_config(tmp_path / "c.yaml", tree)
+    code = {"PYTHONPATH": str(tmp_path / "code")}
+    result = run_harness(config, env=code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert outside_criteria.read_text().split() == ["2"]  # level 1's masks, scored on 2 batches
+    saved = tmp_path / "runs" / "exp" / "config.yaml"
+    text = saved.read_text()
+    assert "score_batches: 2" in text
+    saved.write_text(text.replace("score_batches: 2", "snip_batches: 2"))  # a run made before the rename
+    again = run_harness(config, env=code)
+    assert again.returncode == 0 and "is finished" in again.stdout, again.stderr[-2000:]

@@ -7,6 +7,7 @@ not copied."""
 from __future__ import annotations
 
 import csv
+import os
 import random
 import statistics
 import subprocess
@@ -181,3 +182,180 @@ def test_the_one_plot_cli_still_works(sweep, tmp_path, capsys):
     assert out.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert printed.count("== ") == 2 and "plot written to" in printed
+
+
+# ------------------------------------------------------------- numbers that cannot mislead
+def write_checkpoints(root: Path, *, world_size=1, cuda=False, batchnorm=False):
+    """checkpoints/init.pt and last.pt with what the report reads of them, in the harness's format:
+    the initial state dict (BatchNorm layers carry running_mean), the launch's world_size, and a
+    CUDA RNG state only when CUDA was in use."""
+    import torch
+    (root / "checkpoints").mkdir(exist_ok=True)
+    model = {"fc1.weight": torch.zeros(3, 3), "fc1.mask": torch.ones(3, 3, dtype=torch.bool)}
+    if batchnorm:
+        model.update({"bn1.weight": torch.ones(3), "bn1.running_mean": torch.zeros(3),
+                      "bn1.running_var": torch.ones(3), "bn1.num_batches_tracked": torch.tensor(0)})
+    torch.save({"format": 1, "model": model}, root / "checkpoints" / "init.pt")
+    rng = {"torch": torch.get_rng_state(), **({"cuda": [torch.get_rng_state()]} if cuda else {})}
+    torch.save({"format": 1, "model": model, "world_size": world_size, "rng": rng, "finished": True},
+               root / "checkpoints" / "last.pt")
+
+
+def set_written_at(root: Path, seconds: float):
+    for name in ("epochs.csv", "levels.csv"):
+        os.utime(root / name, (seconds, seconds))
+
+
+def test_copies_of_one_seed_count_once_keeping_the_newest_complete_run(tmp_path):
+    """The issue's case: four runs of seed 0 (by hand, with 2 processes, an interrupted one,
+    the sweep's) and one of seed 1 -- 2 seeds, not 5; seed 0's number is the newest complete run's."""
+    base = tmp_path / "runs"
+    by_hand = make_experiment(base, "by_hand", seed=0)
+    two_procs = make_experiment(base, "two_procs", seed=0)        # LeNet (no BatchNorm): the same model
+    write_checkpoints(two_procs, world_size=2)
+    interrupted = make_experiment(base, "interrupted", seed=0, levels_done=1, epochs_in_progress=1)
+    sweeps = make_experiment(base / "sweep", "seed-0", seed=0)
+    seed1 = make_experiment(base, "seed1", seed=1)
+    for age, root in enumerate([by_hand, sweeps, two_procs, interrupted]):  # interrupted is the newest of all
+        set_written_at(root, 1_700_000_000 + 100 * age)
+    set_written_at(seed1, 1_700_000_000)
+    out = tmp_path / "out"
+    written = report.write_report([base, base / "sweep"], out)
+    (group,) = written["groups"]
+    assert sorted(e.path.name for e in group.members) == ["seed1", "two_procs"]
+    assert sorted(e.path.name for e in written["dropped"]) == ["by_hand", "interrupted", "seed-0"]
+    assert all(e.duplicate_of.path == two_procs for e in written["dropped"])
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["n_seeds"]) == [2, 2, 2]
+    for level in range(3):
+        finals = [pd.read_csv(root / "levels.csv").final_test_acc[level] for root in (two_procs, seed1)]
+        assert summary.final_test_acc_mean[level] == pytest.approx(statistics.mean(finals))
+        assert summary.final_test_acc_std[level] == pytest.approx(statistics.stdev(finals))
+    text = (out / "report.md").read_text()
+    assert "**3 of 5 runs are copies of a seed already counted**" in text
+    for name in ("by_hand", "interrupted", "seed-0"):
+        assert f"kept `{two_procs}` (complete (3 levels)), dropped `{base / name if name != 'seed-0' else sweeps}`" in text
+    assert f"| `{interrupted}` | g1 | 0 | no: copy of `two_procs` |" in text
+    assert "| g1 | " in text and "0, 1 (3 copies left out)" in text
+
+
+def test_with_only_incomplete_copies_the_one_with_most_levels_is_kept(tmp_path):
+    base = tmp_path / "runs"
+    short = make_experiment(base, "short", seed=0, levels_done=1)
+    longer = make_experiment(base, "longer", seed=0, levels_done=2)
+    set_written_at(short, 1_700_000_100)
+    set_written_at(longer, 1_700_000_000)
+    (group,) = report.make_groups([report.load_experiment(d) for d in (short, longer)])
+    assert [e.path for e in group.members] == [longer] and [e.path for e in group.dropped] == [short]
+
+
+def test_runs_that_train_different_models_are_not_pooled(tmp_path):
+    """BatchNorm with per-rank statistics (CPU): 1 and 2 processes are different models -> two
+    groups.  On CUDA with SyncBatchNorm (sync_bn auto) they are the same model -> one group, and
+    the second run of a seed is a copy.  sync_bn=false on CUDA: per-rank again.  Another loader:
+    another group (the config says so)."""
+    base = tmp_path / "runs"
+    roots = {}
+    for procs in (1, 2):
+        for seed in (0, 1):
+            roots[("cpu", procs, seed)] = root = make_experiment(base / "cpu", f"p{procs}_s{seed}", seed=seed)
+            write_checkpoints(root, world_size=procs, batchnorm=True)
+            roots[("cuda", procs, seed)] = root = make_experiment(base / "cuda", f"p{procs}_s{seed}", seed=seed,
+                                                                  **{"training.device": "auto"})
+            write_checkpoints(root, world_size=procs, cuda=True, batchnorm=True)
+    cpu = report.make_groups([report.load_experiment(d) for d in report.expand_dirs([base / "cpu"])])
+    assert len(cpu) == 2 and [len(g.members) for g in cpu] == [2, 2] and not any(g.dropped for g in cpu)
+    assert report.differing_keys(cpu) == ["bn_processes"]
+    assert sorted(g.label for g in cpu) == ["bn_processes=1", "bn_processes=2"]
+    two = next(g for g in cpu if g.label == "bn_processes=2")
+    assert sorted(e.path.name for e in two.members) == ["p2_s0", "p2_s1"]
+    cuda = report.make_groups([report.load_experiment(d) for d in report.expand_dirs([base / "cuda"])])
+    assert len(cuda) == 1 and len(cuda[0].members) == 2 and len(cuda[0].dropped) == 2
+    # sync_bn=false: each rank normalises over its own share, on CUDA too
+    unsynced = [make_experiment(base / "nosync", f"p{p}", seed=0, **{"distributed.sync_bn": False,
+                                                                    "training.device": "cuda"}) for p in (1, 2)]
+    for procs, root in zip((1, 2), unsynced):
+        write_checkpoints(root, world_size=procs, cuda=True, batchnorm=True)
+    assert len(report.make_groups([report.load_experiment(d) for d in unsynced])) == 2
+    # another loader: another group, not a copy
+    loaders = [make_experiment(base / "loaders", name, seed=0, **{"dataset.loader": name}) for name in ("torch", "ffcv")]
+    groups = report.make_groups([report.load_experiment(d) for d in loaders])
+    assert len(groups) == 2 and report.differing_keys(groups) == ["dataset.loader"]
+    out = tmp_path / "out"
+    report.write_report([base / "cpu"], out)
+    text = (out / "report.md").read_text()
+    assert "`bn_processes` is not a config key" in text
+    assert set(pd.read_csv(out / "summary.csv")["bn_processes"]) == {1, 2}
+
+
+def test_controls_of_different_sources_are_different_samples(tmp_path):
+    """Two shuffle controls with the same seed but sources of different seeds are two samples;
+    two controls of the same source seed with the same seed are copies."""
+    base = tmp_path / "runs"
+    sources = [make_experiment(base, f"imp{s}", seed=s) for s in (0, 1)]
+    controls = [make_experiment(base, f"shuffle_of_{s}", seed=7, **{"prune.masks_from": str(sources[s]),
+                                                                     "prune.control": "shuffle"}) for s in (0, 1)]
+    again = make_experiment(base, "shuffle_of_0_again", seed=7, **{"prune.masks_from": str(sources[0]),
+                                                                    "prune.control": "shuffle"})
+    groups = report.make_groups([report.load_experiment(d) for d in [*sources, *controls, again]])
+    assert [len(g.members) for g in groups] == [2, 2]
+    assert [e.path.name for e in groups[1].dropped] in (["shuffle_of_0"], ["shuffle_of_0_again"])
+
+
+def test_a_run_at_chance_level_is_flagged(tmp_path):
+    """digits has 10 classes: chance is 10%; a level whose every epoch stays at or below 12% is
+    flagged (the stuck control of the issue: 8.4% every epoch); 20% is not chance."""
+    base = tmp_path / "runs"
+    fine = make_experiment(base, "fine", seed=0)
+    stuck = make_experiment(base, "stuck", seed=1)
+    frame = pd.read_csv(stuck / "epochs.csv")
+    frame.loc[frame.level >= 1, "test_acc"] = 8.4
+    frame.to_csv(stuck / "epochs.csv", index=False)
+    low = make_experiment(base, "low", seed=2)
+    frame = pd.read_csv(low / "epochs.csv")
+    frame.loc[frame.level == 2, "test_acc"] = [20.0, 11.0]
+    frame.to_csv(low / "epochs.csv", index=False)
+    experiments = {d.name: report.load_experiment(d) for d in (fine, stuck, low)}
+    assert experiments["stuck"].num_classes == 10
+    assert experiments["stuck"].chance_levels() == [1, 2]
+    assert experiments["fine"].chance_levels() == [] and experiments["low"].chance_levels() == []
+    out = tmp_path / "out"
+    written = report.write_report([base], out)
+    assert [e.path.name for e in written["at_chance"]] == ["stuck"]
+    text = (out / "report.md").read_text()
+    assert f"**`{stuck}` is at chance level** in levels 1-2" in text and "exceeds 12%" in text
+    assert "complete (3 levels); **AT CHANCE** in levels 1-2" in text
+    assert "`fine` is at chance" not in text and f"`{low}` is at chance" not in text
+
+
+def test_bands_stay_between_0_and_100(tmp_path, monkeypatch):
+    """Two seeds far apart near 0% and near 100%: mean ± std passes both ends; the drawn band does not."""
+    base = tmp_path / "runs"
+    roots = [make_experiment(base, f"s{s}", seed=s) for s in (0, 1)]
+    for root, value in zip(roots, (1.0, 99.5)):
+        frame = pd.read_csv(root / "levels.csv")
+        frame["final_test_acc"] = [value, 100 - value, value]
+        frame.to_csv(root / "levels.csv", index=False)
+    groups = report.make_groups([report.load_experiment(d) for d in roots])
+    summaries = {g.gid: report.summarize(g) for g in groups}
+    assert (summaries["g1"].final_test_acc_mean - summaries["g1"].final_test_acc_std).min() < 0
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, out: figures.append(fig))
+    report.plot_accuracy_vs_density(groups, summaries, tmp_path / "a.png")
+    (fig,) = figures
+    bands = [c for c in fig.axes[0].collections if c.get_paths() and len(c.get_paths()[0].vertices) > 3]
+    assert bands
+    for band in bands:
+        y = band.get_paths()[0].vertices[:, 1]
+        assert y.min() >= 0.0 and y.max() <= 100.0
+        assert y.min() == 0.0  # the clipped side reaches the limit, it is not dropped
+
+
+def test_a_level_taken_from_the_source_is_named_in_the_status(tmp_path):
+    base = tmp_path / "runs"
+    source = make_experiment(base, "imp", seed=0)
+    control = make_experiment(base, "shuffle", seed=0, **{"prune.masks_from": str(source), "prune.control": "shuffle"})
+    (control / "reused.csv").write_text(f"level,source,reason\n0,{source},identical\n")
+    out = tmp_path / "out"
+    report.write_report([source, control], out)
+    assert f"complete (3 levels); level 0 taken from `{source}` (identical: not retrained)" in (out / "report.md").read_text()

@@ -27,7 +27,6 @@ import torch
 import harness
 import harness_utils as hu
 from tests.helpers import PYTHON, ROOT, digits_config, run_harness, write_config
-from utils.write_beton import ensure_digits
 
 TIMING_COLUMNS = {"epoch_time_s", "images_per_s", "train_time_s"}
 CSV_FILES = ("epochs", "levels", "layers")
@@ -55,12 +54,6 @@ KILL_CHAINS = {
     ],
 }
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 # --------------------------------------------------------------------------- helpers

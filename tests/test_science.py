@@ -1,4 +1,4 @@
-"""Config keys and plain functions of the lottery-ticket science features (DESIGN.md section 9):
+"""Config keys and plain functions of the lottery-ticket science features (docs/design.md section 9):
 per-layer pruning rates, late-resetting checks, a user's own networks and criteria."""
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_new_keys_have_defaults_and_take_values(tmp_path):
     ({"model.name": "examples.custom:no_such_factory"}, "has no attribute 'no_such_factory'"),
     ({"model.name": "examples.custom"}, "model.name='examples.custom' is not allowed"),
     ({"prune.criterion": "math:sqrt"}, "must accept (inputs, masks)"),
-    ({"prune.criterion": "utils.pruning_utils:CONFIG_DEFAULTS"}, "is a dict, not a function"),
+    ({"prune.criterion": "utils.pruning_utils:SCORES"}, "is a dict, not a function"),
 ])
 def test_science_contradictions_are_refused_in_one_line(tmp_path, overrides, fragment):
     with pytest.raises(hp.ConfigError) as error:

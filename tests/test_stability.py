@@ -1,4 +1,4 @@
-"""utils/stability.py: the error barrier on the linear path between two networks (DESIGN.md section 9)."""
+"""utils/stability.py: the error barrier on the linear path between two networks (docs/design.md section 9)."""
 from __future__ import annotations
 
 import copy

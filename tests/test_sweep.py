@@ -15,14 +15,7 @@ import yaml
 
 from tests.helpers import ROOT, digits_config, write_config
 from utils import sweep as sw
-from utils.write_beton import ensure_digits
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 def base_config(tmp_path, digits, **overrides):
@@ -65,6 +58,51 @@ def test_expansion_names_and_commands(tmp_path, digits, capsys):
     assert not (tmp_path / "runs").exists()  # a dry run creates nothing
 
 
+def test_zip_varies_lists_together_beside_the_grid(tmp_path, digits):
+    base = base_config(tmp_path, digits)
+    path = sweep_file(tmp_path, {"base": str(base), "name": "paired", "grid": {"prune.training_type": ["imp", "lrr"]},
+                                 "zip": {"experiment.seed": [0, 1, 2], "optimizer.lr": [0.1, 0.2, 0.4]}})
+    sweep = sw.parse_sweep(path)
+    sw.validate_runs(sweep)
+    assert [r.name for r in sweep.runs] == [f"training_type-{t}_seed-{s}_lr-{lr}" for t in ("imp", "lrr")
+                                            for s, lr in ((0, 0.1), (1, 0.2), (2, 0.4))]
+    assert [(r.config["experiment.seed"], r.config["optimizer.lr"]) for r in sweep.runs[:3]] == \
+        [(0, 0.1), (1, 0.2), (2, 0.4)]
+    only_zip = sweep_file(tmp_path, {"base": str(base), "name": "z", "zip": {"experiment.seed": [3, 4]}}, "z.yaml")
+    assert [r.name for r in sw.parse_sweep(only_zip).runs] == ["seed-3", "seed-4"]
+
+
+def test_controls_expand_after_their_sources_with_masks_and_seeds(tmp_path, digits, capsys):
+    """Each run of the grid gets its reinit (seed + 1000 by default, or the offset given) and shuffle
+    (its own seed) controls, listed after every source, reading the source's directory."""
+    base = base_config(tmp_path, digits)
+    path = sweep_file(tmp_path, {"base": str(base), "name": "study", "zip": {"experiment.seed": [0, 1, 2]},
+                                 "controls": {"reinit": None, "shuffle": {"overrides": {"training.epochs": 2}}}})
+    assert sw.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "9 run(s)" in out and "control reinit of seed-1, seed 1001" in out and "control shuffle of seed-2, seed 2" in out
+    sweep = sw.parse_sweep(path)
+    sw.validate_runs(sweep)
+    names = [r.name for r in sweep.runs]
+    assert names == ["seed-0", "seed-1", "seed-2"] + [f"seed-{s}_{c}" for s in (0, 1, 2) for c in ("reinit", "shuffle")]
+    directory = tmp_path / "runs" / "study"
+    for run in sweep.runs[3:]:
+        source = run.name.split("_")[0]
+        seed = int(source.split("-")[1])
+        assert run.config["prune.masks_from"] == str(directory / source)
+        assert run.config["prune.control"] == run.control.control
+        assert run.config["experiment.seed"] == (seed + 1000 if run.control.control == "reinit" else seed)
+        assert run.config["training.epochs"] == (2 if run.control.control == "shuffle" else 1)
+        assert run.directory == directory / run.name
+    assert all(not r.config["prune.masks_from"] for r in sweep.runs[:3])
+    listed = sw.parse_sweep(sweep_file(tmp_path, {"base": str(base), "name": "s2", "grid": {"experiment.seed": [5]},
+                                                  "controls": ["reinit", "shuffle"]}, "s2.yaml"))
+    sw.validate_runs(listed)
+    assert [(r.name, r.config["experiment.seed"]) for r in listed.runs] == \
+        [("seed-5", 5), ("seed-5_reinit", 1005), ("seed-5_shuffle", 5)]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_ambiguous_short_names_use_the_full_key():
     assert sw.run_names(["model.name", "optimizer.name", "experiment.seed"], [("lenet", "sgd", 0)]) == \
         ["model.name-lenet_optimizer.name-sgd_seed-0"]
@@ -80,8 +118,10 @@ def test_local_slots():
 
 # ------------------------------------------------------------------------------- refusals
 BAD = {
-    "unknown key in the grid": ({"grid": {"prune.rat": [0.1, 0.2]}}, ["run rat-0.1", "unknown key prune.rat"]),
-    "unknown section in the grid": ({"grid": {"pruning.rate": [0.1]}}, ["unknown section 'pruning'"]),
+    "unknown key in the grid": ({"grid": {"prune.rat": [0.1, 0.2]}}, ["run rat-0.1", "unknown key prune.rat",
+                                                                      "did you mean prune.rate?"]),
+    "unknown section in the grid": ({"grid": {"pruning.rate": [0.1]}}, ["unknown section 'pruning'",
+                                                                        "did you mean prune.rate?"]),
     "wrong type in the grid": ({"grid": {"experiment.seed": [0, "x"]}}, ["run seed-x", "experiment.seed='x'"]),
     "value outside its set": ({"grid": {"prune.training_type": ["lrr", "bogus"]}}, ["prune.training_type='bogus'"]),
     "contradiction between keys": ({"grid": {"prune.training_type": ["at_init"]}}, ["at_init"]),
@@ -96,6 +136,21 @@ BAD = {
     "bad override": ({"overrides": {"training.epochs": 0}}, ["training.epochs=0"]),
     "bad name": ({"name": "a/b"}, ["must be a plain directory name"]),
     "colliding run names": ({"grid": {"optimizer.lr": [0.1, "0.1"]}}, ["give the same run name"]),
+    "zip lists of unequal lengths": ({"zip": {"optimizer.lr": [0.1, 0.2, 0.3], "optimizer.momentum": [0.9, 0.8]}},
+                                     ["zip lists are varied together and must have one length",
+                                      "optimizer.lr: 3 values, optimizer.momentum: 2 values"]),
+    "a key both in grid and zip": ({"zip": {"experiment.seed": [0, 1]}}, ["experiment.seed is both in the grid and in zip"]),
+    "zip value not a list": ({"zip": {"optimizer.lr": 0.1}}, ["zip key optimizer.lr must be a list"]),
+    "unknown control": ({"controls": ["shufle"]}, ["'shufle' is not a control; valid: none, reinit, shuffle"]),
+    "reinit with its source's seed": ({"controls": {"reinit": {"seed_offset": 0}}}, ["seed_offset=0", "ticket's own"]),
+    "a control sets its seed": ({"controls": {"shuffle": {"overrides": {"experiment.seed": 3}}}},
+                                ["cannot set experiment.seed"]),
+    "unknown key in a control": ({"controls": {"shuffle": {"seed": 3}}}, ["unknown key 'seed'"]),
+    "none repeating its source": ({"controls": ["none"]}, ["would repeat the source run"]),
+    "a bad control override": ({"controls": {"shuffle": {"overrides": {"training.epochs": 0}}}},
+                               ["run seed-0_shuffle", "training.epochs=0"]),
+    "controls of a control": ({"overrides": {"prune.masks_from": "runs/x"}, "controls": ["shuffle"]},
+                              ["run seed-0 is itself a control"]),
 }
 
 
@@ -249,3 +304,30 @@ def test_shipped_sweep_files_expand_and_validate(path, capsys, monkeypatch):
     assert sw.main([str(path.relative_to(ROOT)), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "to run" in out and "torchrun --standalone" in out
+
+
+def test_sweep_and_harness_judge_an_old_run_directory_by_one_rule(tmp_path):
+    """A key an older config.yaml lacks counts as its default for the sweep exactly as for the
+    harness: at its default the run resumes, at another value both call it another run."""
+    import shutil
+
+    import harness_params
+    import harness_utils as hu
+    from utils import rundir
+
+    base = {"model.name": "lenet_300_100", "dataset.name": "digits", "dataset.train_path": "a",
+            "dataset.test_path": "b", "experiment.name": "old", "experiment.base_dir": str(tmp_path),
+            "prune.levels": "2"}
+    for value, expected in (("0.1", "partial"), ("0.3", "conflict")):
+        resolved = harness_params.resolve(None, {**base, "prune.min_channel_fraction": value})
+        old = {k: v for k, v in resolved.items() if k != "prune.min_channel_fraction"}  # written before the key
+        root = tmp_path / "old"
+        rundir.RunFiles(root).create(rundir.config_bytes(old))
+        run = sw.Run(name="old", values={}, argv=[], config=resolved)
+        assert sw.run_status(run) == expected
+        if expected == "conflict":
+            with pytest.raises(hu.UserError, match="prune.min_channel_fraction"):
+                hu.decide_experiment_dir(resolved, restarted=False)
+        else:
+            assert hu.decide_experiment_dir(resolved, restarted=False).action == "resume"
+        shutil.rmtree(root)

@@ -17,14 +17,7 @@ from tests.test_resume import assert_same_results, run_in_process
 from utils import mask_layers
 from utils import pruning_utils as pu
 from utils.training import TrainingStep
-from utils.write_beton import ensure_digits
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits(out)
-    return out
 
 
 # ------------------------------------------------------------------ 1. WR after SIGTERM

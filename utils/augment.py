@@ -1,6 +1,6 @@
 """The random numbers of training augmentation, and the crop boxes they choose.
 
-DESIGN.md section 8: the random numbers that augment sample ``i`` in epoch ``e`` are a
+The random numbers that augment sample ``i`` in epoch ``e`` are a
 function of (``seed``, ``e``, ``i``) only.  Every loader back-end draws them here:
 
 * ``augment_uniforms(seed, epoch, indices, count)``: numpy, vectorized (the torch and

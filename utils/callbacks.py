@@ -27,16 +27,25 @@ Training epoch (``EpochState``, utils.training)::
                               early (the caller checkpoints mid-epoch); the last batch cannot be stopped
     on_epoch_end(state)       after the last batch, before the epoch's sums are reduced across ranks
 
+Inside every optimizer step (``utils.training.TrainingStep``)::
+
+    after_backward            None, or ``fn(model)`` called after backward, before the step
+                              (e.g. network slimming's L1 penalty on BatchNorm scales)
+
 State that must survive a resume (e.g. Early-Bird's recent masks, a tracker's last step):
-a callback with a ``name`` attribute and ``state_dict()`` / ``load_state_dict(state)`` has
-its state written into every ``last.pt`` under ``callbacks[name]`` and given back on resume
-(tensors and plain containers only: checkpoints load with weights_only=True).
+a callback whose ``name`` is set has ``state_dict()`` written into every ``last.pt`` under
+``callbacks[name]`` and ``load_state_dict(state)`` called with it on resume (tensors and plain
+containers only: checkpoints load with weights_only=True).
+
+``in_every_training = True``: the callback also runs when the stability analysis trains its
+second copy (e.g. channel zeroing; trackers and Early-Bird do not).  ``close()`` is called
+once when the run ends, however it ends.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -56,6 +65,10 @@ class LevelInfo:
 
 
 class Callback:
+    name: Optional[str] = None            # set: state_dict() goes into last.pt under this name
+    in_every_training = False             # also runs in the stability analysis' second copy
+    after_backward: Optional[Callable[[torch.nn.Module], None]] = None
+
     # level loop
     def on_run_start(self, info: LevelInfo) -> None: ...
     def on_masks_agreed(self, info: LevelInfo) -> None: ...
@@ -68,6 +81,20 @@ class Callback:
     def on_epoch_start(self, state) -> None: ...
     def on_step_end(self, state) -> None: ...
     def on_epoch_end(self, state) -> None: ...
+    # resume and teardown
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class AfterBackward(Callback):
+    """Puts ``hook(model)`` into every training step, after backward (e.g. training.bn_l1)."""
+    in_every_training = True
+
+    def __init__(self, hook: Callable[[torch.nn.Module], None]):
+        self.after_backward = hook
 
 
 def fire(callbacks: Iterable[Callback], hook: str, argument: Any) -> None:

@@ -13,23 +13,20 @@ nothing here reads a config or knows the experiment directory's layout.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import errno
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
+from utils.atomic_io import (  # noqa: F401  (re-exported: checkpoints are written through these)
+    TEMPORARY_SUFFIX, WriteFailed, atomic_write, atomic_write_bytes, make_dirs, remove_stale_temporaries,
+    write_failure_cause, writing)
 from utils.errors import UserError
 
 CHECKPOINT_FORMAT = 1
-TEMPORARY_SUFFIX = ".tmp"  # the atomic writers' temporary files: .NAME.XXXX.tmp beside NAME
 REQUIRED_KEYS = {
     "init": ("model",),
     "rewind": ("model", "optimizer", "schedule"),
@@ -39,139 +36,13 @@ REQUIRED_KEYS = {
 LAST_CHECKPOINT_KEYS = REQUIRED_KEYS["last"]
 
 
-# ------------------------------------------------------------------------ atomic files
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class CorruptCheckpoint(UserError):
     """A checkpoint file that cannot be read or is not one of ours (see load_checkpoint)."""
 
 
-class WriteFailed(Exception):
-    """A file could not be written (disk full, quota, read-only, ...).  The message is one
-    line naming the file and the cause; whatever was written before is intact."""
-
-
-_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-           errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-           errno.EIO: "input/output error"}
-
-
-def write_failure_cause(error: BaseException, directory) -> str:
-    """A short cause for a failed write.  torch.save reports a full disk as a RuntimeError
-    ('unexpected pos ...'), losing the errno: then the directory is probed."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in _CAUSES:
-            return _CAUSES[error.errno]
-        error = error.__cause__ or error.__context__
-    try:
-        if shutil.disk_usage(directory).free < 1 << 20:
-            return "no space left on device"
-        if not os.access(directory, os.W_OK):
-            return "the directory is not writable (read-only file system or permissions)"
-    except OSError:
-        pass
-    return "write error"
-
-
-@contextlib.contextmanager
-def writing(path):
-    """Turn any failure of the write of ``path`` into one WriteFailed line."""
-    try:
-        yield
-    except WriteFailed:
-        raise
-    except (OSError, RuntimeError) as error:
-        detail = " ".join(str(error).split())[:120]
-        raise WriteFailed(f"cannot write {path}: {write_failure_cause(error, Path(path).parent)} "
-                          f"({type(error).__name__}: {detail}); the last checkpoint is intact: fix that and run "
-                          f"the same command to resume") from error
-
-
-def _atomic_write(path, write: Callable[[Any], None], keep_previous=None) -> None:
-    """``write(handle)`` into a temporary file beside ``path``, fsync, rename: readers see the
-    old file or the new one, never half.  ``keep_previous``: the replaced file is kept there
-    (hard link, so ``path`` is never missing)."""
-    path = Path(path)
-    with writing(path):
-        make_dirs(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if keep_previous is not None and path.exists():
-                _keep_previous(path, Path(keep_previous))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
-
-
-def _keep_previous(path: Path, previous: Path) -> None:
-    fd, link = tempfile.mkstemp(prefix=f".{previous.name}.", suffix=TEMPORARY_SUFFIX, dir=previous.parent)
-    os.close(fd)
-    os.unlink(link)
-    try:
-        os.link(path, link)
-    except OSError:  # no hard links here: a copy, still never leaving ``path`` missing
-        shutil.copyfile(path, link)
-    os.replace(link, previous)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    _atomic_write(path, lambda handle: handle.write(data))
-
-
 def atomic_torch_save(obj: Any, path, keep_previous=None) -> None:
     """torch.save through a temporary file + fsync + rename (no whole-file copy in memory)."""
-    _atomic_write(path, lambda handle: torch.save(obj, handle), keep_previous)
-
-
-def make_dirs(path) -> None:
-    """mkdir -p, then fsync every parent whose entries changed, so a crash right after
-    cannot lose the directory that files just written into it are in."""
-    path = Path(path)
-    with writing(path):
-        _make_dirs(path)
-
-
-def _make_dirs(path: Path) -> None:
-    missing = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    path.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
-        _fsync_dir(created.parent)
-
-
-def remove_stale_temporaries(root) -> List[Path]:
-    """Delete the temporary files a killed writer left (``.NAME.XXXX.tmp``) under ``root``.
-
-    Only rank 0 writes and only while running, so at (re)start every such file is garbage:
-    a checkpoint killed mid-write would otherwise leave up to a checkpoint's size behind.
-    """
-    removed = []
-    for path in Path(root).rglob(f".*{TEMPORARY_SUFFIX}"):
-        if path.is_file():
-            path.unlink()
-            removed.append(path)
-    return removed
+    atomic_write(path, lambda handle: torch.save(obj, handle), keep_previous)
 
 
 def detached_copy(obj: Any) -> Any:
@@ -248,7 +119,7 @@ def save_checkpoint(path, kind: str, *, config: Dict[str, Any], snapshot: Option
              **(snapshot if snapshot is not None else training_snapshot(model, optimizer, schedule)), **progress}
     if kind == "last":
         state.update(scaler=scaler.state_dict(), rng=rng_state())
-        kept = {cb.name: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}
+        kept = {cb.name: cb.state_dict() for cb in callbacks if getattr(cb, "name", None)}
         if kept:
             state["callbacks"] = kept
     missing = [key for key in REQUIRED_KEYS[kind] if key not in state]
@@ -295,7 +166,7 @@ def restore(state: Dict[str, Any], *, model: torch.nn.Module, optimizer: Optiona
     if rng:
         set_rng_state(state["rng"])
     for cb in callbacks:
-        if hasattr(cb, "load_state_dict") and cb.name in state.get("callbacks", {}):
+        if getattr(cb, "name", None) and cb.name in state.get("callbacks", {}):
             cb.load_state_dict(state["callbacks"][cb.name])
 
 

@@ -1,6 +1,13 @@
 """Compaction: a channel-pruned level -> a physically smaller network, checked and measured.
 
     python -m utils.compact --experiment DIR --level L --out FILE.pt [--batch-size N] [--repeats R]
+    python -m utils.compact --experiment DIR --level L --format semi-structured [--batch-size N] [--repeats R]
+
+``--format semi-structured`` (an N:M run's 2:4 level, ``utils/nm_sparsity.py``): on a CUDA GPU of
+compute capability >= 8.0, the level's 2:4 linear layers become torch's semi-structured sparse
+tensors (fp16), the outputs are checked against the dense fp16 network and the inference time
+of both is printed (nothing is written); anywhere else it says in one line that it needs such a
+GPU (exit status 2).
 
 * Reads ``DIR/config.yaml`` (model, dataset, ``prune.exclude``, ``prune.structure`` must be
   ``channel``), the level's masks ``DIR/masks/level_L.pt`` and the level's FINAL weights:
@@ -35,7 +42,6 @@ import copy
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -44,6 +50,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from utils.atomic_io import atomic_output
+from utils.rundir import RunDirError, RunFiles, as_tree, read_config
 from utils.mask_layers import MaskedLayer, masked_layers
 from utils.structured import (
     ChannelStructure,
@@ -170,9 +178,9 @@ def median_seconds(function, device: torch.device, repeats: int = 10, warmup: in
 
 
 def inference_seconds(model: nn.Module, input_shape: Sequence[int], batch: int, device: torch.device,
-                      repeats: int = 10) -> float:
+                      repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
     model = model.to(device).eval()
-    inputs = torch.randn(batch, *input_shape, device=device)
+    inputs = torch.randn(batch, *input_shape, device=device, dtype=dtype)
 
     def run():
         with torch.inference_mode():
@@ -214,25 +222,16 @@ def save_portable(model: nn.Module, input_shape: Sequence[int], path: str) -> st
     FutureWarnings are silenced here because the user asked for that format by the name.
     """
     model = model.to("cpu").eval()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     exported = str(path).endswith(".pt2")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".compact-", suffix=".pt2" if exported else ".tmp")
-    os.close(handle)
-    try:
+    with atomic_output(path, keep_suffix=True) as temporary:
         if exported:
             program = torch.export.export(model, (torch.zeros(2, *input_shape),),
                                           dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
-            torch.export.save(program, temporary)
+            torch.export.save(program, str(temporary))
         else:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", FutureWarning)
-                torch.jit.save(torch.jit.trace(model, torch.zeros(1, *input_shape)), temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+                torch.jit.save(torch.jit.trace(model, torch.zeros(1, *input_shape)), str(temporary))
     return "torch.export" if exported else "TorchScript"
 
 
@@ -243,18 +242,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _read_config(directory: Path) -> Dict[str, Dict]:
-    import yaml
-
-    path = directory / "config.yaml"
-    if not path.is_file():
-        raise UsageError(f"{directory} is not an experiment directory (no config.yaml)")
+    """The run's config.yaml (utils.rundir.read_config), nested by section."""
     try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise UsageError(f"{path} is not a config of this harness")
-    return tree
+        return as_tree(read_config(directory))
+    except RunDirError as error:
+        raise UsageError(str(error)) from None
 
 
 def _load(path: Path) -> Dict:
@@ -277,10 +269,10 @@ def _model_state(checkpoint) -> Dict[str, torch.Tensor]:
 
 def level_weights(directory: Path, level: int) -> Tuple[Dict[str, torch.Tensor], str]:
     """(model state of level ``level``'s end, the file it came from), or UsageError."""
-    per_level = directory / "checkpoints" / f"level_{level}.pt"
+    per_level = RunFiles(directory).level_weights(level)
     if per_level.is_file():
         return _model_state(_load(per_level)), str(per_level)
-    last = directory / "checkpoints" / "last.pt"
+    last = RunFiles(directory).last_checkpoint
     if not last.is_file():
         raise UsageError(f"{directory} has no checkpoints/last.pt: no finished level to compact")
     checkpoint = _load(last)
@@ -299,49 +291,42 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     parser = _Parser(prog=PROG, description="Turn a channel-pruned level into a smaller network.")
     parser.add_argument("--experiment", required=True, help="experiment directory (config.yaml, masks/, checkpoints/)")
     parser.add_argument("--level", required=True, type=int, help="the level to compact")
-    parser.add_argument("--out", required=True, help="output file: NAME.pt2 (torch.export) or NAME.pt (TorchScript)")
+    parser.add_argument("--out", help="output file: NAME.pt2 (torch.export) or NAME.pt (TorchScript); "
+                                      "--format smaller only (required there)")
+    parser.add_argument("--format", choices=("smaller", "semi-structured"), default="smaller",
+                        help="smaller (default): channel-pruned -> fewer channels; semi-structured: a 2:4 level's "
+                             "linear layers as torch's semi-structured sparse tensors, timed against dense (CUDA, "
+                             "compute capability >= 8.0)")
     parser.add_argument("--batch-size", type=int, help="training batch for timing (default dataset.batch_size)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median; default 10)")
     parser.add_argument("--no-timing", action="store_true", help="skip the timings")
     args = parser.parse_args(argv)
+    if args.format == "semi-structured":
+        from utils import nm_sparsity
+
+        unavailable = nm_sparsity.semi_structured_unavailable()  # first: nothing else matters without it
+        if unavailable:
+            raise UsageError(f"--format semi-structured {unavailable}")
+        if args.out is not None:
+            raise UsageError("--out does not apply to --format semi-structured (it measures; nothing is written)")
+    elif args.out is None:
+        raise UsageError("the following arguments are required: --out")
     if args.level < 0:
         raise UsageError(f"--level must be >= 0, got {args.level}")
     if args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise UsageError("--repeats and --batch-size must be >= 1")
-    if os.path.isdir(args.out):
+    if args.out is not None and os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a directory")
     directory = Path(args.experiment)
     tree = _read_config(directory)
     prune = tree.get("prune") or {}
+    if args.format == "semi-structured":
+        return _run_semi_structured(args, directory, tree)
     if prune.get("structure", "unstructured") != "channel":
         raise UsageError(f"{directory} was not channel-pruned (prune.structure={prune.get('structure', 'unstructured')}); "
                          f"only channel-pruned levels can be compacted")
-    masks_path = directory / "masks" / f"level_{args.level}.pt"
-    if not masks_path.is_file():
-        raise UsageError(f"{masks_path} does not exist: level {args.level} was not reached")
-    state, source = level_weights(directory, args.level)
-    masks = {name: mask.to(torch.bool) for name, mask in _load(masks_path).items()}
-
-    from utils.dataset import get_dataset_spec
-    from utils.mask_layers import MaskError, prepare_model
-    from utils.models import get_model
-
-    try:
-        model_name, dataset_name = tree["model"]["name"], tree["dataset"]["name"]
-        spec = get_dataset_spec(dataset_name)
-        resolution = (tree["dataset"].get("resolution") or 0) or spec.resolution
-        model = get_model(model_name, num_classes=spec.num_classes, in_channels=spec.channels, image_size=resolution)
-        prepare_model(model, prune.get("exclude") or [])
-    except (KeyError, TypeError, ValueError, MaskError) as error:
-        raise UsageError(f"cannot build the model of {directory}/config.yaml: {str(error).splitlines()[0]}") from None
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UsageError(f"{source} does not fit {model_name} (missing {result.missing_keys[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]})")
-    held = get_current_masks(model)
-    if set(held) != set(masks) or any(not torch.equal(held[name], masks[name]) for name in masks):
-        raise UsageError(f"the masks in {source} differ from {masks_path}: the weights are not level {args.level}'s")
-    input_shape = (spec.channels, resolution, resolution)
+    model, spec, input_shape, source = level_model(directory, tree, args.level)
+    model_name = tree["model"]["name"]
     try:
         structure = build_channel_structure(model, input_shape)
         small = compact_model(model, structure, input_shape)
@@ -355,6 +340,77 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     batch = args.batch_size or int(tree["dataset"].get("batch_size") or 128)
     print(format_comparison(model, small, input_shape, batch=batch, num_classes=spec.num_classes,
                             repeats=args.repeats, timing=not args.no_timing))
+    return 0
+
+
+def level_model(directory: Path, tree: Dict[str, Dict], level: int):
+    """-> (the masked model holding level ``level``'s final weights, the dataset spec, the input
+    shape, the file the weights came from), or UsageError."""
+    masks_path = RunFiles(directory).masks(level)
+    if not masks_path.is_file():
+        raise UsageError(f"{masks_path} does not exist: level {level} was not reached")
+    state, source = level_weights(directory, level)
+    masks = {name: mask.to(torch.bool) for name, mask in _load(masks_path).items()}
+
+    from utils.dataset import resolve_dataset_spec
+    from utils.mask_layers import MaskError, prepare_model
+    from utils.models import get_model
+
+    prune = tree.get("prune") or {}
+    try:
+        model_name, dataset_name = tree["model"]["name"], tree["dataset"]["name"]
+        spec = resolve_dataset_spec(dataset_name, train_path=tree["dataset"].get("train_path"))
+        resolution = (tree["dataset"].get("resolution") or 0) or spec.resolution
+        model = get_model(model_name, num_classes=spec.num_classes, in_channels=spec.channels, image_size=resolution)
+        prepare_model(model, prune.get("exclude") or [])
+    except (KeyError, TypeError, ValueError, MaskError) as error:
+        raise UsageError(f"cannot build the model of {directory}/config.yaml: {str(error).splitlines()[0]}") from None
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UsageError(f"{source} does not fit {model_name} (missing {result.missing_keys[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]})")
+    held = get_current_masks(model)
+    if set(held) != set(masks) or any(not torch.equal(held[name], masks[name]) for name in masks):
+        raise UsageError(f"the masks in {source} differ from {masks_path}: the weights are not level {level}'s")
+    return model, spec, (spec.channels, resolution, resolution), source
+
+
+def _run_semi_structured(args, directory: Path, tree: Dict[str, Dict]) -> int:
+    """A 2:4 level's linear layers as semi-structured sparse tensors vs dense, fp16 on this GPU."""
+    from utils import nm_sparsity
+
+    prune = tree.get("prune") or {}
+    if prune.get("structure") != "nm":
+        raise UsageError(f"{directory} is not an N:M run (prune.structure={prune.get('structure', 'unstructured')}); "
+                         f"--format semi-structured needs a level that keeps 2 of every 4")
+    model, spec, input_shape, source = level_model(directory, tree, args.level)
+    masks = get_current_masks(model)
+    device = torch.device("cuda")
+    dense = strip_masks_(copy.deepcopy(model)).to(device, torch.float16).eval()
+    sparse = copy.deepcopy(dense)
+    converted, skipped = nm_sparsity.to_semi_structured_(sparse, masks)
+    if not converted:
+        reasons = "; ".join(f"{name}: {why}" for name, why in list(skipped.items())[:3]) or "no linear layer"
+        raise UsageError(f"level {args.level} of {directory} has no linear layer that torch can hold as 2:4 "
+                         f"semi-structured ({reasons})")
+    batch = args.batch_size or int(tree["dataset"].get("batch_size") or 128)
+    inputs = torch.randn(batch, *input_shape, device=device, dtype=torch.float16)
+    with torch.inference_mode():
+        expected, got = dense(inputs).float(), sparse(inputs).float()
+    difference, scale = float((expected - got).abs().max()), float(expected.abs().max())
+    if not difference <= 1e-2 * max(scale, 1.0):  # fp16 rounding of the same products, summed in another order
+        raise CompactionError(f"semi-structured outputs differ from dense by {difference:.3g} (scale {scale:.3g})")
+    print(f"{PROG}: level {args.level} of {directory} (weights from {source}), {torch.cuda.get_device_name()}, fp16")
+    print(f"2:4 semi-structured: {len(converted)} linear layers ({', '.join(converted[:6])}"
+          f"{', ...' if len(converted) > 6 else ''}); dense: {len(skipped)} others"
+          + (f" ({'; '.join(f'{name}: {why}' for name, why in list(skipped.items())[:3])})" if skipped else ""))
+    print(f"outputs: semi-structured vs dense max |difference| {difference:.3g} (output scale {scale:.3g})")
+    if not args.no_timing:
+        for size in (1, batch):
+            times = [inference_seconds(net, input_shape, size, device, args.repeats, dtype=torch.float16)
+                     for net in (dense, sparse)]
+            print(f"inference ms, batch {size}, cuda fp16: dense {1e3 * times[0]:.3f}, semi-structured "
+                  f"{1e3 * times[1]:.3f}, speed-up {times[0] / times[1]:.2f}x")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Controls: train, level by level, the masks another experiment wrote (DESIGN.md section 9).
+"""Controls: train, level by level, the masks another experiment wrote.
 
 ``prune.masks_from=runs/X`` makes a run (the *control*) train X's masks instead of pruning
 by itself: at level L it trains ``X/masks/level_L.pt``, with its own config's training
@@ -15,7 +15,7 @@ its own directory as any run does.  ``prune.control`` says what it does with the
              with (``experiment.seed``, layer index in module order): level L keeps the
              count_l(L) weights of highest priority.  So each level's mask is a uniformly
              random one with X's per-layer counts, and the masks of successive levels nest
-             (masks only shrink, DESIGN.md section 5) -- which per-level independent draws
+             (masks only shrink, as in every run) -- which per-level independent draws
              seeded by (seed, level) would not give; every level's marginal distribution is
              the same either way.
 
@@ -32,6 +32,30 @@ made with another ``model.name``, ``dataset.name`` or ``prune.exclude``, has no 
 ``checkpoints/init.pt`` (key ``model``) fitting this model, or whose finished levels' mask
 files are missing, unreadable or do not fit this model's prunable layers (names, shapes).
 
+Level 0 taken, not retrained (``take_level_zero``): a ``none`` or ``shuffle`` control starts
+from its source's initial weights, and a source's level 0 is dense, so when nothing else
+differs the control's level 0 would be an exact copy of the source's -- the same training
+computed again.  It is taken instead: the source's level-0 rows of ``epochs.csv``,
+``levels.csv`` and ``layers.csv`` are copied (timing columns included: what the numbers cost),
+its ``masks/level_0.pt`` too, and ``reused.csv`` (``level, source, reason``) says which level
+came from where; the control trains from level 1 on.  All of these must hold, else it trains
+level 0 and says why in one line:
+
+* ``prune.control`` is ``none`` or ``shuffle`` (``reinit`` starts from its own weights);
+* ``prune.training_type`` is ``imp``: later levels start from the initial weights (the
+  source's ``init.pt``, which the control has).  ``wr`` and ``lrr`` start them from level 0's
+  rewind point or trained weights, which the source does not keep for others;
+* the configs are the same apart from ``prune.masks_from``, ``prune.control``,
+  ``prune.levels`` and the keys that never change results (the harness's rule, passed in as
+  ``semantic_difference``): same seed (so the same data order), loader, optimizer, epochs,
+  precision, ...; no stability analysis, Early-Bird or channel structure (they write files
+  of their own at level 0);
+* the source's level 0 is finished and dense (its mask keeps every weight), with every
+  epoch's row and every layer's row there, in CSV files with the control's columns;
+* it ran on the same device type as the control, with the same number of processes
+  whenever that changes the model (BatchNorm with per-rank statistics:
+  ``run_facts.batchnorm_processes``), as its last checkpoint records.
+
 Everything here takes plain arguments; nothing reads the global config.
 """
 from __future__ import annotations
@@ -45,13 +69,16 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import yaml
 from torch import nn
 
 from utils.mask_layers import Masks, mask_buffer_names, masked_layers
+from utils.rundir import RunDirError, RunFiles, read_config
+from utils.training_types import get_training_type
 from utils.pruning_utils import iterative_densities, keep_top_k, layer_rate_plan
 
 CONTROLS = ("none", "reinit", "shuffle")
+# Keys in which a control may differ from its source and still train the same level 0.
+LEVEL_ZERO_FREE_KEYS = ("prune.masks_from", "prune.control", "prune.levels")
 # Keys whose values must be the same in the source's config and the control's.
 MATCHING_KEYS = ("model.name", "dataset.name", "prune.exclude")
 
@@ -69,15 +96,15 @@ class Source:
     planned_densities: List[float]              # their target densities, as the source computes them
 
     def mask_path(self, level: int) -> Path:
-        return self.root / "masks" / f"level_{level}.pt"
+        return RunFiles(self.root).masks(level)
 
     @property
     def levels_csv(self) -> Path:
-        return self.root / "levels.csv"
+        return RunFiles(self.root).levels.path
 
     @property
     def init_checkpoint(self) -> Path:
-        return self.root / "checkpoints" / "init.pt"
+        return RunFiles(self.root).init_checkpoint
 
 
 def _first_line(error: BaseException) -> str:
@@ -86,17 +113,10 @@ def _first_line(error: BaseException) -> str:
 
 
 def _read_config(root: Path) -> Dict[str, Any]:
-    path = root / "config.yaml"
     try:
-        with open(path) as handle:
-            tree = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ControlError(f"prune.masks_from={root}: no config.yaml there; it is not an experiment directory") from None
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ControlError(f"prune.masks_from={root}: cannot read config.yaml ({_first_line(error)})") from None
-    if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
-        raise ControlError(f"prune.masks_from={root}: config.yaml is not a config of this harness")
-    return {f"{section}.{key}": value for section, keys in tree.items() for key, value in keys.items()}
+        return read_config(root)
+    except RunDirError as error:
+        raise ControlError(f"prune.masks_from={error}") from None
 
 
 def _same_directory(a: Path, b: Path) -> bool:
@@ -131,7 +151,7 @@ def read_source(path, config: Mapping[str, Any], model: nn.Module) -> Source:
         if mine != theirs:
             raise ControlError(f"prune.masks_from={path} was made with {key}={theirs!r}, this run has {key}={mine!r}")
     layer_shapes = {name: tuple(layer.weight.shape) for name, layer in masked_layers(model)}
-    _check_initial_weights(root / "checkpoints" / "init.pt", model, path)
+    _check_initial_weights(RunFiles(root).init_checkpoint, model, path)
     planned = _planned_densities(source_config, model, path)
     source = Source(root=root, config=source_config, layer_shapes=layer_shapes,
                     planned_levels=len(planned), planned_densities=planned)
@@ -147,7 +167,7 @@ def read_source(path, config: Mapping[str, Any], model: nn.Module) -> Source:
 def _planned_densities(source_config: Mapping[str, Any], model: nn.Module, path) -> List[float]:
     """The target densities of the source's levels, as its own run computes them."""
     try:
-        if source_config.get("prune.training_type") == "at_init":
+        if get_training_type(source_config.get("prune.training_type", "imp")).one_shot:
             return [float(source_config["prune.target_density"])]
         rate, levels = float(source_config["prune.rate"]), source_config.get("prune.levels")
         if source_config.get("prune.layer_rates"):
@@ -295,3 +315,107 @@ def wait_for_level(source: Source, level: int, *, poll_s: float = 30.0, timeout_
         step = poll_s if timeout_s is None else max(0.0, min(poll_s, timeout_s - waited))
         sleep(step)
         waited += step if step > 0 else math.inf
+
+
+# ------------------------------------------------------------------ level 0 taken from the source
+def _csv_rows(path: Path) -> Tuple[List[str], List[Dict[str, str]]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def level_zero_difference(source: Source, config: Mapping[str, Any], model: nn.Module, *, world_size: int,
+                          device_type: str, columns: Mapping[str, List[str]],
+                          semantic_difference: Callable[[Mapping[str, Any], Mapping[str, Any]], List[str]]) -> Optional[str]:
+    """None when this control's level 0 would be an exact copy of its source's (see the module
+    docstring), else why not (a phrase).  ``columns``: the control's CSV logs' columns
+    (``{"epochs": [...], "levels": [...], "layers": [...]}``); ``semantic_difference(a, b)``: the
+    keys whose values differ in what a run computes (the harness's rule)."""
+    from utils import run_facts
+    control = config.get("prune.control")
+    if control not in ("none", "shuffle"):
+        return f"prune.control={control} starts from its own initial weights"
+    kind = config.get("prune.training_type")
+    if kind != "imp":
+        return (f"prune.training_type={kind}: later levels start from level 0's trained state, which the "
+                f"source does not keep")
+    for key, off in (("analysis.stability", False), ("prune.early_bird", False), ("prune.structure", "unstructured")):
+        if config.get(key, off) not in (off, None):
+            return f"{key}={config.get(key)} writes files of its own at level 0"
+    differing = [k for k in semantic_difference(source.config, dict(config)) if k not in LEVEL_ZERO_FREE_KEYS]
+    if differing:
+        return "its config differs from the source's in " + ", ".join(differing[:4]) + (" ..." if len(differing) > 4 else "")
+    if finished_levels(source) < 1:
+        return "the source's level 0 is not finished"
+    masks = load_level_masks(source, 0)
+    if not all(bool(mask.all()) for mask in masks.values()):
+        return "the source's level 0 is pruned (not dense)"
+    execution = run_facts.recorded_execution(source.root, source.config.get("training.device"))
+    if execution is None:
+        return "the source's checkpoints/last.pt does not say how it ran"
+    if execution.device_type != device_type:
+        return f"the source ran on {execution.device_type}, this run on {device_type}"
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    sync_bn = config.get("distributed.sync_bn", "auto")
+    theirs = run_facts.batchnorm_processes(world_size=execution.world_size, device_type=execution.device_type,
+                                           sync_bn=source.config.get("distributed.sync_bn", "auto"),
+                                           has_batchnorm=has_batchnorm)
+    mine = run_facts.batchnorm_processes(world_size=world_size, device_type=device_type, sync_bn=sync_bn,
+                                         has_batchnorm=has_batchnorm)
+    if theirs != mine:
+        return (f"its BatchNorm statistics were per-rank over {theirs} process(es), this run's over {mine} "
+                f"(another model)")
+    expected = {"epochs": int(config.get("training.epochs", 0)), "levels": 1, "layers": len(source.layer_shapes)}
+    for name, wanted in columns.items():
+        path = source.root / f"{name}.csv"
+        try:
+            header, rows = _csv_rows(path)
+        except OSError as error:
+            return f"{path} cannot be read ({_first_line(error)})"
+        if header != list(wanted):
+            return f"{path} has other columns than this run's"
+        count = sum(1 for row in rows if row.get("level") == "0")
+        if name in expected and count != expected[name]:
+            return f"{path} has {count} level-0 rows, {expected[name]} expected"
+    return None
+
+
+def copy_level_zero(source: Source, root, logs: Mapping[str, Any]) -> int:
+    """Append the source's level-0 rows to the control's CSV logs (objects with ``append(row)``,
+    by name: epochs, levels, layers), write its level-0 masks and ``reused.csv``; -> rows copied."""
+    from utils.checkpointing import atomic_torch_save
+    root = Path(root)
+    copied = 0
+    for name, log in logs.items():
+        _, rows = _csv_rows(source.root / f"{name}.csv")
+        for row in rows:
+            if row.get("level") == "0":
+                log.append(row)  # the strings as written: an exact copy
+                copied += 1
+    atomic_torch_save(load_level_masks(source, 0), RunFiles(root).masks(0))
+    reused = RunFiles(root).reused
+    reused.create()
+    reused.append({"level": 0, "source": str(source.root),
+                   "reason": "same config (masks_from, control, levels aside), seed and initial weights; dense level 0"})
+    return copied
+
+
+def take_level_zero(source: Source, config: Mapping[str, Any], model: nn.Module, root, logs: Mapping[str, Any], *,
+                    world_size: int, device_type: str,
+                    semantic_difference: Callable[[Mapping[str, Any], Mapping[str, Any]], List[str]]) -> Tuple[bool, str]:
+    """Rank 0, in a fresh control directory: take the source's level 0 when it is identical
+    (``level_zero_difference``), else leave it to be trained (and remove a ``reused.csv`` an
+    interrupted start may have left).  -> (taken, the line to print)."""
+    root = Path(root)
+    try:
+        why_not = level_zero_difference(source, config, model, world_size=world_size, device_type=device_type,
+                                        columns={name: list(log.columns) for name, log in logs.items()},
+                                        semantic_difference=semantic_difference)
+    except ControlError as error:
+        why_not = str(error)
+    if why_not is not None:
+        RunFiles(root).reused.path.unlink(missing_ok=True)
+        return False, f"level 0 is trained, not taken from {source.root}: {why_not}"
+    rows = copy_level_zero(source, root, logs)
+    return True, (f"level 0 taken from {source.root} ({rows} CSV rows copied; see {RunFiles(root).reused.path}): "
+                  f"it would be an exact copy of the source's")

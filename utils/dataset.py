@@ -1,9 +1,13 @@
-"""Dataset registry, the data order, and two loaders over FFCV ``.beton`` files.
+"""Dataset registry, the data order, and the loaders over FFCV ``.beton`` files.
 
-What is here (see ../shared/DESIGN.md sections 4 and 7):
+What is here:
 
-* ``DATASETS`` / ``get_dataset_spec``: resolution, channels, classes, mean/std, the
-  training augmentation and how ``utils/write_beton.py`` stores the images.
+* ``DATASETS`` / ``get_dataset_spec`` / ``register_dataset``: one ``DatasetSpec`` per dataset:
+  resolution, channels, classes, mean/std, the default training augmentation, how
+  ``utils/write_beton.py`` stores the images and reads the source (``utils/data_sources.py``),
+  whether a mirror flip changes labels.  ``package.module:NAME`` names an outside entry.
+  ``folder`` is completed from its training file's write record (``resolve_dataset_spec``);
+  ``dataset.augment`` replaces the default augmentation (``with_augment``).
 * ``epoch_order``: THE definition of which samples a rank sees in which batch.  Both
   loader back-ends use it, so 1 process and N processes see the same global batches, and
   a run resumed in the middle of an epoch (``start_batch``) sees exactly the batches it
@@ -11,7 +15,7 @@ What is here (see ../shared/DESIGN.md sections 4 and 7):
 * ``make_loader(path, spec, train=..., batch_size=GLOBAL, ...)`` -> a ``BetonLoader``
   whose ``batches(epoch, start_batch)`` yields ``(images, labels)``: float32 normalized
   NCHW images on ``device`` (``torch.channels_last`` when asked) and int64 labels.
-  Two back-ends read the same file:
+  Three back-ends (``LOADER_BACKENDS``) read the same file:
 
   - ``'ffcv'``: ffcv 1.0.2's ``Loader`` (numba-compiled decoding and augmentation).  Our
     order is plugged in as a custom ``TraversalOrder``; ffcv's own distributed sampler is
@@ -50,18 +54,16 @@ import os
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from utils import data_sources as sources
 from utils.augment import (EVAL_CROP_RATIO, FLIP_UNIFORM, RRC_FLIP_UNIFORM, RRC_RATIO, RRC_SCALE, RRC_UNIFORMS,
                            TRANSLATE_UNIFORMS, augment_uniforms, center_crop_box, default_random_crop_box)
-
-
-class DataError(ValueError):
-    """Bad data input: the message is one line naming the file or value and what is allowed."""
+from utils.data_sources import DataError, SourceFormat
 
 
 def _one_line(text: str) -> str:
@@ -71,36 +73,57 @@ def _one_line(text: str) -> str:
 # --------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class DatasetSpec:
+    """One dataset: what the harness needs, and how ``utils/write_beton.py`` reads its source."""
     name: str
     resolution: int          # stored side length (px); ImageNet: default training crop size
     channels: int
     num_classes: int
     mean: tuple              # per channel, [0, 1] units
     std: tuple               # per channel, [0, 1] units
-    train_augment: str       # key of AUGMENTATIONS
+    train_augment: str       # key of AUGMENTATIONS: the default of dataset.augment
     storage: str             # key of STORAGES: how write_beton stores the images
+    flip_changes_labels: bool = False    # a mirror image is another class (digits): no flips, no test-time flip
+    fixed_size: bool = True              # every image is resolution x resolution (False: ImageNet-like)
+    source: Optional[SourceFormat] = None    # how write_beton reads it (None: nothing to write from)
+    classes: Optional[tuple] = None      # class names in label order, when known
+    from_record: bool = False            # size, channels, classes, mean/std come from the write record (folder)
 
 
-DATASETS: Dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
+DATASETS: Dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add ``spec`` to the registry under ``spec.name`` (refused when the name is taken)."""
+    if spec.name in DATASETS and DATASETS[spec.name] != spec:
+        raise DataError(f"dataset name {spec.name!r} is taken; give the new dataset a name of its own")
+    DATASETS[spec.name] = spec
+    return spec
+
+
+for _spec in (
         # CIFAR statistics: per-channel mean / std over the 50,000 training images.
         DatasetSpec("cifar10", 32, 3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                    "crop_flip", "rgb_raw"),
+                    "flip_crop", "rgb_raw", source=sources.CIFAR10),
         DatasetSpec("cifar100", 32, 3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                    "crop_flip", "rgb_raw"),
+                    "flip_crop", "rgb_raw", source=sources.CIFAR100),
         # SVHN: digits are not mirror symmetric, so no flip.
         DatasetSpec("svhn", 32, 3, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
-                    "translate", "rgb_raw"),
-        DatasetSpec("mnist", 28, 1, 10, (0.1307,), (0.3081,), "none", "gray"),
-        DatasetSpec("fashionmnist", 28, 1, 10, (0.2860,), (0.3530,), "none", "gray"),
+                    "crop", "rgb_raw", flip_changes_labels=True, source=sources.SVHN),
+        DatasetSpec("mnist", 28, 1, 10, (0.1307,), (0.3081,), "none", "gray", flip_changes_labels=True,
+                    source=sources.MNIST),
+        DatasetSpec("fashionmnist", 28, 1, 10, (0.2860,), (0.3530,), "none", "gray", flip_changes_labels=True,
+                    source=sources.FASHIONMNIST),
         DatasetSpec("imagenet", 224, 3, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                    "rrc_flip", "rgb_jpg"),
+                    "rrc", "rgb_jpg", fixed_size=False, source=sources.IMAGENET),
         # sklearn's 8x8 digits (values 0..16 stored as round(v * 255 / 16)); statistics over
         # all 1797 images.
-        DatasetSpec("digits", 8, 1, 10, (0.3053,), (0.3759,), "none", "gray"),
-    )
-}
+        DatasetSpec("digits", 8, 1, 10, (0.3053,), (0.3759,), "none", "gray", flip_changes_labels=True,
+                    source=sources.DIGITS),
+        # Any ImageFolder tree of one square size: the rest is measured when it is written and read
+        # back from the training file's write record (``spec_from_record``).
+        DatasetSpec("folder", 0, 0, 0, (), (), "none", "", source=sources.FOLDER, from_record=True),
+):
+    register_dataset(_spec)
 
 
 def _lookup(registry: Dict[str, Any], kind: str, name: str) -> Any:
@@ -112,7 +135,27 @@ def _lookup(registry: Dict[str, Any], kind: str, name: str) -> Any:
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
-    return _lookup(DATASETS, "dataset", name)
+    """The registry entry ``name``, or the ``DatasetSpec`` that ``package.module:NAME`` names
+    (an outside dataset: registered on first use under its own ``spec.name``)."""
+    from utils.user_code import UserCodeError, import_object, is_import_path
+    if not is_import_path(name):
+        return _lookup(DATASETS, "dataset", name)
+    try:
+        spec = import_object(name)
+    except UserCodeError as error:
+        raise DataError(str(error)) from None
+    if not isinstance(spec, DatasetSpec):
+        raise DataError(f"{name} is a {type(spec).__name__}, not a utils.dataset.DatasetSpec")
+    if spec.name in DATASETS and DATASETS[spec.name] != spec:
+        raise DataError(f"{name} is named {spec.name!r}, the name of another registered dataset; "
+                        f"give it a name of its own")
+    return register_dataset(spec)
+
+
+def dataset_names() -> List[str]:
+    """The registered datasets' names (what dataset.name and write_beton --dataset accept, besides
+    package.module:NAME)."""
+    return sorted(DATASETS)
 
 
 @dataclass(frozen=True)
@@ -125,17 +168,54 @@ class AugmentPolicy:
     translate_padding: int   # px; shift uniformly by -p..p in x and y, zero fill (== pad p + random crop)
 
 
+# dataset.augment: these names, or ``default`` (the dataset's own, DatasetSpec.train_augment).
 AUGMENTATIONS: Dict[str, AugmentPolicy] = {
-    "crop_flip": AugmentPolicy(resized_crop=False, horizontal_flip=True, translate_padding=4),
-    "translate": AugmentPolicy(resized_crop=False, horizontal_flip=False, translate_padding=4),
-    "rrc_flip": AugmentPolicy(resized_crop=True, horizontal_flip=True, translate_padding=0),
     "none": AugmentPolicy(resized_crop=False, horizontal_flip=False, translate_padding=0),
+    "flip_crop": AugmentPolicy(resized_crop=False, horizontal_flip=True, translate_padding=4),   # CIFAR-style
+    "crop": AugmentPolicy(resized_crop=False, horizontal_flip=False, translate_padding=4),        # SVHN: no flip
+    "rrc": AugmentPolicy(resized_crop=True, horizontal_flip=True, translate_padding=0),          # ImageNet-style
 }
+DEFAULT_AUGMENT = "default"
 
+
+def augment_names() -> List[str]:
+    """What dataset.augment accepts."""
+    return [DEFAULT_AUGMENT, *AUGMENTATIONS]
 
 
 def get_augment_policy(name: str) -> AugmentPolicy:
     return _lookup(AUGMENTATIONS, "augmentation", name)
+
+
+def _augment_misfit(spec: DatasetSpec, policy: AugmentPolicy) -> Optional[str]:
+    """Why ``policy`` does not suit ``spec`` (None: it does)."""
+    if policy.horizontal_flip and spec.flip_changes_labels:
+        return f"it mirrors images, and a mirrored {spec.name} image is another class (or none)"
+    if not policy.resized_crop and not spec.fixed_size:
+        return f"it uses images at their stored size, and {spec.name}'s images vary in size"
+    if policy.resized_crop and spec.storage == "gray":
+        return f"resized crops are made for RGB images and {spec.name} is greyscale"
+    return None
+
+
+def with_augment(spec: DatasetSpec, augment: str = DEFAULT_AUGMENT) -> DatasetSpec:
+    """``spec`` training with ``augment`` (``default``: its own); a combination that does not
+    apply is a one-line DataError."""
+    if augment in (None, DEFAULT_AUGMENT):
+        return spec
+    why = _augment_misfit(spec, get_augment_policy(augment))
+    if why:
+        allowed = [name for name, policy in AUGMENTATIONS.items() if _augment_misfit(spec, policy) is None]
+        raise DataError(f"dataset.augment={augment} does not suit dataset.name={spec.name}: {why}; "
+                        f"allowed: {', '.join([DEFAULT_AUGMENT, *allowed])}")
+    return replace(spec, train_augment=augment)
+
+
+def uses_resized_crops(spec: DatasetSpec, augment: str = DEFAULT_AUGMENT) -> bool:
+    """Whether ``spec`` trained with ``augment`` takes random resized crops (so its training
+    resolution is free, e.g. progressive resizing)."""
+    name = spec.train_augment if augment in (None, DEFAULT_AUGMENT) else augment
+    return get_augment_policy(name).resized_crop
 
 
 @dataclass(frozen=True)
@@ -157,6 +237,15 @@ STORAGES: Dict[str, StorageFormat] = {
 
 def get_storage(name: str) -> StorageFormat:
     return _lookup(STORAGES, "storage", name)
+
+
+def storage_for(channels: int, jpg: bool) -> str:
+    """The STORAGES key of images with ``channels`` channels, JPEG-compressed or not."""
+    if channels == 1:
+        if jpg:
+            raise DataError("greyscale images are stored raw (JPEG storage is for RGB images)")
+        return "gray"
+    return "rgb_jpg" if jpg else "rgb_raw"
 
 
 # --------------------------------------------------------------------------- data order
@@ -464,14 +553,13 @@ def _validate(beton: BetonFile, spec: DatasetSpec, num_classes: Optional[int]) -
     if beton.num_samples == 0:
         raise DataError(f"{where}: the .beton holds no samples")
     storage = get_storage(spec.storage)
-    policy = get_augment_policy(spec.train_augment)
     shape = summary["image_shape"]
     wanted = f"{spec.resolution}x{spec.resolution} images with {spec.channels} channel(s)"
     # Sizes first: "28x28 images with 1 channel(s), cifar10 expects 32x32 ..." says more
     # than "wrong field type" when someone passes another dataset's file.
     if summary["image_kind"] is not None and shape is not None and len(shape) == 3 and (
             summary["channels"] != spec.channels
-            or (not policy.resized_crop and shape != (spec.resolution, spec.resolution, spec.channels))):
+            or (spec.fixed_size and shape != (spec.resolution, spec.resolution, spec.channels))):
         raise DataError(f"{where}: holds {_describe_images(summary)}, {spec.name} expects {wanted} "
                         f"(is this the .beton of another dataset?)")
     if fields.get(IMAGE_FIELD) != storage.field_kind or fields.get(LABEL_FIELD) != "int":
@@ -482,7 +570,7 @@ def _validate(beton: BetonFile, spec: DatasetSpec, num_classes: Optional[int]) -
         raise DataError(f"{where}: image field is {beton.fields[IMAGE_FIELD].dtype} of shape {shape}; "
                         f"{spec.name} needs uint8 (H, W, {spec.channels})")
     if summary["channels"] != spec.channels or (
-            not policy.resized_crop and shape != (spec.resolution, spec.resolution, spec.channels)):
+            spec.fixed_size and shape != (spec.resolution, spec.resolution, spec.channels)):
         raise DataError(f"{where}: holds {_describe_images(summary)}, {spec.name} expects {wanted} "
                         f"(is this the .beton of another dataset?)")
     classes = spec.num_classes if num_classes is None else int(num_classes)
@@ -494,8 +582,11 @@ def _validate(beton: BetonFile, spec: DatasetSpec, num_classes: Optional[int]) -
 
 # -- the write record: what utils/write_beton.py wrote, next to the file
 RECORD_SUFFIX = ".json"
-RECORD_FORMAT = "beton-write-record/1"
+RECORD_FORMAT = "beton-write-record/2"
+OLD_RECORD_FORMATS = ("beton-write-record/1",)   # still read (no classes, size, channels, mean/std)
 CHECKSUM_AUTO_LIMIT = 1 << 30     # verify_checksum=None hashes files up to this size (CIFAR train: 0.16 GB)
+STATISTICS_SAMPLE = 20_000        # images of varying size: mean/std over this many, evenly spread
+_STATISTICS_CHUNK = 4096
 
 
 def record_path(path) -> str:
@@ -512,14 +603,63 @@ def file_sha256(path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def make_record(path, spec: DatasetSpec, split: str) -> dict:
-    """The write record of a validated .beton (see ``write_beton``): dataset, split, sample
-    count, classes, image shape (None: varying), storage, size and SHA-256 of the file."""
-    summary = inspect_beton(path)
+def pixel_statistics(path, limit: Optional[int] = None) -> Tuple[List[float], List[float], int]:
+    """(mean, std, images counted): per channel, in [0, 1] units, over every pixel of the
+    images as the loaders decode them (before augmentation); ``limit``: at most that many
+    images, evenly spread over the file."""
+    beton = BetonFile(path)
+    count = beton.num_samples
+    indices = np.arange(count)
+    if limit is not None and count > limit:
+        indices = np.unique(np.linspace(0, count - 1, limit).round().astype(np.int64))
+    sums = squares = None
+    pixels = 0
+    for begin in range(0, len(indices), _STATISTICS_CHUNK):
+        chunk = indices[begin:begin + _STATISTICS_CHUNK]
+        for image in _statistics_batches(beton, chunk):
+            values = image.reshape(-1, image.shape[-1]).astype(np.float64)
+            if sums is None:
+                sums, squares = np.zeros(values.shape[1]), np.zeros(values.shape[1])
+            sums += values.sum(axis=0)
+            squares += (values * values).sum(axis=0)     # exact: integers below 2**53
+            pixels += values.shape[0]
+    mean = sums / pixels
+    std = np.sqrt(np.maximum(squares / pixels - mean * mean, 0.0))
+    return [round(float(v) / 255, 6) for v in mean], [round(float(v) / 255, 6) for v in std], int(len(indices))
+
+
+def _statistics_batches(beton: "BetonFile", indices: np.ndarray):
+    """The decoded images at ``indices``: stacked when they share a size, else one by one."""
+    images = [beton.decode_image(int(i)) for i in indices]
+    if all(image.shape == images[0].shape for image in images):
+        yield np.stack(images)
+    else:
+        yield from images
+
+
+def stored_as(summary: dict) -> str:
+    """How the images of a file are stored, as written: raw, jpg, or raw+jpg (some of each)."""
+    fraction = summary.get("jpg_fraction") or 0.0
+    return "raw" if fraction == 0 else "jpg" if fraction == 1 else "raw+jpg"
+
+
+def make_record(path, spec: DatasetSpec, split: str, *, name: Optional[str] = None,
+                classes: Optional[List[str]] = None) -> dict:
+    """The write record of a validated .beton (see ``write_beton``): dataset, the files' name,
+    split, sample count, classes (names in label order, when known), image size ([H, W], None:
+    varying) and channels, per-channel mean/std measured here from the file (all images of a
+    fixed-size dataset, else ``STATISTICS_SAMPLE`` of them), storage as written, size and
+    SHA-256 of the file."""
+    beton = BetonFile(path)
+    summary = _summarize(beton)
     shape = summary["image_shape"]
-    return {"format": RECORD_FORMAT, "dataset": spec.name, "split": split,
+    mean, std, counted = pixel_statistics(path, None if shape is not None else STATISTICS_SAMPLE)
+    return {"format": RECORD_FORMAT, "dataset": spec.name, "name": name or spec.name, "split": split,
             "num_samples": summary["num_samples"], "num_classes": spec.num_classes,
-            "image_shape": None if shape is None else list(shape), "storage": spec.storage,
+            "classes": None if classes is None else [str(c) for c in classes],
+            "size": None if shape is None else [int(shape[0]), int(shape[1])], "channels": summary["channels"],
+            "mean": mean, "std": std, "statistics_images": counted,
+            "storage": stored_as(summary), "jpg_fraction": summary["jpg_fraction"] or 0.0,
             "file_size": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
@@ -537,10 +677,57 @@ def read_record(path) -> Optional[dict]:
         raise DataError(f"{where}: unreadable write record ({type(error).__name__}: {_one_line(error)}); "
                         f"rewrite the .beton with utils/write_beton.py or delete this file") from None
     keys = ("format", "dataset", "split", "num_samples", "num_classes", "file_size", "sha256")
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or any(k not in record for k in keys):
+    if (not isinstance(record, dict) or record.get("format") not in (RECORD_FORMAT, *OLD_RECORD_FORMATS)
+            or any(k not in record for k in keys)):
         raise DataError(f"{where}: not a write record of utils/write_beton.py (expected format {RECORD_FORMAT!r} "
                         f"with keys {', '.join(keys)}); rewrite the .beton or delete this file")
     return record
+
+
+def spec_from_record(spec: DatasetSpec, train_path) -> DatasetSpec:
+    """``spec`` (an entry with ``from_record``, e.g. ``folder``) completed from the write record
+    of its training file: image size, channels, classes, mean/std, storage."""
+    where = os.fspath(train_path)
+    record = read_record(where)
+    command = f"python -m utils.write_beton --dataset {spec.name} --root DIR --name NAME --out DIR"
+    if record is None:
+        raise DataError(f"{where}: dataset.name={spec.name} reads its classes, image size, channels and "
+                        f"normalisation from the file's write record {os.path.basename(record_path(where))}, "
+                        f"which is missing; write the files with {command}")
+    if record["dataset"] != spec.name or record["format"] != RECORD_FORMAT:
+        raise DataError(f"{where}: written for {record['dataset']} ({os.path.basename(record_path(where))}), "
+                        f"not by {command}")
+    classes, size, channels = record.get("classes"), record.get("size"), record.get("channels")
+    mean, std = record.get("mean"), record.get("std")
+    complete = (isinstance(classes, list) and len(classes) >= 1 and isinstance(size, list) and len(size) == 2
+                and size[0] == size[1] and channels in (1, 3) and isinstance(mean, list) and isinstance(std, list)
+                and len(mean) == len(std) == channels and record.get("storage") in ("raw", "jpg"))
+    if not complete:
+        raise DataError(f"{record_path(where)}: incomplete write record (classes, square size, channels 1 or 3, "
+                        f"mean/std per channel, storage raw or jpg); rewrite the files with {command}")
+    if min(std) <= 0:
+        raise DataError(f"{record_path(where)}: a channel has the same value in every pixel (std {std}); "
+                        f"nothing to normalise or learn from")
+    return replace(spec, resolution=int(size[0]), channels=int(channels), num_classes=len(classes),
+                   classes=tuple(classes), mean=tuple(float(m) for m in mean), std=tuple(float(v) for v in std),
+                   storage=storage_for(int(channels), record["storage"] == "jpg"))
+
+
+def require_complete(spec: DatasetSpec) -> None:
+    """DataError for an entry still waiting for its write record (``folder`` before ``spec_from_record``)."""
+    if spec.from_record and not spec.channels:
+        raise DataError(f"dataset {spec.name}: its size, channels and classes come from the training file's write "
+                        f"record; complete the spec with resolve_dataset_spec(name, train_path=...) first")
+
+
+def resolve_dataset_spec(name: str, *, train_path=None, augment: str = DEFAULT_AUGMENT) -> DatasetSpec:
+    """What a run trains on: the registry entry (or ``package.module:NAME``), completed from
+    the training file's write record when the entry says so (``folder``), with
+    ``dataset.augment`` applied.  One-line DataError for anything that does not fit."""
+    spec = get_dataset_spec(name)
+    if spec.from_record:
+        spec = spec_from_record(spec, train_path)
+    return with_augment(spec, augment)
 
 
 def _check_record(beton: BetonFile, spec: DatasetSpec, verify_checksum: Optional[bool]) -> Tuple[Optional[dict],
@@ -557,6 +744,11 @@ def _check_record(beton: BetonFile, spec: DatasetSpec, verify_checksum: Optional
         raise DataError(f"{where}: written for {record['dataset']} ({record['split']} split, {record['num_classes']} "
                         f"classes; see {os.path.basename(record_path(where))}), not for {spec.name} "
                         f"({spec.num_classes} classes): pass the {spec.name} file")
+    if spec.classes is not None and record.get("classes") is not None and list(record["classes"]) != list(spec.classes):
+        differ = next(i for i, (a, b) in enumerate(zip(record["classes"], spec.classes)) if a != b)
+        raise DataError(f"{where}: its classes ({os.path.basename(record_path(where))}) differ from the training "
+                        f"file's: class {differ} is {record['classes'][differ]!r}, not {spec.classes[differ]!r}; "
+                        f"write both splits together with utils/write_beton.py")
     stale = []
     if record["num_samples"] != beton.num_samples:
         stale.append(f"{beton.num_samples} samples, the record says {record['num_samples']}")
@@ -588,6 +780,7 @@ def validate_beton(path, spec: DatasetSpec, num_classes: Optional[int] = None, *
     The summary gains ``record`` (the record, None without one) and ``note`` (one line to
     print for a file without a record, else None).
     """
+    require_complete(spec)
     beton = BetonFile(path)
     summary = _validate(beton, spec, num_classes)
     summary["record"], summary["note"] = _check_record(beton, spec, verify_checksum)
@@ -969,6 +1162,7 @@ def make_loader(path, spec: DatasetSpec, *, train: bool, batch_size: int, num_wo
     are used at their stored size, which ``resolution`` may only repeat.
     ``backend_options``: ffcv back-end ``os_cache`` (default True) and ``batches_ahead``.
     """
+    require_complete(spec)
     loader_class = get_loader_backend(backend)
     loader_class.check_spec(spec)
     beton = BetonFile(path)

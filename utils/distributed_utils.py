@@ -1,7 +1,7 @@
 """Everything about the process group, driven by torchrun's environment.
 
 This is the only module that reads torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE,
-TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_RUN_ID, TORCHELASTIC_ERROR_FILE; MASTER_ADDR and
+TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, TORCHELASTIC_RUN_ID, TORCHELASTIC_ERROR_FILE; MASTER_ADDR and
 MASTER_PORT are read by torch's env:// rendezvous).  Without them the program is one
 process (rank 0 of 1) and no process group is created, so ``python harness.py`` and the
 debug harness need no special casing: every collective below is a no-op for a single
@@ -48,6 +48,13 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def started_by_torchrun_agent() -> bool:
+    """Whether torchrun's elastic agent started this process as one of its workers (it sets
+    TORCHELASTIC_MAX_RESTARTS; a bare RANK / WORLD_SIZE, as some tests set, does not count): then
+    the parent process is torchrun, whose death the worker follows (utils/launcher_watch.py)."""
+    return launched_by_torchrun() and "TORCHELASTIC_MAX_RESTARTS" in os.environ
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted this job (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
@@ -65,12 +72,21 @@ def launch_id() -> Optional[str]:
     return os.environ.get("TORCHELASTIC_RUN_ID") or None
 
 
-def record_error_for_launcher(error: BaseException) -> None:
+def record_error_for_launcher(error: BaseException, one_line: bool = False) -> None:
     """Under torchrun, write ``error`` to the file torchrun reads (TORCHELASTIC_ERROR_FILE),
-    so its failure summary shows this message instead of "error_file: <N/A>".  Best effort."""
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    so its failure summary shows this message instead of "error_file: <N/A>".  ``one_line``
+    (a refusal of the user's input, or a failed write): the file holds the line alone, so the
+    summary shows it without the harness's stack frames.  Best effort."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
         return
     try:
+        if one_line:
+            import json
+            from utils.atomic_io import atomic_write_text
+            line = " ".join(f"error: {error}".split())
+            atomic_write_text(path, json.dumps({"message": line, "timestamp": str(int(time.time()))}))
+            return
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
         ErrorHandler().record_exception(error)
     except Exception:  # reporting must never mask the error being reported
@@ -102,6 +118,9 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 1800) 
     if not launched_by_torchrun():
         return DistributedContext(device=pick_device(device, 0))
     rank = int(os.environ["RANK"])
+    if started_by_torchrun_agent():
+        from utils import launcher_watch
+        launcher_watch.start(rank)  # a worker whose torchrun has died stops (never trains on, never waits in set-up)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ["WORLD_SIZE"])
     torch_device = pick_device(device, local_rank)
@@ -259,7 +278,7 @@ def report_agreed_refusal(ctx: DistributedContext, error: BaseException) -> None
     torchrun's failure summary names it, and this line, as the root cause."""
     if ctx.is_primary:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        record_error_for_launcher(error)
+        record_error_for_launcher(error, one_line=True)
     barrier()
     if not ctx.is_primary:
         time.sleep(1.0)
@@ -287,7 +306,7 @@ def report_failure_and_exit(ctx: DistributedContext, error: BaseException, exit_
     interval (0.1 s) and stops the other ranks (SIGTERM, then SIGKILL after 30 s); a rank
     blocked in a gloo collective with this one fails at once and says so in one line."""
     if one_line:  # already said in one line by the caller
-        record_error_for_launcher(error)
+        record_error_for_launcher(error, one_line=True)
     elif is_lost_peer(error):
         first = (str(error).strip().splitlines() or [""])[0][:200]
         print(f"error (rank {ctx.rank}): stopping: lost contact with another process, which probably failed "

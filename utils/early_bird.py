@@ -18,18 +18,15 @@ after the checkpoint it resumes from are dropped, like the harness's own CSVs).
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from utils.callbacks import Callback
+from utils.rundir import RunFiles
 
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_WINDOW = 5
-CSV_NAME = "early_bird.csv"
-CSV_COLUMNS = ("epoch", "distance")
 
 
 def mask_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,16 +65,6 @@ def early_bird_stop(masks: Sequence[torch.Tensor], threshold: float = DEFAULT_TH
     return stop, distances
 
 
-def _truncate_csv(path: Path, rows: int) -> None:
-    """Keep the header and the first ``rows`` data rows of ``path`` (create it when missing)."""
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    wanted = [",".join(CSV_COLUMNS) + "\n"] + lines[1:1 + rows]
-    if lines != wanted:
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text("".join(wanted))
-        os.replace(temporary, path)
-
-
 class EarlyBird(Callback):
     """Ends level 0 at the Early-Bird epoch.
 
@@ -108,7 +95,7 @@ class EarlyBird(Callback):
     # --------------------------------------------------------------------- level loop
     def on_run_start(self, info) -> None:
         if info.is_primary and info.root is not None:
-            _truncate_csv(Path(info.root) / CSV_NAME, self.rows)
+            RunFiles(info.root).early_bird.truncate(self.rows)
 
     def on_epoch_logged(self, info) -> None:
         if info.level != 0 or self.stopped_epoch is not None:
@@ -117,12 +104,9 @@ class EarlyBird(Callback):
         self.recent = self.recent[-self.window:]
         distance = window_distance(self.recent) if len(self.recent) == self.window else None
         if info.is_primary and info.root is not None:
-            path = Path(info.root) / CSV_NAME
-            _truncate_csv(path, self.rows)  # header present, no stray rows
-            with open(path, "a") as handle:
-                handle.write(f"{info.epoch},{'' if distance is None else repr(distance)}\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            log = RunFiles(info.root).early_bird
+            log.truncate(self.rows)  # header present, no stray rows
+            log.append({"epoch": info.epoch, "distance": distance})
         self.rows += 1
         below = distance is not None and distance < self.threshold and info.epoch + 1 >= self.min_epochs
         if self.agree(below):

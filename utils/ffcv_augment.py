@@ -4,7 +4,7 @@ ffcv 1.0.2's RandomHorizontalFlip, RandomTranslate and RandomResizedCropRGBImage
 draw from numba's global, unseeded generator, so two runs (or an interrupted and an
 uninterrupted one) augment differently.  The operations here draw the numbers of
 ``utils/augment.py`` instead, the same ones the torch and memory back-ends use, so for
-raw-stored images all back-ends produce the same pixels (DESIGN.md section 8).
+raw-stored images all back-ends produce the same pixels (docs/data-loaders.md).
 
 How the numbers reach numba-compiled code:
 

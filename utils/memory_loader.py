@@ -1,19 +1,20 @@
 """``dataset.loader=memory``: the whole dataset as one uint8 tensor on the training device.
 
-For small fixed-size datasets (CIFAR-10/100, SVHN, MNIST, Fashion-MNIST, digits; DESIGN.md
-section 12).  At construction the ``.beton`` is decoded once, through ``BetonFile`` (the
-reader of the torch back-end), into an (N, H, W, C) uint8 tensor and an (N,) int64 label
-tensor on ``device``.  Each batch is then a handful of batched tensor ops on the device:
-gather the batch's rows, flip and translate (``utils.dataset.flip_translate``, the torch
-back-end's function), convert and normalize (``BetonLoader._finish``, shared by every
-back-end).  The order is ``epoch_order`` (the same global batches for 1 and N processes,
-rank r takes its chunk of each) and the random numbers are
-``augment_uniforms(seed, epoch, sample index)``, so for raw-stored images the batches equal
-the ffcv and torch back-ends' bit for bit (on the same device).  Per epoch, the order and
-the uniforms go to the device once; batches never synchronize with the host.
+For any dataset whose images share one size and that fits (CIFAR-10/100, SVHN, MNIST,
+Fashion-MNIST, digits, image folders, an outside dataset).  At construction the ``.beton`` is
+decoded once, through ``BetonFile`` (the reader of the torch back-end), into an (N, H, W, C)
+uint8 tensor and an (N,) int64 label tensor on ``device``.  Each batch is then a handful of
+batched tensor ops on the device: gather the batch's rows, flip and translate
+(``utils.dataset.flip_translate``, the torch back-end's function), convert and normalize
+(``BetonLoader._finish``, shared by every back-end).  The order is ``epoch_order`` (the same
+global batches for 1 and N processes, rank r takes its chunk of each) and the random numbers
+are ``augment_uniforms(seed, epoch, sample index)``, so for raw-stored images the batches equal
+the ffcv and torch back-ends' bit for bit (on the same device).  Per epoch, the order and the
+uniforms go to the device once; batches never synchronize with the host.  JPEG-stored images
+are decoded with OpenCV, as in the torch back-end (ffcv's decoder may differ by a few levels).
 
-Refused with a one-line DataError: datasets with resized crops or JPEG storage (ImageNet:
-variable-size images, use ``ffcv``), and a dataset that would not fit: on CUDA it may take
+Refused with a one-line DataError: images of varying size (ImageNet: use ``ffcv``), random
+resized crops (``dataset.augment=rrc``), and a dataset that would not fit: on CUDA it may take
 at most ``MEMORY_FRACTION`` of the free memory that ``torch.cuda.mem_get_info`` reports
 (the rest is for the model, activations and batches), on CPU at most that fraction of the
 available RAM (``MemAvailable`` in /proc/meminfo).
@@ -28,7 +29,7 @@ import torch
 
 from utils.augment import augment_uniforms
 from utils.dataset import (IMAGE_FIELD, LABEL_FIELD, Batch, BetonFile, BetonLoader, DataError, DatasetSpec,
-                           flip_translate, get_storage)
+                           flip_translate)
 
 MEMORY_FRACTION = 0.5          # at most this share of the free device memory / available RAM
 _CHUNK = 4096                  # images decoded and copied to the device per step
@@ -62,12 +63,16 @@ def _gib(count: int) -> str:
 
 
 def check_memory_loader_spec(spec: DatasetSpec) -> None:
-    """DataError unless ``spec`` is a fixed-size, raw/gray-stored dataset."""
+    """DataError unless ``spec`` has images of one size and no resized crops (any storage:
+    JPEG images are decoded once, with OpenCV, like the torch back-end)."""
     from utils.dataset import get_augment_policy
-    if get_augment_policy(spec.train_augment).resized_crop or get_storage(spec.storage).jpeg:
-        raise DataError(f"dataset.loader=memory is for small fixed-size datasets (cifar10, cifar100, svhn, mnist, "
-                        f"fashionmnist, digits); {spec.name} has JPEG images of varying size and random resized "
-                        f"crops: use dataset.loader=ffcv")
+    if not spec.fixed_size:
+        raise DataError(f"dataset.loader=memory holds images of one size; {spec.name} has images of varying size "
+                        f"(random resized crops): use dataset.loader=ffcv")
+    if get_augment_policy(spec.train_augment).resized_crop:
+        raise DataError(f"dataset.loader=memory flips and pad-and-crops on the device, without resized crops; "
+                        f"{spec.name} trains with dataset.augment={spec.train_augment}: use dataset.loader=ffcv "
+                        f"or torch, or another dataset.augment")
 
 
 class MemoryBetonLoader(BetonLoader):

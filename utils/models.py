@@ -18,6 +18,9 @@ efficientnet_b0, densenet121, convnext_tiny, regnet_*, vit_*, swin_*, ...):
 * every replaced stem conv is initialised ``kaiming_normal_(mode="fan_out",
   nonlinearity="relu")``, bias 0, which is what torchvision itself uses for the convs of
   ResNet, VGG, MobileNet, EfficientNet and RegNet;
+* ViTs (``vit_b_16`` ... ``vit_h_14``) get a truncated-normal classifier head instead of
+  torchvision's all-zero one (``init_vit_head_``: with a zero head, SNIP and SynFlow score every
+  weight 0 at initialisation);
 * GoogLeNet and Inception-v3 are built without auxiliary heads (``aux_logits=False``) so
   every model returns one logits tensor in training mode too; ViT and MaxViT are told
   ``image_size`` (their position embeddings / partitions depend on it).
@@ -49,6 +52,20 @@ Lottery-ticket families (written here):
   then fc 256 - fc 256 - fc classes; the first fc's input follows ``image_size``
   (``image_size >= 2**groups``).
 
+* ``vit_nano_p4``, ``vit_lite7_p4``, ``vit_tiny_p4``, ``vit_small_p4`` -- vision transformers
+  for small images, built from torchvision's own ``VisionTransformer`` (so its layers -- Conv2d
+  patch embedding, ``nn.MultiheadAttention``, MLP Linears, head -- are the ones masked), with
+  patch size 4: a 32 px image is 8x8 = 64 tokens plus the class token; an 8 px digit is 2x2 = 4
+  tokens (each a 4x4 quadrant).  ``image_size`` must be a multiple of 4.  Depth, width, heads
+  and MLP width (``VIT_P4_SIZES``): nano 2/64/2/128 (tests and CPU demos), lite7 7/256/4/512
+  (ViT-Lite-7/4 of Hassani et al. 2021, the model of ``configs/vit_imp_cifar10.yaml``), tiny
+  12/192/3/768 and small 12/384/6/1536 (DeiT-Ti / DeiT-S widths, Touvron et al. 2021).
+  torchvision's initialisation throughout, except two things: a patch embedding for
+  ``in_channels != 3`` is made anew with torchvision's rule (truncated normal, std
+  sqrt(1 / fan_in), zero bias), and the classifier head gets a truncated normal with std 0.02
+  (as every ViT of the registry, ``init_vit_head_``).
+  No dropout and no stochastic depth (torchvision's ViT has no drop-path).
+
 Initialisation of our own families: ``kaiming_normal_`` (fan_in, ReLU gain sqrt(2); the
 "kaiming_normal" initializer of open_lth) for every Conv2d/Linear weight, biases 0,
 BatchNorm weight 1 and bias 0 (open_lth's default BN init is uniform random weights; we
@@ -66,6 +83,7 @@ builder cannot run on the meta device at all).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -262,6 +280,22 @@ _TORCHVISION_SIZE_KWARGS: Dict[str, Callable[[int], dict]] = {
 }
 
 
+@torch.no_grad()
+def init_vit_head_(model: torchvision.models.VisionTransformer) -> None:
+    """Truncated normal (std 0.02, DeiT / timm) for the classifier head instead of torchvision's
+    zeros: with a zero head every gradient into the network is zero at initialisation, so SNIP and
+    SynFlow score every weight 0 and their masks would be mere positions."""
+    head = model.heads.head
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+
+
+# What is changed after torchvision built a model, by the module that defines its builder.
+_TORCHVISION_AFTER_BUILD: Dict[str, Callable[[nn.Module], None]] = {
+    "torchvision.models.vision_transformer": init_vit_head_,
+}
+
+
 def _build_torchvision(tv_name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     tv_builder = torchvision.models.get_model_builder(tv_name)
     kwargs = {"weights": None, "num_classes": num_classes}
@@ -270,6 +304,7 @@ def _build_torchvision(tv_name: str, num_classes: int, in_channels: int, image_s
     if size_kwargs is not None:
         kwargs.update(size_kwargs(image_size))
     model = tv_builder(**kwargs)
+    _TORCHVISION_AFTER_BUILD.get(tv_builder.__module__, lambda m: None)(model)
     if isinstance(model, torchvision.models.ResNet) and image_size <= CIFAR_STEM_MAX_IMAGE_SIZE:
         cifar_adapt_resnet_(model, in_channels)
     elif in_channels != 3:
@@ -493,3 +528,37 @@ def _conv_n(groups: int, num_classes: int, in_channels: int, image_size: int) ->
 
 for _groups in (1, 2, 3):
     register(f"conv{2 * _groups}")(functools.partial(_conv_n, _groups))
+
+
+# ----- Small vision transformers: torchvision's VisionTransformer with patch size 4 -----
+
+VIT_PATCH_SIZE = 4
+# name -> (depth, width, heads, MLP width)
+VIT_P4_SIZES: Dict[str, tuple] = {
+    "vit_nano_p4": (2, 64, 2, 128),
+    "vit_lite7_p4": (7, 256, 4, 512),
+    "vit_tiny_p4": (12, 192, 3, 768),
+    "vit_small_p4": (12, 384, 6, 1536),
+}
+
+
+def _vit_p4(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    if image_size % VIT_PATCH_SIZE:
+        raise ModelError(f"{name} cuts images into {VIT_PATCH_SIZE}x{VIT_PATCH_SIZE} patches: image_size must be a "
+                         f"multiple of {VIT_PATCH_SIZE}, got {image_size}")
+    depth, width, heads, mlp_width = VIT_P4_SIZES[name]
+    model = torchvision.models.VisionTransformer(image_size=image_size, patch_size=VIT_PATCH_SIZE, num_layers=depth,
+                                                 num_heads=heads, hidden_dim=width, mlp_dim=mlp_width,
+                                                 num_classes=num_classes)
+    with torch.no_grad():
+        if in_channels != 3:
+            model.conv_proj = nn.Conv2d(in_channels, width, VIT_PATCH_SIZE, stride=VIT_PATCH_SIZE)
+            fan_in = in_channels * VIT_PATCH_SIZE * VIT_PATCH_SIZE
+            nn.init.trunc_normal_(model.conv_proj.weight, std=math.sqrt(1.0 / fan_in))
+            nn.init.zeros_(model.conv_proj.bias)
+    init_vit_head_(model)
+    return model
+
+
+for _vit_name in VIT_P4_SIZES:
+    register(_vit_name)(functools.partial(_vit_p4, _vit_name))

@@ -1,6 +1,6 @@
 """Pruning: score functions x allocation rules -> masks, density schedules, and a CLI.
 
-Semantics (../shared/DESIGN.md section 5):
+Semantics (docs/science.md and the README's "Pruning" section say the same for users):
 
 * Prunable weights are the ``weight`` of every masked layer (``utils.mask_layers``);
   excluded layers are not masked layers, so they are out of every count.  ``density`` is
@@ -11,6 +11,11 @@ Semantics (../shared/DESIGN.md section 5):
 * A criterion (registry ``SCORES``; config key ``prune.criterion``) scores every weight;
   an allocation (registry ``ALLOCATIONS``; ``prune.allocation``) decides how many weights
   each layer keeps and picks them by score.  Any criterion works with any allocation.
+* A criterion's entry (``Criterion``) says what it needs: training batches
+  (``needs_batches``: snip), the shape of an input (``needs_input_shape``: synflow), rounds
+  (``iterative``: synflow).  Callers ask the entry, never the name.
+* One procedure, ``compute_masks``, for the three kinds of target: a density shared by an
+  allocation, per-layer counts (``prune.layer_rates``) and N:M groups (``utils.nm_sparsity``).
 
 Scores (bigger = more important):
 
@@ -79,45 +84,26 @@ band of candidates located with a strided sample (an exact method: it falls back
 ``kthvalue`` on everything when the band misses), which is what makes global pruning of
 ResNet-50 take a fraction of a second on CPU (``bench/pruning_speed.py``).
 
-Command line (reads the experiment YAML, never the harness):
-
-    python -m utils.pruning_utils --config FILE --checkpoint CKPT --density D --out MASKS.pt \\
-        [--criterion C] [--allocation A] [--seed S] [--device cpu]
-
-builds ``model.name`` for ``dataset.name`` (``utils.models`` / ``utils.dataset``), makes it
-prunable with ``prune.exclude``, loads the checkpoint (a state_dict or a dict with key
-``model``; its ``*.mask`` buffers, when present, are the current masks), computes masks at
-density D with ``prune.criterion`` / ``prune.allocation`` (``prune.synflow_iterations``,
-``prune.snip_batches``, ``experiment.seed``; snip reads ``dataset.train_path``), writes
-them atomically with ``mask_layers.save_masks`` and prints a per-layer density table.  A
-bad argument or input: one line on stderr, exit status 2, nothing written.
+Command line: ``python -m utils.pruning_utils --config FILE --checkpoint CKPT --density D
+--out MASKS.pt`` (``utils/pruning_cli.py``): a level's masks for a checkpoint, as the harness
+computes them.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import itertools
 import math
-import os
 import sys
-import tempfile
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from utils import nm_sparsity
 from utils.user_code import UserCodeError, import_callable, import_object, is_import_path
-from utils.mask_layers import (
-    Masks,
-    MaskError,
-    density_report,
-    masked_layers,
-    prepare_model,
-    save_masks,
-    set_masks,
-    validate_masks,
-)
+from utils.mask_layers import Masks, masked_layers, set_masks, validate_masks
 
 Scores = Dict[str, torch.Tensor]  # layer name -> float tensor shaped like the weight
 
@@ -197,18 +183,44 @@ def _lookup(registry: Mapping[str, Any], kind: str, name: str) -> Any:
 
 @dataclasses.dataclass
 class ScoringInputs:
-    """What a score function may use besides the current masks (plain arguments only)."""
+    """Everything a score function may use besides the current masks (plain arguments only).
 
+    The callers (``compute_masks``, and through it the harness and ``python -m
+    utils.pruning_utils``) fill every field; a criterion reads the ones its registry entry
+    says it needs (``Criterion.needs_batches``, ``needs_input_shape``) and may ignore the rest.
+    """
+
+    # The prepared model (``mask_layers.prepare_model``): its masked layers are the prunable
+    # weights, its pruned weights are zero.  Read it, never modify it (score copies, as snip
+    # and synflow do with ``torch.func.functional_call``); its train/eval flags are restored
+    # by the scoring functions that change them.
     model: nn.Module
+    # Where the returned score tensors must live (and where the model is; ``compute_masks``'
+    # ``device`` argument, the run's device in the harness).
     device: torch.device
-    batches: Optional[Iterable] = None          # snip: iterable of (x, y)
-    loss_fn: Optional[Callable] = None          # snip: loss(output, y); default cross-entropy
-    num_batches: int = 1                        # snip: batches summed
-    input_shape: Optional[Tuple[int, ...]] = None  # synflow: (C, H, W) of one input
-    seed: int = 0                               # random
-    snip_mode: str = "eval"                     # snip: "eval" (running BN statistics) or "train"
-    # Per-call scratch space shared by the rounds of an iterative criterion (SynFlow keeps
-    # its absolute-valued float64 copy of the parameters here instead of rebuilding it).
+    # Training batches: an iterable of (inputs, labels) on any device (move them with
+    # ``.to(device)``).  The harness and the pruning command give them to a criterion whose
+    # entry needs batches (``needs_batches``): the training data of level L in a fixed order
+    # (loader epoch ``SCORE_EPOCH_OFFSET + L``, world size 1), so every rank and the command
+    # see the same batches.  None for the others.
+    batches: Optional[Iterable] = None
+    # The loss of a batch, ``loss_fn(outputs, labels)``; None: cross-entropy (the harness
+    # passes ``torch.nn.functional.cross_entropy``).
+    loss_fn: Optional[Callable] = None
+    # How many of ``batches`` a criterion uses (``prune.score_batches``, >= 1): snip sums the
+    # gradients of exactly this many and refuses an iterable that runs out first.
+    num_batches: int = 1
+    # (C, H, W) of one input: the data's channels and training resolution.  A criterion whose
+    # entry needs it (``needs_input_shape``, e.g. synflow's all-ones input) gets it; given to all.
+    input_shape: Optional[Tuple[int, ...]] = None
+    # The level's seed (``level_seed(experiment.seed, level)``): draw random numbers from a
+    # ``torch.Generator`` seeded with it, so every rank, device and rerun draws the same.
+    seed: int = 0
+    # BatchNorm while snip scores: "eval" (running statistics) or "train" (batch statistics);
+    # ``prune.snip_mode``.  Dropout is off either way.
+    snip_mode: str = "eval"
+    # Scratch space shared by the rounds of one ``compute_masks`` call (an iterative criterion
+    # keeps what every round reuses here: synflow its absolute-valued float64 parameters).
     cache: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -216,12 +228,29 @@ class ScoringInputs:
 # on inputs.device, shaped like each masked layer's weight.  NaN scores rank lowest.
 ScoreFn = Callable[[ScoringInputs, Masks], Scores]
 
+# What a criterion can need from its caller, and the attribute of an outside score function
+# (``package.module:function``) that declares each need, with its value when undeclared.
+NEEDS = {"needs_batches": True, "needs_input_shape": False, "iterative": False}
+
 
 @dataclasses.dataclass(frozen=True)
 class Criterion:
+    """A registry entry: the score function and what it needs.  The harness and the pruning
+    command ask these fields (never the criterion's name) what to prepare."""
+
     score: ScoreFn
-    # True: re-score the masked model over synflow_density_schedule (SynFlow); False: one shot.
+    # Rounds: re-score the masked model over ``synflow_density_schedule`` (SynFlow), each
+    # round keeping a smaller share; False: one scoring.
     iterative: bool = False
+    # Training batches (``ScoringInputs.batches``, ``num_batches`` of them, ``loss_fn``).
+    needs_batches: bool = False
+    # The shape of one input (``ScoringInputs.input_shape``).
+    needs_input_shape: bool = False
+
+    def needs(self) -> List[str]:
+        """Its needs in words (for messages and docs): batches, input shape, rounds."""
+        return [word for word, flag in (("batches", self.needs_batches), ("input shape", self.needs_input_shape),
+                                        ("rounds", self.iterative)) if flag]
 
 
 def _weights_by_layer(model: nn.Module) -> Dict[str, str]:
@@ -269,10 +298,10 @@ def random_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
 
 
 SNIP_MODES = ("eval", "train")
-# The data order of SNIP's batches at level L is the training loader's order of "epoch"
-# SNIP_EPOCH_OFFSET + L, with world size 1: an epoch id disjoint from the training epochs, the
-# same global batches on every rank and in this module's CLI.
-SNIP_EPOCH_OFFSET = 1_000_000
+# The data order of a criterion's batches at level L is the training loader's order of "epoch"
+# SCORE_EPOCH_OFFSET + L, with world size 1: an epoch id disjoint from the training epochs, the
+# same global batches on every rank and in the pruning command.
+SCORE_EPOCH_OFFSET = 1_000_000
 
 
 def level_seed(seed: int, level: int) -> int:
@@ -341,8 +370,8 @@ def synflow_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
 SCORES: Dict[str, Criterion] = {
     "magnitude": Criterion(magnitude_scores),
     "random": Criterion(random_scores),
-    "snip": Criterion(snip_scores),
-    "synflow": Criterion(synflow_scores, iterative=True),
+    "snip": Criterion(snip_scores, needs_batches=True),
+    "synflow": Criterion(synflow_scores, iterative=True, needs_input_shape=True),
 }
 
 
@@ -357,18 +386,29 @@ def get_criterion(name: str) -> Criterion:
 def user_criterion(path: str) -> Criterion:
     """The ``Criterion`` that ``package.module:function`` names; ValueError (one line) when it
     cannot be imported or does not take ``(inputs, masks)``.  Its scores are checked at every
-    call: one float tensor per masked layer, shaped like the weight (``_checked_scores``)."""
+    call: one float tensor per masked layer, shaped like the weight (``_checked_scores``).
+
+    A function declares its needs with attributes (``fn.needs_batches = False``,
+    ``fn.needs_input_shape = True``, ``fn.iterative = True``); undeclared, it gets training
+    batches (``NEEDS``: the safe default, at the cost of a loader) and one round.  An object of
+    type ``Criterion`` declares them in its fields."""
     try:
         obj = import_object(path)
     except UserCodeError as error:
         raise ValueError(str(error)) from None
     if isinstance(obj, Criterion):
-        return Criterion(_checked_score_fn(obj.score, path), iterative=obj.iterative)
+        return dataclasses.replace(obj, score=_checked_score_fn(obj.score, path))
     try:
         function = import_callable(path, positional=("inputs", "masks"))
     except UserCodeError as error:
         raise ValueError(str(error)) from None
-    return Criterion(_checked_score_fn(function, path))
+    needs = {}
+    for attribute, default in NEEDS.items():
+        value = getattr(function, attribute, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}.{attribute} must be True or False, got {value!r}")
+        needs[attribute] = value
+    return Criterion(_checked_score_fn(function, path), **needs)
 
 
 def _checked_score_fn(function: ScoreFn, path: str) -> ScoreFn:
@@ -719,98 +759,149 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def compute_masks(model: nn.Module, *, density: Optional[float] = None, criterion: str, allocation: str,
-                  masks: Optional[Masks] = None, batches: Optional[Iterable] = None,
-                  loss_fn: Optional[Callable] = None, num_batches: int = 1,
-                  synflow_iterations: int = 100, input_shape: Optional[Sequence[int]] = None,
-                  seed: int = 0, device=None, snip_mode: str = "eval",
-                  on_round: Optional[Callable[[int, float, Masks], None]] = None,
-                  layer_counts: Optional[Mapping[str, int]] = None) -> Masks:
-    """Masks (CPU bool tensors) keeping exactly round(density * N) of the N prunable weights.
+# One round of a mask computation: (the density it is announced with to ``on_round``, or None
+# for the masks' own density; the selection: scores with -inf at pruned weights and the current
+# masks -> the new masks, a subset of the current ones).
+Round = Tuple[Optional[float], Callable[[Scores, Masks], Masks]]
 
-    ``density`` is a fraction of ALL prunable weights.  The result is a subset of ``masks``
-    (default: the model's current masks).  The model's weights, buffers, gradients and
-    train/eval flags are left as they were.  ``device``: where scoring runs (default: the
-    model's).  ``on_round(k, density_k, masks_k)`` is called after each round (SynFlow has
-    ``synflow_iterations`` rounds, the other criteria one).
 
-    ``layer_counts`` instead of ``density`` (per-layer pruning rates, ``layer_rate_plan``):
-    layer l keeps exactly ``layer_counts[l]`` weights; only with ``allocation="uniform"``
-    (it IS a layer-wise allocation, with the shares given); SynFlow's rounds then follow
-    each layer's own exponential schedule to its count.
-    """
-    spec = get_criterion(criterion)
+def _density_rounds(current: Masks, alive_by_layer: Mapping[str, int], density: float, allocation: str,
+                    rounds: Optional[int]) -> List[Round]:
+    """A density of all prunable weights, shared among layers by ``allocation``."""
     allocate = get_allocation(allocation)
-    if (density is None) == (layer_counts is None):
-        raise ValueError("compute_masks needs exactly one of density and layer_counts")
-    if layer_counts is not None:
-        return _compute_masks_by_layer(model, spec, allocation, dict(layer_counts), masks=masks, batches=batches,
-                                       loss_fn=loss_fn, num_batches=num_batches,
-                                       synflow_iterations=synflow_iterations, input_shape=input_shape,
-                                       seed=seed, device=device, on_round=on_round)
-    # The model's own buffers are only read (allocations build new tensors): no copy.
-    current = {name: layer.mask for name, layer in masked_layers(model)} if masks is None else masks
-    validate_masks(model, current)
-    device = torch.device(device) if device is not None else _model_device(model)
-    current = {name: mask.to(device=device, dtype=torch.bool) for name, mask in current.items()}
-
     total = sum(mask.numel() for mask in current.values())
-    alive = sum(int(mask.count_nonzero()) for mask in current.values())
-    if not 0.0 < density <= 1.0:
+    alive = sum(alive_by_layer.values())
+    if not 0.0 < density <= 1.0:  # also refuses nan
         raise ValueError(f"density must be in (0, 1], got {density}")
     keep = target_keep_count(density, total)
     if keep > alive:
         raise ValueError(f"density {density} keeps {keep} of {total} weights but only {alive} are alive "
                          f"(density {alive / total:.6g}); masks only shrink")
-    inputs = ScoringInputs(model=model, device=device, batches=batches, loss_fn=loss_fn,
-                           num_batches=num_batches, seed=seed, snip_mode=snip_mode,
-                           input_shape=tuple(input_shape) if input_shape is not None else None)
-    schedule = (synflow_density_schedule(alive / total, density, synflow_iterations)
-                if spec.iterative else [density])
-    for round_index, round_density in enumerate(schedule, start=1):
-        scores = spec.score(inputs, current)
-        if alive < total:
-            for name, mask in current.items():
-                scores[name].masked_fill_(~mask, -math.inf)
-        current = allocate(scores, current, target_keep_count(round_density, total))
-        alive = target_keep_count(round_density, total)
-        if on_round is not None:
-            on_round(round_index, round_density, current)
-    return {name: mask.to("cpu") for name, mask in current.items()}
+    schedule = synflow_density_schedule(alive / total, density, rounds) if rounds is not None else [density]
+    return [(round_density, functools.partial(_allocate_total, allocate, target_keep_count(round_density, total)))
+            for round_density in schedule]
 
 
-def _compute_masks_by_layer(model: nn.Module, spec: Criterion, allocation: str, layer_counts: Dict[str, int], *,
-                            masks, batches, loss_fn, num_batches, synflow_iterations, input_shape, seed, device,
-                            on_round) -> Masks:
+def _allocate_total(allocate: AllocationFn, total_keep: int, scores: Scores, masks: Masks) -> Masks:
+    return allocate(scores, masks, total_keep)
+
+
+def _layer_count_rounds(current: Masks, alive: Mapping[str, int], layer_counts: Mapping[str, int], allocation: str,
+                        rounds: Optional[int]) -> List[Round]:
+    """Per-layer counts (``prune.layer_rates``): a layer-wise allocation with the shares given."""
     if allocation != "uniform":
         raise ValueError(f"per-layer counts (prune.layer_rates) apply to allocation 'uniform' only, not {allocation!r}")
-    current = {name: layer.mask for name, layer in masked_layers(model)} if masks is None else masks
-    validate_masks(model, current)
-    device = torch.device(device) if device is not None else _model_device(model)
-    current = {name: mask.to(device=device, dtype=torch.bool) for name, mask in current.items()}
     if set(layer_counts) != set(current):
         raise ValueError(f"layer_counts must name exactly the prunable layers "
                          f"(missing {sorted(set(current) - set(layer_counts))[:3]}, "
                          f"unknown {sorted(set(layer_counts) - set(current))[:3]})")
-    alive = {name: int(mask.count_nonzero()) for name, mask in current.items()}
     for name, count in layer_counts.items():
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= alive[name]:
             raise ValueError(f"layer {name} cannot keep {count!r} weights: {alive[name]} are alive; masks only shrink")
     total = sum(mask.numel() for mask in current.values())
+    schedule = _layer_count_schedule(alive, layer_counts, rounds) if rounds is not None else [dict(layer_counts)]
+    return [(sum(counts.values()) / total, functools.partial(_allocate_layer_counts, counts)) for counts in schedule]
+
+
+def _allocate_layer_counts(counts: Mapping[str, int], scores: Scores, masks: Masks) -> Masks:
+    return allocate_counts(scores, masks, counts)
+
+
+def _nm_rounds(current: Masks, nm: Tuple[int, int], allocation: Optional[str], rounds: Optional[int]) -> List[Round]:
+    """N:M: every group of M consecutive inputs keeps ``keep`` (``utils.nm_sparsity``)."""
+    keep, group = nm
+    if allocation is not None:
+        raise ValueError(f"allocation {allocation!r} does not apply to N:M masks (every group keeps its own count); "
+                         f"pass allocation=None")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not isinstance(group, int) or not 0 <= keep <= group:
+        raise ValueError(f"nm=(keep, M) needs 0 <= keep <= M, got {nm!r}")
+    grouped_layers = [name for name, mask in current.items() if nm_sparsity.groupable(tuple(mask.shape), group)]
+    if not grouped_layers:
+        raise ValueError(f"no prunable layer has an input size that is a multiple of {group}")
+    alive = max(int(nm_sparsity.group_counts(current[name], group).max()) for name in grouped_layers)
+    try:
+        counts = nm_sparsity.round_keeps(alive, keep, 1 if rounds is None else rounds)
+    except nm_sparsity.NMError as error:
+        raise ValueError(str(error)) from None
+    return [(None, functools.partial(_keep_in_groups, grouped_layers, count, group)) for count in counts]
+
+
+def _keep_in_groups(layers: Sequence[str], keep: int, group: int, scores: Scores, masks: Masks) -> Masks:
+    selected = dict(masks)  # layers without groups stay as they are
+    for name in layers:
+        try:
+            selected[name] = nm_sparsity.keep_in_groups(scores[name], masks[name], keep, group)
+        except nm_sparsity.NMError as error:
+            raise ValueError(f"layer {name}: {error}") from None
+    return selected
+
+
+def compute_masks(model: nn.Module, *, density: Optional[float] = None, criterion: str,
+                  allocation: Optional[str] = None, masks: Optional[Masks] = None, batches: Optional[Iterable] = None,
+                  loss_fn: Optional[Callable] = None, num_batches: int = 1,
+                  synflow_iterations: int = 100, input_shape: Optional[Sequence[int]] = None,
+                  seed: int = 0, device=None, snip_mode: str = "eval",
+                  on_round: Optional[Callable[[int, float, Masks], None]] = None,
+                  layer_counts: Optional[Mapping[str, int]] = None,
+                  nm: Optional[Tuple[int, int]] = None) -> Masks:
+    """New masks (CPU bool tensors), a subset of ``masks`` (default: the model's current masks).
+
+    The target is exactly one of:
+
+    * ``density``: keep exactly round(density * N) of the N prunable weights, shared among the
+      layers by ``allocation`` (``ALLOCATIONS``);
+    * ``layer_counts`` (per-layer pruning rates, ``layer_rate_plan``): layer l keeps exactly
+      ``layer_counts[l]``; only with ``allocation="uniform"`` (it IS a layer-wise allocation,
+      with the shares given);
+    * ``nm=(keep, M)``: every group of M consecutive inputs keeps exactly ``keep`` weights
+      (``utils.nm_sparsity``); layers whose input size is not a multiple of M stay as they
+      are; ``allocation`` must be None (it does not apply).
+
+    One procedure for all three, so every option reaches each: the criterion (``SCORES`` or
+    ``package.module:function``) scores the masked model from one ``ScoringInputs`` (batches,
+    ``num_batches``, ``loss_fn``, ``input_shape``, ``seed``, ``snip_mode``); weights already
+    pruned score -inf and are never kept; an iterative criterion (SynFlow) re-scores over
+    ``synflow_iterations`` rounds (exponential in the density; per layer with layer_counts;
+    per group with nm).  ``on_round(k, density_k, masks_k)`` is called after each round.
+
+    The model's weights, buffers, gradients and train/eval flags are left as they were.
+    ``device``: where scoring runs (default: the model's).
+    """
+    spec = get_criterion(criterion)
+    if spec.iterative and synflow_iterations < 1:
+        raise ValueError(f"synflow iterations must be >= 1, got {synflow_iterations}")
+    if sum(target is not None for target in (density, layer_counts, nm)) != 1:
+        raise ValueError("compute_masks needs exactly one of density and layer_counts and nm")
+    # The model's own buffers are only read (selections build new tensors): no copy.
+    current = {name: layer.mask for name, layer in masked_layers(model)} if masks is None else masks
+    validate_masks(model, current)
+    device = torch.device(device) if device is not None else _model_device(model)
+    current = {name: mask.to(device=device, dtype=torch.bool) for name, mask in current.items()}
+    rounds = synflow_iterations if spec.iterative else None  # None: one scoring
+    alive = {name: int(mask.count_nonzero()) for name, mask in current.items()}  # note: one pass over the masks
+    if nm is not None:
+        plan = _nm_rounds(current, tuple(nm), allocation, rounds)
+    else:
+        get_allocation(allocation)  # an unknown name is refused before any scoring
+        plan = (_density_rounds(current, alive, density, allocation, rounds) if density is not None
+                else _layer_count_rounds(current, alive, layer_counts, allocation, rounds))
     inputs = ScoringInputs(model=model, device=device, batches=batches, loss_fn=loss_fn,
-                           num_batches=num_batches, seed=seed,
+                           num_batches=num_batches, seed=seed, snip_mode=snip_mode,
                            input_shape=tuple(input_shape) if input_shape is not None else None)
-    schedule = (_layer_count_schedule(alive, layer_counts, synflow_iterations) if spec.iterative
-                else [layer_counts])
-    for round_index, round_counts in enumerate(schedule, start=1):
+    total = sum(mask.numel() for mask in current.values())
+    # Layers that may hold pruned weights: those with any before the first round, every layer
+    # after it (a pass over a dense layer's mask to find out would cost what the fill costs).
+    holding_pruned = [name for name, mask in current.items() if alive[name] < mask.numel()]
+    for round_index, (round_density, select) in enumerate(plan, start=1):
         scores = spec.score(inputs, current)
-        for name, mask in current.items():
-            if alive[name] < mask.numel():
-                scores[name].masked_fill_(~mask, -math.inf)
-        current = allocate_counts(scores, current, round_counts)
-        alive = dict(round_counts)
+        for name in holding_pruned:
+            scores[name].masked_fill_(~current[name], -math.inf)
+        current = select(scores, current)
+        holding_pruned = list(current)
         if on_round is not None:
-            on_round(round_index, sum(round_counts.values()) / total, current)
+            if round_density is None:
+                round_density = sum(int(mask.count_nonzero()) for mask in current.values()) / total
+            on_round(round_index, round_density, current)
     return {name: mask.to("cpu") for name, mask in current.items()}
 
 
@@ -822,229 +913,16 @@ def prune_model(model: nn.Module, **kwargs) -> Masks:
 
 
 # --------------------------------------------------------------------------------------
-# CLI: python -m utils.pruning_utils --config FILE --checkpoint CKPT --density D --out MASKS.pt
+# The pruning command lives in utils/pruning_cli.py (an entry point: it reads the config through
+# the harness's loader); ``python -m utils.pruning_utils`` runs it.
 # --------------------------------------------------------------------------------------
-
-PROG = "python -m utils.pruning_utils"
-
-# Defaults for keys the config may omit (same as harness_params.py).
-CONFIG_DEFAULTS = {
-    ("prune", "criterion"): "magnitude",
-    ("prune", "allocation"): "global",
-    ("prune", "exclude"): [],
-    ("prune", "synflow_iterations"): 100,
-    ("prune", "snip_batches"): 1,
-    ("experiment", "seed"): 0,
-    ("dataset", "batch_size"): 128,
-    ("dataset", "num_workers"): 4,
-    ("dataset", "resolution"): 0,
-    ("dataset", "loader"): "ffcv",
-    ("prune", "snip_mode"): "eval",
-    ("training", "channels_last"): False,
-}
-
-
-class UsageError(Exception):
-    """A bad argument or input file: one line on stderr, exit status 2, nothing written."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        raise UsageError(message)
-
-
-def _config_value(config: dict, section: str, key: str, required: bool = False):
-    block = config.get(section) or {}
-    if not isinstance(block, dict):
-        raise UsageError(f"config section {section!r} must be a mapping")
-    if key in block and block[key] is not None:
-        return block[key]
-    if required:
-        raise UsageError(f"config has no {section}.{key}")
-    return CONFIG_DEFAULTS[(section, key)]
-
-
-def _read_config(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path) as handle:
-            config = yaml.safe_load(handle)
-    except OSError as error:
-        raise UsageError(f"cannot read config {path}: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"config {path} must be a mapping of sections")
-    return config
-
-
-def _as_int(value, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _patterns(value) -> List[str]:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
-        return list(value)
-    raise UsageError(f"prune.exclude must be a list of layer-name patterns, got {value!r}")
-
-
-def _checkpoint_state(path: str) -> Dict[str, torch.Tensor]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"checkpoint {path} does not exist") from None
-    except Exception as error:  # torch raises several types for a bad file
-        raise UsageError(f"cannot load checkpoint {path}: {str(error).splitlines()[0]}") from None
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"checkpoint {path} holds neither a state_dict nor a dict with key 'model'")
-    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
-    return state
-
-
-def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    missing = [key for key in result.missing_keys if not key.endswith(".mask")]  # no masks = dense
-    if missing or result.unexpected_keys:
-        detail = []
-        if missing:
-            detail.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if result.unexpected_keys:
-            keys = result.unexpected_keys
-            detail.append(f"unexpected {keys[:3]}{'...' if len(keys) > 3 else ''}")
-        raise UsageError(f"checkpoint {path} does not fit the model ({'; '.join(detail)})")
-
-
-def format_density_table(masks: Masks) -> str:
-    rows = density_report(masks)
-    width = max([len("layer"), len("total")] + [len(row["layer"]) for row in rows])
-    lines = [f"{'layer':<{width}}  {'numel':>11}  {'alive':>11}  {'density':>8}"]
-    lines += [f"{row['layer']:<{width}}  {row['numel']:>11d}  {row['alive']:>11d}  {row['density']:>8.4f}"
-              for row in rows]
-    numel = sum(row["numel"] for row in rows)
-    alive = sum(row["alive"] for row in rows)
-    lines.append(f"{'total':<{width}}  {numel:>11d}  {alive:>11d}  {alive / numel:>8.4f}")
-    return "\n".join(lines)
-
-
-def _save_atomically(masks: Masks, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".masks-", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_masks(masks, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def _run_cli(argv: Optional[Sequence[str]]) -> None:
-    parser = _Parser(prog=PROG, description="Compute pruning masks for a checkpoint.")
-    parser.add_argument("--config", required=True, help="experiment YAML (model, dataset, prune sections)")
-    parser.add_argument("--checkpoint", required=True, help="state_dict, or a dict with key 'model'")
-    parser.add_argument("--density", required=True, type=float, help="fraction of ALL prunable weights to keep")
-    parser.add_argument("--out", required=True, help="where to write the masks (dict layer -> bool tensor)")
-    parser.add_argument("--criterion", help=f"overrides prune.criterion ({', '.join(SCORES)})")
-    parser.add_argument("--allocation", help=f"overrides prune.allocation ({', '.join(ALLOCATIONS)})")
-    parser.add_argument("--seed", type=int, help="overrides experiment.seed")
-    parser.add_argument("--level", type=int, default=0,
-                        help="the level these masks are for (default 0): with the same config and the weights the "
-                             "harness pruned from, the harness's masks of that level, bit for bit (random scores "
-                             "seeded by seed*1000+level, SNIP on that level's batches)")
-    parser.add_argument("--device", default="cpu", help="where scores are computed (default cpu)")
-    args = parser.parse_args(argv)
-
-    if not 0.0 < args.density <= 1.0:  # also refuses nan
-        raise UsageError(f"--density must be in (0, 1], got {args.density}")
-    config = _read_config(args.config)
-    criterion = args.criterion or _config_value(config, "prune", "criterion")
-    allocation = args.allocation or _config_value(config, "prune", "allocation")
-    for kind, name, registry in (("criterion", criterion, SCORES), ("allocation", allocation, ALLOCATIONS)):
-        if kind == "criterion" and is_import_path(name):
-            try:
-                user_criterion(name)
-            except ValueError as error:
-                raise UsageError(str(error)) from None
-        elif name not in registry:
-            raise UsageError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}")
-    exclude = _patterns(_config_value(config, "prune", "exclude"))
-    synflow_iterations = _as_int(_config_value(config, "prune", "synflow_iterations"), "prune.synflow_iterations", 1)
-    snip_batches = _as_int(_config_value(config, "prune", "snip_batches"), "prune.snip_batches", 1)
-    seed = _as_int(args.seed if args.seed is not None else _config_value(config, "experiment", "seed"),
-                   "the seed", 0)
-    level = _as_int(args.level, "--level", 0)
-    snip_mode = _config_value(config, "prune", "snip_mode")
-    if snip_mode not in SNIP_MODES:
-        raise UsageError(f"prune.snip_mode={snip_mode!r}; valid: {', '.join(SNIP_MODES)}")
-    model_name = _config_value(config, "model", "name", required=True)
-    dataset_name = _config_value(config, "dataset", "name", required=True)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here")
-
-    from utils.dataset import get_dataset_spec
-    from utils.models import get_model
-
-    resolution = _as_int(_config_value(config, "dataset", "resolution"), "dataset.resolution", 0)
-    try:
-        spec = get_dataset_spec(dataset_name)
-        image_size = resolution or spec.resolution  # 0 = the dataset's own, as in the harness
-        model = get_model(model_name, num_classes=spec.num_classes, in_channels=spec.channels, image_size=image_size)
-        prepare_model(model, exclude)
-    except (ValueError, KeyError, MaskError) as error:
-        raise UsageError(str(error).strip("'\"").splitlines()[0]) from None
-    _load_state(model, _checkpoint_state(args.checkpoint), args.checkpoint)
-    model.to(device)
-
-    batches = None
-    if criterion == "snip":
-        train_path = _config_value(config, "dataset", "train_path", required=True)
-        if not os.path.exists(train_path):
-            raise UsageError(f"dataset.train_path {train_path} does not exist (snip needs training batches)")
-        from utils.dataset import make_loader
-
-        batch_size = _as_int(_config_value(config, "dataset", "batch_size"), "dataset.batch_size", 1)
-        num_workers = _as_int(_config_value(config, "dataset", "num_workers"), "dataset.num_workers", 0)
-        try:
-            loader = make_loader(train_path, spec, train=True, batch_size=batch_size, num_workers=num_workers,
-                                 device=device, seed=seed, backend=_config_value(config, "dataset", "loader"),
-                                 resolution=image_size, rank=0, world_size=1,
-                                 channels_last=bool(_config_value(config, "training", "channels_last")))
-        except ValueError as error:
-            raise UsageError(str(error).splitlines()[0]) from None
-        batches = loader.batches(SNIP_EPOCH_OFFSET + level)
-    try:
-        masks = compute_masks(model, density=args.density, criterion=criterion, allocation=allocation,
-                              batches=batches, num_batches=snip_batches, synflow_iterations=synflow_iterations,
-                              input_shape=(spec.channels, image_size, image_size), seed=level_seed(seed, level),
-                              device=device, snip_mode=snip_mode)
-    except (ValueError, MaskError) as error:
-        raise UsageError(str(error)) from None
-    _save_atomically(masks, args.out)
-    print(f"{criterion} x {allocation}, density {args.density} -> {args.out}")
-    print(format_density_table(masks))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        _run_cli(argv)
-    except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    """``python -m utils.pruning_utils ...``: the pruning command (``utils.pruning_cli.main``)."""
+    from utils.pruning_cli import main as command
+
+    return command(argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,26 @@ finished level (a row of ``levels.csv``) and named as incomplete.
 Controls (``prune.masks_from`` + ``prune.control``) are grouped like any other run, with one
 twist: ``masks_from`` is compared by the group of the experiment it points to, so the controls
 of seeds 0, 1, 2 (each reading its own seed's masks) form one group.
+
+What the numbers count, so that they cannot mislead:
+
+* One seed counts once.  Runs of one group with the same seed (for a control: the same seed
+  and the same seed of its source) are copies -- a rerun by hand, a sweep's run, a run with
+  another number of processes that trains the same model.  The newest complete one is kept
+  (newest: the latest write to its CSV files; with no complete one, the one with the most
+  finished levels); report.md names every copy dropped and the run kept instead.
+* Runs that train different models are never pooled.  The config decides most of it
+  (``dataset.loader`` and every other key that changes results split groups); what the
+  config does not say is read from the run's checkpoints (utils/run_facts.py): with
+  BatchNorm and per-rank statistics (on CPU, or ``distributed.sync_bn: false``) N processes
+  train another model than 1, so the number of processes becomes the grouping key
+  ``bn_processes`` (1 for one process, no BatchNorm, or SyncBatchNorm).  Such runs form
+  separate groups, labelled by it -- never refused, never averaged together.
+* A run at chance level is flagged: a finished level whose every epoch's test accuracy stays
+  at or below ``100 / classes`` plus a margin (``chance_margin``: 2 points or a fifth of the
+  chance level, the larger) is named in report.md's warnings and in the run's status.  The
+  number of classes comes from the test set's write record, else the dataset registry.
+* The ±1 std bands are clipped to 0-100 (accuracies are percentages).
 """
 from __future__ import annotations
 
@@ -21,14 +41,15 @@ import datetime as _dt
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
-import yaml
+
+from utils import rundir
+from utils.training_types import get_training_type
 
 LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
 EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
@@ -36,9 +57,11 @@ LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
 
 # Keys that never split a group: the seed (what the group averages over), where results go,
 # and settings that do not change the numbers (harness_utils.NON_SEMANTIC_KEYS, trackers).
-IGNORED_FOR_GROUPING = ("experiment.seed", "experiment.name", "experiment.base_dir", "experiment.resume",
-                        "training.progress", "dataset.num_workers", "logging.tensorboard", "logging.wandb_project")
+_WHERE = ("experiment.seed", "experiment.name", "experiment.base_dir")
+IGNORED_FOR_GROUPING = _WHERE + tuple(sorted(rundir.NON_SEMANTIC_KEYS - set(_WHERE)))
 CONTROL_KEYS = ("prune.masks_from", "prune.control")
+# The grouping key read from the run's checkpoints, not its config (see the module docstring).
+BN_PROCESSES_KEY = "bn_processes"
 
 
 class ReportError(ValueError):
@@ -55,10 +78,36 @@ class Experiment:
     layers: pd.DataFrame
     expected_levels: Optional[int]
     in_progress_epochs: int = 0             # epochs.csv rows of the level being trained
+    bn_processes: int = 1                   # run_facts.batchnorm_processes of the run
+    written_at: float = 0.0                 # latest write to its CSV files (s since the epoch)
+    num_classes: Optional[int] = None       # for the chance level (None: unknown)
+    reused: List[str] = field(default_factory=list)   # "level L from SOURCE" (controls.py's reused.csv)
+    duplicate_of: Optional["Experiment"] = None        # set when another run of its seed is counted instead
 
     @property
     def seed(self) -> Any:
         return self.config.get("experiment.seed")
+
+    @property
+    def replicate(self) -> Tuple[str, str]:
+        """What makes two runs of one group the same sample: the seed, and for a control also
+        its source's seed (each seed's controls of each source are samples of their own)."""
+        source_seed = ""
+        source = self.config.get("prune.masks_from")
+        if source:
+            try:
+                source_seed = _canonical(read_config(Path(str(source))).get("experiment.seed"))
+            except ReportError:
+                source_seed = "?" + str(source)
+        return _canonical(self.seed), source_seed
+
+    def chance_levels(self) -> List[int]:
+        """Finished levels whose every epoch's test accuracy is at or below chance (+ margin)."""
+        if not self.num_classes or not len(self.epochs):
+            return []
+        ceiling = 100.0 / self.num_classes + chance_margin(self.num_classes)
+        best = self.epochs.groupby("level")["test_acc"].max()
+        return [int(level) for level, value in best.items() if float(value) <= ceiling]
 
     @property
     def complete(self) -> bool:
@@ -67,35 +116,54 @@ class Experiment:
     def status(self) -> str:
         done = len(self.levels)
         if self.complete:
-            return f"complete ({done} levels)"
-        total = "?" if self.expected_levels is None else str(self.expected_levels)
-        text = f"incomplete: {done} of {total} levels finished"
-        if self.in_progress_epochs:
-            epochs = self.config.get("training.epochs", "?")
-            text += f", level {done} at epoch {self.in_progress_epochs} of {epochs}"
+            text = f"complete ({done} levels)"
+        else:
+            total = "?" if self.expected_levels is None else str(self.expected_levels)
+            text = f"incomplete: {done} of {total} levels finished"
+            if self.in_progress_epochs:
+                epochs = self.config.get("training.epochs", "?")
+                text += f", level {done} at epoch {self.in_progress_epochs} of {epochs}"
+        chance = self.chance_levels()
+        if chance:
+            text += f"; **AT CHANCE** in level{'s' * (len(chance) > 1)} {_level_list(chance)}"
+        if self.reused:
+            text += "; " + "; ".join(self.reused)
         return text
 
 
-def flat_config(tree: Any, source: Path) -> Dict[str, Any]:
-    if not isinstance(tree, dict):
-        raise ReportError(f"{source}: not a config (a YAML mapping of sections)")
-    flat: Dict[str, Any] = {}
-    for section, keys in tree.items():
-        if isinstance(keys, dict):
-            for key, value in keys.items():
-                flat[f"{section}.{key}"] = value
-        else:
-            flat[str(section)] = keys
-    return flat
+def chance_margin(num_classes: int) -> float:
+    """Points above 100/classes that still count as chance: 2, or a fifth of the chance level."""
+    return max(2.0, 0.2 * 100.0 / num_classes)
+
+
+def _level_list(levels: Sequence[int]) -> str:
+    """[0, 3, 4, 5, 7] -> '0, 3-5, 7'."""
+    parts, start = [], None
+    ordered = sorted(levels)
+    for index, level in enumerate(ordered):
+        if start is None:
+            start = level
+        if index + 1 == len(ordered) or ordered[index + 1] != level + 1:
+            parts.append(str(start) if start == level else f"{start}-{level}")
+            start = None
+    return ", ".join(parts)
+
+
+def config_defaults() -> Dict[str, Any]:
+    """Every config key's default (the harness's): a key an older run's config.yaml lacks counts
+    as its default, as it does when the harness resumes that run (utils/rundir.py)."""
+    try:
+        import harness_params
+        return harness_params.defaults()
+    except ImportError:  # the report used without the harness beside it
+        return {}
 
 
 def read_config(experiment_dir: Path) -> Dict[str, Any]:
-    path = Path(experiment_dir) / "config.yaml"
     try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ReportError(f"{path} cannot be read: {' '.join(str(error).split())[:200]}") from None
-    return flat_config(tree, path)
+        return rundir.read_config(experiment_dir)
+    except rundir.RunDirError as error:
+        raise ReportError(str(error)) from None
 
 
 def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
@@ -113,14 +181,22 @@ def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
-def expected_levels(config: Dict[str, Any]) -> Optional[int]:
+def expected_levels(config: Dict[str, Any], _depth: int = 0) -> Optional[int]:
     """How many levels the run will have when finished (None when the config does not say)."""
-    kind = config.get("prune.training_type")
-    if kind == "at_init":
-        return 1
+    try:
+        if get_training_type(str(config.get("prune.training_type", "imp"))).one_shot:
+            return 1
+    except ValueError:  # a user's type that cannot be imported here: the levels the config says
+        pass
     levels, target, rate = config.get("prune.levels"), config.get("prune.target_density"), config.get("prune.rate")
     if levels is not None and target is None:
         return int(levels)
+    source = config.get("prune.masks_from")
+    if levels is None and target is None and source and _depth < 4:  # a control trains all its source's levels
+        try:
+            return expected_levels(read_config(Path(str(source))), _depth + 1)
+        except ReportError:
+            return None
     try:
         from utils.pruning_utils import iterative_densities
         return len(iterative_densities(float(rate), levels=levels, target_density=target))
@@ -141,7 +217,7 @@ def read_levels(experiment_dir) -> pd.DataFrame:
 
 def load_experiment(experiment_dir) -> Experiment:
     root = Path(experiment_dir)
-    if not (root / "config.yaml").is_file():
+    if not rundir.RunFiles(root).config.is_file():
         raise ReportError(f"{root} is not an experiment directory (no config.yaml)")
     config = read_config(root)
     levels = _read_csv(root / "levels.csv", LEVEL_COLUMNS).sort_values("level").reset_index(drop=True)
@@ -153,7 +229,51 @@ def load_experiment(experiment_dir) -> Experiment:
     epochs = epochs[in_level].reset_index(drop=True) if len(epochs) else epochs
     if len(layers):
         layers = layers[layers["level"].astype(int).isin(finished)].reset_index(drop=True)
-    return Experiment(root, config, levels, epochs, layers, expected_levels(config), in_progress)
+    written = max((p.stat().st_mtime for p in (root / "levels.csv", root / "epochs.csv") if p.exists()), default=0.0)
+    return Experiment(root, config, levels, epochs, layers, expected_levels(config), in_progress,
+                      bn_processes=bn_processes_of(root, config), written_at=written,
+                      num_classes=number_of_classes(config), reused=reused_levels(root))
+
+
+def bn_processes_of(root: Path, config: Dict[str, Any]) -> int:
+    """run_facts.batchnorm_processes of the run in ``root`` (1 when its checkpoints do not say)."""
+    from utils import run_facts
+    execution = run_facts.recorded_execution(root, config.get("training.device"))
+    if execution is None or execution.world_size <= 1:
+        return 1
+    return run_facts.batchnorm_processes(world_size=execution.world_size, device_type=execution.device_type,
+                                         sync_bn=config.get("distributed.sync_bn", "auto"),
+                                         has_batchnorm=bool(run_facts.initial_weights_have_batchnorm(root)))
+
+
+def number_of_classes(config: Dict[str, Any]) -> Optional[int]:
+    """Classes of the run's data: the test set's write record, else the dataset registry."""
+    from utils import dataset
+    try:
+        record = dataset.read_record(str(config.get("dataset.test_path")))
+    except Exception:  # noqa: BLE001 -- an unreadable record: fall back on the registry
+        record = None
+    if isinstance(record, dict):
+        count = record.get("num_classes") or len(record.get("classes") or [])
+        if isinstance(count, int) and count > 0:
+            return count
+    try:
+        return int(dataset.get_dataset_spec(str(config.get("dataset.name"))).num_classes)
+    except Exception:  # noqa: BLE001 -- a dataset this version does not know
+        return None
+
+
+def reused_levels(root: Path) -> List[str]:
+    """What a control took from its source instead of training (utils/controls.py writes it)."""
+    path = rundir.RunFiles(root).reused.path
+    if not path.is_file():
+        return []
+    try:
+        frame = pd.read_csv(path)
+        return [f"level {int(row.level)} taken from `{row.source}` (identical: not retrained)"
+                for row in frame.itertuples()]
+    except Exception:  # noqa: BLE001 -- a note only: never stops the report
+        return [f"{path.name} unreadable"]
 
 
 def expand_dirs(dirs: Sequence) -> List[Path]:
@@ -165,10 +285,10 @@ def expand_dirs(dirs: Sequence) -> List[Path]:
             raise ReportError(f"{path} does not exist")
         if not path.is_dir():
             raise ReportError(f"{path} is not a directory (give experiment directories or a sweep directory)")
-        if (path / "config.yaml").is_file():
+        if rundir.RunFiles(path).config.is_file():
             children = [path]
         else:
-            children = sorted(child for child in path.iterdir() if (child / "config.yaml").is_file())
+            children = sorted(child for child in path.iterdir() if rundir.RunFiles(child).config.is_file())
             if not children:
                 raise ReportError(f"{path} is not an experiment directory (no config.yaml) and holds none")
         for child in children:
@@ -182,16 +302,21 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def grouping_config(config: Dict[str, Any], depth: int = 0) -> Dict[str, str]:
-    """The config keys that define a group, as canonical strings.  ``prune.masks_from`` is
-    replaced by the grouping config of the experiment it names (when that can be read)."""
-    key = {k: _canonical(v) for k, v in config.items() if k not in IGNORED_FOR_GROUPING}
+def grouping_config(config: Dict[str, Any], depth: int = 0, bn_processes: Optional[int] = None) -> Dict[str, str]:
+    """The config keys that define a group, as canonical strings, and ``bn_processes`` when
+    given (read from the run's checkpoints).  ``prune.masks_from`` is replaced by the grouping
+    key of the experiment it names (when that can be read)."""
+    key = {k: _canonical(v) for k, v in {**config_defaults(), **config}.items() if k not in IGNORED_FOR_GROUPING}
+    if bn_processes is not None:
+        key[BN_PROCESSES_KEY] = _canonical(bn_processes)
     source = config.get("prune.masks_from")
     if source and depth < 4:
         source_dir = Path(str(source))
-        if (source_dir / "config.yaml").is_file():
+        if rundir.RunFiles(source_dir).config.is_file():
             try:
-                key["prune.masks_from"] = "group:" + _canonical(grouping_config(read_config(source_dir), depth + 1))
+                source_config = read_config(source_dir)
+                source_key = grouping_config(source_config, depth + 1, bn_processes_of(source_dir, source_config))
+                key["prune.masks_from"] = "group:" + _canonical(source_key)
             except ReportError:
                 pass
     return key
@@ -201,8 +326,9 @@ def grouping_config(config: Dict[str, Any], depth: int = 0) -> Dict[str, str]:
 class Group:
     gid: str
     key: Dict[str, str]
-    members: List[Experiment] = field(default_factory=list)
+    members: List[Experiment] = field(default_factory=list)   # the runs counted: one per seed
     label: str = ""
+    dropped: List[Experiment] = field(default_factory=list)   # copies of a counted run's seed (duplicate_of)
 
     @property
     def config(self) -> Dict[str, Any]:
@@ -217,16 +343,39 @@ def make_groups(experiments: Sequence[Experiment]) -> List[Group]:
     groups: List[Group] = []
     index: Dict[str, Group] = {}
     for experiment in experiments:
-        key = grouping_config(experiment.config)
+        key = grouping_config(experiment.config, bn_processes=experiment.bn_processes)
         signature = _canonical(key)
         if signature not in index:
             index[signature] = Group(f"g{len(groups) + 1}", key)
             groups.append(index[signature])
         index[signature].members.append(experiment)
     for group in groups:
+        count_each_seed_once(group)
         group.members.sort(key=lambda e: (str(e.seed), str(e.path)))
     label_groups(groups)
     return groups
+
+
+def preference(experiment: Experiment) -> Tuple[bool, int, float, str]:
+    """Which of several runs of one seed is counted (the largest): complete first, then the
+    most finished levels, then the newest (latest CSV write); the path breaks exact ties."""
+    return experiment.complete, len(experiment.levels), experiment.written_at, str(experiment.path)
+
+
+def count_each_seed_once(group: Group) -> None:
+    """Keep one run per replicate (seed, source's seed) in ``group.members``; the others go to
+    ``group.dropped`` with ``duplicate_of`` naming the run kept."""
+    by_replicate: Dict[Tuple[str, str], List[Experiment]] = {}
+    for experiment in group.members:
+        by_replicate.setdefault(experiment.replicate, []).append(experiment)
+    kept, dropped = [], []
+    for copies in by_replicate.values():
+        copies.sort(key=preference, reverse=True)
+        kept.append(copies[0])
+        for copy in copies[1:]:
+            copy.duplicate_of = copies[0]
+            dropped.append(copy)
+    group.members, group.dropped = kept, sorted(dropped, key=lambda e: (str(e.seed), str(e.path)))
 
 
 def differing_keys(groups: Sequence[Group]) -> List[str]:
@@ -265,7 +414,12 @@ def value_in_table(group: Group, key: str, groups: Sequence[Group]) -> str:
     if key == "prune.masks_from" and group.config.get(key):
         source = source_group(group, groups)
         return f"masks of {source.gid}" if source else f"masks of {Path(str(group.config[key])).name}"
-    return _show(group.config.get(key))
+    return _show(group_value(group, key))
+
+
+def group_value(group: Group, key: str) -> Any:
+    """A grouping key's value: from the config, or ``bn_processes`` from the runs' checkpoints."""
+    return group.members[0].bn_processes if key == BN_PROCESSES_KEY else group.config.get(key)
 
 
 def label_groups(groups: List[Group]) -> None:
@@ -274,7 +428,7 @@ def label_groups(groups: List[Group]) -> None:
     for group in groups:
         c = group.config
         if keys:
-            text = ", ".join(f"{short[k]}={_show(c.get(k))}" for k in keys)
+            text = ", ".join(f"{short[k]}={_show(group_value(group, k))}" for k in keys)
         else:
             text = (f"{c.get('model.name', '?')} {c.get('prune.criterion', '?')}/"
                     f"{c.get('prune.allocation', '?')}/{c.get('prune.training_type', '?')}")
@@ -288,7 +442,7 @@ def label_groups(groups: List[Group]) -> None:
 # ============================================================================ numbers
 def summarize(group: Group) -> pd.DataFrame:
     """One row per level: densities, mean/std of final and best test accuracy, n seeds."""
-    frames = [e.levels.assign(seed=e.seed) for e in group.members if len(e.levels)]
+    frames = [e.levels.assign(seed=e.seed) for e in group.members if len(e.levels)]  # one run per seed
     columns = ["level", "target_density", "density", "final_test_acc_mean", "final_test_acc_std",
                "best_test_acc_mean", "best_test_acc_std", "n_seeds", "seeds"]
     if not frames:
@@ -359,6 +513,11 @@ def _plain_log_labels(axis) -> None:
     axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.3g}" if v > 0 and f"{v:.0e}"[0] in "235" else ""))
 
 
+def band_limits(mean: pd.Series, std: pd.Series) -> Tuple[pd.Series, pd.Series]:
+    """mean ± std, clipped to 0-100: accuracies are percentages."""
+    return (mean - std).clip(lower=0.0, upper=100.0), (mean + std).clip(lower=0.0, upper=100.0)
+
+
 def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], out: Path) -> None:
     plt = _pyplot()
     label_width = max((len(f"{g.gid}: {g.label} (10-10 seeds)") for g in groups), default=0)
@@ -383,9 +542,9 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
             seeds = f"{n} seeds" if n == n_low else f"{n_low}-{n} seeds"
             label = f"{group.gid}: {group.label} ({seeds if n > 1 else '1 seed'})"
             line, = ax.plot(x, mean, marker="o", markersize=4, label=label)
-            if n > 1:  # accuracy cannot pass 100%: the band stops there
-                ax.fill_between(x, mean - std, (mean + std).clip(upper=100.0), color=line.get_color(), alpha=band_alpha,
-                                linewidth=0)
+            if n > 1:
+                low, high = band_limits(mean, std)
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=band_alpha, linewidth=0)
             dense = frame[frame["level"] == 0]
             if not dense.empty and abs(float(dense["density"].iloc[0]) - 1.0) < 1e-9:
                 value = float(dense[f"{metric}_mean"].iloc[0])
@@ -514,18 +673,47 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
              "mean ± sample standard deviation (ddof=1) over the seeds of a group; n = seeds with that level finished.",
              ""]
     experiments = [e for g in groups for e in g.members]
+    everything = experiments + [e for g in groups for e in g.dropped]
     incomplete = [e for e in experiments if not e.complete]
-    lines += ["## Experiments", "", "| experiment | group | seed | status |", "|---|---|---|---|"]
+    counted_word = " counted" if len(everything) > len(experiments) else ""
+    lines += ["## Experiments", "", "| experiment | group | seed | counted | status |", "|---|---|---|---|---|"]
     for group in groups:
-        for e in group.members:
-            lines.append(f"| `{e.path}` | {group.gid} | {e.seed} | {e.status()} |")
+        for e in sorted(group.members + group.dropped, key=lambda e: (str(e.seed), str(e.path))):
+            counted = "yes" if e.duplicate_of is None else f"no: copy of `{e.duplicate_of.path.name}`"
+            lines.append(f"| `{e.path}` | {group.gid} | {e.seed} | {counted} | {e.status()} |")
     lines.append("")
     if incomplete:
-        lines += [f"**{len(incomplete)} of {len(experiments)} runs are incomplete** (still running or stopped): "
-                  "their finished levels are included; "
+        lines += [f"**{len(incomplete)} of {len(experiments)} runs{counted_word} are incomplete** (still running or "
+                  "stopped): their finished levels are included; "
                   + ", ".join(f"`{e.path.name}`" for e in incomplete) + ".", ""]
     else:
-        lines += [f"All {len(experiments)} runs are complete.", ""]
+        lines += [f"All {len(experiments)} runs{counted_word} are complete.", ""]
+    dropped = [e for g in groups for e in g.dropped]
+    if dropped:
+        lines += [f"**{len(dropped)} of {len(everything)} runs are copies of a seed already counted** and are left "
+                  "out of every number: a group counts each seed once (for a control: each seed of each source), "
+                  "keeping the newest complete run.", ""]
+        for e in dropped:
+            kept = e.duplicate_of
+            lines.append(f"- seed {e.seed}: kept `{kept.path}` ({kept.status()}), dropped `{e.path}` ({e.status()})")
+        lines.append("")
+    warnings = []
+    for e in everything:
+        chance = e.chance_levels()
+        if chance:
+            ceiling = 100.0 / e.num_classes + chance_margin(e.num_classes)
+            warnings.append(f"- **`{e.path}` is at chance level** in level{'s' * (len(chance) > 1)} "
+                            f"{_level_list(chance)}: no epoch's test accuracy there exceeds {ceiling:.3g}% "
+                            f"(chance: {100.0 / e.num_classes:.3g}% for {e.num_classes} classes); a run that "
+                            "never learned (a bad learning rate, a stuck control, a broken input?)"
+                            + (" -- it is not counted (a copy)" if e.duplicate_of is not None else
+                               " -- it is counted in its group's numbers"))
+    unknown = [e for e in experiments if e.num_classes is None]
+    if unknown:
+        warnings.append("- chance level not checked for " + ", ".join(f"`{e.path.name}`" for e in unknown)
+                        + " (the number of classes is unknown)")
+    if warnings:
+        lines += ["## Warnings", "", *warnings, ""]
 
     keys = differing_keys(groups)
     lines += ["## Groups", ""]
@@ -533,10 +721,16 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
         lines += ["Config keys that differ between groups: " + ", ".join(f"`{k}`" for k in keys) + ".", ""]
     else:
         lines += ["One group: the runs differ only in " + ", ".join(f"`{k}`" for k in IGNORED_FOR_GROUPING[:3]) + ".", ""]
+    if BN_PROCESSES_KEY in keys:
+        lines += [f"`{BN_PROCESSES_KEY}` is not a config key: it is the number of processes whose BatchNorm statistics "
+                  "were per-rank (1 = one process, no BatchNorm, or SyncBatchNorm), read from the runs' checkpoints. "
+                  "Runs with different values train different models, so they are not pooled.", ""]
     header = ["group", "label", "seeds", *keys]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group in groups:
         seeds = ", ".join(str(e.seed) for e in group.members)
+        if group.dropped:
+            seeds += f" ({len(group.dropped)} cop{'ies' if len(group.dropped) > 1 else 'y'} left out)"
         lines.append("| " + " | ".join([group.gid, group.label, seeds,
                                          *(value_in_table(group, k, groups) for k in keys)]) + " |")
     common = [k for k in ("model.name", "dataset.name", "prune.criterion", "prune.allocation", "prune.training_type",
@@ -602,20 +796,22 @@ def write_report(dirs: Sequence, out_dir, command: str = "python -m utils.report
     table.to_csv(temporary, index=False)
     os.replace(temporary, out / "summary.csv")
     _write_text(out / "report.md", markdown(groups, summaries, figures, command))
+    counted = [e for g in groups for e in g.members]
     return {"groups": groups, "summary": table, "figures": [n for names in figures.values() for n in names],
-            "incomplete": [e for e in experiments if not e.complete]}
+            "incomplete": [e for e in counted if not e.complete],
+            "dropped": [e for g in groups for e in g.dropped],
+            "at_chance": [e for e in experiments if e.chance_levels()]}
 
 
 # ====================================================================== the one-plot CLI
 def label_for(experiment_dir) -> str:
-    config_path = Path(experiment_dir) / "config.yaml"
     name = Path(experiment_dir).name
-    if config_path.exists():
-        config = yaml.safe_load(config_path.read_text()) or {}
-        prune = config.get("prune", {})
-        model = config.get("model", {}).get("name", "?")
-        return f"{name} ({model}, {prune.get('criterion', '?')}/{prune.get('allocation', '?')}/{prune.get('training_type', '?')})"
-    return name
+    try:
+        c = rundir.read_config(experiment_dir)
+    except rundir.RunDirError:
+        return name
+    return (f"{name} ({c.get('model.name', '?')}, {c.get('prune.criterion', '?')}/{c.get('prune.allocation', '?')}/"
+            f"{c.get('prune.training_type', '?')})")
 
 
 def table(frame: pd.DataFrame) -> str:
@@ -671,9 +867,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 [*map(str, args.experiments), "--out-dir", str(args.out_dir)])
             written = write_report(args.experiments, args.out_dir, command=command)
             for group in written["groups"]:
-                print(f"{group.gid}: {group.label}  ({len(group.members)} run{'s' * (len(group.members) > 1)})")
+                copies = f", {len(group.dropped)} cop{'ies' if len(group.dropped) > 1 else 'y'} of a seed left out" \
+                    if group.dropped else ""
+                print(f"{group.gid}: {group.label}  ({len(group.members)} seed{'s' * (len(group.members) > 1)}{copies})")
             for e in written["incomplete"]:
                 print(f"incomplete: {e.path} ({e.status()})")
+            for e in written["dropped"]:
+                print(f"copy left out: {e.path} (seed {e.seed}; counted: {e.duplicate_of.path})")
+            for e in written["at_chance"]:
+                print(f"AT CHANCE: {e.path} (levels {_level_list(e.chance_levels())})")
             print(f"report written to {args.out_dir / 'report.md'} (+ summary.csv, {len(written['figures'])} figures)")
         if args.out is not None or args.out_dir is None:
             dirs = expand_dirs(args.experiments)

@@ -1,6 +1,8 @@
 """Stopping on request and watching progress: callbacks of the training epoch.
 
-* ``StopFlag``: SIGTERM/SIGINT set a flag; a second signal stops at once.
+* ``StopFlag``: SIGTERM/SIGINT set a flag; a second signal stops at once (one within 2 s of the
+  first is the same request delivered twice: Slurm, then torchrun forwarding it).  The death of
+  torchrun sets it too (``utils/launcher_watch.py``).
 * ``StopRequests``: whether to stop now, the same answer on every rank at the same batch
   (with several processes an all-reduce of the ranks' flags every ``check_interval`` batches
   and at every epoch boundary, so that every rank takes part in it).
@@ -12,11 +14,13 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 import torch
 
 from utils import distributed_utils as du
+from utils import launcher_watch
 from utils.callbacks import Callback
 
 # With several processes the ranks agree on stopping with one all-reduce every this many
@@ -35,21 +39,32 @@ class StopFlag:
     previous handlers back (the harness may run inside another program, e.g. a test)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # Slurm signals every process of a job at once and torchrun forwards the same signal to its
+    # workers a moment later: a second signal this soon after the first is that one request.
+    SAME_REQUEST_S = 2.0
 
     def __init__(self):
         self.raised = False
+        self._raised_at = 0.0
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)
+        launcher_watch.set_stop_request(self.request)  # torchrun dying asks for the same stop
+
+    def request(self) -> None:
+        if not self.raised:
+            self.raised, self._raised_at = True, time.monotonic()
 
     def _handler(self, signum, frame):
-        if self.raised:  # asked twice: stop now (every file is written atomically, the last checkpoint stays whole)
+        if self.raised and time.monotonic() - self._raised_at > self.SAME_REQUEST_S:
+            # asked twice: stop now (every file is written atomically, the last checkpoint stays whole)
             self.restore()
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice: stopping without a checkpoint")
-        self.raised = True
+        self.request()
 
     def restore(self) -> None:
+        launcher_watch.set_stop_request(None)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

@@ -1,5 +1,5 @@
 """Stability to SGD noise: the error barrier on the linear path between two trained networks
-(linear mode connectivity, Frankle et al. 2020; DESIGN.md section 9).
+(linear mode connectivity, Frankle et al. 2020; docs/design.md section 9).
 
 Two copies of one level's start state train with different data orders, giving networks
 A and B with the same masks.  For alpha in ``points`` evenly spaced values 0, ..., 1 (end
@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from utils.callbacks import Callback
+from utils.checkpointing import model_state
 from utils.mask_layers import apply_masks_, mask_buffer_names
 from utils.training import autocast, evaluate
 
@@ -202,3 +204,69 @@ def instability(points: Sequence[PathPoint]) -> float:
         raise ValueError("a path needs at least its two end points")
     ends = (points[0].test_error + points[-1].test_error) / 2.0
     return max(p.test_error for p in points) - ends
+
+
+# ------------------------------------------------------------------ the run's analysis
+@dataclass
+class StabilityRun:
+    """The narrow handle a run gives the analysis: what it may ask of the training, nothing more.
+
+    ``model`` is the bare model; ``snapshot()`` its training state now (weights, optimizer,
+    schedule); ``save_start(state)`` keeps a level's start state on disk (rank 0; resume reads
+    it back: ``resumed_start()``); ``train_copy(start, level)`` trains a second copy from
+    ``start`` with another data order and returns its weights, leaving the run as it was;
+    ``sync_buffers()`` gives every rank rank 0's buffers; ``bn_batches(level)`` and
+    ``test_batches()`` make batch iterators; ``log_rows(rows)`` writes stability.csv rows
+    (rank 0); ``say`` prints on rank 0."""
+    model: nn.Module
+    snapshot: Callable[[], Dict[str, Any]]
+    save_start: Callable[[Dict[str, Any]], None]
+    resumed_start: Callable[[], Optional[Dict[str, Any]]]
+    train_copy: Callable[[Dict[str, Any], int], Dict[str, torch.Tensor]]
+    sync_buffers: Callable[[], None]
+    bn_batches: Callable[[int], Batches]
+    test_batches: Callable[[], Batches]
+    log_rows: Callable[[List[Dict[str, Any]]], None]
+    say: Callable[[str], None]
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype] = None
+    reduce: Optional[Callable] = None
+    points: int = 11
+    bn_batch_count: int = 20
+    reestimate_endpoints: bool = False
+
+
+class StabilityAnalysis(Callback):
+    """analysis.stability: at each level's start the state is kept (and written, for resume);
+    at its end a second copy trains from it with another data order, the test error along the
+    linear path between the two goes to stability.csv and the barrier to levels.csv."""
+
+    def __init__(self, make_run: Callable[[], StabilityRun]):
+        self.make_run = make_run  # called once the run's training objects exist (at on_run_start)
+        self.run: Optional[StabilityRun] = None
+        self.start: Optional[Dict[str, Any]] = None
+
+    def on_run_start(self, info) -> None:
+        self.run = self.make_run()
+        self.start = self.run.resumed_start()  # None on a fresh run; a resumed level's start state otherwise
+
+    def on_level_start(self, info) -> None:
+        self.start = {**self.run.snapshot(), "epoch": info.extra["start_epoch"],
+                      "batches_done": info.extra["start_batch"]}
+        if info.is_primary:
+            self.run.save_start(self.start)
+
+    def on_level_end(self, info) -> None:
+        run = self.run
+        run.sync_buffers()
+        first = model_state(run.model)
+        second = run.train_copy(self.start, info.level)
+        result = evaluate_path(run.model, first, second, train_batches=lambda: run.bn_batches(info.level),
+                               test_batches=run.test_batches, device=run.device, points=run.points,
+                               bn_batches=run.bn_batch_count, reestimate_endpoints=run.reestimate_endpoints,
+                               autocast_dtype=run.autocast_dtype, reduce=run.reduce)
+        info.row["instability"] = result.instability
+        if info.is_primary:
+            run.log_rows(result.rows(info.level))
+        run.say(f"level {info.level}: instability {result.instability:.2f} points "
+                f"(error barrier on the path between two copies)")

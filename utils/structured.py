@@ -1,6 +1,6 @@
 """Channel (structured) pruning on masked models: coupled channel groups, scores, masks.
 
-Semantics (docs/structured.md):
+Semantics (docs/design.md section 10; docs/structured.md):
 
 * The unit is an output channel.  Channels that the network ties together -- the outputs of
   the convs summed by a residual addition, a conv and the depthwise conv that follows it,

@@ -5,20 +5,35 @@
     python -m utils.sweep SWEEP.yaml --runs-per-gpu 2                         # 2 runs at once per GPU (or on CPU)
     python -m utils.sweep SWEEP.yaml --launcher slurm --partition gpu --time-min 240 [--wait]
 
-A sweep file (DESIGN.md section 11)::
+A sweep file::
 
     base: configs/resnet20_lrr_cifar10.yaml   # the base config (relative to the working directory,
                                               # else to the sweep file's directory)
     name: r20_lrr_vs_wr                       # the sweep's directory under experiment.base_dir
     overrides: {training.epochs: 160}         # fixed for every run (optional)
     grid: {experiment.seed: [0, 1, 2], prune.training_type: [lrr, wr]}   # the product
+    zip: {experiment.seed: [0, 1, 2], optimizer.lr: [0.1, 0.2, 0.4]}     # optional: varied together
+    controls: {reinit: {seed_offset: 1000}, shuffle: {}}                 # optional: each run's controls
     launcher: local                           # optional: local (default) or slurm
     nproc_per_node: 1                         # optional: processes per run (torchrun --nproc-per-node)
     runs_per_gpu: 1                           # optional, local: runs at once per GPU (on CPU: at once)
     slurm: {partition: gpu, time_min: 240, gpus_per_node: 1, cpus_per_task: 8, mem_gb: 32}   # optional
 
-Run ``r`` is ``experiment.base_dir/<name>/<run name>``, the run name made of the grid values
-(``seed-0_training_type-lrr``).  Every expanded run is checked by the harness's own config
+Runs: every combination of the ``grid`` lists (their product) times every row of the ``zip``
+lists (lists of one length, the i-th values of all of them together: seeds paired with their
+own masks, say).  Either section may be left out, not both.  Run ``r`` is
+``experiment.base_dir/<name>/<run name>``, the run name made of the grid values, then the zip
+values (``seed-0_training_type-lrr``).
+
+``controls`` gives each of those runs (a *source*) its control runs (utils/controls.py), listed
+after all the sources -- a launcher starts runs in list order, and a control waits for the
+levels of its source anyway: ``<source name>_<control>`` trains with the source's config plus
+``--prune.masks_from=<source's directory> --prune.control=<control>`` and
+``--experiment.seed=<source's seed + seed_offset>``.  ``seed_offset`` defaults to 0 (``none``,
+``shuffle``: the source's seed and initial weights, so the level 0 of a ``shuffle`` control is the
+source's and is taken, not retrained) and to 1000 for ``reinit``, whose fresh initialisation must
+come from another seed (0 is refused).  ``overrides`` in a control's entry apply to that control's
+runs only.  Written ``controls: [reinit, shuffle]`` for the defaults.  Every expanded run is checked by the harness's own config
 validation before anything runs; a bad sweep file is refused in one line, exit status 2.
 Finished runs are skipped; a run with a directory but not finished is launched again and the
 harness resumes it; a re-run of the sweep only does what is missing.  At the end the report of
@@ -47,15 +62,20 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from utils import rundir
+
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 143
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SWEEP_KEYS = {"base", "name", "overrides", "grid", "launcher", "nproc_per_node", "runs_per_gpu", "slurm"}
+SWEEP_KEYS = {"base", "name", "overrides", "grid", "zip", "controls", "launcher", "nproc_per_node", "runs_per_gpu",
+              "slurm"}
+CONTROL_ENTRY_KEYS = {"seed_offset", "overrides"}
+DEFAULT_SEED_OFFSET = {"reinit": 1000}   # reinit needs another seed than its source's; the others keep it (0)
+# Set by the sweep for each control run (a control entry's overrides may not set them).
+CONTROL_SET_KEYS = ("prune.masks_from", "prune.control", "experiment.seed")
 SLURM_KEYS = {"partition": str, "account": str, "qos": str, "constraint": str, "time_min": int, "gpus_per_node": int,
               "cpus_per_task": int, "mem_gb": int, "array_parallelism": int, "setup": list}
 RESERVED_GRID_KEYS = ("experiment.name", "experiment.base_dir")  # the sweep decides where runs go
-# Keys whose difference does not make an existing run directory another run (harness_utils.NON_SEMANTIC_KEYS).
-NON_SEMANTIC_KEYS = {"experiment.resume", "training.progress", "dataset.num_workers", "experiment.name",
-                     "experiment.base_dir", "logging.tensorboard", "logging.wandb_project"}
+
 
 
 class SweepError(ValueError):
@@ -64,11 +84,20 @@ class SweepError(ValueError):
 
 # ============================================================================ the sweep
 @dataclass
+class ControlSpec:
+    control: str                    # none, reinit or shuffle (prune.control)
+    seed_offset: int                # the control's experiment.seed = its source's + seed_offset
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Run:
     name: str
-    values: Dict[str, Any]          # the grid values of this run
+    values: Dict[str, Any]          # the grid (and zip) values of this run
     argv: List[str]                 # harness arguments: --config BASE --k=v ...
     config: Dict[str, Any] = field(default_factory=dict)   # the resolved config (flat)
+    source: Optional["Run"] = None  # a control run: the run whose masks it trains
+    control: Optional[ControlSpec] = None
 
     @property
     def directory(self) -> Path:
@@ -88,6 +117,8 @@ class Sweep:
     slurm: Dict[str, Any] = field(default_factory=dict)
     runs: List[Run] = field(default_factory=list)
     directory: Optional[Path] = None
+    zip: Dict[str, List[Any]] = field(default_factory=dict)
+    controls: List[ControlSpec] = field(default_factory=list)
 
 
 def cli_value(value: Any) -> str:
@@ -175,19 +206,19 @@ def parse_sweep(path: Path, flags: Optional[Dict[str, Any]] = None) -> Sweep:
     _require(isinstance(overrides, dict), f"sweep file {path}: overrides must be a mapping of section.key: value, "
                                           f"got {type(overrides).__name__}")
     overrides = _dotted(overrides, f"sweep file {path}: overrides")
-    _require("grid" in tree, f"sweep file {path}: missing 'grid' (section.key: [values, ...])")
-    grid = tree["grid"]
-    _require(isinstance(grid, dict), f"sweep file {path}: grid must be a mapping of section.key: [values], "
-                                     f"got {type(grid).__name__}")
-    grid = _dotted(grid, f"sweep file {path}: grid")
-    _require(len(grid) > 0, f"sweep file {path}: the grid is empty; give at least one section.key: [values]")
-    for key, values in grid.items():
-        _require(isinstance(values, list), f"sweep file {path}: grid key {key} must be a list of values, "
-                                           f"got {type(values).__name__} {values!r}")
-        _require(len(values) > 0, f"sweep file {path}: grid key {key} has no values")
-        _require(key not in RESERVED_GRID_KEYS, f"sweep file {path}: grid key {key} is set by the sweep "
-                                                f"(runs go to experiment.base_dir/{name}/<run name>)")
-        _require(key not in overrides, f"sweep file {path}: {key} is both in overrides and in the grid")
+    _require("grid" in tree or "zip" in tree,
+             f"sweep file {path}: missing 'grid' (section.key: [values, ...]; or 'zip', lists varied together)")
+    grid = _varied_section(tree, "grid", path, name, overrides)
+    paired = _varied_section(tree, "zip", path, name, overrides)
+    _require(len(grid) + len(paired) > 0, f"sweep file {path}: the grid is empty; give at least one "
+                                          f"section.key: [values]")
+    both = sorted(set(grid) & set(paired))
+    _require(not both, f"sweep file {path}: {both[0] if both else ''} is both in the grid and in zip")
+    lengths = {key: len(values) for key, values in paired.items()}
+    _require(len(set(lengths.values())) <= 1,
+             f"sweep file {path}: zip lists are varied together and must have one length; got "
+             + ", ".join(f"{key}: {count} values" for key, count in lengths.items()))
+    control_specs = parse_controls(tree.get("controls"), path)
     _require("experiment.name" not in overrides,
              f"sweep file {path}: overrides cannot set experiment.name (the sweep names its runs)")
     settings = {"launcher": tree.get("launcher", "local"), "nproc_per_node": tree.get("nproc_per_node", 1),
@@ -213,26 +244,111 @@ def parse_sweep(path: Path, flags: Optional[Dict[str, Any]] = None) -> Sweep:
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{key}={value!r} must be an integer >= 1")
     sweep = Sweep(path, name, base_path, overrides, grid, settings["launcher"], settings["nproc_per_node"],
-                  settings["runs_per_gpu"], settings["slurm"])
+                  settings["runs_per_gpu"], settings["slurm"], zip=paired, controls=control_specs)
     expand(sweep)
     return sweep
 
 
+def _varied_section(tree: Dict[str, Any], section: str, path: Path, name: str,
+                    overrides: Dict[str, Any]) -> Dict[str, List[Any]]:
+    """The ``grid`` or ``zip`` section: section.key -> a non-empty list of values ({} when absent)."""
+    if section not in tree:
+        return {}
+    varied = tree[section]
+    _require(isinstance(varied, dict), f"sweep file {path}: {section} must be a mapping of section.key: [values], "
+                                       f"got {type(varied).__name__}")
+    varied = _dotted(varied, f"sweep file {path}: {section}")
+    for key, values in varied.items():
+        _require(isinstance(values, list), f"sweep file {path}: {section} key {key} must be a list of values, "
+                                           f"got {type(values).__name__} {values!r}")
+        _require(len(values) > 0, f"sweep file {path}: {section} key {key} has no values")
+        _require(key not in RESERVED_GRID_KEYS, f"sweep file {path}: {section} key {key} is set by the sweep "
+                                                f"(runs go to experiment.base_dir/{name}/<run name>)")
+        _require(key not in overrides, f"sweep file {path}: {key} is both in overrides and in the {section}")
+    return varied
+
+
+def parse_controls(section: Any, path: Path) -> List[ControlSpec]:
+    """``controls: {reinit: {seed_offset: 1000}, shuffle: {}}`` or ``controls: [reinit, shuffle]``."""
+    from utils.controls import CONTROLS
+    if section is None:
+        return []
+    where = f"sweep file {path}: controls"
+    if isinstance(section, list):
+        _require(all(isinstance(entry, str) for entry in section),
+                 f"{where} must list control names ({', '.join(CONTROLS)}) or map them to settings")
+        _require(len(set(section)) == len(section), f"{where} names a control twice")
+        section = {entry: {} for entry in section}
+    _require(isinstance(section, dict) and len(section) > 0,
+             f"{where} must map control names ({', '.join(CONTROLS)}) to settings ({', '.join(sorted(CONTROL_ENTRY_KEYS))})")
+    specs = []
+    for control, settings in section.items():
+        _require(control in CONTROLS, f"{where}: {control!r} is not a control; valid: {', '.join(CONTROLS)}")
+        settings = settings if settings is not None else {}
+        _require(isinstance(settings, dict), f"{where}.{control} must be a mapping "
+                                             f"({', '.join(sorted(CONTROL_ENTRY_KEYS))}), got {settings!r}")
+        unknown = sorted(set(map(str, settings)) - CONTROL_ENTRY_KEYS)
+        _require(not unknown, f"{where}.{control}: unknown key {unknown[0] if unknown else ''!r}; "
+                              f"allowed: {', '.join(sorted(CONTROL_ENTRY_KEYS))}")
+        offset = settings.get("seed_offset", DEFAULT_SEED_OFFSET.get(control, 0))
+        _require(isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0,
+                 f"{where}.{control}: seed_offset={offset!r} must be an integer >= 0")
+        _require(control != "reinit" or offset != 0,
+                 f"{where}.reinit: seed_offset=0 gives the control its source's seed, so its 'fresh' initialisation "
+                 f"would be the ticket's own; use another offset (default {DEFAULT_SEED_OFFSET['reinit']})")
+        extra = settings.get("overrides") or {}
+        _require(isinstance(extra, dict), f"{where}.{control}: overrides must be a mapping of section.key: value")
+        extra = _dotted(extra, f"{where}.{control}: overrides")
+        for key in (*CONTROL_SET_KEYS, *RESERVED_GRID_KEYS):
+            _require(key not in extra, f"{where}.{control}: overrides cannot set {key} (the sweep sets it for "
+                                       f"each control run; the seed through seed_offset)")
+        _require(control != "none" or offset != 0 or extra,
+                 f"{where}.none: with the source's seed and no overrides it would repeat the source run; "
+                 f"give it a seed_offset or overrides")
+        specs.append(ControlSpec(control, offset, extra))
+    return specs
+
+
+def varied_values(sweep: Sweep) -> List[Dict[str, Any]]:
+    """The values of each run: the grid's product (in the grid's key order), times the zip rows."""
+    grid_keys, zip_keys = list(sweep.grid), list(sweep.zip)
+    rows = list(zip(*(sweep.zip[k] for k in zip_keys))) if zip_keys else [()]
+    return [{**dict(zip(grid_keys, combo)), **dict(zip(zip_keys, row))}
+            for combo in itertools.product(*(sweep.grid[k] for k in grid_keys)) for row in rows]
+
+
 def expand(sweep: Sweep) -> None:
-    keys = list(sweep.grid)
-    combos = list(itertools.product(*(sweep.grid[k] for k in keys)))
-    names = run_names(keys, combos)
+    """Sweep.runs: the sources (grid x zip), then each source's controls, in that order."""
+    combos = varied_values(sweep)
+    keys = list(sweep.grid) + list(sweep.zip)
+    names = run_names(keys, [[values[k] for k in keys] for values in combos])
     seen: Dict[str, Dict[str, Any]] = {}
-    for name, combo in zip(names, combos):
-        values = dict(zip(keys, combo))
-        if name in seen:
-            raise SweepError(f"sweep file {sweep.file}: grid values {seen[name]} and {values} give the same run "
-                             f"name {name!r}; make the values distinct")
-        seen[name] = values
+
+    def add(run: Run) -> None:
+        if run.name in seen:
+            raise SweepError(f"sweep file {sweep.file}: runs {_describe(seen[run.name])} and {_describe(run.values)} "
+                             f"give the same run name {run.name!r}; make the values distinct")
+        seen[run.name] = run.values
+        sweep.runs.append(run)
+
+    for name, values in zip(names, combos):
         argv = ["--config", str(sweep.base)]
         argv += [f"--{k}={cli_value(v)}" for k, v in sweep.overrides.items()]
         argv += [f"--{k}={cli_value(v)}" for k, v in values.items()]
-        sweep.runs.append(Run(name, values, argv))
+        add(Run(name, values, argv))
+    if not sweep.controls:
+        return
+    for source in list(sweep.runs):
+        masks_from = {**sweep.overrides, **source.values}.get("prune.masks_from")
+        _require(not masks_from, f"sweep file {sweep.file}: run {source.name} is itself a control "
+                                 f"(prune.masks_from={masks_from}); controls: apply to runs that prune")
+        for spec in sweep.controls:  # the source's arguments, its seed aside (validate_runs sets the control's)
+            argv = ["--config", str(sweep.base)]
+            argv += [f"--{k}={cli_value(v)}" for k, v in {**sweep.overrides, **source.values, **spec.overrides}.items()
+                     if k != "experiment.seed"]
+            argv.append(f"--prune.control={spec.control}")
+            add(Run(f"{source.name}_{spec.control}", {**source.values, "prune.control": spec.control}, argv,
+                    source=source, control=spec))
 
 
 def harness_check(argv: Sequence[str]) -> Dict[str, Any]:
@@ -260,7 +376,11 @@ def validate_runs(sweep: Sweep) -> None:
     first = sweep.runs[0]
     base_dir = check(first, first.argv + [f"--experiment.name={first.name}"])["experiment.base_dir"]
     sweep.directory = Path(base_dir) / sweep.name
-    for run in sweep.runs:
+    for run in sweep.runs:  # sources come first: a control's seed and masks are its checked source's
+        if run.source is not None:
+            seed = run.source.config["experiment.seed"] + run.control.seed_offset
+            run.values["experiment.seed"] = seed
+            run.argv += [f"--prune.masks_from={run.source.directory}", f"--experiment.seed={seed}"]
         run.argv += [f"--experiment.base_dir={sweep.directory}", f"--experiment.name={run.name}"]
         run.config = check(run, run.argv)
 
@@ -270,36 +390,13 @@ def _describe(values: Dict[str, Any]) -> str:
 
 
 # ============================================================================ run state
-def _flat_config_file(path: Path) -> Dict[str, Any]:
-    tree = yaml.safe_load(path.read_text()) or {}
-    return {f"{s}.{k}": v for s, keys in tree.items() if isinstance(keys, dict) for k, v in keys.items()}
-
-
 def run_status(run: Run) -> str:
     """'new', 'finished', 'partial' (the harness resumes it) or 'conflict' (another config there:
-    the harness will refuse it, naming the keys)."""
-    root = run.directory
-    config_file = root / "config.yaml"
-    if not config_file.exists():
-        return "new"
-    try:
-        existing = _flat_config_file(config_file)
-    except Exception:
-        return "conflict"
-    keys = (set(existing) | set(run.config)) - NON_SEMANTIC_KEYS
-    # a key this version of the harness added (absent there) at its default value is no difference
-    if any(existing.get(k, run.config.get(k)) != run.config.get(k) for k in keys):
-        return "conflict"
-    last = root / "checkpoints" / "last.pt"
-    if last.exists():
-        try:
-            import torch
-            state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-            if isinstance(state, dict) and state.get("finished", False):
-                return "finished"
-        except Exception:
-            pass  # the harness says what is wrong with it when it resumes
-    return "partial"
+    the harness will refuse it, naming the keys).  The harness's own rule: utils.rundir.run_state
+    with the harness's defaults for keys an older config.yaml lacks."""
+    import harness_params
+    state = rundir.run_state(run.directory, run.config, harness_params.defaults())
+    return {"new": "new", "finished": "finished", "resume": "partial", "other": "conflict"}[state]
 
 
 # ============================================================================ commands
@@ -448,107 +545,22 @@ def _tail(path: Path, count: int) -> List[str]:
 
 
 # ============================================================================ Slurm launcher
-class SlurmRun:
-    """What one array task runs: torchrun on the node, in the sweep's working directory.  On a
-    Slurm preemption or time limit (submitit calls ``checkpoint``) it forwards SIGTERM to the
-    harness, which writes a checkpoint, and requeues itself: the requeued task resumes."""
-
-    def __init__(self, command: List[str], cwd: str):
-        self.command, self.cwd = list(command), cwd
-        self.child: Optional[subprocess.Popen] = None
-
-    def __call__(self) -> int:
-        self.child = subprocess.Popen(self.command, cwd=self.cwd, start_new_session=True)
-        code = self.child.wait()
-        if code != 0:
-            raise RuntimeError(f"{show_command(self.command)} exited with status {code}")
-        return code
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        if self.child is not None and self.child.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.child.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.child.wait(timeout=60)
-        return submitit.helpers.DelayedSubmission(SlurmRun(self.command, self.cwd))
-
-    def __getstate__(self):
-        return {"command": self.command, "cwd": self.cwd}
-
-    def __setstate__(self, state):
-        self.command, self.cwd, self.child = state["command"], state["cwd"], None
-
-
-def slurm_executor(sweep: Sweep, cluster: str):
-    try:
-        import submitit
-    except ImportError:
-        raise SweepError("launcher=slurm needs the submitit package (pip install submitit)") from None
-    folder = sweep.directory / "slurm"
-    if cluster == "local":  # submitit's local executor: the same job objects, on this machine (tests)
-        executor = submitit.LocalExecutor(folder=str(folder))
-        executor.update_parameters(timeout_min=int(sweep.slurm.get("time_min", 60)),
-                                   gpus_per_node=int(sweep.slurm.get("gpus_per_node", 0)))
-        return executor
-    executor = submitit.SlurmExecutor(folder=str(folder))
-    s = sweep.slurm
-    gpus = int(s.get("gpus_per_node", sweep.nproc_per_node if visible_gpus() or s.get("partition") else 0))
-    parameters = {"job_name": f"sweep-{sweep.name}", "time": int(s.get("time_min", 60)), "nodes": 1,
-                  "ntasks_per_node": 1, "cpus_per_task": int(s.get("cpus_per_task", 4 * max(1, sweep.nproc_per_node))),
-                  "array_parallelism": int(s.get("array_parallelism", 256)), "use_srun": False}
-    if gpus:
-        parameters["gpus_per_node"] = gpus
-    for key, target in (("partition", "partition"), ("account", "account"), ("qos", "qos"),
-                        ("constraint", "constraint"), ("setup", "setup")):
-        if key in s:
-            parameters[target] = s[key]
-    if "mem_gb" in s:
-        parameters["mem"] = f"{int(s['mem_gb'])}G"
-    executor.update_parameters(**parameters)
-    return executor
-
-
 def launch_slurm(sweep: Sweep, runs: Sequence[Run], *, cluster: str = "slurm", wait: bool = False) -> int:
-    """One job array, one task per run (each: torchrun --nproc-per-node on one node)."""
-    try:
-        executor = slurm_executor(sweep, cluster)
-    except RuntimeError as error:  # submitit: no srun on PATH, i.e. not on a Slurm login node
-        print(f"sweep {sweep.name}: launcher=slurm: {' '.join(str(error).split())[:300]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    tasks = [SlurmRun(run_command(run, sweep.nproc_per_node), os.getcwd()) for run in runs]
-    try:
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks]
-    except Exception as error:  # sbatch refused, not found, ...
-        print(f"sweep {sweep.name}: submission failed: {' '.join(str(error).split())[:400]}", file=sys.stderr)
-        return EXIT_FAILED
-    ids = [job.job_id for job in jobs]
-    print(f"submitted {len(jobs)} run(s) as {'Slurm job array ' + ids[0].split('_')[0] if cluster == 'slurm' else 'local jobs'}"
-          f" (logs under {executor.folder})", flush=True)
-    for run, job in zip(runs, jobs):
-        print(f"    {run.name}: job {job.job_id}")
-    if not wait and cluster == "slurm":
-        print(f"when they are done, run the same command again: it launches nothing more and writes the report "
-              f"(or: python -m utils.report {sweep.directory} --out-dir {sweep.directory / 'report'})")
-        return 0
-    failed = []
-    for run, job in zip(runs, jobs):
-        try:
-            job.result()
-        except Exception as error:
-            failed.append(run.name)
-            print(f"    {run.name}: FAILED: {' '.join(str(error).split())[-300:]}", flush=True)
-    if failed:
-        print(f"sweep {sweep.name}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    """One job array, one task per run (each: torchrun --nproc-per-node on one node): utils/slurm.py."""
+    from utils import slurm
+    gpus_default = sweep.nproc_per_node if visible_gpus() or sweep.slurm.get("partition") else 0
+    parameters = slurm.executor_parameters(f"sweep-{sweep.name}", sweep.slurm, sweep.nproc_per_node, gpus_default)
+    hint = (f"when they are done, run the same command again: it launches nothing more and writes the report "
+            f"(or: python -m utils.report {sweep.directory} --out-dir {sweep.directory / 'report'})")
+    return slurm.launch_array(f"sweep {sweep.name}", sweep.directory / "slurm", [run.name for run in runs],
+                              [run_command(run, sweep.nproc_per_node) for run in runs], os.getcwd(), parameters,
+                              cluster=cluster, wait=wait, after_hint=hint)
 
 
 # ============================================================================ report
 def write_sweep_report(sweep: Sweep) -> Optional[Path]:
     from utils import report
-    dirs = [run.directory for run in sweep.runs if (run.directory / "config.yaml").is_file()]
+    dirs = [run.directory for run in sweep.runs if rundir.RunFiles(run.directory).config.is_file()]
     if not dirs:
         return None
     out = sweep.directory / "report"
@@ -607,7 +619,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{len(sweep.runs) - len(todo)} finished, {len(todo)} to run ({sweep.launcher} launcher)")
     if args.dry_run:
         for run in sweep.runs:
-            print(f"  {run.name} [{states[run.name]}]")
+            role = "" if run.source is None else \
+                f"  (control {run.control.control} of {run.source.name}, seed {run.config['experiment.seed']})"
+            print(f"  {run.name} [{states[run.name]}]{role}")
             print(f"    {show_command(run_command(run, sweep.nproc_per_node))}")
         return 0
     conflicts = [run.name for run in todo if states[run.name] == "conflict"]

@@ -1,6 +1,6 @@
 """A user's own code named ``package.module:function`` (model factories, score functions).
 
-``model.name`` and ``prune.criterion`` take either a registry name or this form (DESIGN.md
+``model.name`` and ``prune.criterion`` take either a registry name or this form (docs/design.md
 section 4).  The module is imported the way ``python -m`` would find it: from ``sys.path``
 plus the current working directory (``python harness.py`` puts the harness's own directory
 first on ``sys.path``, not the directory the command runs in; a user's package usually
