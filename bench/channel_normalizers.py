@@ -19,7 +19,7 @@ Every method keeps the largest number of channel units whose compacted network (
 costs at most ``--flops`` of the dense FLOPs per image, so the comparison is at equal compute,
 not at equal channel count.  No per-layer floor (``min_fraction=0``): the normaliser alone decides.
 Data: the bundled digits (8 px, 1 channel) and a small CIFAR-10-format data set (32 px RGB,
-written through the CIFAR pickle batches and utils.write_beton): the digits upscaled 4x, drawn
+written through the CIFAR pickle batches and the writer's reader, bench/synthetic_beton.py): the digits upscaled 4x, drawn
 in a random colour on a random background with pixel noise, so that it is learnable.
 Printed: per data set, model, scenario and method, the test accuracy (mean +- std over seeds),
 the kept channel density, FLOPs and parameter ratios, and the smallest fraction of its output
@@ -42,12 +42,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))      # the other bench modules
 
 from utils import compact, structured  # noqa: E402
 from utils.dataset import get_dataset_spec, make_loader  # noqa: E402
 from utils.mask_layers import apply_masks_, prepare_model, set_masks  # noqa: E402
 from utils.models import get_model  # noqa: E402
-from utils.write_beton import ensure_digits, write_dataset  # noqa: E402
 
 METHODS = [("none", "global"), ("mean", "global"), ("max", "global"), ("gaussian", "global"), ("mean", "uniform")]
 # (data set, model, criteria of the trained scenario)
@@ -79,11 +79,13 @@ def write_cifar_format_digits(root: Path, seed: int = 0) -> None:
 
 
 def prepare_data(kind: str, scratch: Path):
+    """The .beton files, written without ffcv (bench/synthetic_beton.py: the writer's own readers)."""
+    import synthetic_beton
     if kind == "digits":
-        train, test = ensure_digits(scratch / "digits")
+        train, test = synthetic_beton.write_from_root("digits", None, scratch / "digits")
         return get_dataset_spec("digits"), train, test
     write_cifar_format_digits(scratch / "cifar_src")
-    train, test = write_dataset("cifar10", scratch / "cifar_src", scratch / "cifar", num_workers=1)
+    train, test = synthetic_beton.write_from_root("cifar10", scratch / "cifar_src", scratch / "cifar")
     return get_dataset_spec("cifar10"), train, test
 
 

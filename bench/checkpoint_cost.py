@@ -19,6 +19,7 @@ Target: ResNet-50 written in under 5 s (issue 5).
 
     python bench/checkpoint_cost.py                       # writes under runs/checkpoint_bench
     python bench/checkpoint_cost.py --dir /scratch/x --repeats 7
+    python bench/checkpoint_cost.py --smoke                 # ResNet-20 once, in a temporary folder
 """
 from __future__ import annotations
 
@@ -122,7 +123,12 @@ def main(argv=None) -> int:
                         help="where the checkpoints are written (a real disk, like experiment.base_dir); removed after")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per model; medians are reported")
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet50"])
+    parser.add_argument("--smoke", action="store_true", help="ResNet-20 once, in a temporary folder: seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="checkpoint-bench-") as scratch:
+            return main(["--dir", str(Path(scratch) / "checkpoints"), "--repeats", "1", "--models", "resnet20"])
     directory = Path(args.dir)
     if directory.exists():
         print(f"{directory} exists; give a --dir that does not (it is deleted afterwards)", file=sys.stderr)

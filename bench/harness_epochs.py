@@ -4,6 +4,7 @@ CIFAR-10-format .beton written by the project's own writer, as epochs.csv report
     python bench/harness_epochs.py                       # 5,120 images, batch 128, 2 epochs, ffcv, CPU
     python bench/harness_epochs.py --loader torch --images 10240 --epochs 3
     python bench/harness_epochs.py --repo /path/to/another/checkout    # the same run with other code
+    python bench/harness_epochs.py --smoke                # 160 images, 1 epoch, torch loader: seconds
 
 Prints one line per epoch (epoch_time_s, images_per_s).  Used for the before/after figures of a
 change to the training loop: run it on both checkouts back to back on a quiet machine.
@@ -11,30 +12,16 @@ change to the training loop: run it on both checkouts back to back on a quiet ma
 from __future__ import annotations
 
 import argparse
-import pickle
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_cifar_format(root: Path, images: int, seed: int = 0) -> None:
-    """cifar-10-batches-py with random pixels: 5 training batches, 1 test batch."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    per_batch = images // 5
-    for name, count in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", per_batch)]:
-        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, count)],
-                 b"data": rng.integers(0, 256, size=(count, 3072), dtype=np.uint8),
-                 b"filenames": [f"{name}_{i}.png".encode() for i in range(count)]}
-        with open(folder / name, "wb") as handle:
-            pickle.dump(batch, handle, protocol=2)
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> int:
@@ -45,13 +32,15 @@ def main(argv=None) -> int:
     parser.add_argument("--loader", default="ffcv", choices=["ffcv", "torch", "memory"])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--repo", default=str(ROOT), help="the checkout whose harness.py runs (default: this one)")
+    parser.add_argument("--smoke", action="store_true", help="160 images, 1 epoch, batch 32, torch loader: seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.epochs, args.batch_size, args.loader = 160, 1, 32, "torch"
+    import synthetic_beton
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        write_cifar_format(scratch / "src", args.images)
-        subprocess.run([sys.executable, "-m", "utils.write_beton", "--dataset", "cifar10", "--root",
-                        str(scratch / "src"), "--out", str(scratch / "data")], cwd=ROOT, check=True,
-                       capture_output=True)
+        # random pixels in the CIFAR layout, written without ffcv (bench/synthetic_beton.py)
+        synthetic_beton.synthetic_dataset("cifar10", scratch / "data", train=args.images, test=args.images // 5)
         config = {
             "model": {"name": args.model},
             "dataset": {"name": "cifar10", "train_path": str(scratch / "data" / "cifar10_train.beton"),

@@ -6,48 +6,37 @@ first epoch is a warm-up (numba compiles the ffcv pipeline, caches fill); the fi
 median over the ``--epochs`` timed epochs after it.
 
 Without ``--path`` a synthetic CIFAR-10 training set (``--images`` random 32x32 images in
-the CIFAR pickle format) is written to a temporary folder with ``utils/write_beton.py``.
+the CIFAR pickle format) is written to a temporary folder by ``bench/synthetic_beton.py`` (no ffcv needed).
 
     python bench/loader_throughput.py                                  # ffcv, CPU, 20000 images
     python bench/loader_throughput.py --backend ffcv torch memory --workers 4
     python bench/loader_throughput.py --path data/cifar10_train.beton --device cuda
+    python bench/loader_throughput.py --smoke            # torch and memory back-ends, 512 images: seconds
 
 Figures are printed, never asserted.
 """
 from __future__ import annotations
 
 import argparse
-import pickle
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # the other bench modules
 
-from utils import write_beton as wb  # noqa: E402
 from utils.dataset import get_dataset_spec, make_loader  # noqa: E402
 
 
 def synthetic_cifar10(folder: Path, images: int, seed: int = 0) -> Path:
-    """A CIFAR-10 training .beton of ``images`` random images (the test split is tiny)."""
-    raw = folder / "raw" / "cifar-10-batches-py"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    per_batch = -(-images // 5)
-    for name, count in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", 10)]:
-        batch = {b"data": rng.integers(0, 256, size=(count, 3072), dtype=np.uint8),
-                 b"labels": [int(v) for v in rng.integers(0, 10, size=count)]}
-        with open(raw / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")          # "differs from the published files (MD5)"
-        train, _ = wb.write_dataset("cifar10", folder / "raw", folder / "beton", num_workers=2)
+    """A CIFAR-10 training .beton of ``images`` random images (the test split is tiny), written
+    without ffcv by bench/synthetic_beton.py."""
+    import synthetic_beton
+    train, _ = synthetic_beton.synthetic_dataset("cifar10", folder / "beton", train=images, test=10, seed=seed)
     return train
 
 
@@ -83,7 +72,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="loader threads (ffcv: numba threads)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up epoch")
+    parser.add_argument("--smoke", action="store_true", help="512 images, torch and memory, 1 epoch: seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.backend, args.epochs, args.batch_size = 512, ["torch", "memory"], 1, 128
     torch.set_num_threads(max(1, args.workers))
 
     with tempfile.TemporaryDirectory() as scratch:

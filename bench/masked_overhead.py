@@ -10,7 +10,8 @@ so slow drift of a shared machine hits both alike); the figure is the median ove
 Target: masked / dense <= 1.05.
 
     python bench/masked_overhead.py                 # CPU, and CUDA when available
-    python bench/masked_overhead.py --quick         # fewer rounds, a smoke check
+    python bench/masked_overhead.py --quick         # fewer rounds
+    python bench/masked_overhead.py --smoke         # ResNet-20 at batch 8 on CPU, one round: seconds
     python bench/masked_overhead.py --repeats 9 --devices cpu --threads 1
 
 Cases: CIFAR ResNet-20 at 32 px, batch 128; torchvision ResNet-18 at 224 px, batch 32 on
@@ -67,6 +68,7 @@ class Case:
 
 
 CASES = [Case("resnet20", 32, 128, 128), Case("resnet18", 224, 32, 256)]
+SMOKE_CASES = [Case("resnet20", 32, 8, 8)]
 
 
 @dataclass
@@ -150,7 +152,7 @@ def measure(case: Case, device: torch.device, repeats: int, warmup: int) -> dict
                           if device.type == "cpu" else float("nan"))}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per model (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -158,9 +160,20 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu (+ cuda if any)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--models", default=",".join(c.model for c in CASES), help="subset of the cases")
+    parser.add_argument("--smoke", action="store_true", help="ResNet-20 at batch 8 on CPU, 1 round: seconds")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 3, 1
+    if args.smoke:
+        args.repeats, args.warmup, args.models, args.devices = 1, 0, "resnet20", "cpu"
+    args.cases = SMOKE_CASES if args.smoke else CASES
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.devices == "auto":
@@ -178,7 +191,7 @@ def main(argv=None) -> int:
     worst = 0.0
     for device_name in devices:
         device = torch.device(device_name)
-        for case in CASES:
+        for case in args.cases:
             if case.model not in wanted:
                 continue
             row = measure(case, device, args.repeats, args.warmup)

@@ -17,6 +17,7 @@ Usage (from the repository root):
 
     .venv/bin/python bench/pruning_speed.py            # full
     .venv/bin/python bench/pruning_speed.py --quick    # fewer repeats, 10 SynFlow rounds
+    .venv/bin/python bench/pruning_speed.py --smoke    # SqueezeNet 1.1 at 64 px, 2 SynFlow rounds: seconds
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def draw_weights_without_tie_at_cut(model: nn.Module, seed: int) -> int:
     raise RuntimeError("could not draw weights without a tie at the cut")
 
 
-def bench_global_magnitude(model: nn.Module, device: torch.device, repeats: int) -> dict:
+def bench_global_magnitude(model: nn.Module, device: torch.device, repeats: int, model_name: str = "resnet50") -> dict:
     dense_masks = all_true_masks(model)
     weights = {name: layer.weight.detach().clone() for name, layer in masked_layers(model)}
 
@@ -83,7 +84,7 @@ def bench_global_magnitude(model: nn.Module, device: torch.device, repeats: int)
                 layer.weight.copy_(weights[name])
 
     # torch.nn.utils.prune works on a plain (unmasked) copy holding the same weights.
-    plain = torchvision.models.resnet50().to(device)
+    plain = torchvision.models.get_model(model_name).to(device)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(".mask")})
 
     # The three methods take turns in every repeat, so a busy machine slows them alike.
@@ -120,26 +121,62 @@ def bench_global_magnitude(model: nn.Module, device: torch.device, repeats: int)
     }
 
 
-def main(argv=None) -> int:
+def time_snip(model: nn.Module, device: torch.device, image_size: int, runs: int, seed: int = 0,
+              batch_size: int = 8) -> float:
+    """Median seconds of a global SNIP score on one batch of random images (random labels)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = [(torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device),
+              torch.randint(0, 1000, (batch_size,), generator=generator).to(device))]
+    snip_seconds = []
+    for _ in range(runs):
+        seconds, _ = timed(lambda: pruning_utils.compute_masks(
+            model, density=DENSITY, criterion="snip", allocation="global", batches=batch), device)
+        snip_seconds.append(seconds)
+    return statistics.median(snip_seconds)
+
+
+def time_synflow(model: nn.Module, device: torch.device, image_size: int, rounds: int) -> tuple:
+    """(seconds, median seconds per round) of a global SynFlow score over ``rounds`` rounds."""
+    round_ends = []
+    start = time.perf_counter()
+    seconds, _ = timed(lambda: pruning_utils.compute_masks(
+        model, density=DENSITY, criterion="synflow", allocation="global", input_shape=(3, image_size, image_size),
+        synflow_iterations=rounds, on_round=lambda k, d, masks: round_ends.append(time.perf_counter())), device)
+    per_round = [b - a for a, b in zip([start] + round_ends, round_ends)]
+    return seconds, statistics.median(per_round)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats, 10 SynFlow rounds, 1 SNIP run")
+    parser.add_argument("--smoke", action="store_true", help="SqueezeNet 1.1 at 64 px, 1 repeat, 2 SynFlow rounds: seconds")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 7; quick 3)")
     parser.add_argument("--synflow-iterations", type=int, default=None, help="default 100 (quick 10)")
+    parser.add_argument("--model", default="resnet50", help="a torchvision model name (default resnet50)")
+    parser.add_argument("--image-size", type=int, default=224, help="px of the SNIP batch and the SynFlow input")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick, args.model, args.image_size = True, "squeezenet1_1", 64
+        args.repeats, args.synflow_iterations = args.repeats or 1, args.synflow_iterations or 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     synflow_iterations = args.synflow_iterations or (10 if args.quick else 100)
     snip_runs = 1 if args.quick else 3
     device = torch.device(args.device)
 
     torch.manual_seed(args.seed)
-    model = prepare_model(torchvision.models.resnet50()).to(device)
+    model = prepare_model(torchvision.models.get_model(args.model)).to(device)
     seed = draw_weights_without_tie_at_cut(model, args.seed)
-    print(f"ResNet-50, {sum(m.numel() for m in all_true_masks(model).values()):,} prunable weights, "
+    print(f"{args.model}, {sum(m.numel() for m in all_true_masks(model).values()):,} prunable weights, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, weight seed {seed}")
 
-    result = bench_global_magnitude(model, device, repeats)
+    result = bench_global_magnitude(model, device, repeats, args.model)
     speedup = result["theirs"] / result["ours_prune"]
     print(f"\nglobal magnitude to {DENSITY:.0%} density (median of {repeats} runs after 1 warm-up):")
     rows = [("torch.nn.utils.prune.global_unstructured (L1Unstructured, amount=0.8)", "theirs"),
@@ -152,27 +189,12 @@ def main(argv=None) -> int:
     print(f"  kept {result['kept_ours']:,} (ours) / {result['kept_theirs']:,} (torch) of {result['total']:,}; "
           f"masks identical: {result['identical']}")
 
-    generator = torch.Generator().manual_seed(args.seed)
-    batch = [(torch.randn(8, 3, 224, 224, generator=generator).to(device),
-              torch.randint(0, 1000, (8,), generator=generator).to(device))]
-    snip_seconds = []
-    for _ in range(snip_runs):
-        seconds, _ = timed(lambda: pruning_utils.compute_masks(
-            model, density=DENSITY, criterion="snip", allocation="global", batches=batch), device)
-        snip_seconds.append(seconds)
-    print(f"\nSNIP, 1 batch of 8 x 3x224x224, global: {statistics.median(snip_seconds):.2f} s "
-          f"(median of {snip_runs})")
-
-    round_ends = []
-    start = time.perf_counter()
-    seconds, _ = timed(lambda: pruning_utils.compute_masks(
-        model, density=DENSITY, criterion="synflow", allocation="global", input_shape=(3, 224, 224),
-        synflow_iterations=synflow_iterations,
-        on_round=lambda k, d, masks: round_ends.append(time.perf_counter())), device)
-    per_round = [b - a for a, b in zip([start] + round_ends, round_ends)]
-    print(f"SynFlow, {synflow_iterations} rounds, 1 x 3x224x224 in "
-          f"{pruning_utils.synflow_dtype(device)}, global: {seconds:.1f} s "
-          f"({statistics.median(per_round):.2f} s per round, median)")
+    side = args.image_size
+    snip = time_snip(model, device, side, snip_runs, args.seed)
+    print(f"\nSNIP, 1 batch of 8 x 3x{side}x{side}, global: {snip:.2f} s (median of {snip_runs})")
+    seconds, per_round = time_synflow(model, device, side, synflow_iterations)
+    print(f"SynFlow, {synflow_iterations} rounds, 1 x 3x{side}x{side} in "
+          f"{pruning_utils.synflow_dtype(device)}, global: {seconds:.1f} s ({per_round:.2f} s per round, median)")
 
     if not result["identical"] or result["kept_ours"] != result["kept_theirs"]:
         print("ERROR: masks differ from torch.nn.utils.prune's", file=sys.stderr)

@@ -10,7 +10,8 @@ thread each), so the figure shows the core count, not a GPU's headroom.
 
     python bench/runs_per_gpu.py                       # CUDA when present, else CPU
     python bench/runs_per_gpu.py --ks 1,2,4,8 --batch 512 --precision bf16 --channels-last
-    python bench/runs_per_gpu.py --quick               # CPU smoke run
+    python bench/runs_per_gpu.py --quick               # fewer steps, batch 64
+    python bench/runs_per_gpu.py --smoke               # K = 1, 2 on CPU, one step: seconds
 
 Figures are printed, never asserted.
 """
@@ -31,6 +32,7 @@ DENSITY = 0.2
 
 
 def worker(rank: int, args, barrier, results) -> None:
+    """One run: build, warm up, wait for the others, time ``args.steps`` steps; puts (rank, seconds)."""
     torch.set_num_threads(args.threads)
     from utils import mask_layers
     from utils.models import get_model
@@ -63,24 +65,25 @@ def worker(rank: int, args, barrier, results) -> None:
         step(images, labels)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # note: CPU-GPU sync point, once at the end
-    results[rank] = time.perf_counter() - start
+    results.put((rank, time.perf_counter() - start))
 
 
 def measure(k: int, args) -> float:
     context = mp.get_context("spawn")  # CUDA cannot be forked into children
     barrier = context.Barrier(k)
-    results = context.Manager().dict()
+    results = context.SimpleQueue()
     processes = [context.Process(target=worker, args=(rank, args, barrier, results)) for rank in range(k)]
     for process in processes:
         process.start()
     for process in processes:
         process.join()
-    if any(process.exitcode != 0 for process in processes) or len(results) != k:
-        raise SystemExit(f"K={k}: a worker failed (exit codes {[p.exitcode for p in processes]})")
-    return k * args.batch * args.steps / max(results.values())
+    seconds = dict(results.get() for _ in range(k)) if all(p.exitcode == 0 for p in processes) else {}
+    if len(seconds) != k:
+        raise RuntimeError(f"K={k}: a worker failed (exit codes {[p.exitcode for p in processes]})")
+    return k * args.batch * args.steps / max(seconds.values())
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", default="1,2,4", help="comma list of process counts")
     parser.add_argument("--model", default="resnet20")
@@ -92,10 +95,13 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
-    parser.add_argument("--quick", action="store_true", help="3 timed steps, batch 64: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps, batch 64")
+    parser.add_argument("--smoke", action="store_true", help="K = 1, 2 on CPU, batch 8, 1 timed step: seconds")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch = 64 if args.batch == 128 else args.batch
+    if args.smoke:
+        args.ks, args.batch, args.steps, args.warmup, args.device = "1,2", 8, 1, 1, "cpu"
     args.steps = args.steps or (3 if args.quick else 50)
     args.warmup = args.warmup or (1 if args.quick else 5)
     try:
@@ -108,6 +114,13 @@ def main(argv=None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         parser.error(f"--device {args.device}: cpu, or cuda when a CUDA device is present")
+    args.ks = ks
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ks = args.ks
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{args.model}, batch {args.batch} per process, {args.steps} timed steps after {args.warmup}; "

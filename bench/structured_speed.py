@@ -1,6 +1,7 @@
 """Channel pruning makes the network smaller AND faster: dense vs compacted, measured.
 
     python bench/structured_speed.py [--device cpu|cuda|all] [--repeats 5]
+    python bench/structured_speed.py --smoke        # ResNet-20 at batch 8 on CPU, one repeat: seconds
 
 For CIFAR ResNet-20 (32 px) and torchvision ResNet-18 (224 px, ImageNet stem), 50% of the
 prunable channel units are kept (uniform allocation, filter-L1 scores, coupled channels
@@ -47,16 +48,21 @@ def build(name: str, size: int, classes: int):
     return dense, small, shape, structure
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="ResNet-20 at batch 8 on CPU, 1 repeat: seconds")
+    args = parser.parse_args(argv)
+    cases = CASES
+    if args.smoke:
+        label, name, size, classes, _, cuda_batch = CASES[0]
+        args.device, args.repeats, cases = "cpu", 1, [(label, name, size, classes, 8, cuda_batch)]
     devices = compact.devices_present() if args.device == "all" else [torch.device(args.device)]
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}"
           + (f", CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     print(f"channels kept: {KEEP:.0%} of the prunable units (uniform, magnitude), compacted vs dense\n")
-    for label, name, size, classes, cpu_batch, cuda_batch in CASES:
+    for label, name, size, classes, cpu_batch, cuda_batch in cases:
         dense, small, shape, structure = build(name, size, classes)
         params = compact.count_parameters(dense), compact.count_parameters(small)
         flops = compact.flops_per_image(dense, shape), compact.flops_per_image(small, shape)
@@ -76,7 +82,8 @@ def main() -> None:
                       f"compacted {after * 1e3:9.2f} ms, speedup {before / after:5.2f}x")
             dense.to("cpu"), small.to("cpu")
         print()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
