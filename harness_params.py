@@ -31,6 +31,7 @@ from utils.user_code import UserCodeError, import_callable, is_import_path
 from utils.optimizers import OPTIMIZERS
 from utils.structured import CHANNEL_ALLOCATIONS, CHANNEL_SCORES
 from utils.rundir import as_tree  # noqa: F401  (the config's nesting: one rule, in utils/rundir.py)
+from utils.rundir import RENAMED_KEYS, current_key_names as rundir_key_names
 from utils.schedulers import schedule_names
 from utils.training_types import TRAINING_TYPES, TrainingTypeError, get_training_type
 
@@ -404,24 +405,16 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-# Keys renamed since runs were made: old name -> new name.  The old name is still read from YAML,
-# the command line and an old run's config.yaml (which then still resumes).
-RENAMED_KEYS = {"prune.snip_batches": "prune.score_batches"}
-
-
 def current_key_names(flat: Dict[str, Any], origin: str = "") -> Dict[str, Any]:
-    """``flat`` with old key names (``RENAMED_KEYS``) under their new names.  ``origin`` (e.g. "in
-    FILE"): refuse old and new name both given with different values; empty: the new name wins."""
-    renamed = dict(flat)
-    for old, new in RENAMED_KEYS.items():
-        if old not in renamed:
-            continue
-        value = renamed.pop(old)
-        if new in renamed and renamed[new] != value and origin:
-            _fail(f"{old}={value!r} and {new}={renamed[new]!r} both given ({origin}); {old} is the old name of {new}: "
-                  f"give {new} only")
-        renamed.setdefault(new, value)
-    return renamed
+    """``flat`` with old key names (``utils.rundir.RENAMED_KEYS``) under their new names.  ``origin``
+    (e.g. "in FILE"): refuse old and new name both given with different values; empty: the new
+    name wins (utils.rundir.current_key_names)."""
+    if origin:
+        for old, new in RENAMED_KEYS.items():
+            if old in flat and new in flat and flat[old] != flat[new]:
+                _fail(f"{old}={flat[old]!r} and {new}={flat[new]!r} both given ({origin}); {old} is the old name of "
+                      f"{new}: give {new} only")
+    return rundir_key_names(flat)
 
 
 def _known_keys(config: Config) -> Dict[str, Param]:

@@ -2,7 +2,8 @@
 
     python bench/channel_normalizers.py                      # digits and CIFAR-format, 3 seeds (~25 min, 1 core)
     python bench/channel_normalizers.py --data digits --seeds 5
-    python bench/channel_normalizers.py --smoke              # seconds: every code path once
+    python bench/channel_normalizers.py --data cifar-format --seeds 2 --epochs 3 --max-batches 12
+    python bench/channel_normalizers.py --smoke              # seconds: the code paths once
 
 ``prune.structure=channel`` with ``prune.allocation=global`` ranks the channel units of all
 coupled groups together (utils/structured.py).  A filter's L1 norm grows with its fan-in, so
@@ -176,8 +177,8 @@ def run_case(trainer: Trainer, shape, model_name: str, criteria, args, out) -> N
         dense_acc = trainer.accuracy(trained)
         results.setdefault(("dense", "-", "-"), []).append((dense_acc, 1.0, 1.0, 1.0, 1.0))
         starts = [("at_init", "magnitude", init)] + [("trained", criterion, trained) for criterion in criteria]
-        for scenario, criterion, start in starts:
-            for normalizer, allocation in METHODS:
+        for scenario, criterion, start in starts[:1] if args.smoke else starts:
+            for normalizer, allocation in METHODS[:2] if args.smoke else METHODS:
                 masks, density = prune_to_flops(start, structure, shape, budget=int(args.flops * dense_flops),
                                                 criterion=criterion, normalizer=normalizer, allocation=allocation,
                                                 seed=seed)
@@ -209,7 +210,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--flops", type=float, default=0.3, help="FLOPs budget as a fraction of the dense network's")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--smoke", action="store_true", help="digits, ResNet-20, 1 seed, 1 epoch of 2 batches")
+    parser.add_argument("--max-batches", type=int, default=0, help="batches per epoch at most (0 = all)")
+    parser.add_argument("--smoke", action="store_true", help="digits, ResNet-20, 1 seed, 1 epoch of 2 batches, "
+                        "at_init with none and mean only")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.smoke:
@@ -218,7 +221,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for kind in (CASES if args.data == "all" else [args.data]):
             spec, train, test = prepare_data(kind, Path(scratch))
-            trainer = Trainer(spec, train, test, args.batch_size, max_batches=2 if args.smoke else 0)
+            trainer = Trainer(spec, train, test, args.batch_size, max_batches=2 if args.smoke else args.max_batches)
             shape = (spec.channels, spec.resolution, spec.resolution)
             args.current_data = kind
             for model_name, criteria in CASES[kind]:

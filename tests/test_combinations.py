@@ -72,10 +72,14 @@ MODEL_KINDS = [
     ModelKind("mlp", "lenet_300_100", batchnorm=False),
     ModelKind("bn_cnn", "tests.test_combinations:bn_cnn", batchnorm=True),
     ModelKind("residual_cnn", "resnet20", batchnorm=True),
+    ModelKind("vit", "vit_nano_p4", batchnorm=False),
 ]
 STRUCTURES = [
     Structure("unstructured", WEIGHT_CRITERIA, frozenset({"global", "uniform", "erk", "balanced"})),
     Structure("channel", frozenset({"magnitude", "bn_gamma", "random"}), frozenset({"global", "uniform"})),
+    # N:M: the pattern fixes each level's density (at_init: no target_density); allocation does not apply
+    Structure("nm", WEIGHT_CRITERIA, frozenset({"global", "uniform", "erk", "balanced"}),
+              {"prune.nm": "2:4", "prune.target_density": None}),
 ]
 # name -> values; the first value of each is the cheapest, and what refusal rows fill in.
 FACTORS: List[Tuple[str, List]] = [
@@ -230,14 +234,14 @@ def row_id(row: Row) -> str:
 
 # ============================================================================ running
 def run_config(row: Row, digits: Path, base: Path, name: str, source: Optional[Path] = None) -> Dict:
-    """The config of ``row``: LeNet/BN-CNN/ResNet-20 on digits, 1 epoch a level, 2 levels."""
+    """The config of ``row``: LeNet/BN-CNN/ResNet-20/ViT on digits, 1 epoch a level, 2 levels."""
     overrides = {"model.name": KINDS[row["model"]].model, "prune.structure": row["structure"],
                  "prune.criterion": row["criterion"], "prune.allocation": row["allocation"],
                  "prune.training_type": row["training_type"], "dataset.loader": row["loader"],
-                 "training.epochs": 1, "prune.levels": 2, "prune.rate": 0.3, "prune.synflow_iterations": 10,
-                 **STRUCTURE_BY_NAME[row["structure"]].overrides}
+                 "training.epochs": 1, "prune.levels": 2, "prune.rate": 0.3, "prune.synflow_iterations": 10}
     if row["training_type"] == "at_init":
         overrides.update({"prune.levels": None, "prune.target_density": 0.5})
+    overrides.update(STRUCTURE_BY_NAME[row["structure"]].overrides)
     if row["training_type"] == "wr":
         overrides["prune.rewind_iteration"] = 5   # late resetting: level 0's 5th step
     if row["control"] != "off":
@@ -270,6 +274,7 @@ class Runs:
     def config(self, row: Row, base: Optional[Path] = None) -> Tuple[Path, Path]:
         name = row_id(row)
         base = base or self.base
+        base.mkdir(parents=True, exist_ok=True)
         source = self.source(row) if row["control"] != "off" else None
         config = write_config(base / f"{name}.yaml", run_config(row, self.digits, base, name, source))
         return config, base / name
@@ -367,8 +372,11 @@ def check_run(row: Row, root: Path, runs: Runs) -> None:
             kept = sum(int(a.sum()) for a in alive.values())
             if source_masks is None:
                 assert kept == target_keep_count(target, structure.total_units), "kept channels: the target rounded"
-            assert levels.channel_density[level] == pytest.approx(kept / structure.total_units)
-        assert levels.density[level] == pytest.approx(at.alive.sum() / at.numel.sum())
+            assert levels.channel_density[level] == pytest.approx(kept / structure.total_units, abs=1e-6)
+        if row["structure"] == "nm":  # every group keeps its level's count; layers without groups stay dense
+            keep = 2 if row["training_type"] == "at_init" or level == 1 else 4
+            assert set(at.nm) <= {f"{keep}:4", "dense"} and f"{keep}:4" in set(at.nm), set(at.nm)
+        assert levels.density[level] == pytest.approx(at.alive.sum() / at.numel.sum(), abs=1e-6)  # CSV: 6 digits
     if len(expected_levels) == 2:  # shuffle controls too: one random order per run, fewer kept -> a subset
         assert is_subset(masks[1], masks[0]), "masks only shrink"
 

@@ -293,3 +293,17 @@ def test_an_unquoted_pattern_is_read_as_written():
     """YAML 1.1 reads 2:4 as the base-60 number 124; the config gives the pattern back."""
     assert harness_params.resolve(None, {**BASE, "prune.levels": "2", "prune.nm": "2:4"})["prune.nm"] == "2:4"
     assert harness_params.resolve(None, {**BASE, "prune.levels": "2", "prune.nm": "1:8"})["prune.nm"] == "1:8"
+
+
+def test_attention_projections_of_a_vit_get_exact_groups():
+    """The masked attention projections (packed Q/K/V, out_proj) are grouped like linear layers."""
+    torch.manual_seed(0)
+    model = prepare_model(get_model("vit_nano_p4", num_classes=10, in_channels=3, image_size=32))
+    masks = pu.compute_masks(model, nm=(2, 4), criterion="magnitude")
+    attention = [name for name in masks if name.endswith(("in_proj", "out_proj"))]
+    assert attention and all(set(groups_of(masks[name], 4)) == {2} for name in attention)
+    assert nm.pattern_of(masks["conv_proj"], 4) == "dense"  # the patch embedding's 3 input channels
+    if nm.semi_structured_unavailable() is not None:  # on CPU nothing converts, and every layer says why
+        converted, skipped = nm.to_semi_structured_(model, masks)
+        assert converted == [] and set(skipped) == set(masks)
+        assert "not a linear layer" in skipped[attention[0]] and "not a linear layer" in skipped["conv_proj"]

@@ -105,10 +105,24 @@ def make_dirs(path) -> None:
             fsync_dir(created.parent)
 
 
-def _temporary_beside(path: Path, suffix: str = "") -> Path:
+def temporary_beside(path, suffix: str = "") -> Path:
+    """A new empty temporary file ``.NAME.XXXX.tmp[suffix]`` in ``path``'s directory (for a writer
+    that cannot run inside ``atomic_output``; ``commit`` it, or unlink it on failure)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX + suffix, dir=path.parent)
     os.close(fd)
     return Path(tmp)
+
+
+def commit(tmp, path, keep_previous=None) -> None:
+    """Make the finished temporary file ``tmp`` the file ``path``: fsync, rename, fsync the directory."""
+    path = Path(path)
+    with writing(path):
+        _fsync_file(tmp)
+        if keep_previous is not None and path.exists():
+            _keep_previous(path, Path(keep_previous))
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -121,15 +135,10 @@ def atomic_output(path, *, keep_suffix: bool = False, keep_previous=None) -> Ite
     path = Path(path)
     make_dirs(path.parent)
     with writing(path):
-        tmp = _temporary_beside(path, path.suffix if keep_suffix else "")
+        tmp = temporary_beside(path, path.suffix if keep_suffix else "")
     try:
         yield tmp
-        with writing(path):
-            _fsync_file(tmp)
-            if keep_previous is not None and path.exists():
-                _keep_previous(path, Path(keep_previous))
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+        commit(tmp, path, keep_previous)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -151,7 +160,7 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def _keep_previous(path: Path, previous: Path) -> None:
-    link = _temporary_beside(previous)
+    link = temporary_beside(previous)
     os.unlink(link)
     try:
         os.link(path, link)

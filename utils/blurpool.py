@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.mask_layers import mixed_class
+
 MIN_IN_CHANNELS = 16  # ffcv-imagenet: convs reading fewer channels (the RGB stem) are not blurred
 
 
@@ -58,14 +60,7 @@ _blurred_classes: Dict[type, type] = {}
 
 def _blurred_class_for(cls: type) -> type:
     """A subclass of ``cls`` (a Conv2d class) that blurs first, made once per class."""
-    if cls not in _blurred_classes:
-        name = f"BlurPool{cls.__name__}"
-        if name in globals():
-            name = f"BlurPool{cls.__module__.replace('.', '_')}_{cls.__name__}"
-        blurred = type(name, (BlurPoolMixin, cls), {"__module__": __name__, "__qualname__": name})
-        globals()[name] = blurred  # torch.save(model) pickles classes by module and name
-        _blurred_classes[cls] = blurred
-    return _blurred_classes[cls]
+    return mixed_class(BlurPoolMixin, cls, "BlurPool", globals(), _blurred_classes)
 
 
 BlurPoolConv2d = _blurred_class_for(nn.Conv2d)

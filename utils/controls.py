@@ -336,7 +336,7 @@ def level_zero_difference(source: Source, config: Mapping[str, Any], model: nn.M
     if control not in ("none", "shuffle"):
         return f"prune.control={control} starts from its own initial weights"
     kind = config.get("prune.training_type")
-    if kind != "imp":
+    if not get_training_type(kind).resets_to_init:
         return (f"prune.training_type={kind}: later levels start from level 0's trained state, which the "
                 f"source does not keep")
     for key, off in (("analysis.stability", False), ("prune.early_bird", False), ("prune.structure", "unstructured")):

@@ -40,7 +40,7 @@ import fnmatch
 import hashlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -78,17 +78,23 @@ class MaskedLayer:
 _masked_classes: Dict[type, type] = {}
 
 
+def mixed_class(mixin: type, cls: type, prefix: str, namespace: Dict[str, Any], cache: Dict[type, type]) -> type:
+    """The subclass of ``(mixin, cls)``, made once per ``cls`` (``cache``) and registered under
+    its name in the module whose globals are ``namespace``, so that torch.save(model) can pickle
+    it by module and name (``PrefixName``, or ``Prefixmodule_path_Name`` when that is taken)."""
+    if cls not in cache:
+        name = f"{prefix}{cls.__name__}"
+        if name in namespace and namespace[name] is not cache.get(cls):
+            name = f"{prefix}{cls.__module__.replace('.', '_')}_{cls.__name__}"
+        made = type(name, (mixin, cls), {"__module__": namespace["__name__"], "__qualname__": name})
+        namespace[name] = made
+        cache[cls] = made
+    return cache[cls]
+
+
 def _masked_class_for(cls: type) -> type:
     """A subclass of ``cls`` that also inherits ``MaskedLayer`` (made once per class)."""
-    if cls not in _masked_classes:
-        name = f"Masked{cls.__name__}"
-        if name in globals() and globals()[name] is not _masked_classes.get(cls):
-            name = f"Masked{cls.__module__.replace('.', '_')}_{cls.__name__}"
-        masked = type(name, (MaskedLayer, cls), {"__module__": __name__, "__qualname__": name})
-        # Registered under its name in this module so torch.save(model) can pickle it.
-        globals()[name] = masked
-        _masked_classes[cls] = masked
-    return _masked_classes[cls]
+    return mixed_class(MaskedLayer, cls, "Masked", globals(), _masked_classes)
 
 
 class AttentionProjection(nn.Module):
@@ -133,14 +139,7 @@ _masked_attention_classes: Dict[type, type] = {}
 
 
 def _masked_attention_class_for(cls: type) -> type:
-    if cls not in _masked_attention_classes:
-        name = f"Masked{cls.__name__}"
-        if name in globals():
-            name = f"Masked{cls.__module__.replace('.', '_')}_{cls.__name__}"
-        masked = type(name, (MaskedAttention, cls), {"__module__": __name__, "__qualname__": name})
-        globals()[name] = masked  # picklable by name, as the masked layers
-        _masked_attention_classes[cls] = masked
-    return _masked_attention_classes[cls]
+    return mixed_class(MaskedAttention, cls, "Masked", globals(), _masked_attention_classes)
 
 
 MaskedConv2d = _masked_class_for(nn.Conv2d)

@@ -247,14 +247,17 @@ def semi_structured_unavailable() -> Optional[str]:
 def to_semi_structured_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Tuple[List[str], Dict[str, str]]:
     """Replace the weight of every ``nn.Linear`` of ``model`` (on CUDA, fp16 or bf16) whose mask
     keeps exactly 2 of every 4 by a semi-structured sparse tensor, in place.  -> (layers
-    converted, {layer: why not} for the other masked linear layers).  Weights used outside a
-    module's own forward (the packed Q/K/V projection of ``nn.MultiheadAttention``) stay dense."""
+    converted, {layer: why not} for every other masked layer).  Weights used outside a module's
+    own forward (the Q/K/V projections of ``nn.MultiheadAttention``) and convs stay dense."""
     from torch.sparse import to_sparse_semi_structured
 
     converted: List[str] = []
     skipped: Dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name not in masks:
+    modules = dict(model.named_modules())
+    for name in masks:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            skipped[name] = f"a {type(module).__name__}, not a linear layer"
             continue
         keep = kept_per_group(masks[name], SEMI_STRUCTURED[1])
         if keep != SEMI_STRUCTURED[0]:

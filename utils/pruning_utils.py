@@ -103,16 +103,7 @@ from torch.func import functional_call
 
 from utils import nm_sparsity
 from utils.user_code import UserCodeError, import_callable, import_object, is_import_path
-from utils.mask_layers import (
-    Masks,
-    MaskError,
-    density_report,
-    masked_layers,
-    prepare_model,
-    save_masks,
-    set_masks,
-    validate_masks,
-)
+from utils.mask_layers import Masks, masked_layers, set_masks, validate_masks
 
 Scores = Dict[str, torch.Tensor]  # layer name -> float tensor shaped like the weight
 
@@ -774,11 +765,12 @@ def _model_device(model: nn.Module) -> torch.device:
 Round = Tuple[Optional[float], Callable[[Scores, Masks], Masks]]
 
 
-def _density_rounds(current: Masks, density: float, allocation: str, rounds: Optional[int]) -> List[Round]:
+def _density_rounds(current: Masks, alive_by_layer: Mapping[str, int], density: float, allocation: str,
+                    rounds: Optional[int]) -> List[Round]:
     """A density of all prunable weights, shared among layers by ``allocation``."""
     allocate = get_allocation(allocation)
     total = sum(mask.numel() for mask in current.values())
-    alive = sum(int(mask.count_nonzero()) for mask in current.values())
+    alive = sum(alive_by_layer.values())
     if not 0.0 < density <= 1.0:  # also refuses nan
         raise ValueError(f"density must be in (0, 1], got {density}")
     keep = target_keep_count(density, total)
@@ -794,7 +786,7 @@ def _allocate_total(allocate: AllocationFn, total_keep: int, scores: Scores, mas
     return allocate(scores, masks, total_keep)
 
 
-def _layer_count_rounds(current: Masks, layer_counts: Mapping[str, int], allocation: str,
+def _layer_count_rounds(current: Masks, alive: Mapping[str, int], layer_counts: Mapping[str, int], allocation: str,
                         rounds: Optional[int]) -> List[Round]:
     """Per-layer counts (``prune.layer_rates``): a layer-wise allocation with the shares given."""
     if allocation != "uniform":
@@ -803,7 +795,6 @@ def _layer_count_rounds(current: Masks, layer_counts: Mapping[str, int], allocat
         raise ValueError(f"layer_counts must name exactly the prunable layers "
                          f"(missing {sorted(set(current) - set(layer_counts))[:3]}, "
                          f"unknown {sorted(set(layer_counts) - set(current))[:3]})")
-    alive = {name: int(mask.count_nonzero()) for name, mask in current.items()}
     for name, count in layer_counts.items():
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= alive[name]:
             raise ValueError(f"layer {name} cannot keep {count!r} weights: {alive[name]} are alive; masks only shrink")
@@ -887,22 +878,26 @@ def compute_masks(model: nn.Module, *, density: Optional[float] = None, criterio
     device = torch.device(device) if device is not None else _model_device(model)
     current = {name: mask.to(device=device, dtype=torch.bool) for name, mask in current.items()}
     rounds = synflow_iterations if spec.iterative else None  # None: one scoring
+    alive = {name: int(mask.count_nonzero()) for name, mask in current.items()}  # note: one pass over the masks
     if nm is not None:
         plan = _nm_rounds(current, tuple(nm), allocation, rounds)
     else:
         get_allocation(allocation)  # an unknown name is refused before any scoring
-        plan = (_density_rounds(current, density, allocation, rounds) if density is not None
-                else _layer_count_rounds(current, layer_counts, allocation, rounds))
+        plan = (_density_rounds(current, alive, density, allocation, rounds) if density is not None
+                else _layer_count_rounds(current, alive, layer_counts, allocation, rounds))
     inputs = ScoringInputs(model=model, device=device, batches=batches, loss_fn=loss_fn,
                            num_batches=num_batches, seed=seed, snip_mode=snip_mode,
                            input_shape=tuple(input_shape) if input_shape is not None else None)
     total = sum(mask.numel() for mask in current.values())
+    # Layers that may hold pruned weights: those with any before the first round, every layer
+    # after it (a pass over a dense layer's mask to find out would cost what the fill costs).
+    holding_pruned = [name for name, mask in current.items() if alive[name] < mask.numel()]
     for round_index, (round_density, select) in enumerate(plan, start=1):
         scores = spec.score(inputs, current)
-        for name, mask in current.items():
-            if not bool(mask.all()):
-                scores[name].masked_fill_(~mask, -math.inf)
+        for name in holding_pruned:
+            scores[name].masked_fill_(~current[name], -math.inf)
         current = select(scores, current)
+        holding_pruned = list(current)
         if on_round is not None:
             if round_density is None:
                 round_density = sum(int(mask.count_nonzero()) for mask in current.values()) / total

@@ -40,7 +40,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from utils import rundir
+from utils.atomic_io import atomic_output, atomic_write_text
 from utils.training_types import get_training_type
 
 LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
@@ -181,7 +181,7 @@ def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
-def expected_levels(config: Dict[str, Any]) -> Optional[int]:
+def expected_levels(config: Dict[str, Any], _depth: int = 0) -> Optional[int]:
     """How many levels the run will have when finished (None when the config does not say)."""
     try:
         if get_training_type(str(config.get("prune.training_type", "imp"))).one_shot:
@@ -191,6 +191,12 @@ def expected_levels(config: Dict[str, Any]) -> Optional[int]:
     levels, target, rate = config.get("prune.levels"), config.get("prune.target_density"), config.get("prune.rate")
     if levels is not None and target is None:
         return int(levels)
+    source = config.get("prune.masks_from")
+    if levels is None and target is None and source and _depth < 4:  # a control trains all its source's levels
+        try:
+            return expected_levels(read_config(Path(str(source))), _depth + 1)
+        except ReportError:
+            return None
     try:
         from utils.pruning_utils import iterative_densities
         return len(iterative_densities(float(rate), levels=levels, target_density=target))
@@ -478,9 +484,8 @@ def _pyplot():
 
 
 def _save(fig, out: Path) -> None:
-    temporary = out.with_name(out.name + ".tmp.png")
-    fig.savefig(temporary)
-    os.replace(temporary, out)
+    with atomic_output(out, keep_suffix=True) as temporary:
+        fig.savefig(temporary)
 
 
 def _density_ticks(ax, densities_percent: Sequence[float]) -> None:
@@ -758,9 +763,7 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
 
 
 def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    atomic_write_text(path, text)
 
 
 def write_report(dirs: Sequence, out_dir, command: str = "python -m utils.report") -> Dict[str, Any]:
@@ -786,9 +789,7 @@ def write_report(dirs: Sequence, out_dir, command: str = "python -m utils.report
             names.append(f"layers_{group.gid}.png")
         figures[group.gid] = names
     table = summary_table(groups)
-    temporary = out / "summary.csv.tmp"
-    table.to_csv(temporary, index=False)
-    os.replace(temporary, out / "summary.csv")
+    _write_text(out / "summary.csv", table.to_csv(index=False))
     _write_text(out / "report.md", markdown(groups, summaries, figures, command))
     counted = [e for g in groups for e in g.members]
     return {"groups": groups, "summary": table, "figures": [n for names in figures.values() for n in names],

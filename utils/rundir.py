@@ -46,6 +46,21 @@ NON_SEMANTIC_KEYS = frozenset({"experiment.resume", "training.progress", "datase
                                "logging.wandb_project", "experiment.name", "experiment.base_dir"})
 
 
+# Keys renamed since runs were made: old name -> new name.  Every config read here (a config.yaml,
+# a checkpoint's config) has its old names read as the new ones, so an older run still resumes;
+# harness_params reads the old names from YAML and the command line with the same table.
+RENAMED_KEYS = {"prune.snip_batches": "prune.score_batches"}
+
+
+def current_key_names(flat: Mapping[str, Any]) -> Dict[str, Any]:
+    """``flat`` with every old key name (``RENAMED_KEYS``) under its new one (the new one wins)."""
+    renamed = dict(flat)
+    for old, new in RENAMED_KEYS.items():
+        if old in renamed:
+            renamed.setdefault(new, renamed.pop(old))
+    return renamed
+
+
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked; the message is one line naming it."""
 
@@ -257,13 +272,13 @@ def read_config(root) -> Dict[str, Any]:
         raise RunDirError(f"{path.parent}: {CONFIG_NAME} cannot be read ({_one_line(error)})") from None
     if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
         raise RunDirError(f"{path.parent}: {CONFIG_NAME} is not a config of this harness")
-    return {f"{section}.{key}": value for section, keys in tree.items() for key, value in keys.items()}
+    return current_key_names({f"{section}.{key}": value for section, keys in tree.items() for key, value in keys.items()})
 
 
 def semantic_difference(a: Mapping[str, Any], b: Mapping[str, Any], defaults: Mapping[str, Any]) -> List[str]:
     """Keys whose values differ in what a run computes.  A key one side lacks (a config written
     before the key existed) counts as its default, so older runs still resume."""
-    a, b = {**defaults, **a}, {**defaults, **b}
+    a, b = {**defaults, **current_key_names(a)}, {**defaults, **current_key_names(b)}
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in NON_SEMANTIC_KEYS)
 
 

@@ -1,6 +1,6 @@
 """Channel (structured) pruning on masked models: coupled channel groups, scores, masks.
 
-Semantics (docs/design.md section 10):
+Semantics (docs/design.md section 10; docs/structured.md):
 
 * The unit is an output channel.  Channels that the network ties together -- the outputs of
   the convs summed by a residual addition, a conv and the depthwise conv that follows it,
@@ -22,10 +22,12 @@ Semantics (docs/design.md section 10):
   every channel tied to them, and groups holding a layer we cannot express as a weight mask
   (a grouped conv that is not depthwise, LayerNorm/GroupNorm/PReLU/attention parameters).
   The stem's input channels are the data's and are never a unit.
-* Every group keeps at least one unit (a group with no channel left would cut the network):
-  ``global`` first gives each group its best alive unit, then ranks the rest; ``uniform``
-  gives a group whose share rounds to 0 one unit, taken from the largest share.  A density
-  that keeps fewer units than there are groups is refused.
+* Every group keeps its floor: ``max(1, ceil(min_fraction * size))`` units (a group with no
+  channel left would cut the network, one with a sliver starves it; ``prune.min_channel_fraction``).
+  ``global`` first gives each group its best alive units up to the floor, then ranks the rest;
+  ``uniform`` raises a group below its floor, one unit at a time from the group with the most
+  units above its own.  A density that keeps fewer units than the floors need is refused
+  (``check_channel_densities`` before a run, ``select_units`` at pruning).
 * The masks are the harness's ordinary weight masks (``utils.mask_layers``): a pruned unit
   zeroes the rows (output channels) of every layer producing it and the columns (input
   channels) of every layer consuming it, so ``layers.csv`` weight densities are what a
@@ -45,7 +47,14 @@ Scores of a unit (bigger = kept first; units already pruned score -inf and stay 
 ``random``     i.i.d. U(0, 1) float64 from a CPU generator seeded with ``seed``, drawn group by
                group in structure order (the same on every rank and device).
 
-Allocations: ``global`` ranks all units together (ties: lower position in structure order);
+Scores are compared across layers on a common scale (``CHANNEL_NORMALIZERS``, default ``mean``):
+each member's scores (one producing layer, one BatchNorm, one random draw) are divided by the
+mean over the group's alive units before the mean over members.  Raw filter L1 norms grow with
+fan-in (sqrt(fan-in) at a Kaiming initialisation), so a raw global ranking empties the layers
+with small fan-in; the choice of ``mean`` was measured (bench/channel_normalizers.py).
+
+Allocations: ``global`` ranks all units together (ties: the lower relative position index / size,
+so equal scores give every group the same fraction; then structure order);
 ``uniform`` gives every group the same fraction of its units (largest-remainder
 apportionment, ``pruning_utils.layer_keep_counts``), picked by score within the group.
 

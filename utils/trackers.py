@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from utils.atomic_io import atomic_write_text
 from utils.callbacks import Callback, LevelInfo
 
 EPOCH_METRICS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
@@ -194,9 +195,7 @@ class WandbTracker(Tracker):
         if path.exists():
             return path.read_text().strip()
         run_id = wandb.util.generate_id()
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(run_id + "\n")
-        temporary.replace(path)
+        atomic_write_text(path, run_id + "\n")
         return run_id
 
     def _open(self) -> None:

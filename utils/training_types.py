@@ -46,6 +46,7 @@ class TrainingType:
     name = "base"
     one_shot = False          # prune once before level 0 (at_init) instead of between levels
     captures_rewind = False   # level 0 keeps a state later levels restart from (prune.rewind_epoch / _iteration)
+    resets_to_init = False    # every level starts from the initial weights (a control may then reuse level 0)
     description = ""
 
     def prunes_at(self, level: int) -> bool:
@@ -65,6 +66,7 @@ class TrainingType:
 
 class IMP(TrainingType):
     name = "imp"
+    resets_to_init = True
     description = "weights reset to the initial ones (masked); fresh optimizer; schedule from 0"
 
     def reset(self, level, run):

@@ -55,6 +55,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from utils.data_sources import ArraySource, ImageSource, ReadOptions
+from utils.atomic_io import atomic_write_text, commit, temporary_beside
 from utils.dataset import (IMAGE_FIELD, LABEL_FIELD, DataError, DatasetSpec, dataset_names, get_dataset_spec,
                            get_storage, make_record, record_path, resolve_dataset_spec, storage_for, validate_beton)
 
@@ -142,7 +143,7 @@ def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, split: str
                page_size: Optional[int], field_options: dict, files_name: str, classes) -> Path:
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = temporary_beside(path)
     failure = _WorkerFailure()
     fields = {IMAGE_FIELD: _image_field(spec, **field_options), LABEL_FIELD: IntField()}
     writer = DatasetWriter(str(temporary), fields, page_size=_page_size(source, page_size),
@@ -191,7 +192,7 @@ def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, split: str
         stale = Path(record_path(path))
         if stale.exists():
             stale.unlink()
-        os.replace(temporary, path)
+        commit(temporary, path)
         write_record(path, record)
         return path
     finally:
@@ -206,17 +207,7 @@ def write_record(path: Path, record: dict) -> Path:
     """``PATH.json`` written atomically (temporary file, fsync, rename)."""
     import json
     target = Path(record_path(path))
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, target)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    atomic_write_text(target, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return target
 
 
