@@ -56,6 +56,7 @@ def test_restart_resumes_the_directory_of_its_own_launch(tmp_path):
 
 
 # ------------------------------------------------------------------ torchrun, 2 processes
+@pytest.mark.slow  # 25-45 s here: RUN_SLOW=1 runs it (make test stays near its time budget)
 def test_worker_crash_restart_and_preemption_give_the_uninterrupted_results(tmp_path, digits):
     """One uninterrupted 2-process run, then one job that loses rank 1 mid-epoch (restarted by
     torchrun) and is later preempted, then a launch that resumes it."""

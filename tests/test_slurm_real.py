@@ -180,6 +180,7 @@ def test_scontrol_requeue_preemption_checkpoints_and_resumes(tmp_path, digits, s
 
 
 # ----------------------------------------------------------------------------- slurm_torchrun.sh
+@pytest.mark.slow  # 25-45 s here: RUN_SLOW=1 runs it (make test stays near its time budget)
 def test_slurm_torchrun_script_runs_two_cpu_processes_and_logs_beside_the_experiment(tmp_path, digits,
                                                                                       slurm_cluster):
     config = write_config(tmp_path / "c.yaml", digits_config(digits, tmp_path / "runs", name="viascript",
@@ -250,6 +251,7 @@ def workers_of(launcher: subprocess.Popen, count: int = 2, limit: float = 120) -
     return children(launcher.pid)
 
 
+@pytest.mark.slow  # 25-45 s here: RUN_SLOW=1 runs it (make test stays near its time budget)
 def test_workers_stop_when_torchrun_is_sigkilled_at_start_and_mid_run_and_the_run_resumes(tmp_path, digits):
     tree = digits_config(digits, tmp_path / "runs", name="orphaned", **{"training.epochs": 1, "prune.levels": 2})
     config = write_config(tmp_path / "c.yaml", tree)

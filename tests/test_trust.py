@@ -268,6 +268,7 @@ def cifar_files(tmp_path_factory):
     return wb.write_dataset("cifar10", root / "src", root / "data", num_workers=1)
 
 
+@pytest.mark.slow  # 25-45 s here: RUN_SLOW=1 runs it (make test stays near its time budget)
 def test_ffcv_runs_with_augmentation_repeat_and_resume_exactly(tmp_path, cifar_files):
     from tests.helpers import run_harness
 

@@ -283,6 +283,7 @@ def readme_weights_commands():
     return [line for line in body.splitlines() if line.strip() and not line.startswith("#")]
 
 
+@pytest.mark.slow  # 25-45 s here: RUN_SLOW=1 runs it (make test stays near its time budget)
 def test_readme_pretrained_weights_commands_run(tmp_path):
     copy = tmp_path / "repo"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "__pycache__",
