@@ -48,3 +48,28 @@ def run_harness(config: Path, *args: str, nproc: int = 0, env: Dict[str, str] | 
         command = [PYTHON, "harness.py", "--config", str(config), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def readme_commands(marker: str = "readme-test") -> List[str]:
+    """The command lines of the README's ```bash block between <!-- MARKER:begin --> and
+    <!-- MARKER:end --> (comment lines left out)."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(f"<!-- {marker}:begin -->", 1)[1].split(f"<!-- {marker}:end -->", 1)[0]
+    body = re.search(r"```bash\n(.*?)```", block, re.S).group(1)
+    return [line for line in body.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def run_in_repository_copy(commands: List[str], tmp_path: Path) -> Path:
+    """Run ``commands`` (shell lines) in order in a scratch copy of the repository, so nothing lands
+    in the checkout; each must exit 0.  -> the copy."""
+    import shutil
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "__pycache__",
+                                                              ".pytest_cache", "*.beton"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    for command in commands:
+        result = subprocess.run(command, shell=True, cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return copy

@@ -10,11 +10,7 @@
 """
 from __future__ import annotations
 
-import os
-import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +20,7 @@ import torchvision
 from torch import nn
 
 import harness
-from tests.helpers import ROOT, digits_config, write_config
+from tests.helpers import digits_config, readme_commands, run_in_repository_copy, write_config
 from utils import mask_layers
 from utils.models import get_model
 from utils.pretrained import (WeightsError, apply_given_weights, check_control_weights, classifier_head,
@@ -276,23 +272,9 @@ def test_a_misfit_file_is_refused_before_anything_is_written(tmp_path, digits, c
 
 # ----------------------------------------------------------------------------- README
 
-def readme_weights_commands():
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- readme-test:weights:begin -->", 1)[1].split("<!-- readme-test:weights:end -->", 1)[0]
-    body = re.search(r"```bash\n(.*?)```", block, re.S).group(1)
-    return [line for line in body.splitlines() if line.strip() and not line.startswith("#")]
-
-
 @pytest.mark.slow  # 25-45 s here: RUN_SLOW=1 runs it (make test stays near its time budget)
 def test_readme_pretrained_weights_commands_run(tmp_path):
-    copy = tmp_path / "repo"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "__pycache__",
-                                                              ".pytest_cache", "*.beton"))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
-    commands = readme_weights_commands()
+    commands = readme_commands("readme-test:weights")
     assert any("--model.weights=" in command for command in commands)
-    for command in commands:
-        result = subprocess.run(command, shell=True, cwd=copy, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    copy = run_in_repository_copy(commands, tmp_path)
     assert (copy / "runs" / "vit_from_weights" / "levels.csv").read_text().count("\n") == 3  # header + 2 levels
