@@ -18,8 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import harness_params
-from utils import checkpointing, mask_layers, pretrained, pruning_utils, rundir, stability, structured
-from utils import distributed_utils as du
+from utils import checkpointing, mask_layers, pretrained, pruning_utils, rundir, structured
 from utils.blurpool import add_blurpool_
 from utils.callbacks import Callback, LevelInfo
 from utils.dataset import DataError, make_loader, resolve_dataset_spec, validate_beton

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import yaml
 
 from utils.atomic_io import atomic_write_bytes, make_dirs, writing
+from utils.run_lock import LOCK_NAME
 
 CONFIG_NAME = "config.yaml"
 EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
@@ -301,7 +302,7 @@ def run_state(root, resolved: Mapping[str, Any], defaults: Mapping[str, Any]) ->
     'resume' (the harness goes on from its checkpoint) or 'other' (another config's run, or
     not a run directory: the harness refuses it, naming the keys)."""
     root = Path(root)
-    if not root.exists() or (root.is_dir() and not any(p.name != ".run.lock" for p in root.iterdir())):
+    if not root.exists() or (root.is_dir() and not any(p.name != LOCK_NAME for p in root.iterdir())):
         return "new"
     try:
         existing = read_config(root)
