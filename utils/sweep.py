@@ -447,6 +447,12 @@ def local_slots(nproc_per_node: int, runs_per_gpu: int, gpus: Sequence[str]) -> 
     return [group for group in groups for _ in range(runs_per_gpu)]
 
 
+def cpu_threads_per_run(runs_at_once: int, nproc_per_node: int) -> int:
+    """Threads per process when runs share the CPU: the cores split between every process of
+    the runs at once (torch would otherwise give each process all cores).  At least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, runs_at_once * nproc_per_node))
+
+
 class _Stop:
     """SIGINT/SIGTERM: stop launching; forward SIGTERM to the running runs (their own session,
     so a terminal's Ctrl-C reaches them only this way, once).  A second signal forwards again:
@@ -493,6 +499,8 @@ def launch_local(sweep: Sweep, runs: Sequence[Run], *, poll_s: float = 0.5) -> i
                 env = dict(os.environ)
                 if slots[slot] is not None:
                     env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+                else:
+                    env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_run(len(slots), sweep.nproc_per_node)))
                 command = run_command(run, sweep.nproc_per_node)
                 log_path = logs / f"{run.name}.log"
                 log = open(log_path, "a")
