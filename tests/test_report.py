@@ -157,6 +157,23 @@ def test_controls_group_across_seeds_by_the_group_of_their_masks(tmp_path):
     assert set(text_table.loc[text_table.group == "g2", "prune.masks_from"]) == {"masks of g1"}
 
 
+def test_a_control_whose_source_is_a_copy_left_out_still_names_the_sources_group(tmp_path):
+    """A control of the sweep's seed-0 when a newer run of seed 0 is counted instead: its masks
+    still come from group g1 (found among g1's copies), not from a run the report does not name."""
+    base = tmp_path / "runs"
+    swept = make_experiment(base, "seed-0", seed=0)
+    rerun = make_experiment(base, "rerun", seed=0)
+    set_written_at(swept, 1_700_000_000)
+    set_written_at(rerun, 1_700_000_100)
+    control = make_experiment(base, "seed-0_reinit", seed=1000, **{"prune.masks_from": str(swept),
+                                                                   "prune.control": "reinit"})
+    written = report.write_report([swept, rerun, control], tmp_path / "out")
+    source, controls = written["groups"]
+    assert [e.path.name for e in source.dropped] == ["seed-0"]
+    assert controls.label == "control reinit of g1"
+    assert set(report.summary_table(written["groups"]).loc[lambda t: t.group == "g2", "prune.masks_from"]) == {"masks of g1"}
+
+
 def test_a_directory_that_is_not_an_experiment_is_refused_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")

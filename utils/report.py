@@ -399,13 +399,14 @@ def _show(value: Any) -> str:
 
 
 def source_group(group: Group, groups: Sequence[Group]) -> Optional[Group]:
-    """The group holding the experiment a control's masks come from, when it is in the report."""
+    """The group holding the experiment a control's masks come from, when it is in the report
+    (counted, or left out as a copy of a seed the group already counts)."""
     source = group.config.get("prune.masks_from")
     if not source:
         return None
     wanted = Path(str(source)).resolve()
     for other in groups:
-        if any(member.path.resolve() == wanted for member in other.members):
+        if any(member.path.resolve() == wanted for member in [*other.members, *other.dropped]):
             return other
     return None
 
