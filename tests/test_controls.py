@@ -319,7 +319,7 @@ def test_a_control_takes_its_sources_level_0_end_to_end(tmp_path, monkeypatch):
 
     def control(name):
         return write_config(tmp_path / f"{name}.yaml", digits_config(data, runs, name, **{
-            **short, "prune.masks_from": str(source), "prune.control": "shuffle"}))
+            **short, "prune.masks_from": str(source), "prune.control": "shuffle", "logging.tensorboard": True}))
 
     code, out, err = run_in_process(control("taken"))
     assert code == 0, err
@@ -347,3 +347,10 @@ def test_a_control_takes_its_sources_level_0_end_to_end(tmp_path, monkeypatch):
     code, out, err = run_in_process(cut)
     assert code == 0, err
     assert_same_results(taken, runs / "cut")
+    # TensorBoard holds the taken level 0 (from the copied rows) and level 1, each step once,
+    # in the run that was interrupted and resumed too
+    from tests.test_trackers import read_scalars
+    for name in ("taken", "cut"):
+        series = read_scalars(runs / name)["epoch/test_acc"]
+        assert [step for step, _ in series] == [0, 1], name
+        assert [value for _, value in series] == pytest.approx(pd.read_csv(runs / name / "epochs.csv").test_acc.tolist())

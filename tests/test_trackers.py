@@ -131,6 +131,48 @@ def test_resume_after_a_crash_between_log_and_checkpoint_leaves_no_duplicates(tm
     assert [step for step, _ in read_scalars(tmp_path)["level/final_test_acc"]] == [2, 5]
 
 
+def write_rows(path: Path, rows):
+    header = list(rows[0])
+    path.write_text("\n".join([",".join(header)] + [",".join(str(r[k]) for k in header) for r in rows]) + "\n")
+
+
+def test_a_control_logs_the_level_0_it_took_from_its_source_once(tmp_path):
+    """A shuffle control took level 0 (reused.csv; its CSVs hold the source's rows) and trains
+    level 1: its series hold level 0 at steps 0-2 from the copied rows, then level 1; a resume
+    inside level 1 logs level 0 again neither from its state nor from the CSV."""
+    from utils.rundir import RunFiles
+    files = RunFiles(tmp_path)
+    write_rows(files.epochs.path, [epoch_row(0, e) for e in range(EPOCHS)])
+    write_rows(files.levels.path, [level_row(0)])
+    files.reused.create()
+    files.reused.append({"level": 0, "source": "runs/source", "reason": "identical"})
+    assert next_step_from_csv(tmp_path, EPOCHS) == 0      # nothing trained here yet
+
+    first = TensorBoardTracker(tmp_path, EPOCHS)
+    play(first, tmp_path, lambda level: range(EPOCHS), [1], end=False)
+    first.writer.flush()
+    scalars = read_scalars(tmp_path)
+    assert [step for step, _ in scalars["epoch/test_acc"]] == list(range(6))
+    assert [v for _, v in scalars["epoch/test_acc"]] == pytest.approx(
+        [epoch_row(l, e)["test_acc"] for l in (0, 1) for e in range(EPOCHS)])
+    assert scalars["epoch/target_density"][0] == (0, pytest.approx(1.0))
+    assert scalars["level/final_test_acc"] == [(2, pytest.approx(62.0)), (5, pytest.approx(72.0))]
+    state = first.state_dict()
+    first.close()
+
+    with_rows = [epoch_row(0, e) for e in range(EPOCHS)] + [epoch_row(1, 0)]
+    write_rows(files.epochs.path, with_rows)  # resumed after level 1, epoch 0
+    assert next_step_from_csv(tmp_path, EPOCHS) == 4
+    for state_from in ("checkpoint_state", "epochs_csv"):
+        again = TensorBoardTracker(tmp_path, EPOCHS)
+        if state_from == "checkpoint_state":
+            again.load_state_dict(dict(state, next_step=4))
+        play(again, tmp_path, lambda level: range(1, EPOCHS), [1])
+        series = read_scalars(tmp_path)["epoch/test_acc"]
+        assert [step for step, _ in series] == list(range(6)), state_from
+        assert read_scalars(tmp_path)["level/final_test_acc"] == [(2, pytest.approx(62.0)), (5, pytest.approx(72.0))]
+
+
 def test_next_step_from_csv(tmp_path):
     assert next_step_from_csv(tmp_path, 5) == 0
     (tmp_path / "epochs.csv").write_text("level,epoch,lr\n")

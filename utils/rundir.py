@@ -23,7 +23,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import yaml
 
@@ -103,6 +103,13 @@ class CsvLog:
             return []
         with open(self.path, newline="") as handle:
             return list(csv.reader(handle))[1:]
+
+    def records(self) -> List[Dict[str, str]]:
+        """The rows as {column: text} (the file's own header)."""
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as handle:
+            return list(csv.DictReader(handle))
 
     def count(self) -> int:
         return len(self.rows())
@@ -204,6 +211,10 @@ class RunFiles:
     def reused(self) -> CsvLog:
         """A control's levels taken from its source instead of retrained (utils.controls)."""
         return CsvLog(self.root / "reused.csv", REUSED_COLUMNS)
+
+    def taken_levels(self) -> Set[int]:
+        """The levels this control took from its source (``reused.csv``): in its CSVs, never trained here."""
+        return {int(row["level"]) for row in self.reused.records()}
 
     def logs(self) -> Dict[str, CsvLog]:
         """The logs the harness creates and truncates on resume (Early-Bird keeps its own)."""

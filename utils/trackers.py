@@ -24,10 +24,13 @@ knows ``next_step``, the first step the last checkpoint does not cover:
 TensorBoard then reopens its series with ``purge_step=next_step``: readers drop every event
 at or after that step written before the restart.  W&B resumes the same run id (kept in
 ``wandb_run_id.txt``); a step it already holds is not sent again (W&B drops steps below its own).
+
+A control that took its source's level 0 instead of training it (``reused.csv``,
+utils/controls.py) logs that level's copied rows at ``on_run_start``, at their usual steps, so
+its series start at step 0 like any run's (once: a resumed control's ``next_step`` is past them).
 """
 from __future__ import annotations
 
-import csv
 import importlib
 import sys
 from pathlib import Path
@@ -35,6 +38,7 @@ from typing import Any, Dict, List, Optional
 
 from utils.atomic_io import atomic_write_text
 from utils.callbacks import Callback, LevelInfo
+from utils.rundir import RunFiles
 
 EPOCH_METRICS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
 LEVEL_METRICS = ("target_density", "density", "final_test_acc", "best_test_acc", "train_time_s")
@@ -62,18 +66,14 @@ def global_step(level: int, epoch: int, epochs_per_level: int) -> int:
 
 
 def next_step_from_csv(root: Path, epochs_per_level: int) -> int:
-    """The step after the last row of ``root/epochs.csv`` (0 when there is none)."""
-    path = Path(root) / "epochs.csv"
-    last = None
-    try:
-        with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                last = row
-    except FileNotFoundError:
+    """The step after the last row of ``root/epochs.csv`` trained in this directory (0 when there
+    is none): the rows of levels a control took from its source (``reused.csv``) do not count."""
+    files = RunFiles(root)
+    taken = files.taken_levels()
+    trained = [row for row in files.epochs.records() if int(row["level"]) not in taken]
+    if not trained:
         return 0
-    if last is None:
-        return 0
-    return global_step(int(last["level"]), int(last["epoch"]), epochs_per_level) + 1
+    return global_step(int(trained[-1]["level"]), int(trained[-1]["epoch"]), epochs_per_level) + 1
 
 
 def _number(value: Any) -> Optional[float]:
@@ -131,7 +131,33 @@ class Tracker(Callback):
         scalars["level/level"] = float(info.level)
         return {k: v for k, v in scalars.items() if v is not None}
 
+    def log_taken_levels(self) -> None:
+        """A control that took its source's level 0 (``reused.csv``) holds that level's rows in its
+        CSVs without having trained it, so no hook logged them: log them here, at their own steps,
+        unless this tracker is already past them (a resumed run)."""
+        files = RunFiles(self.root)
+        taken = files.taken_levels()
+        if not taken:
+            return
+        start = self._resume_step()
+        densities = {}
+        for row in files.levels.records():
+            if int(row["level"]) in taken:
+                densities[int(row["level"])] = _number(row["target_density"])
+        for row in files.epochs.records():
+            level = int(row["level"])
+            info = LevelInfo(level=level, density=densities.get(level), model=None, epoch=int(row["epoch"]), row=row)
+            if level in taken and self.step_of(info) >= start:
+                self._log(self.epoch_scalars(info), self.step_of(info))
+        for row in files.levels.records():
+            info = LevelInfo(level=int(row["level"]), density=densities.get(int(row["level"])), model=None, row=row)
+            if info.level in taken and self.step_of(info) >= start:  # a summary: at its level's last epoch
+                self._log(self.level_scalars(info), self.step_of(info))
+
     # The hooks, the same for every tracker: ``_log(scalars, step)`` and ``close()`` are each one's own.
+    def on_run_start(self, info: LevelInfo) -> None:
+        self.log_taken_levels()
+
     def on_epoch_logged(self, info: LevelInfo) -> None:
         self._log(self.epoch_scalars(info), self.step_of(info))
 
@@ -157,12 +183,14 @@ class TensorBoardTracker(Tracker):
     def _open(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
         purge = self._resume_step()
+        earlier = any(self.root.glob("events.out.tfevents.*"))
         # purge_step: events at or after it from an earlier process are dropped by readers
-        self.writer = SummaryWriter(log_dir=str(self.root), purge_step=purge if purge > 0 else None)
+        self.writer = SummaryWriter(log_dir=str(self.root), purge_step=purge if purge > 0 or earlier else None)
 
     def on_run_start(self, info: LevelInfo) -> None:
         if self.writer is None:
             self._open()
+        super().on_run_start(info)
 
     def _log(self, scalars: Dict[str, float], step: int) -> None:
         if self.writer is None:
@@ -212,6 +240,7 @@ class WandbTracker(Tracker):
     def on_run_start(self, info: LevelInfo) -> None:
         if self.run is None:
             self._open()
+        super().on_run_start(info)
 
     def _log(self, scalars: Dict[str, float], step: int) -> None:
         if self.run is None:
