@@ -203,6 +203,7 @@ def test_user_criterion_scores_are_used_and_checked(tmp_path, monkeypatch):
     # LAMP keeps each layer's largest weight: no layer is emptied, unlike global magnitude at low density
     low = pu.compute_masks(model, density=0.002, criterion="examples.custom:lamp_scores", allocation="global")
     assert all(int(m.sum()) > 0 for m in low.values())
+    assert pu.user_criterion("examples.custom:lamp_scores").needs() == []  # weights only: no loader made for it
     (tmp_path / "my_scores.py").write_text(
         "import torch\n"
         "def half_missing(inputs, masks):\n"
