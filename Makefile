@@ -2,13 +2,15 @@
 # make demo  : digits .beton files + the quickstart IMP run under torchrun (2 CPU processes), its
 #              random-reinit and shuffled-mask controls (the IMP run's masks) + their report and figures
 #              (runs/quickstart_report/accuracy_vs_density.png; about 3 minutes on 2 cores)
-# make test  : the test suite (fast CPU tests)
+# make test  : the test suite (fast CPU tests) on TEST_WORKERS=2 pytest-xdist workers
 # make bench : the benchmarks under bench/ (figures printed, never asserted)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCHRUN := $(VENV)/bin/torchrun
 DATA ?= data
 NPROC ?= 2
+# pytest-xdist workers for make test (tests run single-threaded; a file marked xdist_group stays on one worker)
+TEST_WORKERS ?= 2
 
 .PHONY: setup data demo test bench clean-demo
 
@@ -28,7 +30,7 @@ demo: data
 	    --out-dir runs/quickstart_report
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 bench: setup
 	$(PY) bench/masked_overhead.py --quick

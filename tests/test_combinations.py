@@ -41,6 +41,10 @@ from utils.mask_layers import is_subset, prepare_model
 from utils.models import get_model
 from utils.pruning_utils import target_keep_count
 
+# make test runs the suite on 2 workers (pytest-xdist, --dist loadgroup): this file's tests stay on
+# one worker, in order: its rows share one session fixture of runs (a control row uses its source row's run).
+pytestmark = pytest.mark.xdist_group("combinations")
+
 
 # ============================================================================ the factors
 def bn_cnn(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:

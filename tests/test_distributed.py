@@ -55,6 +55,10 @@ from tests.helpers import ROOT, TORCHRUN, digits_config, run_harness, write_conf
 from utils import distributed_utils as du
 from utils import mask_layers
 
+# make test runs the suite on 2 workers (pytest-xdist, --dist loadgroup): this file's tests stay on
+# one worker, in order: a module fixture trains 1- and 2-process runs that several tests compare.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 PROBE_PREFIX = "PROBE "
 DIGITS_TEST_SIZE = 360            # utils/write_beton.py's digits split: 1437 train / 360 test
 DIGITS_TRAIN_SIZE = 1437

@@ -27,6 +27,10 @@ from tests.test_resume import assert_same_results
 from utils import sweep as sw
 from utils.write_beton import ensure_digits
 
+# make test runs the suite on 2 workers (pytest-xdist, --dist loadgroup): this file's tests stay on
+# one worker, in order: one local Slurm, brought up once and shared.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 SLURM_LOCAL = ROOT / "scripts" / "slurm_local.sh"
 ENV = {"OMP_NUM_THREADS": "1"}
 
