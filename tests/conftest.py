@@ -17,7 +17,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: over ~60 s; skipped unless RUN_SLOW=1")
 
 
+# The longest units first: make test spreads the suite over 2 xdist workers, and a long file
+# (a group that stays on one worker) started last would leave the other worker idle at the end.
+LONG_FIRST = ("test_combinations.py", "test_slurm_real.py", "test_readme.py", "test_bench.py", "test_distributed.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept within
     if os.environ.get("RUN_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run")

@@ -183,14 +183,25 @@ def test_not_a_yaml_mapping_and_missing_file(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- local launcher
+def test_runs_at_once_on_cpu_split_the_cores(monkeypatch):
+    monkeypatch.setattr(sw.os, "cpu_count", lambda: 16)
+    assert [sw.cpu_threads_per_run(runs, 1) for runs in (1, 2, 4, 32)] == [16, 8, 4, 1]
+    assert sw.cpu_threads_per_run(2, 4) == 2    # 2 runs of 4 processes each
+
+
 def test_local_sweep_runs_two_at_once_then_skips_them(tmp_path, digits, monkeypatch, capsys):
     """Two 1-epoch, 1-level runs at once on CPU, then the same sweep again: nothing to run, the
     report of the whole sweep rewritten."""
     base = base_config(tmp_path, digits, **{"prune.levels": 1})
     path = sweep_file(tmp_path, {"base": str(base), "name": "quick", "grid": {"experiment.seed": [0, 1]}})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sw.os, "cpu_count", lambda: 2)
+    started, popen = [], subprocess.Popen
+    monkeypatch.setattr(sw.subprocess, "Popen", lambda *a, **k: started.append(k.get("env")) or popen(*a, **k))
     assert sw.main([str(path), "--runs-per-gpu", "2"]) == 0
+    runs = [env for env in started if env is not None]
+    assert [env.get("OMP_NUM_THREADS") for env in runs] == ["1", "1"]  # 2 runs at once share the 2 cores
     out = capsys.readouterr().out
     assert "[1/2] seed-0: started" in out and "[2/2] seed-1: started" in out and out.count(": done in") == 2
     root = tmp_path / "runs" / "quick"
