@@ -174,6 +174,20 @@ def test_a_control_whose_source_is_a_copy_left_out_still_names_the_sources_group
     assert set(report.summary_table(written["groups"]).loc[lambda t: t.group == "g2", "prune.masks_from"]) == {"masks of g1"}
 
 
+@pytest.mark.parametrize("structure, words, common", [
+    ({"prune.structure": "channel"}, "channel magnitude/global/imp", "`prune.structure=channel`"),
+    ({"prune.structure": "nm", "prune.nm": "2:4"}, "2:4 magnitude/global/imp", "`prune.nm=2:4`"),
+    ({"prune.structure": "unstructured"}, "lenet_300_100 magnitude/global/imp", "`prune.structure=unstructured`")])
+def test_a_groups_label_and_the_common_settings_name_the_pruning_structure(tmp_path, structure, words, common):
+    """A channel or N:M study must not read as unstructured pruning: its structure is in the label."""
+    base = tmp_path / "runs"
+    roots = [make_experiment(base, f"seed{s}", seed=s, **structure) for s in (0, 1)]
+    written = report.write_report(roots, tmp_path / "out")
+    (group,) = written["groups"]
+    assert group.label.endswith(words)
+    assert common in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_a_directory_that_is_not_an_experiment_is_refused_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")

@@ -43,7 +43,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -423,6 +423,15 @@ def group_value(group: Group, key: str) -> Any:
     return group.members[0].bn_processes if key == BN_PROCESSES_KEY else group.config.get(key)
 
 
+def structure_words(config: Mapping[str, Any]) -> str:
+    """What a label says of the pruning structure: nothing for unstructured (the default),
+    ``channel `` or ``N:M `` otherwise."""
+    structure = config.get("prune.structure") or "unstructured"
+    if structure == "unstructured":
+        return ""
+    return f"{config.get('prune.nm', 'N:M')} " if structure == "nm" else f"{structure} "
+
+
 def label_groups(groups: List[Group]) -> None:
     keys = [k for k in differing_keys(groups) if k not in CONTROL_KEYS]
     short = _short_names(keys)
@@ -431,7 +440,7 @@ def label_groups(groups: List[Group]) -> None:
         if keys:
             text = ", ".join(f"{short[k]}={_show(group_value(group, k))}" for k in keys)
         else:
-            text = (f"{c.get('model.name', '?')} {c.get('prune.criterion', '?')}/"
+            text = (f"{c.get('model.name', '?')} {structure_words(c)}{c.get('prune.criterion', '?')}/"
                     f"{c.get('prune.allocation', '?')}/{c.get('prune.training_type', '?')}")
         if group.is_control:
             source = source_group(group, groups)
@@ -733,8 +742,10 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
             seeds += f" ({len(group.dropped)} cop{'ies' if len(group.dropped) > 1 else 'y'} left out)"
         lines.append("| " + " | ".join([group.gid, group.label, seeds,
                                          *(value_in_table(group, k, groups) for k in keys)]) + " |")
-    common = [k for k in ("model.name", "dataset.name", "prune.criterion", "prune.allocation", "prune.training_type",
-                          "prune.rate", "training.epochs", "optimizer.lr") if k not in keys and k in groups[0].config]
+    shown = ("model.name", "dataset.name", "prune.structure", "prune.nm", "prune.criterion", "prune.allocation",
+             "prune.training_type", "prune.rate", "training.epochs", "optimizer.lr")
+    common = [k for k in shown if k not in keys and k in groups[0].config
+              and (k != "prune.nm" or groups[0].config.get("prune.structure") == "nm")]
     if common:
         lines += ["", "Common to all: " + ", ".join(f"`{k}={_show(groups[0].config[k])}`" for k in common) + "."]
     lines.append("")
