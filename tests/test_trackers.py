@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def play(tracker, root, epochs_of_level, levels, *, start=None, end=True):
                                           row=level_row(level)))
     if end:
         tracker.on_run_end(LevelInfo(level=levels[-1], density=0.8 ** levels[-1], model=MODEL, root=root))
+
+
+def next_second() -> None:
+    """Wait for the next wall-clock second.  TensorBoard names an event file by its creation second,
+    then host, process and a per-process counter, and reads a directory's files in name order;
+    a resumed run is a later process, so its file sorts after the earlier one's.  Two writers made
+    by this one process in the same second would sort by the counter as text ("10" < "9")."""
+    time.sleep(1.02 - time.time() % 1)
 
 
 def read_scalars(root: Path):
@@ -115,6 +124,7 @@ def test_resume_after_a_crash_between_log_and_checkpoint_leaves_no_duplicates(tm
     header = list(rows[0])
     (tmp_path / "epochs.csv").write_text("\n".join([",".join(header)] + [",".join(str(r[k]) for k in header)
                                                                           for r in rows]) + "\n")
+    next_second()  # the resumed run is a later process
     second = TensorBoardTracker(tmp_path, EPOCHS)
     if state_from == "checkpoint_state":
         second.load_state_dict(checkpointed)
@@ -164,6 +174,7 @@ def test_a_control_logs_the_level_0_it_took_from_its_source_once(tmp_path):
     write_rows(files.epochs.path, with_rows)  # resumed after level 1, epoch 0
     assert next_step_from_csv(tmp_path, EPOCHS) == 4
     for state_from in ("checkpoint_state", "epochs_csv"):
+        next_second()  # a resumed run is a later process
         again = TensorBoardTracker(tmp_path, EPOCHS)
         if state_from == "checkpoint_state":
             again.load_state_dict(dict(state, next_step=4))
