@@ -140,19 +140,17 @@ class Tracker(Callback):
         if not taken:
             return
         start = self._resume_step()
-        densities = {}
-        for row in files.levels.records():
-            if int(row["level"]) in taken:
-                densities[int(row["level"])] = _number(row["target_density"])
-        for row in files.epochs.records():
-            level = int(row["level"])
-            info = LevelInfo(level=level, density=densities.get(level), model=None, epoch=int(row["epoch"]), row=row)
-            if level in taken and self.step_of(info) >= start:
-                self._log(self.epoch_scalars(info), self.step_of(info))
-        for row in files.levels.records():
-            info = LevelInfo(level=int(row["level"]), density=densities.get(int(row["level"])), model=None, row=row)
-            if info.level in taken and self.step_of(info) >= start:  # a summary: at its level's last epoch
-                self._log(self.level_scalars(info), self.step_of(info))
+        levels = [row for row in files.levels.records() if int(row["level"]) in taken]
+        density = {int(row["level"]): _number(row["target_density"]) for row in levels}
+        epochs = [LevelInfo(level=int(row["level"]), density=density.get(int(row["level"])), model=None,
+                            epoch=int(row["epoch"]), row=row)
+                  for row in files.epochs.records() if int(row["level"]) in taken]
+        summaries = [LevelInfo(level=int(row["level"]), density=density[int(row["level"])], model=None, row=row)
+                     for row in levels]  # a summary's step: its level's last epoch
+        for info, scalars in [*((i, self.epoch_scalars(i)) for i in epochs),
+                              *((i, self.level_scalars(i)) for i in summaries)]:
+            if self.step_of(info) >= start:
+                self._log(scalars, self.step_of(info))
 
     # The hooks, the same for every tracker: ``_log(scalars, step)`` and ``close()`` are each one's own.
     def on_run_start(self, info: LevelInfo) -> None:
