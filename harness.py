@@ -4,10 +4,10 @@
     python harness.py --config ...          # the same, one process
 
 Each level: prune -> reset (per prune.training_type) -> train -> evaluate every epoch -> log;
-all ranks compute, rank 0 writes.  The training epoch and evaluation: utils/training.py; what
-a checkpoint holds: utils/checkpointing.py; stopping on request: utils/run_control.py; set-up,
+all ranks compute, rank 0 writes.  The training epoch and evaluation: utils/training/step.py; what
+a checkpoint holds: utils/runs/checkpointing.py; stopping on request: utils/runs/run_control.py; set-up,
 persistence and the features' callbacks: harness_setup.py.  Per-step, per-epoch and per-level
-work is a callback (utils/callbacks.py), never an edit of the loop below.  After every
+work is a callback (utils/core/callbacks.py), never an edit of the loop below.  After every
 epoch rank 0 checkpoints atomically; the same command resumes exactly (CSV rows after the
 checkpoint dropped); SIGTERM/SIGINT stop at a batch all ranks agree on (exit 143); bad input
 is one line and exit 2 before anything is written.
@@ -22,11 +22,13 @@ import torch
 import harness_utils as hu
 from harness_params import load_config_on_every_rank  # noqa: F401  (part of this module's interface)
 from harness_setup import ExperimentBase
-from utils import checkpointing, mask_layers, trackers, training
-from utils import distributed_utils as du
-from utils.errors import MaskSyncError
-from utils.run_control import Preempted, StopFlag
-from utils.tta import FlipTTA
+from utils.core import distributed as du
+from utils.core.errors import MaskSyncError
+from utils.models import mask_layers
+from utils.runs import checkpointing, trackers
+from utils.runs.run_control import Preempted, StopFlag
+from utils.training import step as training
+from utils.training.tta import FlipTTA
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run stopped on request; its checkpoint is intact
 EXIT_USER_ERROR = 2   # bad input, refused before anything is written (harness_params uses the same)

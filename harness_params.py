@@ -22,18 +22,24 @@ import yaml
 from fastargs import Config, Param, Section, get_current_config, set_current_config
 from fastargs.validation import Checker
 
-from utils.dataset import (LOADER_BACKENDS, DataError, augment_names, dataset_names, get_dataset_spec,
-                           uses_resized_crops, with_augment)
-from utils.models import model_names
-from utils.nm_sparsity import parse_nm
-from utils.pruning_utils import ALLOCATIONS, SCORES, parse_layer_rates, user_criterion
-from utils.user_code import UserCodeError, import_callable, is_import_path
-from utils.optimizers import OPTIMIZERS
-from utils.structured import CHANNEL_ALLOCATIONS, CHANNEL_SCORES
-from utils.rundir import as_tree  # noqa: F401  (the config's nesting: one rule, in utils/rundir.py)
-from utils.rundir import RENAMED_KEYS, current_key_names as rundir_key_names
-from utils.schedulers import schedule_names
-from utils.training_types import TRAINING_TYPES, TrainingTypeError, get_training_type
+from utils.core.user_code import UserCodeError, import_callable, is_import_path
+from utils.data.loaders import LOADER_BACKENDS
+from utils.data.sources import DataError
+from utils.data.specs import augment_names, dataset_names, get_dataset_spec, uses_resized_crops, with_augment
+from utils.models.registry import model_names
+from utils.pruning.allocations import ALLOCATIONS
+from utils.pruning.channel_graph import CHANNEL_ALLOCATIONS, CHANNEL_SCORES
+from utils.pruning.criteria import SCORES, user_criterion
+from utils.pruning.nm import parse_nm
+from utils.pruning.schedules import parse_layer_rates
+from utils.runs.rundir import (
+    RENAMED_KEYS,
+    as_tree,  # noqa: F401  (the config's nesting: one rule, in utils/runs/rundir.py)
+)
+from utils.runs.rundir import current_key_names as rundir_key_names
+from utils.training.optimizers import OPTIMIZERS
+from utils.training.schedulers import schedule_names
+from utils.training.training_types import TRAINING_TYPES, TrainingTypeError, get_training_type
 
 EXIT_CONFIG_ERROR = 2
 
@@ -198,7 +204,7 @@ class LayerRates(Checker):
 
 
 class NMPattern(Checker):
-    """``"N:M"``: N weights kept of every M consecutive inputs (utils/nm_sparsity.py).
+    """``"N:M"``: N weights kept of every M consecutive inputs (utils/pruning/nm.py).
 
     YAML 1.1 reads an unquoted ``2:4`` (in a file or in ``--prune.nm=2:4``) as the base-60 number
     2 * 60 + 4 = 124; such a number is read back as the N:M it was written as (M < 60 there)."""
@@ -232,15 +238,15 @@ def declare_sections() -> Config:
     set_current_config(config)
 
     Section("model", "Network").params(
-        name=P(NameOrImport(model_names()), "Registry name of the network (utils/models.py), or package.module:factory "
+        name=P(NameOrImport(model_names()), "Registry name of the network (utils/models/registry.py), or package.module:factory "
                "(called with num_classes=, and in_channels=, image_size= when it takes them)", required=True),
         blurpool=P(StrictBool(), "Anti-aliasing blur before every strided convolution (BlurPool, as ffcv-imagenet)", default=False),
         weights=P(StrictStr(), "Given initial weights: a state dict file (torch.save(model.state_dict()), a torchvision "
                   "weights file) loaded with weights_only before level 0; a head of another class count keeps its "
-                  "fresh init (utils/pretrained.py); empty = random init", default=""),
+                  "fresh init (utils/models/pretrained.py); empty = random init", default=""),
     )
     Section("dataset", "Data (FFCV .beton files)").params(
-        name=P(NameOrImport(dataset_names()), "Dataset (utils/dataset.py); fixes resolution, channels, classes, mean/std "
+        name=P(NameOrImport(dataset_names()), "Dataset (utils/data/specs.py); fixes resolution, channels, classes, mean/std "
                "(folder: from the training file's write record), or package.module:NAME of an outside DatasetSpec", required=True),
         train_path=P(StrictStr(), "Training .beton file", required=True),
         test_path=P(StrictStr(), "Evaluation .beton file", required=True),
@@ -252,7 +258,7 @@ def declare_sections() -> Config:
         eval_resolution=P(StrictInt(0), "Evaluation image size; 0 = the dataset's own (ImageNet: center crop, ratio 224/256)", default=0),
     )
     Section("optimizer", "Optimizer").params(
-        name=P(Choice(list(OPTIMIZERS)), "Optimizer (utils/optimizers.py)", default="sgd"),
+        name=P(Choice(list(OPTIMIZERS)), "Optimizer (utils/training/optimizers.py)", default="sgd"),
         lr=P(StrictFloat(0, math.inf, low_open=True), "Peak learning rate (for the global batch size)", default=0.1),
         momentum=P(StrictFloat(0, 1, high_open=True), "SGD momentum", default=0.9),
         nesterov=P(StrictBool(), "Nesterov momentum (sgd with momentum > 0)", default=False),
@@ -286,7 +292,7 @@ def declare_sections() -> Config:
                     "(channel structure only); or package.module:function taking (inputs, masks) like "
                     "utils.pruning_utils' score functions", default="magnitude"),
         allocation=P(Choice(sorted(ALLOCATIONS)), "How kept weights are shared among layers", default="global"),
-        training_type=P(NameOrImport(list(TRAINING_TYPES)), "What happens between levels (utils/training_types.py), or "
+        training_type=P(NameOrImport(list(TRAINING_TYPES)), "What happens between levels (utils/training/training_types.py), or "
                         "package.module:Name (a TrainingType subclass)", default="imp"),
         rate=P(StrictFloat(0, 1, low_open=True, high_open=True), "Fraction of the remaining weights removed per level", default=0.2),
         levels=P(Optional_(StrictInt(1)), "Number of levels, dense level 0 included", default=None),
@@ -344,7 +350,7 @@ def declare_sections() -> Config:
         seed=P(StrictInt(0), "Seed for initialisation, data order and random scores", default=0),
         resume=P(StrictBool(), "Resume from a checkpoint of the same config; false = start fresh in a new directory", default=True),
     )
-    Section("logging", "Optional experiment trackers (utils/trackers.py), rank 0 only").params(
+    Section("logging", "Optional experiment trackers (utils/runs/trackers.py), rank 0 only").params(
         tensorboard=P(StrictBool(), "Write TensorBoard event files into the experiment directory", default=False),
         wandb_project=P(Optional_(StrictStr()), "Weights & Biases project to log to (needs the wandb package); null = off", default=None),
     )
@@ -406,9 +412,9 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def current_key_names(flat: Dict[str, Any], origin: str = "") -> Dict[str, Any]:
-    """``flat`` with old key names (``utils.rundir.RENAMED_KEYS``) under their new names.  ``origin``
+    """``flat`` with old key names (``utils.runs.rundir.RENAMED_KEYS``) under their new names.  ``origin``
     (e.g. "in FILE"): refuse old and new name both given with different values; empty: the new
-    name wins (utils.rundir.current_key_names)."""
+    name wins (utils.runs.rundir.current_key_names)."""
     if origin:
         for old, new in RENAMED_KEYS.items():
             if old in flat and new in flat and flat[old] != flat[new]:
@@ -563,7 +569,7 @@ def check_structure_fields(c: Dict[str, Any]) -> None:
         if c["prune.levels"] == 1 or c["prune.target_density"] == 1.0:
             _fail("prune.early_bird=true needs a level after level 0 (prune.levels >= 2 or prune.target_density < 1)")
 def training_type_of(c: Dict[str, Any]):
-    """The config's training type (utils/training_types.py); an outside one that cannot be had is
+    """The config's training type (utils/training/training_types.py); an outside one that cannot be had is
     refused in one line."""
     try:
         return get_training_type(c["prune.training_type"])
@@ -572,7 +578,7 @@ def training_type_of(c: Dict[str, Any]):
 
 
 def check_nm_fields(c: Dict[str, Any]) -> None:
-    """prune.structure=nm (utils/nm_sparsity.py): the N:M pattern fixes every level's density."""
+    """prune.structure=nm (utils/pruning/nm.py): the N:M pattern fixes every level's density."""
     if c["prune.structure"] != "nm":
         return
     kind, levels = training_type_of(c), c["prune.levels"]
@@ -591,8 +597,8 @@ def check_science_fields(c: Dict[str, Any]) -> None:
 
     What needs the data or the model (the loader length for rewind_iteration, layer names
     for layer_rates, the source directory for masks_from) is checked by the harness with
-    ``utils.controls.read_source``, ``utils.rewind.rewind_point`` and
-    ``utils.pruning_utils.layer_rate_plan``.
+    ``utils.lottery.controls.read_source``, ``utils.training.rewind.rewind_point`` and
+    ``utils.pruning.schedules.layer_rate_plan``.
     """
     kind = training_type_of(c)
     masks_from, control = c["prune.masks_from"], c["prune.control"]
@@ -654,7 +660,7 @@ def load_config_on_every_rank(argv: Optional[Sequence[str]]):
     """load_config, with its message (or --help) printed by rank 0 only: every rank parses
     the same files, so every rank fails the same way.  -> the config, or the exit status to
     end with."""
-    from utils.distributed_utils import rank_from_env
+    from utils.core.distributed import rank_from_env
 
     quiet = rank_from_env() != 0
     sink = io.StringIO()

@@ -15,17 +15,22 @@ from typing import Any, Dict, Optional
 import torch
 
 import harness_utils as hu
-from utils import (checkpointing, controls, mask_layers, nm_sparsity, pretrained, progressive, pruning_utils, rewind,
-                   run_lock, structured, training)
-from utils.callbacks import AfterBackward
-from utils.stability import StabilityAnalysis, StabilityRun
-from utils.training_types import get_training_type
-from utils import distributed_utils as du
-from utils.callbacks import Callbacks, LevelInfo
-from utils.early_bird import EarlyBird
-from utils.errors import MaskSyncError
-from utils.fault_injection import FaultInjection
-from utils.run_control import ProgressBar, StopOnRequest, StopRequests
+from utils.core import distributed as du
+from utils.core.callbacks import AfterBackward, Callbacks, LevelInfo
+from utils.core.errors import MaskSyncError
+from utils.lottery import controls
+from utils.lottery.early_bird import EarlyBird
+from utils.lottery.stability import StabilityAnalysis, StabilityRun
+from utils.models import mask_layers, pretrained
+from utils.pruning import channel_graph, channel_scores, channel_select, channel_zeroing, criteria
+from utils.pruning import nm as nm_sparsity
+from utils.pruning import schedules as density_schedules
+from utils.runs import checkpointing, run_lock
+from utils.runs.fault_injection import FaultInjection
+from utils.runs.run_control import ProgressBar, StopOnRequest, StopRequests
+from utils.training import progressive, rewind, slimming
+from utils.training import step as training
+from utils.training.training_types import get_training_type
 
 STABILITY_EPOCH_OFFSET = 2_000_000  # data order of the stability analysis' second copy: epochs of their own
 
@@ -41,7 +46,7 @@ class ExperimentBase:
         self.callbacks = Callbacks([cb for cb in (fault_injection,) if cb is not None])
         self.callbacks += [ProgressBar(ctx.is_primary and config["training.progress"]), StopOnRequest(self.stop_requests)]
         self._snip_loader = None
-        self.lock = None  # rank 0: this directory's run lock, held for the run's life (utils/run_lock.py)
+        self.lock = None  # rank 0: this directory's run lock, held for the run's life (utils/runs/run_lock.py)
         self.resume_partial_epoch: Optional[Dict[str, Any]] = None
         self.source = self.layer_plan = self.channel_structure = self.rewind_at = self.nm_plan = None
         self.level_start_state: Optional[Dict[str, Any]] = None
@@ -70,25 +75,25 @@ class ExperimentBase:
                                        f"the ticket's own; give the control another experiment.seed")
                 self.densities = self.source.planned_densities[:controls.control_levels(self.source, c["prune.levels"])]
             if c["prune.layer_rates"]:
-                self.layer_plan = pruning_utils.layer_rate_plan(self.model, c["prune.layer_rates"], c["prune.rate"],
+                self.layer_plan = density_schedules.layer_rate_plan(self.model, c["prune.layer_rates"], c["prune.rate"],
                                                                 c["prune.levels"])
                 self.densities = list(self.layer_plan.densities)
             if c["prune.structure"] == "channel":
-                self.channel_structure = structured.build_channel_structure(self.model, self.input_shape)
+                self.channel_structure = channel_graph.build_channel_structure(self.model, self.input_shape)
                 if c["prune.criterion"] == "bn_gamma":
-                    structured.check_bn_gamma_possible(self.channel_structure)
+                    channel_scores.check_bn_gamma_possible(self.channel_structure)
                 if self.source is None:  # a control trains its source's masks as they are
-                    structured.check_channel_densities(self.channel_structure, self.densities,
+                    channel_select.check_channel_densities(self.channel_structure, self.densities,
                                                        c["prune.min_channel_fraction"])
             if c["prune.structure"] == "nm" or (self.source is not None and self.source.config.get("prune.structure") == "nm"):
                 self.plan_nm()
-        except (controls.ControlError, structured.StructureError, ValueError) as error:
+        except (controls.ControlError, channel_graph.StructureError, ValueError) as error:
             raise hu.UserError(str(error)) from None
         self.install_feature_callbacks()
 
     def plan_nm(self) -> None:
         """prune.structure=nm: each level's count per group and density, said in the start line; a
-        control only of a source with the same structure and pattern (utils/nm_sparsity.py)."""
+        control only of a source with the same structure and pattern (utils/pruning/nm.py)."""
         c, source = self.c, self.source
         if source is not None:
             theirs, mine = source.config.get("prune.structure", "unstructured"), c["prune.structure"]
@@ -117,17 +122,17 @@ class ExperimentBase:
         """The callbacks of the optional features the config asks for (before any training)."""
         c, structure = self.c, self.channel_structure
         if structure is not None:
-            zeroing = structured.ChannelZeroing(structure, self.model)
+            zeroing = channel_zeroing.ChannelZeroing(structure, self.model)
             zeroing.in_every_training = True  # the stability analysis' second copy keeps channels dead too
             self.callbacks += [zeroing, hu.ChannelReport(structure)]
         if self.nm_plan is not None:
             self.callbacks.append(nm_sparsity.NMReport(self.nm_plan.m))
         if c["training.bn_l1"] > 0:
-            self.callbacks.append(AfterBackward(structured.bn_l1_hook(c["training.bn_l1"])))
+            self.callbacks.append(AfterBackward(slimming.bn_l1_hook(c["training.bn_l1"])))
         if c["prune.early_bird"] and len(self.densities) > 1:
-            next_density, seed = self.densities[1], pruning_utils.level_seed(c["experiment.seed"], 1)
+            next_density, seed = self.densities[1], criteria.level_seed(c["experiment.seed"], 1)
             self.callbacks.append(EarlyBird(
-                lambda m: structured.keep_vector(structured.select_channels(
+                lambda m: channel_select.keep_vector(channel_select.select_channels(
                     m, structure, density=next_density, criterion=c["prune.criterion"],
                     allocation=c["prune.allocation"], seed=seed, min_fraction=c["prune.min_channel_fraction"]),
                     structure),
@@ -213,7 +218,7 @@ class ExperimentBase:
     def level_masks(self, level: int, density: float) -> Dict[str, torch.Tensor]:
         """Level ``level``'s masks as rank 0 computes them: from the control's source, by channel,
         by per-layer counts, or by the config's criterion and allocation."""
-        c, seed = self.c, pruning_utils.level_seed(self.c["experiment.seed"], level)
+        c, seed = self.c, criteria.level_seed(self.c["experiment.seed"], level)
         if self.source is not None:
             controls.wait_for_level(self.source, level, say=self.say)
             if c["prune.control"] == "shuffle" and (self.channel_structure is not None or self.nm_plan is not None):
@@ -222,15 +227,15 @@ class ExperimentBase:
                 # weight-shuffled channel mask would leave every channel partly alive)
                 masks = controls.masks_for_level(self.source, level, "none", c["experiment.seed"])
                 if self.channel_structure is not None:
-                    return structured.shuffled_channel_masks(self.channel_structure, masks, c["experiment.seed"])
+                    return channel_select.shuffled_channel_masks(self.channel_structure, masks, c["experiment.seed"])
                 return nm_sparsity.shuffled_nm_masks(masks, self.nm_plan.m, c["experiment.seed"])
             return controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"])
         if self.channel_structure is not None:
-            return structured.compute_channel_masks(self.model, self.channel_structure, density=density,
+            return channel_select.compute_channel_masks(self.model, self.channel_structure, density=density,
                                                     criterion=c["prune.criterion"], allocation=c["prune.allocation"],
                                                     seed=seed, min_fraction=c["prune.min_channel_fraction"])
-        needs_batches = pruning_utils.get_criterion(c["prune.criterion"]).needs_batches  # its registry entry says
-        batches = self.snip_loader().batches(pruning_utils.SCORE_EPOCH_OFFSET + level) if needs_batches else None
+        needs_batches = criteria.get_criterion(c["prune.criterion"]).needs_batches  # its registry entry says
+        batches = self.snip_loader().batches(criteria.SCORE_EPOCH_OFFSET + level) if needs_batches else None
         counts = self.layer_plan.counts[level] if self.layer_plan is not None else None
         nm = self.nm_plan.target(level) if self.nm_plan is not None else None
         return hu.compute_masks(c, self.model, level=level, density=density, batches=batches, device=self.ctx.device,
@@ -354,7 +359,7 @@ class ExperimentBase:
 
     # --------------------------------------------------------- stability analysis
     def stability_run(self) -> StabilityRun:
-        """What the stability analysis may ask of this run (utils/stability.py)."""
+        """What the stability analysis may ask of this run (utils/lottery/stability.py)."""
         c = self.c
 
         def save_start(state):

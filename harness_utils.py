@@ -1,7 +1,7 @@
 """Level-loop helpers that know the config: CSV logs, the experiment directory's files and
 the decision fresh / resume / finished / refuse, the optimizer, seeding, checkpoints of
 this config.  (How files are written atomically and what a checkpoint holds:
-utils/checkpointing.py, re-exported here.)
+utils/runs/checkpointing.py, re-exported here.)
 
 Every function that writes takes plain arguments and is called on rank 0 only (the
 harness routes writes through ``primary_only``).
@@ -18,25 +18,48 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import harness_params
-from utils import checkpointing, mask_layers, pretrained, pruning_utils, rundir, structured
-from utils.blurpool import add_blurpool_
-from utils.callbacks import Callback, LevelInfo
-from utils.dataset import DataError, make_loader, resolve_dataset_spec, validate_beton
-from utils.models import ModelError, get_model
-from utils.schedulers import LRSchedule, ScheduleSpec
-from utils.training_types import get_training_type
-from utils.checkpointing import (  # noqa: F401  (re-exported: the harness layer's one import)
-    CHECKPOINT_FORMAT, LAST_CHECKPOINT_KEYS, TEMPORARY_SUFFIX, atomic_torch_save, atomic_write_bytes,
-    detached_copy, make_dirs, remove_stale_temporaries, rng_state, set_rng_state)
-from utils.optimizers import OPTIMIZERS, build_optimizer  # noqa: F401
-from utils.rundir import (  # noqa: F401  (re-exported: the run directory's rules live in utils/rundir.py)
-    EPOCH_COLUMNS, LAYER_COLUMNS, LEVEL_COLUMNS, NON_SEMANTIC_KEYS, STABILITY_COLUMNS, CsvLog, DirDecision,
-    extra_columns, usable_launch_id)
-from utils.rundir import RunFiles as ExperimentFiles  # noqa: F401
-from utils.rundir import config_bytes as config_yaml  # noqa: F401
-from utils.rundir import read_config as read_config_yaml  # noqa: F401
-from utils.errors import UserError
-
+from utils.core.callbacks import Callback, LevelInfo
+from utils.core.errors import UserError
+from utils.data.loaders import make_loader
+from utils.data.records import resolve_dataset_spec, validate_beton
+from utils.data.sources import DataError
+from utils.models import mask_layers, pretrained
+from utils.models.blurpool import add_blurpool_
+from utils.models.registry import ModelError, get_model
+from utils.pruning import channel_select as structured
+from utils.pruning import criteria
+from utils.pruning import masks as pruning_masks
+from utils.pruning import schedules as density_schedules
+from utils.runs import checkpointing, rundir
+from utils.runs.checkpointing import (  # noqa: F401  (re-exported: the harness layer's one import)
+    CHECKPOINT_FORMAT,
+    LAST_CHECKPOINT_KEYS,
+    TEMPORARY_SUFFIX,
+    atomic_torch_save,
+    atomic_write_bytes,
+    detached_copy,
+    make_dirs,
+    remove_stale_temporaries,
+    rng_state,
+    set_rng_state,
+)
+from utils.runs.rundir import (  # noqa: F401  (re-exported: the run directory's rules live in utils/runs/rundir.py)
+    EPOCH_COLUMNS,
+    LAYER_COLUMNS,
+    LEVEL_COLUMNS,
+    NON_SEMANTIC_KEYS,
+    STABILITY_COLUMNS,
+    CsvLog,
+    DirDecision,
+    extra_columns,
+    usable_launch_id,
+)
+from utils.runs.rundir import RunFiles as ExperimentFiles  # noqa: F401
+from utils.runs.rundir import config_bytes as config_yaml  # noqa: F401
+from utils.runs.rundir import read_config as read_config_yaml  # noqa: F401
+from utils.training.optimizers import OPTIMIZERS, build_optimizer  # noqa: F401
+from utils.training.schedulers import LRSchedule, ScheduleSpec
+from utils.training.training_types import get_training_type
 
 BN_BATCHES_EPOCH = 3_000_000  # data order of the batches the stability analysis re-estimates BatchNorm on
 
@@ -49,7 +72,7 @@ def semantic_difference(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
 
 def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool,
                           launch_id: Optional[str] = None) -> DirDecision:
-    """utils.rundir.decide with this harness's defaults; a refusal is one UserError line."""
+    """utils.runs.rundir.decide with this harness's defaults; a refusal is one UserError line."""
     try:
         return rundir.decide(resolved, harness_params.defaults(), restarted=restarted, launch_id=launch_id)
     except rundir.RunDirError as error:
@@ -66,7 +89,7 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path: Path, resolved: Optional[Dict[str, Any]] = None,
                     required: Sequence[str] = ()) -> Dict[str, Any]:
-    """utils.checkpointing.load_checkpoint, and refused (one-line UserError) when the
+    """utils.runs.checkpointing.load_checkpoint, and refused (one-line UserError) when the
     checkpoint belongs to another config (the keys that differ are named)."""
     state = checkpointing.load_checkpoint(path, required=required)
     if resolved is not None:
@@ -167,7 +190,7 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
     elif c["prune.masks_from"] and c["prune.levels"] is None and c["prune.target_density"] is None:
         densities = [1.0]  # a control: its source's densities replace these (harness_setup.check_inputs)
     else:
-        densities = pruning_utils.iterative_densities(c["prune.rate"], levels=c["prune.levels"],
+        densities = density_schedules.iterative_densities(c["prune.rate"], levels=c["prune.levels"],
                                                       target_density=c["prune.target_density"])
     return Inputs(spec, train_resolution, eval_resolution, model, densities, notes)
 
@@ -240,11 +263,11 @@ def compute_masks(c: Dict[str, Any], model: torch.nn.Module, *, level: int, dens
     (prune.structure=nm, no allocation), instead of ``density``."""
     target = ({"layer_counts": layer_counts} if layer_counts is not None else {"nm": nm} if nm is not None
               else {"density": density})
-    return pruning_utils.compute_masks(
+    return pruning_masks.compute_masks(
         model, **target, criterion=c["prune.criterion"], allocation=None if nm is not None else c["prune.allocation"],
         batches=batches, loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.score_batches"],
         synflow_iterations=c["prune.synflow_iterations"], input_shape=input_shape,
-        seed=pruning_utils.level_seed(c["experiment.seed"], level), device=device, snip_mode=c["prune.snip_mode"])
+        seed=criteria.level_seed(c["experiment.seed"], level), device=device, snip_mode=c["prune.snip_mode"])
 
 
 def build_loaders(c: Dict[str, Any], spec: Any, ctx: Any, train_resolution: int, eval_resolution: int):
@@ -260,7 +283,7 @@ def build_loaders(c: Dict[str, Any], spec: Any, ctx: Any, train_resolution: int,
 
 
 def create_experiment_dir(files: ExperimentFiles, resolved: Dict[str, Any], launch_id: Optional[str]) -> None:
-    """A new experiment directory (rank 0 only): utils.rundir.RunFiles.create."""
+    """A new experiment directory (rank 0 only): utils.runs.rundir.RunFiles.create."""
     files.create(config_yaml(resolved), usable_launch_id(launch_id))
 
 

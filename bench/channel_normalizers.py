@@ -6,7 +6,7 @@
     python bench/channel_normalizers.py --smoke              # seconds: the code paths once
 
 ``prune.structure=channel`` with ``prune.allocation=global`` ranks the channel units of all
-coupled groups together (utils/structured.py).  A filter's L1 norm grows with its fan-in, so
+coupled groups together (utils/pruning/channel_graph.py).  A filter's L1 norm grows with its fan-in, so
 raw scores are compared on a common scale first; this script measures which scale.  For each
 normaliser (``none`` = raw scores, ``mean``, ``max``, ``gaussian``; ``uniform`` allocation as
 the reference that needs none) and each seed:
@@ -15,7 +15,7 @@ the reference that needs none) and each seed:
 * ``trained``: the dense network is trained ``--epochs`` epochs (once per seed, shared by all
   normalisers), pruned, and fine-tuned ``--epochs`` epochs with a fresh schedule (LRR).
 
-Every method keeps the largest number of channel units whose compacted network (utils/compact.py)
+Every method keeps the largest number of channel units whose compacted network (utils/pruning/compact.py)
 costs at most ``--flops`` of the dense FLOPs per image, so the comparison is at equal compute,
 not at equal channel count.  No per-layer floor (``min_fraction=0``): the normaliser alone decides.
 Data: the bundled digits (8 px, 1 channel) and a small CIFAR-10-format data set (32 px RGB,
@@ -44,10 +44,11 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))      # the other bench modules
 
-from utils import compact, structured  # noqa: E402
-from utils.dataset import get_dataset_spec, make_loader  # noqa: E402
-from utils.mask_layers import apply_masks_, prepare_model, set_masks  # noqa: E402
-from utils.models import get_model  # noqa: E402
+from utils.data.loaders import make_loader
+from utils.data.specs import get_dataset_spec
+from utils.models.mask_layers import apply_masks_, prepare_model, set_masks
+from utils.models.registry import get_model
+from utils.pruning import channel_graph, channel_select, channel_zeroing, compact
 
 METHODS = [("none", "global"), ("mean", "global"), ("max", "global"), ("gaussian", "global"), ("mean", "uniform")]
 # (data set, model, criteria of the trained scenario)
@@ -99,7 +100,7 @@ class Trainer:
         self.max_batches = max_batches
 
     def fit(self, model: nn.Module, structure, epochs: int, seed: int) -> None:
-        zeroer = structured.DeadChannelZeroer(structure).refresh(model)
+        zeroer = channel_zeroing.DeadChannelZeroer(structure).refresh(model)
         zeroer(model)
         steps = epochs * len(self.train)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -138,7 +139,7 @@ def prune_to_flops(model: nn.Module, structure, shape, *, budget: int, criterion
     best = None
 
     def masks_for(keep: int):
-        return structured.compute_channel_masks(model, structure, density=keep / total, criterion=criterion,
+        return channel_select.compute_channel_masks(model, structure, density=keep / total, criterion=criterion,
                                                 allocation=allocation, normalizer=normalizer, seed=seed,
                                                 min_fraction=0.0)
 
@@ -159,7 +160,7 @@ def prune_to_flops(model: nn.Module, structure, shape, *, budget: int, criterion
 
 
 def smallest_layer_fraction(masks) -> float:
-    return min(alive / channels for alive, channels in structured.channels_alive(masks).values())
+    return min(alive / channels for alive, channels in channel_select.channels_alive(masks).values())
 
 
 def run_case(trainer: Trainer, shape, model_name: str, criteria, args, out) -> None:
@@ -169,7 +170,7 @@ def run_case(trainer: Trainer, shape, model_name: str, criteria, args, out) -> N
         torch.manual_seed(seed)
         init = prepare_model(get_model(model_name, num_classes=spec.num_classes, in_channels=spec.channels,
                                        image_size=spec.resolution))
-        structure = structured.build_channel_structure(init, shape)
+        structure = channel_graph.build_channel_structure(init, shape)
         dense_flops = flops_of(init, structure, shape)
         dense_params = compact.count_parameters(compact.strip_masks_(copy.deepcopy(init)))
         trained = copy.deepcopy(init)

@@ -13,8 +13,8 @@ states, run bookkeeping.  Three timings, each the median over ``--repeats`` roun
   this is deserialization, not disk.
 
 Models: torchvision ResNet-50 (1000 classes, 25.6 M parameters) and CIFAR ResNet-20
-(``utils.models.get_model('resnet20', num_classes=10)``, 0.27 M), both through
-``utils.mask_layers.prepare_model``, momentum populated by one SGD step.
+(``utils.models.registry.get_model('resnet20', num_classes=10)``, 0.27 M), both through
+``utils.models.mask_layers.prepare_model``, momentum populated by one SGD step.
 Target: ResNet-50 written in under 5 s (issue 5).
 
     python bench/checkpoint_cost.py                       # writes under runs/checkpoint_bench
@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness_utils as hu  # noqa: E402
-from utils import mask_layers  # noqa: E402
-from utils.models import get_model  # noqa: E402
+from utils.models import mask_layers
+from utils.models.registry import get_model
 
 
 def build(name: str) -> torch.nn.Module:

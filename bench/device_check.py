@@ -64,7 +64,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from utils.atomic_io import atomic_write_text  # noqa: E402  (standard library only: no torch at start)
+from utils.core.atomic_io import atomic_write_text
 
 TOTAL_LIMIT_S = 450.0          # the whole check on the GPU: under 8 minutes with start-up and pip install
 GRACE_S = 15.0                 # a section past its budget by this much is killed
@@ -318,7 +318,8 @@ def section_runs_per_device(rec: Recorder, ctx: Context) -> None:
 def section_precision(rec: Recorder, ctx: Context) -> None:
     import torch
     import train_throughput as tt
-    from utils.training import PRECISIONS
+
+    from utils.training.step import PRECISIONS
     # --tiny: LeNet-300-100 (fp16 convolutions on a CPU take seconds each; the rehearsal wants the path)
     case = tt.Case("lenet_300_100", 32, 8) if ctx.tiny else tt.Case("resnet20", 32, 512)
     steps, warmup = (2, 1) if ctx.tiny else (30, 5)
@@ -352,22 +353,24 @@ def section_precision(rec: Recorder, ctx: Context) -> None:
 
 # ------------------------------------------------------------------------------ pruning
 def section_pruning(rec: Recorder, ctx: Context) -> None:
+    import pruning_speed as ps
     import torch
     import torchvision
-    import pruning_speed as ps
-    from utils import pruning_utils
-    from utils.mask_layers import prepare_model
+
+    from utils.models.mask_layers import prepare_model
+    from utils.pruning import criteria
+    from utils.pruning import masks as pruning_masks
     name, side, rounds, snip_runs = ("resnet18", 32, 2, 1) if ctx.tiny else ("resnet50", 224, 100, 3)
     torch.manual_seed(0)
     model = prepare_model(torchvision.models.get_model(name)).to(ctx.device)
     seed = ps.draw_weights_without_tie_at_cut(model, 0)
     rec.note(f"torchvision {name}, global allocation, density {ps.DENSITY}; SNIP on 1 batch of 8 at {side} px; "
-             f"SynFlow {rounds} rounds at {side} px in {pruning_utils.synflow_dtype(ctx.device)}.")
+             f"SynFlow {rounds} rounds at {side} px in {criteria.synflow_dtype(ctx.device)}.")
 
     def magnitude() -> dict:
-        seconds, on_device = ps.timed(lambda: pruning_utils.compute_masks(
+        seconds, on_device = ps.timed(lambda: pruning_masks.compute_masks(
             model, density=ps.DENSITY, criterion="magnitude", allocation="global"), ctx.device)
-        on_cpu = pruning_utils.compute_masks(copy.deepcopy(model).cpu(), density=ps.DENSITY, criterion="magnitude",
+        on_cpu = pruning_masks.compute_masks(copy.deepcopy(model).cpu(), density=ps.DENSITY, criterion="magnitude",
                                              allocation="global")
         equal = all(torch.equal(on_device[k].cpu(), on_cpu[k]) for k in on_cpu) and on_device.keys() == on_cpu.keys()
         figures = {"device_s": seconds, "masks_equal_cpu": equal, "weight_seed": seed,
@@ -454,8 +457,9 @@ def short_config(config: dict, ctx: Context, data: Dict[str, tuple], name: str) 
     ``prune.levels`` (at_init configs prune at level 0 anyway), every epoch-valued setting (LR
     milestones, warm-up, peak, step size, the progressive-resizing ramp, the rewind epoch) scaled
     into that one epoch, the memory loader where the dataset allows it (else torch)."""
-    from utils.dataset import DataError, get_dataset_spec
-    from utils.memory_loader import check_memory_loader_spec
+    from utils.data.memory_loader import check_memory_loader_spec
+    from utils.data.sources import DataError
+    from utils.data.specs import get_dataset_spec
     short = copy.deepcopy(config)
     dataset = short["dataset"]
     spec = get_dataset_spec(dataset["name"])
@@ -496,8 +500,8 @@ def short_config(config: dict, ctx: Context, data: Dict[str, tuple], name: str) 
 
 
 def section_configs(rec: Recorder, ctx: Context) -> None:
-    import yaml
     import synthetic_beton
+    import yaml
     configs = shipped_configs()
     loaded = {path.stem: yaml.safe_load(path.read_text()) for path in configs}
     datasets = sorted({config["dataset"]["name"] for config in loaded.values()})
@@ -518,7 +522,7 @@ def section_configs(rec: Recorder, ctx: Context) -> None:
             data[dataset] = synthetic_beton.synthetic_dataset(
                 dataset, ctx.work / "data", train=train_count, test=test_count,
                 imagenet_side=80 if ctx.tiny else 160)
-            from utils.dataset import BetonFile
+            from utils.data.beton import BetonFile
             return {"train_samples": BetonFile(data[dataset][0]).num_samples,
                     "test_samples": BetonFile(data[dataset][1]).num_samples}
         rec.item(f"data: {dataset}", write, needs_s=2)
@@ -533,8 +537,10 @@ def section_configs(rec: Recorder, ctx: Context) -> None:
 def run_config(path: Path, config: dict, ctx: Context, data: Dict[str, tuple]) -> dict:
     """One shipped config through harness.main, in this process (no start-up per config)."""
     import gc
+
     import torch
     import yaml
+
     import harness
     name = path.stem
     short = ctx.work / "configs" / f"{name}.yaml"

@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # the other bench modules
 
-from utils.dataset import get_dataset_spec, make_loader  # noqa: E402
+from utils.data.loaders import make_loader
+from utils.data.specs import get_dataset_spec
 
 
 def synthetic_cifar10(folder: Path, images: int, seed: int = 0) -> Path:

@@ -52,9 +52,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from utils.mask_layers import (apply_masks_, apply_masks_per_layer_, get_masks, overall_density,  # noqa: E402
-                               prepare_model, set_masks)
-from utils.models import get_model  # noqa: E402
+from utils.models.mask_layers import (
+    apply_masks_,
+    apply_masks_per_layer_,
+    get_masks,
+    overall_density,
+    prepare_model,
+    set_masks,
+)
+from utils.models.registry import get_model
 
 DENSITY = 0.2  # fraction of prunable weights kept
 

@@ -1,6 +1,6 @@
 """How fast is pruning?  ResNet-50 (torchvision, 224 px), every Conv2d/Linear weight prunable.
 
-1. Global magnitude pruning to 20% density: ``utils.pruning_utils.prune_model`` against
+1. Global magnitude pruning to 20% density: ``utils.pruning.masks.prune_model`` against
    ``torch.nn.utils.prune.global_unstructured(..., pruning_method=L1Unstructured,
    amount=0.8)`` on the same weights, in the same process; median of ``--repeats`` runs
    each, the timed calls taking turns within every repeat so that a busy machine slows
@@ -35,8 +35,10 @@ import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import prune  # noqa: E402
 
-from utils import pruning_utils  # noqa: E402
-from utils.mask_layers import all_true_masks, masked_layers, prepare_model, set_masks  # noqa: E402
+from utils.models.mask_layers import all_true_masks, masked_layers, prepare_model, set_masks
+from utils.pruning import criteria
+from utils.pruning import masks as pruning_masks
+from utils.pruning import schedules as density_schedules
 
 DENSITY = 0.2
 SPEEDUP_TARGET = 8.0
@@ -59,7 +61,7 @@ def draw_weights_without_tie_at_cut(model: nn.Module, seed: int) -> int:
     """N(0, 1) weights such that the k-th and (k+1)-th largest |w| differ; returns the seed used."""
     layers = [layer for _, layer in masked_layers(model)]
     total = sum(layer.weight.numel() for layer in layers)
-    keep = pruning_utils.target_keep_count(DENSITY, total)
+    keep = density_schedules.target_keep_count(DENSITY, total)
     for attempt in range(seed, seed + 100):
         generator = torch.Generator().manual_seed(attempt)
         with torch.no_grad():
@@ -91,11 +93,11 @@ def bench_global_magnitude(model: nn.Module, device: torch.device, repeats: int,
     ours_prune, ours_compute, theirs_seconds = [], [], []
     for _ in range(repeats + 1):  # the first repeat warms up allocator and kernels, not counted
         reset()
-        seconds, _ = timed(lambda: pruning_utils.compute_masks(
+        seconds, _ = timed(lambda: pruning_masks.compute_masks(
             model, density=DENSITY, criterion="magnitude", allocation="global"), device)
         ours_compute.append(seconds)
         reset()
-        seconds, ours = timed(lambda: pruning_utils.prune_model(
+        seconds, ours = timed(lambda: pruning_masks.prune_model(
             model, density=DENSITY, criterion="magnitude", allocation="global"), device)
         ours_prune.append(seconds)
         candidate = copy.deepcopy(plain)
@@ -129,7 +131,7 @@ def time_snip(model: nn.Module, device: torch.device, image_size: int, runs: int
               torch.randint(0, 1000, (batch_size,), generator=generator).to(device))]
     snip_seconds = []
     for _ in range(runs):
-        seconds, _ = timed(lambda: pruning_utils.compute_masks(
+        seconds, _ = timed(lambda: pruning_masks.compute_masks(
             model, density=DENSITY, criterion="snip", allocation="global", batches=batch), device)
         snip_seconds.append(seconds)
     return statistics.median(snip_seconds)
@@ -139,7 +141,7 @@ def time_synflow(model: nn.Module, device: torch.device, image_size: int, rounds
     """(seconds, median seconds per round) of a global SynFlow score over ``rounds`` rounds."""
     round_ends = []
     start = time.perf_counter()
-    seconds, _ = timed(lambda: pruning_utils.compute_masks(
+    seconds, _ = timed(lambda: pruning_masks.compute_masks(
         model, density=DENSITY, criterion="synflow", allocation="global", input_shape=(3, image_size, image_size),
         synflow_iterations=rounds, on_round=lambda k, d, masks: round_ends.append(time.perf_counter())), device)
     per_round = [b - a for a, b in zip([start] + round_ends, round_ends)]
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
     print(f"\nSNIP, 1 batch of 8 x 3x{side}x{side}, global: {snip:.2f} s (median of {snip_runs})")
     seconds, per_round = time_synflow(model, device, side, synflow_iterations)
     print(f"SynFlow, {synflow_iterations} rounds, 1 x 3x{side}x{side} in "
-          f"{pruning_utils.synflow_dtype(device)}, global: {seconds:.1f} s ({per_round:.2f} s per round, median)")
+          f"{criteria.synflow_dtype(device)}, global: {seconds:.1f} s ({per_round:.2f} s per round, median)")
 
     if not result["identical"] or result["kept_ours"] != result["kept_theirs"]:
         print("ERROR: masks differ from torch.nn.utils.prune's", file=sys.stderr)

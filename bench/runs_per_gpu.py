@@ -3,7 +3,7 @@
 Small models (CIFAR ResNet-20) leave a big GPU mostly idle between kernel launches; running
 K experiments side by side on one GPU (a sweep's "K at once per GPU") fills it.  This bench
 starts K processes, each training its own masked ResNet-20 (density 0.2) with the harness's
-step (utils.training.TrainingStep) on synthetic device tensors; all processes wait at a
+step (utils.training.step.TrainingStep) on synthetic device tensors; all processes wait at a
 barrier, then each times ``--steps`` steps.  Aggregate images/s = K * batch * steps / the
 slowest process's time (they run concurrently).  On CPU the processes share the cores (one
 thread each), so the figure shows the core count, not a GPU's headroom.
@@ -34,10 +34,10 @@ DENSITY = 0.2
 def worker(rank: int, args, barrier, results) -> None:
     """One run: build, warm up, wait for the others, time ``args.steps`` steps; puts (rank, seconds)."""
     torch.set_num_threads(args.threads)
-    from utils import mask_layers
-    from utils.models import get_model
-    from utils.schedulers import LRSchedule, ScheduleSpec
-    from utils.training import PRECISIONS, TrainingStep
+    from utils.models import mask_layers
+    from utils.models.registry import get_model
+    from utils.training.schedulers import LRSchedule, ScheduleSpec
+    from utils.training.step import PRECISIONS, TrainingStep
 
     device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format

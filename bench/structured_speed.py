@@ -5,7 +5,7 @@
 
 For CIFAR ResNet-20 (32 px) and torchvision ResNet-18 (224 px, ImageNet stem), 50% of the
 prunable channel units are kept (uniform allocation, filter-L1 scores, coupled channels
-together: utils/structured.py), the level is compacted (utils/compact.py), and the dense
+together: utils/pruning/channel_graph.py), the level is compacted (utils/pruning/compact.py), and the dense
 network and the compacted one are timed: one SGD training step (forward, cross-entropy,
 backward, momentum step) at a training batch, and eval-mode inference at batch 1 and at the
 training batch.  Medians of --repeats runs after warm-up.  Printed: parameters, FLOPs per
@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import compact, structured  # noqa: E402
-from utils.mask_layers import prepare_model, set_masks  # noqa: E402
-from utils.models import get_model  # noqa: E402
+from utils.models.mask_layers import prepare_model, set_masks
+from utils.models.registry import get_model
+from utils.pruning import channel_graph, channel_select, channel_zeroing, compact
 
 CASES = [
     # (label, model name, image size, classes, training batch on CPU, on CUDA)
@@ -37,11 +37,11 @@ def build(name: str, size: int, classes: int):
     torch.manual_seed(0)
     model = prepare_model(get_model(name, num_classes=classes, image_size=size))
     shape = (3, size, size)
-    structure = structured.build_channel_structure(model, shape)
-    masks = structured.compute_channel_masks(model, structure, density=KEEP, criterion="magnitude",
+    structure = channel_graph.build_channel_structure(model, shape)
+    masks = channel_select.compute_channel_masks(model, structure, density=KEEP, criterion="magnitude",
                                              allocation="uniform")
     set_masks(model, masks)
-    structured.DeadChannelZeroer(structure).refresh(model)(model)
+    channel_zeroing.DeadChannelZeroer(structure).refresh(model)(model)
     small = compact.compact_model(model, structure, shape)
     compact.check_same_outputs(model, small, shape, batch=2)
     dense = compact.strip_masks_(prepare_model(get_model(name, num_classes=classes, image_size=size)))

@@ -2,8 +2,8 @@
 
 The lent GPU machine has no ffcv (a compiled extension), but the benchmarks and the device check
 need ``.beton`` files of every dataset format for the ``torch`` and ``memory`` loaders, which read
-the file with numpy alone (``utils.dataset.BetonFile``).  This module writes that format (ffcv 1.0
-layout, version 2, the one ``utils/dataset.py`` documents) with numpy and OpenCV:
+the file with numpy alone (``utils.data.beton.BetonFile``).  This module writes that format (ffcv 1.0
+layout, version 2, the one ``utils/data/specs.py`` documents) with numpy and OpenCV:
 
   header | one descriptor per field (``image``, ``label``) | one aligned metadata record per
   sample | zero padding to the first page boundary | pages of ``page_size`` bytes holding the
@@ -12,7 +12,7 @@ layout, version 2, the one ``utils/dataset.py`` documents) with numpy and OpenCV
 
 Images come from the same sources ``utils.write_beton`` reads (``ArraySource``, the ImageFolder
 reader for ImageNet-format trees), and each file gets the same write record (``NAME.beton.json``)
-and passes ``utils.dataset.validate_beton`` before it is renamed into place, so the harness takes
+and passes ``utils.data.records.validate_beton`` before it is renamed into place, so the harness takes
 it like any other.  JPEG-stored datasets (ImageNet) follow ffcv's ``proportion`` mode: the longest
 side cut to ``max_resolution`` (area interpolation), then JPEG with probability
 ``compress_probability`` (seeded), raw otherwise.
@@ -38,10 +38,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from utils import dataset as ds  # noqa: E402
-from utils import write_beton as wb  # noqa: E402
-from utils.atomic_io import atomic_output  # noqa: E402
-from utils.data_sources import ArraySource, ImageSource, ReadOptions  # noqa: E402
+from utils.core.atomic_io import atomic_output
+from utils.data import beton as beton_format
+from utils.data import records, sources
+from utils.data import specs as data_specs
+from utils.data import writer as wb
+from utils.data.sources import ArraySource, ImageSource, ReadOptions
 
 _FIELD_TYPE_ID = {"int": 1, "rgb_image": 2, "ndarray": 4}     # ffcv/types.py's type ids
 _RGB_MODE = {"jpg": 0, "raw": 1}                               # ffcv.fields.rgb_image.IMAGE_MODES
@@ -49,7 +51,7 @@ _LABEL_DTYPE = np.dtype("<i8")
 
 
 def _descriptor(type_id: int, name: str, arguments: bytes = b"") -> np.ndarray:
-    descriptor = np.zeros(1, dtype=ds._FIELD_DESCRIPTOR)
+    descriptor = np.zeros(1, dtype=beton_format._FIELD_DESCRIPTOR)
     descriptor["type_id"] = type_id
     encoded = np.frombuffer(name.encode("ascii"), dtype=np.uint8)
     descriptor["name"][0, :len(encoded)] = encoded
@@ -60,7 +62,7 @@ def _descriptor(type_id: int, name: str, arguments: bytes = b"") -> np.ndarray:
 
 def _ndarray_arguments(shape: Tuple[int, ...], dtype: np.dtype) -> bytes:
     """An NDArrayField's descriptor arguments: 32 shape slots, the length of the dtype text, the text."""
-    header = np.zeros(1, dtype=ds._NDARRAY_ARGS)
+    header = np.zeros(1, dtype=beton_format._NDARRAY_ARGS)
     header["shape"][0, :len(shape)] = shape
     text = json.dumps(np.dtype([("", dtype)]).descr).encode("ascii")
     header["type_length"] = len(text)
@@ -80,36 +82,36 @@ def _encode_rgb(image: np.ndarray, rng: np.random.Generator, *, max_resolution: 
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                                    [int(cv2.IMWRITE_JPEG_QUALITY), int(jpeg_quality)])
         if not ok:
-            raise ds.DataError("OpenCV could not encode a JPEG")
+            raise sources.DataError("OpenCV could not encode a JPEG")
         return _RGB_MODE["jpg"], encoded.reshape(-1), image.shape
     return _RGB_MODE["raw"], image.reshape(-1), image.shape
 
 
-def write_beton_numpy(source: ImageSource, path, spec: ds.DatasetSpec, *, split: str,
+def write_beton_numpy(source: ImageSource, path, spec: data_specs.DatasetSpec, *, split: str,
                       max_resolution: Optional[int] = None, jpeg_quality: int = wb.DEFAULT_JPEG_QUALITY,
                       compress_probability: float = 0.0, page_size: int = wb.MIN_PAGE_SIZE, seed: int = 0,
                       classes=None) -> Path:
     """Write ``source`` (``source[i] -> (uint8 HWC image, label)``) as ``path`` with its write record
     (``classes``: the class names in label order; default: the source's, when it knows them)."""
     path = Path(path)
-    storage = ds.get_storage(spec.storage)
+    storage = data_specs.get_storage(spec.storage)
     if not storage.jpeg:
         max_resolution, compress_probability = None, 0.0
     count = len(source)
     if count == 0:
-        raise ds.DataError(f"{path.name}: no samples")
+        raise sources.DataError(f"{path.name}: no samples")
     image_kind = storage.field_kind
     if image_kind == "ndarray":
         image_shape = (spec.resolution, spec.resolution, spec.channels)
-        image_descriptor = _descriptor(_FIELD_TYPE_ID["ndarray"], ds.IMAGE_FIELD,
+        image_descriptor = _descriptor(_FIELD_TYPE_ID["ndarray"], beton_format.IMAGE_FIELD,
                                        _ndarray_arguments(image_shape, np.dtype(np.uint8)))
     else:
-        image_descriptor = _descriptor(_FIELD_TYPE_ID["rgb_image"], ds.IMAGE_FIELD)
-    descriptors = np.concatenate([image_descriptor, _descriptor(_FIELD_TYPE_ID["int"], ds.LABEL_FIELD)])
-    metadata_type = np.dtype([("image", ds._FIELD_TYPES[_FIELD_TYPE_ID[image_kind]][1]),
+        image_descriptor = _descriptor(_FIELD_TYPE_ID["rgb_image"], beton_format.IMAGE_FIELD)
+    descriptors = np.concatenate([image_descriptor, _descriptor(_FIELD_TYPE_ID["int"], beton_format.LABEL_FIELD)])
+    metadata_type = np.dtype([("image", beton_format._FIELD_TYPES[_FIELD_TYPE_ID[image_kind]][1]),
                               ("label", _LABEL_DTYPE)], align=True)
     metadata = np.zeros(count, dtype=metadata_type)
-    metadata_start = ds._HEADER.itemsize + descriptors.nbytes
+    metadata_start = beton_format._HEADER.itemsize + descriptors.nbytes
     first_page = -(-(metadata_start + metadata.nbytes) // page_size) * page_size
     rng = np.random.default_rng(seed)
     allocations = []
@@ -125,14 +127,14 @@ def write_beton_numpy(source: ImageSource, path, spec: ds.DatasetSpec, *, split:
                     image = image[..., None]
                 if image_kind == "ndarray":
                     if image.shape != image_shape:
-                        raise ds.DataError(f"{path.name}: sample {index} is {image.shape}, {spec.name} stores {image_shape}")
+                        raise sources.DataError(f"{path.name}: sample {index} is {image.shape}, {spec.name} stores {image_shape}")
                     data = image.reshape(-1)
                 else:
                     mode, data, (height, width, _) = _encode_rgb(
                         image, rng, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                         compress_probability=compress_probability)
                 if data.size > page_size:
-                    raise ds.DataError(f"{path.name}: sample {index} needs {data.size} bytes, more than a "
+                    raise sources.DataError(f"{path.name}: sample {index} needs {data.size} bytes, more than a "
                                        f"{page_size}-byte page")
                 if used + data.size > page_size:              # the sample starts a fresh page
                     handle.write(page.tobytes())
@@ -149,17 +151,17 @@ def write_beton_numpy(source: ImageSource, path, spec: ds.DatasetSpec, *, split:
                 metadata["label"][index] = int(label)
             handle.write(page.tobytes())
             alloc_table_ptr = handle.tell()
-            handle.write(np.array(allocations, dtype=ds._ALLOC_ENTRY).tobytes())
-            header = np.zeros(1, dtype=ds._HEADER)
-            header["version"], header["num_fields"] = ds._FORMAT_VERSION, len(descriptors)
+            handle.write(np.array(allocations, dtype=beton_format._ALLOC_ENTRY).tobytes())
+            header = np.zeros(1, dtype=beton_format._HEADER)
+            header["version"], header["num_fields"] = beton_format._FORMAT_VERSION, len(descriptors)
             header["page_size"], header["num_samples"] = page_size, count
             header["alloc_table_ptr"] = alloc_table_ptr
             handle.seek(0)
             handle.write(header.tobytes() + descriptors.tobytes() + metadata.tobytes())
-        ds.validate_beton(temporary, spec)
-        record = ds.make_record(temporary, spec, split, classes=classes if classes is not None else source.classes)
+        records.validate_beton(temporary, spec)
+        record = records.make_record(temporary, spec, split, classes=classes if classes is not None else source.classes)
         # as utils.write_beton: the old record out first, so no record ever describes another file
-        stale = Path(ds.record_path(path))
+        stale = Path(records.record_path(path))
         if stale.exists():
             stale.unlink()
     wb.write_record(path, record)
@@ -167,7 +169,7 @@ def write_beton_numpy(source: ImageSource, path, spec: ds.DatasetSpec, *, split:
 
 
 # ------------------------------------------------------------------------------ synthetic images
-def random_images(spec: ds.DatasetSpec, count: int, seed: int = 0) -> ArraySource:
+def random_images(spec: data_specs.DatasetSpec, count: int, seed: int = 0) -> ArraySource:
     """``count`` images of the dataset's stored size and channels, uniform noise, random labels."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (count, spec.resolution, spec.resolution, spec.channels), dtype=np.uint8)
@@ -226,13 +228,13 @@ def write_cifar_pickles(root: Path, dataset: str, *, train: int, test: int, seed
 
 
 def write_from_root(dataset: str, root, out_dir, *, seed: int = 0) -> Tuple[Path, Path]:
-    """``utils.write_beton.write_dataset`` without ffcv: the dataset's own reader on ``root`` (its
+    """``utils.data.writer.write_dataset`` without ffcv: the dataset's own reader on ``root`` (its
     files in their usual layout; None for digits), both splits written here with their records as
     ``out_dir/{dataset}_{train,test}.beton``.  JPEG-stored datasets (ImageNet) take the writer's
     defaults (longest side 500, quality 90, half JPEG)."""
-    spec = ds.get_dataset_spec(dataset)
+    spec = data_specs.get_dataset_spec(dataset)
     options = {}
-    if ds.get_storage(spec.storage).jpeg:
+    if data_specs.get_storage(spec.storage).jpeg:
         options = dict(max_resolution=wb.DEFAULT_MAX_RESOLUTION, jpeg_quality=wb.DEFAULT_JPEG_QUALITY,
                        compress_probability=wb.DEFAULT_COMPRESS_PROBABILITY)
     with warnings.catch_warnings():
@@ -260,7 +262,7 @@ def synthetic_dataset(dataset: str, out_dir, *, train: int, test: int, imagenet_
     outputs = tuple(out_dir / f"{dataset}_{split}.beton" for split in ("train", "test"))
     if all(p.is_file() for p in outputs):
         return outputs
-    spec = ds.get_dataset_spec(dataset)
+    spec = data_specs.get_dataset_spec(dataset)
     with tempfile.TemporaryDirectory(prefix=f"synthetic-{dataset}-") as scratch:
         scratch = Path(scratch)
         if dataset == "digits":
@@ -285,20 +287,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     count = args.images or (64 if args.smoke else 2048)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(ds.DATASETS))
+    unknown = sorted(set(names) - set(data_specs.DATASETS))
     if unknown:
-        parser.error(f"--datasets {','.join(unknown)}: unknown; valid: {', '.join(sorted(ds.DATASETS))}")
+        parser.error(f"--datasets {','.join(unknown)}: unknown; valid: {', '.join(sorted(data_specs.DATASETS))}")
     with tempfile.TemporaryDirectory(prefix="synthetic-beton-") as scratch:
         for name in names:
             started = time.perf_counter()
             train, test = synthetic_dataset(name, scratch, train=count, test=max(8, count // 8),
                                             imagenet_side=64 if args.smoke else 160)
             seconds = time.perf_counter() - started
-            summary = ds.validate_beton(train, ds.get_dataset_spec(name))
-            beton = ds.BetonFile(train)
+            summary = records.validate_beton(train, data_specs.get_dataset_spec(name))
+            beton = beton_format.BetonFile(train)
             beton.decode_image(len(beton.metadata) - 1)      # the last sample decodes
             size = train.stat().st_size + test.stat().st_size
-            print(f"{name:>9}: {summary['num_samples']} + {ds.BetonFile(test).num_samples} samples, "
+            print(f"{name:>9}: {summary['num_samples']} + {beton_format.BetonFile(test).num_samples} samples, "
                   f"{size / 1e6:.1f} MB in {seconds:.2f} s ({size / 1e6 / seconds:.1f} MB/s written)")
     return 0
 

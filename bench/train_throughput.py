@@ -6,12 +6,12 @@ For each case (model, image size, batch) and device, in one process, images/s of
      device, forward + cross-entropy + backward + SGD (momentum 0.9, Nesterov, weight decay
      5e-5): what this model can do on this device with this precision / memory format /
      compile setting, nothing else.  The limit.
-  b  the harness's training step (utils.training.TrainingStep inside utils.training.train_epoch):
-     the same model made prunable (utils.mask_layers.prepare_model) with magnitude masks at
-     density 0.2 (utils.pruning_utils.compute_masks), the harness's optimizer builder and LR
+  b  the harness's training step (utils.training.step.TrainingStep inside utils.training.step.train_epoch):
+     the same model made prunable (utils.models.mask_layers.prepare_model) with magnitude masks at
+     density 0.2 (utils.pruning.masks.compute_masks), the harness's optimizer builder and LR
      schedule, apply_masks_ after every step, the epoch's on-device sums; the same synthetic
      tensors as a.
-  c  the harness end to end: b fed by utils.dataset.make_loader (back-end per --loaders) from a
+  c  the harness end to end: b fed by utils.data.loaders.make_loader (back-end per --loaders) from a
      synthetic .beton written by bench/synthetic_beton.py, no ffcv needed (CIFAR-10 layout for 32 px cases,
      ImageNet layout, JPEG and raw mixed, for the others).  Steady state: the loader's first
      epoch (ffcv's pipeline compilation) is a warm-up, and each timed epoch starts its clock
@@ -54,12 +54,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # the other bench modules
 
 import harness_utils  # noqa: E402
-from utils import mask_layers, write_beton  # noqa: E402
-from utils.dataset import LOADER_BACKENDS, DataError, get_dataset_spec, make_loader  # noqa: E402
-from utils.models import get_model  # noqa: E402
-from utils.pruning_utils import compute_masks  # noqa: E402
-from utils.schedulers import LRSchedule, ScheduleSpec  # noqa: E402
-from utils.training import PRECISIONS, EpochState, TrainingStep, autocast, train_epoch  # noqa: E402
+from utils.data import writer as write_beton
+from utils.data.loaders import LOADER_BACKENDS, make_loader
+from utils.data.sources import DataError
+from utils.data.specs import get_dataset_spec
+from utils.models import mask_layers
+from utils.models.registry import get_model
+from utils.pruning.masks import compute_masks
+from utils.training.schedulers import LRSchedule, ScheduleSpec
+from utils.training.step import PRECISIONS, EpochState, TrainingStep, autocast, train_epoch
 
 DENSITY = 0.2            # fraction of prunable weights kept in b and c
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-5
@@ -161,7 +164,7 @@ class PlainLoop:
 
 # ------------------------------------------------------------------------------ b, c: the harness
 class HarnessStep:
-    """utils.training.TrainingStep + train_epoch on a masked model (density 0.2)."""
+    """utils.training.step.TrainingStep + train_epoch on a masked model (density 0.2)."""
 
     def __init__(self, case: Case, device, memory_format, autocast_dtype, compile_model: bool):
         self.device = device

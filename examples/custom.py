@@ -9,7 +9,7 @@ any ``torch.nn.Module`` mapping (N, C, H, W) images to (N, num_classes) logits; 
 Conv2d and Linear in it becomes prunable.
 
 ``lamp_scores`` is a score function with the registry's signature
-``(inputs: utils.pruning_utils.ScoringInputs, masks) -> {layer name: scores}``: LAMP
+``(inputs: utils.pruning.criteria.ScoringInputs, masks) -> {layer name: scores}``: LAMP
 (Lee et al. 2021, "Layer-adaptive sparsity for the magnitude-based pruning").  With
 ``prune.allocation=global`` it prunes by magnitude with per-layer densities chosen by the
 score itself: a weight's score is its squared magnitude divided by the sum of the squared
@@ -39,7 +39,7 @@ def build_net(num_classes: int, in_channels: int = 3, image_size: int = 32, widt
 
 def lamp_scores(inputs, masks):
     """LAMP score of every weight of every masked layer (bigger = more important)."""
-    from utils.mask_layers import masked_layers
+    from utils.models.mask_layers import masked_layers
 
     scores = {}
     for name, layer in masked_layers(inputs.model):

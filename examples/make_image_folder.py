@@ -23,7 +23,7 @@ SIZE = 28
 def make_image_folder(out) -> Path:
     from PIL import Image
 
-    from utils.data_sources import DIGITS, ReadOptions
+    from utils.data.sources import DIGITS, ReadOptions
     out = Path(out)
     train, test = DIGITS.read(None, ReadOptions())
     for split, source in (("train", train), ("test", test)):

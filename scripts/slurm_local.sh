@@ -1,6 +1,6 @@
 #!/bin/bash
 # A one-node Slurm cluster on this machine, for the test suite and for trying the Slurm paths
-# (utils/sweep.py --launcher slurm, scripts/slurm_torchrun.sh) without a cluster.
+# (utils/launch/sweep.py --launcher slurm, scripts/slurm_torchrun.sh) without a cluster.
 #
 #   scripts/slurm_local.sh up       # install when missing, configure, start, wait for the node to be idle
 #   scripts/slurm_local.sh status   # what runs (exit 0: up and usable, 1: not)

@@ -7,7 +7,7 @@
 # passed to harness.py unchanged.  srun starts ONE task per node; each task is a torchrun
 # that starts one worker per GPU of its node and joins the others through c10d rendezvous
 # on the first node of the allocation.  The workers read RANK / LOCAL_RANK / WORLD_SIZE
-# from torchrun (utils/distributed_utils.py), never Slurm's variables, so do not run
+# from torchrun (utils/core/distributed.py), never Slurm's variables, so do not run
 # `srun python harness.py` with several tasks: every task would be a separate 1-process run.
 #
 # Settings (environment variables, all optional):

@@ -52,7 +52,7 @@ def _signal_handlers_restored():
 def digits(tmp_path_factory):
     """The bundled digits data as .beton files (digits_train.beton, digits_test.beton), written
     once per test session and shared by every test that asks for ``digits``."""
-    from utils.write_beton import ensure_digits
+    from utils.data.writer import ensure_digits
     out = tmp_path_factory.mktemp("digits")
     ensure_digits(out)
     return out

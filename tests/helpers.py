@@ -65,8 +65,13 @@ def run_in_repository_copy(commands: List[str], tmp_path: Path) -> Path:
     in the checkout; each must exit 0.  -> the copy."""
     import shutil
     copy = tmp_path / "repo"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "__pycache__",
-                                                              ".pytest_cache", "*.beton"))
+    anywhere = shutil.ignore_patterns(".venv", ".git", "__pycache__", ".pytest_cache", "*.beton")
+
+    def ignore(directory, names):  # runs/ and data/ of the checkout itself (utils/runs, utils/data are code)
+        top = {"runs", "data"} & set(names) if Path(directory) == ROOT else set()
+        return set(anywhere(directory, names)) | top
+
+    shutil.copytree(ROOT, copy, ignore=ignore)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1"}
     for command in commands:

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from tests.test_data import augmentation_of, unnormalize, write_cifar10_tree
-from utils import augment as A
-from utils import write_beton as wb
-from utils.dataset import get_dataset_spec, make_loader, with_augment
+from utils.data import augment as A
+from utils.data import writer as wb
+from utils.data.loaders import make_loader
+from utils.data.specs import get_dataset_spec, with_augment
 
 CIFAR10 = get_dataset_spec("cifar10")
 IMAGENET = get_dataset_spec("imagenet")
@@ -46,7 +47,7 @@ def images_of(batches) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the numbers
 def test_jitted_uniforms_equal_the_vectorized_ones():
-    from utils.ffcv_augment import _epoch_key_from, _sample_base, _uniform_at, AugmentState
+    from utils.data.ffcv_augment import AugmentState, _epoch_key_from, _sample_base, _uniform_at
     indices = np.array([0, 1, 2, 17, 49999, 2 ** 40 + 3], dtype=np.uint64)
     for seed, epoch in ((0, 0), (7, 3), (2 ** 31 - 1, 250)):
         expected = A.augment_uniforms(seed, epoch, indices, 41)
@@ -61,7 +62,7 @@ def test_jitted_uniforms_equal_the_vectorized_ones():
 
 
 def test_jitted_crop_box_equals_the_python_one():
-    from utils.ffcv_augment import _random_crop_box
+    from utils.data.ffcv_augment import _random_crop_box
     rng = np.random.default_rng(0)
     bounds = (A.RRC_SCALE[0], A.RRC_SCALE[1], A.RRC_LOG_RATIO[0], A.RRC_LOG_RATIO[1],
               min(A.RRC_RATIO), max(A.RRC_RATIO))

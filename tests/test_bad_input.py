@@ -19,8 +19,7 @@ import torch
 import harness
 import harness_utils as hu
 from tests.helpers import digits_config, run_harness, write_config
-from utils.dataset import _FIELD_DESCRIPTOR, _HEADER, BetonFile
-
+from utils.data.beton import _FIELD_DESCRIPTOR, _HEADER, BetonFile
 
 
 def beton_with_label(source: Path, target: Path, label: int) -> Path:

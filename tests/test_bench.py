@@ -142,7 +142,7 @@ def test_device_check_refuses_bad_input(tmp_path, argv, message):
 
 # ------------------------------------------------------------------------------ the ffcv-free writer
 def _decoded(path):
-    from utils.dataset import BetonFile
+    from utils.data.beton import BetonFile
     beton = BetonFile(path)
     return [beton.decode_image(i) for i in range(beton.num_samples)], np.asarray(beton.metadata["label"])
 
@@ -152,10 +152,12 @@ def test_numpy_writer_matches_ffcv_writer(tmp_path, dataset):
     """The same images written by ffcv's writer (utils.write_beton) and by bench/synthetic_beton.py
     decode to the same pixels and labels, and ffcv's own Reader parses ours the same way."""
     pytest.importorskip("ffcv")
-    from ffcv.reader import Reader
     import synthetic_beton
-    from utils import write_beton as wb
-    from utils.dataset import get_dataset_spec, validate_beton
+    from ffcv.reader import Reader
+
+    from utils.data import writer as wb
+    from utils.data.records import validate_beton
+    from utils.data.specs import get_dataset_spec
     spec = get_dataset_spec(dataset)
     source = synthetic_beton.random_images(spec, 37, seed=3)
     ours = synthetic_beton.write_beton_numpy(source, tmp_path / "ours.beton", spec, split="train")
@@ -180,7 +182,10 @@ def test_numpy_writer_jpeg_dataset_from_generated_jpegs(tmp_path):
     """ImageNet format from generated JPEGs: mixed JPEG and raw storage, longest side cut to
     max_resolution, every image decodes, the harness's validation takes the file."""
     import synthetic_beton
-    from utils.dataset import BetonFile, get_dataset_spec, validate_beton
+
+    from utils.data.beton import BetonFile
+    from utils.data.records import validate_beton
+    from utils.data.specs import get_dataset_spec
     train, test = synthetic_beton.synthetic_dataset("imagenet", tmp_path, train=24, test=6, imagenet_side=48)
     spec = get_dataset_spec("imagenet")
     assert validate_beton(train, spec)["num_samples"] == 24 and validate_beton(test, spec)["num_samples"] == 6
@@ -194,8 +199,9 @@ def test_numpy_writer_jpeg_dataset_from_generated_jpegs(tmp_path):
 
 def test_numpy_writer_refuses_a_sample_of_the_wrong_shape(tmp_path):
     import synthetic_beton
-    from utils.data_sources import ArraySource
-    from utils.dataset import DataError, get_dataset_spec
+
+    from utils.data.sources import ArraySource, DataError
+    from utils.data.specs import get_dataset_spec
     spec = get_dataset_spec("mnist")
     source = ArraySource(np.zeros((3, 27, 27), dtype=np.uint8), np.zeros(3, dtype=np.int64))
     with pytest.raises(DataError, match="sample 0 is"):

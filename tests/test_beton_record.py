@@ -1,4 +1,4 @@
-"""The write record (``NAME.beton.json``) that utils/write_beton.py puts next to each file,
+"""The write record (``NAME.beton.json``) that utils/data/writer.py puts next to each file,
 and validate_beton's use of it: a file written for another dataset is refused (CIFAR-10
 labels 0..9 fit CIFAR-100's range, so the file checks alone pass it), a file changed
 since it was written is refused, a file without a record gets a one-line note."""
@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from tests.test_data import write_cifar10_tree
-from utils import write_beton as wb
-from utils.dataset import DataError, file_sha256, get_dataset_spec, make_loader, record_path, validate_beton
+from utils.data import writer as wb
+from utils.data.loaders import make_loader
+from utils.data.records import file_sha256, record_path, validate_beton
+from utils.data.sources import DataError
+from utils.data.specs import get_dataset_spec
 
 CIFAR10 = get_dataset_spec("cifar10")
 CIFAR100 = get_dataset_spec("cifar100")
@@ -84,7 +87,7 @@ def test_a_file_changed_after_writing_is_refused(cifar, tmp_path):
     assert validate_beton(path, CIFAR10, verify_checksum=False)["record"]["dataset"] == "cifar10"
     # the test split under the train split's record: sample count and size differ (no hashing needed)
     shutil.copyfile(cifar["test"], path)
-    with pytest.raises(DataError, match="6 samples, the record says 20.*rewrite it with utils/write_beton.py"):
+    with pytest.raises(DataError, match="6 samples, the record says 20.*rewrite it with utils/data/writer.py"):
         validate_beton(path, CIFAR10, verify_checksum=False)
 
 
@@ -96,7 +99,7 @@ def test_a_broken_record_is_refused(cifar, tmp_path):
         validate_beton(path, CIFAR10)
     with open(record_path(path), "w") as f:
         json.dump({"dataset": "cifar10"}, f)
-    with pytest.raises(DataError, match="not a write record of utils/write_beton.py"):
+    with pytest.raises(DataError, match="not a write record of utils/data/writer.py"):
         validate_beton(path, CIFAR10)
 
 

@@ -36,10 +36,10 @@ from torch import nn
 
 from tests.helpers import PYTHON, ROOT, TORCHRUN, digits_config, write_config
 from tests.test_resume import assert_same_results, run_in_process
-from utils import structured
-from utils.mask_layers import is_subset, prepare_model
-from utils.models import get_model
-from utils.pruning_utils import target_keep_count
+from utils.models.mask_layers import is_subset, prepare_model
+from utils.models.registry import get_model
+from utils.pruning import channel_graph, channel_select
+from utils.pruning.schedules import target_keep_count
 
 # make test runs the suite on 2 workers (pytest-xdist, --dist loadgroup): this file's tests stay on
 # one worker, in order: its rows share one session fixture of runs (a control row uses its source row's run).
@@ -376,7 +376,7 @@ def check_run(row: Row, root: Path, runs: Runs) -> None:
     structure = None
     if row["structure"] == "channel":
         model = model_of(row)
-        structure = structured.build_channel_structure(model, (1, 8, 8))
+        structure = channel_graph.build_channel_structure(model, (1, 8, 8))
     for level in expected_levels:
         target = levels.target_density[level]
         at = layers[layers.level == level]
@@ -389,7 +389,7 @@ def check_run(row: Row, root: Path, runs: Runs) -> None:
             assert at.alive.sum() == target_keep_count(target, at.numel.sum()), "kept weights: the target rounded"
         if structure is not None:
             assert_whole_channels(masks[level])
-            alive = structured.units_alive(structure, masks[level])
+            alive = channel_select.units_alive(structure, masks[level])
             kept = sum(int(a.sum()) for a in alive.values())
             if source_masks is None:
                 assert kept == target_keep_count(target, structure.total_units), "kept channels: the target rounded"
@@ -454,20 +454,22 @@ def test_refused_combination(row, tmp_path, digits):
 
 
 def test_the_report_reads_every_run(runs, tmp_path):
-    from utils import report
+    from utils.report import cli as report_cli
+    from utils.report import experiments as report_experiments
+    from utils.report import tables as report_tables
     roots = []
     for row in ROWS:
         code, err, root = runs.outcome(row)
         assert code == 0, err[-2000:]
         roots.append(root)
-    experiments = [report.load_experiment(root) for root in roots]
+    experiments = [report_experiments.load_experiment(root) for root in roots]
     assert all(e.complete and len(e.levels) == len(pd.read_csv(e.path / "levels.csv")) for e in experiments)
-    table = report.summary_table(report.make_groups(experiments))
+    table = report_tables.summary_table(report_experiments.make_groups(experiments))
     assert len(table) >= len(ROWS)
     # the whole report (tables and figures) for one run of each structure and a control
     picked = [roots[ROWS.index(next(r for r in ROWS if r["structure"] == s and r["control"] == c))]
               for s, c in (("channel", "off"), ("unstructured", "shuffle"))]
-    written = report.write_report(picked, tmp_path / "report")
+    written = report_cli.write_report(picked, tmp_path / "report")
     assert (tmp_path / "report" / "report.md").stat().st_size > 0 and not written["incomplete"]
 
 
@@ -516,7 +518,7 @@ import torch
 def input_variance_scores(inputs, masks):
     """|w| times the variance over a training batch of the input the weight reads (first layer);
     |w| elsewhere.  Inputs that never vary (digits' blank corner pixels) score 0."""
-    from utils.mask_layers import masked_layers
+    from utils.models.mask_layers import masked_layers
     x, _ = next(iter(inputs.batches))
     variance = x.flatten(1).var(0).to(inputs.device)
     scores = {}

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
 
-from utils import mask_layers
-from utils.schedulers import LRSchedule, ScheduleSpec
-from utils.training import EpochState, TrainingStep, evaluate, train_epoch
+from utils.models import mask_layers
+from utils.training.schedulers import LRSchedule, ScheduleSpec
+from utils.training.step import EpochState, TrainingStep, evaluate, train_epoch
 
 
 class SmallNet(nn.Module):

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 import harness_params
-from utils.dataset import get_dataset_spec
-from utils.mask_layers import prepare_model, prunable_layer_names
-from utils.models import get_model
-from utils.pruning_utils import iterative_densities
+from utils.data.specs import get_dataset_spec
+from utils.models.mask_layers import prepare_model, prunable_layer_names
+from utils.models.registry import get_model
+from utils.pruning.schedules import iterative_densities
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -1,18 +1,17 @@
-"""utils/controls.py: training another experiment's masks as they are, re-initialised or shuffled."""
+"""utils/lottery/controls.py: training another experiment's masks as they are, re-initialised or shuffled."""
 from __future__ import annotations
 
 import pandas as pd
 import pytest
-
-from utils.rundir import REUSED_COLUMNS, RunFiles
 import torch
 import yaml
 
 from harness_params import as_tree, resolve
-from utils import controls
-from utils.mask_layers import all_true_masks, is_subset, prepare_model, set_masks
-from utils.models import get_model
-from utils.pruning_utils import compute_masks
+from utils.lottery import controls
+from utils.models.mask_layers import all_true_masks, is_subset, prepare_model, set_masks
+from utils.models.registry import get_model
+from utils.pruning.masks import compute_masks
+from utils.runs.rundir import REUSED_COLUMNS, RunFiles
 
 BASE = {
     "model": {"name": "lenet_300_100"},
@@ -307,7 +306,7 @@ def test_a_control_takes_its_sources_level_0_end_to_end(tmp_path, monkeypatch):
     the taken one interrupted in level 1 resumes to them too."""
     from tests.helpers import digits_config, write_config
     from tests.test_resume import assert_same_results, run_in_process
-    from utils.write_beton import ensure_digits
+    from utils.data.writer import ensure_digits
     data = tmp_path / "data"
     ensure_digits(data)
     runs = tmp_path / "runs"

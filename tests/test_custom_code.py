@@ -8,7 +8,6 @@ import pytest
 from tests.helpers import digits_config, run_harness, write_config
 
 
-
 def read_csv(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))

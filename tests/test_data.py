@@ -1,4 +1,4 @@
-"""utils/dataset.py and utils/write_beton.py on small files written here in the real
+"""utils/data/specs.py and utils/data/writer.py on small files written here in the real
 on-disk formats (CIFAR pickle batches, MNIST idx, an SVHN .mat, an ImageFolder tree) and
 on the bundled digits.
 
@@ -18,9 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils import dataset as ds
-from utils import write_beton as wb
-from utils.dataset import DataError, epoch_order, get_dataset_spec, inspect_beton, make_loader, validate_beton
+from utils.data import beton as beton_format
+from utils.data import loaders
+from utils.data import order as data_order
+from utils.data import specs as data_specs
+from utils.data import writer as wb
+from utils.data.beton import inspect_beton
+from utils.data.loaders import make_loader
+from utils.data.order import epoch_order
+from utils.data.records import validate_beton
+from utils.data.sources import DataError
+from utils.data.specs import get_dataset_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = get_dataset_spec("cifar10")
@@ -121,20 +129,20 @@ def ffcv_cifar_train(cifar):
 
 # --------------------------------------------------------------------------- registry
 def test_registry_specs_are_consistent():
-    assert {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagenet", "digits", "folder"} <= set(ds.DATASETS)
-    for spec in ds.DATASETS.values():
+    assert {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagenet", "digits", "folder"} <= set(data_specs.DATASETS)
+    for spec in data_specs.DATASETS.values():
         assert spec.source is not None and callable(spec.source.read)     # the writer reads every entry
-        ds.get_augment_policy(spec.train_augment)
+        data_specs.get_augment_policy(spec.train_augment)
         if spec.from_record:                                              # folder: completed from its record
             assert spec.channels == 0 and spec.mean == ()
             continue
         assert len(spec.mean) == len(spec.std) == spec.channels
-        ds.get_storage(spec.storage)
-    assert ds.AUGMENTATIONS["flip_crop"] == ds.AugmentPolicy(False, True, 4)
-    assert not ds.AUGMENTATIONS[get_dataset_spec("svhn").train_augment].horizontal_flip
+        data_specs.get_storage(spec.storage)
+    assert data_specs.AUGMENTATIONS["flip_crop"] == data_specs.AugmentPolicy(False, True, 4)
+    assert not data_specs.AUGMENTATIONS[get_dataset_spec("svhn").train_augment].horizontal_flip
     assert (DIGITS.resolution, DIGITS.channels, DIGITS.num_classes) == (8, 1, 10)
     # whether a mirror image keeps its class lives on the entry (test-time flip, flip augmentations)
-    assert {n for n, s in ds.DATASETS.items() if s.flip_changes_labels} >= {"digits", "mnist", "svhn"}
+    assert {n for n, s in data_specs.DATASETS.items() if s.flip_changes_labels} >= {"digits", "mnist", "svhn"}
     assert not get_dataset_spec("cifar10").flip_changes_labels
 
 
@@ -143,21 +151,21 @@ def test_unknown_dataset_lists_valid_names():
         get_dataset_spec("cifar11")
     assert "\n" not in str(info.value)
     with pytest.raises(DataError, match="unknown loader back-end 'jax'"):
-        ds.get_loader_backend("jax")
+        loaders.get_loader_backend("jax")
 
 
 def test_outside_dataset_names_are_checked_in_one_line(tmp_path, monkeypatch):
     (tmp_path / "my_data.py").write_text(
-        "from utils.dataset import DatasetSpec, get_dataset_spec\n"
+        "from utils.data.specs import DatasetSpec, get_dataset_spec\n"
         "NOT_A_SPEC = 3\n"
         "COPY = get_dataset_spec('digits')\n"
         "CLASH = DatasetSpec('cifar10', 8, 1, 2, (0.5,), (0.5,), 'none', 'gray')\n"
         "OWN = DatasetSpec('my_own', 8, 1, 2, (0.5,), (0.5,), 'none', 'gray')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(ds, "DATASETS", dict(ds.DATASETS))          # registrations end with the test
+    monkeypatch.setattr(data_specs, "DATASETS", dict(data_specs.DATASETS))          # registrations end with the test
     cases = {"no_such_module:X": "cannot import module 'no_such_module'",
              "my_data:MISSING": "module 'my_data' has no attribute 'MISSING'",
-             "my_data:NOT_A_SPEC": "is a int, not a utils.dataset.DatasetSpec",
+             "my_data:NOT_A_SPEC": "is a int, not a utils.data.specs.DatasetSpec",
              "my_data:CLASH": "is named 'cifar10', the name of another registered dataset"}
     for name, message in cases.items():
         with pytest.raises(DataError, match=message) as info:
@@ -165,7 +173,7 @@ def test_outside_dataset_names_are_checked_in_one_line(tmp_path, monkeypatch):
         assert "\n" not in str(info.value)
     assert get_dataset_spec("my_data:COPY") is get_dataset_spec("digits")
     own = get_dataset_spec("my_data:OWN")
-    assert own.name == "my_own" and get_dataset_spec("my_own") is own and "my_own" in ds.dataset_names()
+    assert own.name == "my_own" and get_dataset_spec("my_own") is own and "my_own" in data_specs.dataset_names()
 
 
 def test_config_takes_its_names_from_the_registries(tmp_path, monkeypatch):
@@ -179,9 +187,9 @@ def test_config_takes_its_names_from_the_registries(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(tree))
     with pytest.raises(hp.ConfigError, match="dataset.loader"):
         hp.resolve(str(path), {})
-    monkeypatch.setitem(ds.LOADER_BACKENDS, "mine", ds.TorchBetonLoader)
+    monkeypatch.setitem(loaders.LOADER_BACKENDS, "mine", loaders.TorchBetonLoader)
     assert hp.resolve(str(path), {})["dataset.loader"] == "mine"
-    for augment in ds.augment_names():
+    for augment in data_specs.augment_names():
         allowed = augment in ("default", "none", "crop")                   # digits: no flips, no resized crops
         if allowed:
             assert hp.resolve(str(path), {"dataset.augment": augment})["dataset.augment"] == augment
@@ -189,7 +197,7 @@ def test_config_takes_its_names_from_the_registries(tmp_path, monkeypatch):
             with pytest.raises(hp.ConfigError, match=f"dataset.augment={augment} does not suit dataset.name=digits"):
                 hp.resolve(str(path), {"dataset.augment": augment})
     help_text = hp.help_text()
-    assert all(name in help_text for name in ds.dataset_names())
+    assert all(name in help_text for name in data_specs.dataset_names())
 
 
 # --------------------------------------------------------------------------- epoch_order
@@ -227,7 +235,7 @@ def test_eval_order_covers_every_sample_once_in_contiguous_parts(n, world_size, 
                          shuffle=False, drop_last=False) for r in range(world_size)]
     np.testing.assert_array_equal(np.concatenate(parts), np.arange(n))
     for r, part in enumerate(parts):
-        assert ds.batches_per_epoch(n, rank=r, world_size=world_size, global_batch_size=g, drop_last=False) \
+        assert data_order.batches_per_epoch(n, rank=r, world_size=world_size, global_batch_size=g, drop_last=False) \
             == -(-len(part) // (g // world_size))
     later = epoch_order(n, seed=0, epoch=0, rank=0, world_size=world_size, global_batch_size=g,
                         shuffle=False, drop_last=False, start_batch=1)
@@ -434,7 +442,7 @@ def test_imagefolder_tree_to_jpeg_beton_and_resized_crops(imagenet_tree, tmp_pat
     evaluation = make_loader(test, spec, train=False, batch_size=3, num_workers=1, device="cpu",
                              backend="torch", resolution=12)
     (x, y), = list(evaluation.batches(0))
-    beton = ds.BetonFile(test)
+    beton = beton_format.BetonFile(test)
     stored = beton.decode_image(0)
     h, w = stored.shape[:2]
     side = int(224 / 256 * min(h, w))
@@ -449,7 +457,7 @@ def test_jpeg_storage_decodes_close_to_the_original(imagenet_tree, tmp_path):
     train, _ = wb.write_dataset("imagenet", imagenet_tree, tmp_path, num_workers=1, compress_probability=1.0,
                                 jpeg_quality=95)
     assert inspect_beton(train)["jpg_fraction"] == 1.0
-    beton = ds.BetonFile(train)
+    beton = beton_format.BetonFile(train)
     from PIL import Image
     first = sorted((imagenet_tree / "train" / "n01").iterdir())[0]
     original = np.asarray(Image.open(first).convert("RGB")).astype(int)
@@ -545,7 +553,7 @@ def test_cli_exit_status_and_messages(tmp_path, capsys):
 def test_own_parser_agrees_with_ffcv_reader(cifar):
     from ffcv.reader import Reader
     reader = Reader(str(cifar["train"]))
-    beton = ds.BetonFile(cifar["train"])
+    beton = beton_format.BetonFile(cifar["train"])
     assert reader.num_samples == beton.num_samples
     assert reader.metadata.tobytes() == np.asarray(beton.metadata).tobytes()
     assert list(reader.handlers) == list(beton.fields)

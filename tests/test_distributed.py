@@ -15,7 +15,7 @@ What is pinned here, mostly with real torchrun launches (gloo, CPU) on the bundl
 * Every rank evaluates the model rank 0 checkpoints (BatchNorm running statistics
   included: rank 0's are broadcast before evaluating).
 * Only rank 0 writes files and prints progress.
-* ``utils/distributed_utils.py`` picks the device from LOCAL_RANK and the backend from the
+* ``utils/core/distributed.py`` picks the device from LOCAL_RANK and the backend from the
   device, builds a restarted attempt's process group on its own store keys, and no other
   module reads torchrun's environment.
 * ``scripts/slurm_torchrun.sh`` runs one torchrun per node with c10d rendezvous (with fake
@@ -52,15 +52,15 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, TORCHRUN, digits_config, run_harness, write_config
-from utils import distributed_utils as du
-from utils import mask_layers
+from utils.core import distributed as du
+from utils.models import mask_layers
 
 # make test runs the suite on 2 workers (pytest-xdist, --dist loadgroup): this file's tests stay on
 # one worker, in order: a module fixture trains 1- and 2-process runs that several tests compare.
 pytestmark = pytest.mark.xdist_group("distributed")
 
 PROBE_PREFIX = "PROBE "
-DIGITS_TEST_SIZE = 360            # utils/write_beton.py's digits split: 1437 train / 360 test
+DIGITS_TEST_SIZE = 360            # utils/data/writer.py's digits split: 1437 train / 360 test
 DIGITS_TRAIN_SIZE = 1437
 GLOBAL_BATCH = 64                 # divisible by 1 and 2; training drops the last partial batch
 TRAIN_IMAGES_PER_EPOCH = DIGITS_TRAIN_SIZE // GLOBAL_BATCH * GLOBAL_BATCH  # 22 batches = 1408
@@ -662,11 +662,11 @@ TORCHRUN_VARIABLES = re.compile(
 
 
 def test_only_distributed_utils_reads_torchrun_environment():
-    """No module but utils/distributed_utils.py names a torchrun variable (tests excepted)."""
+    """No module but utils/core/distributed.py names a torchrun variable (tests excepted)."""
     offenders = []
     for path in sorted(ROOT.rglob("*.py")):
         relative = path.relative_to(ROOT)
-        if relative.parts[0] in (".venv", "tests") or relative == Path("utils/distributed_utils.py"):
+        if relative.parts[0] in (".venv", "tests") or relative == Path("utils/core/distributed.py"):
             continue
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             if TORCHRUN_VARIABLES.search(line):

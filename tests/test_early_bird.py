@@ -1,4 +1,4 @@
-"""Early-Bird (utils/early_bird.py): the stopping rule on constructed mask sequences, and the
+"""Early-Bird (utils/lottery/early_bird.py): the stopping rule on constructed mask sequences, and the
 callback's CSV, level end and exact resume."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from utils import structured
-from utils.callbacks import LevelInfo
-from utils.early_bird import EarlyBird, early_bird_stop, mask_distance
-from utils.mask_layers import prepare_model
-from utils.models import get_model
+from utils.core.callbacks import LevelInfo
+from utils.lottery.early_bird import EarlyBird, early_bird_stop, mask_distance
+from utils.models.mask_layers import prepare_model
+from utils.models.registry import get_model
+from utils.pruning import channel_graph, channel_select
 
 UNITS = 100
 
@@ -137,11 +137,11 @@ def test_channel_masks_of_a_model_feed_the_callback(tmp_path):
     """End to end on a real model: the mask drawn twice from unchanged weights is the same
     (distance 0), so the rule stops as soon as the window is full."""
     model = prepare_model(get_model("resnet20", num_classes=10))
-    structure = structured.build_channel_structure(model, (3, 32, 32))
+    structure = channel_graph.build_channel_structure(model, (3, 32, 32))
 
     def draw(m):
-        keep = structured.select_channels(m, structure, density=0.5, criterion="bn_gamma", allocation="global")
-        return structured.keep_vector(keep, structure)
+        keep = channel_select.select_channels(m, structure, density=0.5, criterion="bn_gamma", allocation="global")
+        return channel_select.keep_vector(keep, structure)
 
     vector = draw(model)
     assert vector.dtype == torch.bool and vector.numel() == structure.total_units

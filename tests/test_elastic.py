@@ -20,7 +20,6 @@ from tests.helpers import digits_config, run_harness, write_config
 from tests.test_resume import assert_same_results
 
 
-
 # ------------------------------------------------------------------ directory decision
 def _experiment_dir(path: Path, config: dict, launch: str = "") -> None:
     path.mkdir(parents=True)

@@ -10,7 +10,7 @@ import pytest
 from tests.helpers import digits_config, run_harness, write_config
 
 FINETUNE = '''
-from utils.training_types import TrainingType
+from utils.training.training_types import TrainingType
 
 
 class FineTune(TrainingType):
@@ -64,13 +64,13 @@ def test_an_outside_training_type_that_is_not_one_is_refused_in_one_line(tmp_pat
         "prune.training_type": "mytypes:NotAType"}))
     result = run_harness(config, env={"PYTHONPATH": str(code)})
     assert result.returncode == 2
-    assert "not a utils.training_types.TrainingType" in result.stderr
+    assert "not a utils.training.training_types.TrainingType" in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_every_registered_training_type_declares_what_the_loop_asks():
-    from utils.training_types import TRAINING_TYPES, TrainingType
+    from utils.training.training_types import TRAINING_TYPES, TrainingType
     for name, kind in TRAINING_TYPES.items():
         assert isinstance(kind, TrainingType) and kind.name == name and kind.description
     assert [n for n, k in TRAINING_TYPES.items() if k.one_shot] == ["at_init"]

@@ -14,7 +14,6 @@ from tests.helpers import PYTHON, ROOT, digits_config, write_config
 from tests.test_resume import assert_same_results, run_in_process
 
 
-
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory, digits):
     """A finished 3-level IMP run whose masks the controls train."""
@@ -188,8 +187,8 @@ def test_blurpool_runs_through_the_harness_and_flip_tta_is_refused_for_digits(tm
     masks = _masks(tmp_path / "runs" / "blur", 1)
     assert masks.keys() == {k[:-len(".mask")] for k in state["model"] if k.endswith(".mask")}
     import harness_params
-    from utils.blurpool import blurred_layer_names
-    from utils.distributed_utils import DistributedContext
+    from utils.core.distributed import DistributedContext
+    from utils.models.blurpool import blurred_layer_names
 
     experiment = harness.Experiment(harness_params.load_config(["--config", str(config)]), DistributedContext())
     experiment.check_inputs()
@@ -207,7 +206,7 @@ def test_progressive_resizing_gives_each_epoch_its_resolution(tmp_path, monkeypa
     import numpy as np
     from PIL import Image
 
-    from utils import write_beton as wb
+    from utils.data import writer as wb
 
     rng = np.random.default_rng(0)
     for split, count in (("train", 4), ("val", 2)):

@@ -13,9 +13,11 @@ import torch
 
 import harness_params as hp
 from tests.helpers import digits_config, run_harness, write_config
-from utils import write_beton as wb
-from utils.dataset import (DataError, make_loader, read_record, record_path, resolve_dataset_spec, validate_beton,
-                           with_augment, get_dataset_spec)
+from utils.data import writer as wb
+from utils.data.loaders import make_loader
+from utils.data.records import read_record, record_path, resolve_dataset_spec, validate_beton
+from utils.data.sources import DataError
+from utils.data.specs import get_dataset_spec, with_augment
 
 CLASSES = [f"class_{c}" for c in "abcdefghij"]          # 10 classes, sorted = label order
 SIZE = 28

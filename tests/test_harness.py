@@ -12,8 +12,8 @@ import harness
 import harness_params
 import harness_utils as hu
 from tests.helpers import digits_config, run_harness, write_config
-from utils import distributed_utils as du
-from utils import mask_layers
+from utils.core import distributed as du
+from utils.models import mask_layers
 
 
 def make_experiment(tmp_path, digits, **overrides) -> harness.Experiment:

@@ -1,11 +1,11 @@
-"""utils/mask_layers.py: masked layers keep the model intact; masks validate, persist and stick."""
+"""utils/models/mask_layers.py: masked layers keep the model intact; masks validate, persist and stick."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from utils.mask_layers import (
+from utils.models.mask_layers import (
     MaskedConv2d,
     MaskedLayer,
     MaskedLinear,
@@ -25,7 +25,7 @@ from utils.mask_layers import (
     save_masks,
     set_masks,
 )
-from utils.models import get_model
+from utils.models.registry import get_model
 
 
 def random_masks(model: nn.Module, density: float, seed: int = 0):
@@ -269,7 +269,7 @@ def test_save_and_load_masks_round_trip(tmp_path):
 
 
 # ----- fused apply_masks_ (torch._foreach_mul_ with cached weight-dtype masks) -----
-from utils.mask_layers import apply_masks_per_layer_  # noqa: E402
+from utils.models.mask_layers import apply_masks_per_layer_
 
 
 def _noisy_copy_pair(masks_seed: int = 0):
@@ -396,7 +396,7 @@ def test_attention_projections_become_masked_layers_and_outputs_stay_identical()
 
 
 def mask_layers_aliases(model):
-    from utils.mask_layers import state_dict_aliases
+    from utils.models.mask_layers import state_dict_aliases
     return state_dict_aliases(model)
 
 
@@ -469,7 +469,8 @@ def _pickled(model, tmp_path):
 @pytest.mark.parametrize("criterion", ["magnitude", "random", "snip", "synflow"])
 @pytest.mark.parametrize("allocation", ["global", "uniform", "erk", "balanced"])
 def test_every_criterion_and_allocation_prunes_attention_weights_exactly(criterion, allocation):
-    from utils.pruning_utils import compute_masks, target_keep_count
+    from utils.pruning.masks import compute_masks
+    from utils.pruning.schedules import target_keep_count
     torch.manual_seed(0)
     model = prepare_model(get_model("vit_nano_p4", num_classes=10, in_channels=1, image_size=8))
     batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
@@ -484,7 +485,7 @@ def test_every_criterion_and_allocation_prunes_attention_weights_exactly(criteri
 
 
 def test_dense_parameter_report_counts_every_parameter_once_by_category():
-    from utils.mask_layers import dense_parameter_report, dense_summary
+    from utils.models.mask_layers import dense_parameter_report, dense_summary
     model = prepare_model(get_model("vit_nano_p4", num_classes=10, in_channels=1, image_size=8),
                           exclude=["conv_proj", "heads.*"])
     report = dense_parameter_report(model)

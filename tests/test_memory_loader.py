@@ -1,4 +1,4 @@
-"""dataset.loader=memory (utils/memory_loader.py): the dataset decoded once into one uint8
+"""dataset.loader=memory (utils/data/memory_loader.py): the dataset decoded once into one uint8
 tensor on the device, batches by tensor ops there.  On CPU its batches equal the torch
 back-end's bit for bit (and so the ffcv back-end's: tests/test_augment.py compares those
 two, and the memory loader with ffcv directly)."""
@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from tests.test_data import augmentation_of, unnormalize, write_cifar10_tree
-from utils import memory_loader as ml
-from utils import write_beton as wb
-from utils.dataset import DataError, get_dataset_spec, make_loader
+from utils.data import memory_loader as ml
+from utils.data import writer as wb
+from utils.data.loaders import make_loader
+from utils.data.sources import DataError
+from utils.data.specs import get_dataset_spec
 
 CIFAR10 = get_dataset_spec("cifar10")
 DIGITS = get_dataset_spec("digits")

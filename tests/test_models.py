@@ -1,4 +1,4 @@
-"""utils/models.py: every registered name builds, shapes, CIFAR adaptation, paper parameter counts.
+"""utils/models/registry.py: every registered name builds, shapes, CIFAR adaptation, paper parameter counts.
 
 Every registered name (80 torchvision classifiers + our families) is built and forward-passed
 with its parameters on the ``meta`` device (shapes only, no memory, no arithmetic), so the
@@ -14,8 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from utils.mask_layers import MaskedLayer, dense_parameter_report, prepare_model
-from utils.models import MODELS, ModelError, get_model, model_names
+from utils.models.mask_layers import MaskedLayer, dense_parameter_report, prepare_model
+from utils.models.registry import MODELS, ModelError, get_model, model_names
 
 LOTTERY_NAMES = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet20_w64",
                  "vgg11_cifar", "vgg13_cifar", "vgg16_cifar", "vgg19_cifar",
@@ -240,7 +240,7 @@ def test_cifar_resnet_structure_uses_option_b_shortcuts_where_shape_changes():
     assert [model.blocks[i].conv2.out_channels for i in (0, 9, 18)] == [16, 32, 64]
     assert get_model("resnet20_w64", num_classes=10).fc.in_features == 256
     with pytest.raises(ModelError, match="6n"):
-        from utils.models import CifarResNet
+        from utils.models.registry import CifarResNet
         CifarResNet(21, 16, 10, 3)
 
 
@@ -273,7 +273,7 @@ def test_build_is_seeded_and_leaves_the_model_in_training_mode():
 def test_vit_heads_are_not_zero_so_gradient_scores_see_the_network(name):
     """torchvision zero-initialises a ViT's head: every gradient into the network would be 0 at
     initialisation and SNIP would rank nothing but positions."""
-    from utils.pruning_utils import ScoringInputs, snip_scores
+    from utils.pruning.criteria import ScoringInputs, snip_scores
     torch.manual_seed(0)
     model = prepare_model(get_model(name, num_classes=10, image_size=32))
     assert bool((model.heads.head.weight != 0).all())

@@ -1,4 +1,4 @@
-"""N:M sparsity (utils/nm_sparsity.py, ``prune.structure=nm``): the exact pattern in every group,
+"""N:M sparsity (utils/pruning/nm.py, ``prune.structure=nm``): the exact pattern in every group,
 the count per level, nested masks, every criterion, the harness's files and its refusals."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from torch import nn
 
 import harness_params
 from tests.helpers import digits_config, run_harness, write_config
-from utils import nm_sparsity as nm
-from utils import pruning_utils as pu
-from utils.mask_layers import all_true_masks, is_subset, masked_layers, prepare_model
-from utils.models import get_model
+from utils.models.mask_layers import all_true_masks, is_subset, masked_layers, prepare_model
+from utils.models.registry import get_model
+from utils.pruning import criteria, nm
+from utils.pruning import masks as pruning_masks
 
 INPUT_SHAPE = (3, 8, 8)
 
@@ -115,7 +115,7 @@ def test_plan_densities_dense_layers_and_start_line():
 
 
 # ------------------------------------------------------------------- through compute_masks
-@pytest.mark.parametrize("criterion", list(pu.SCORES))
+@pytest.mark.parametrize("criterion", list(criteria.SCORES))
 def test_every_criterion_gives_exact_nested_nm_masks_level_by_level(criterion):
     model = resnet20()
     options = dict(criterion=criterion, batches=batches(), input_shape=INPUT_SHAPE, synflow_iterations=5, seed=3)
@@ -123,7 +123,7 @@ def test_every_criterion_gives_exact_nested_nm_masks_level_by_level(criterion):
     plan = nm.nm_plan({name: tuple(mask.shape) for name, mask in masks.items()}, 1, 4, levels=4)
     assert plan.dense_layers == {"conv": 3}
     for level in range(1, 4):
-        new = pu.compute_masks(model, masks=masks, nm=plan.target(level), **options)
+        new = pruning_masks.compute_masks(model, masks=masks, nm=plan.target(level), **options)
         assert is_subset(new, masks)
         for name, mask in new.items():
             if name in plan.dense_layers:
@@ -136,7 +136,7 @@ def test_every_criterion_gives_exact_nested_nm_masks_level_by_level(criterion):
 
 def test_nm_scores_within_groups_magnitude_keeps_the_largest_of_each_group():
     model = resnet20()
-    new = pu.compute_masks(model, nm=(2, 4), criterion="magnitude")
+    new = pruning_masks.compute_masks(model, nm=(2, 4), criterion="magnitude")
     layer = dict(masked_layers(model))["blocks.3.conv1"]
     assert torch.equal(new["blocks.3.conv1"], nm.keep_in_groups(layer.weight.detach().abs(),
                                                                 torch.ones_like(new["blocks.3.conv1"]), 2, 4))
@@ -145,7 +145,7 @@ def test_nm_scores_within_groups_magnitude_keeps_the_largest_of_each_group():
 def test_synflow_rounds_apply_per_group():
     model = resnet20()
     rounds = []
-    pu.compute_masks(model, nm=(1, 4), criterion="synflow", input_shape=INPUT_SHAPE, synflow_iterations=50,
+    pruning_masks.compute_masks(model, nm=(1, 4), criterion="synflow", input_shape=INPUT_SHAPE, synflow_iterations=50,
                      on_round=lambda k, density, masks: rounds.append({n: nm.kept_per_group(m, 4) for n, m in masks.items()
                                                                        if n != "conv"}))
     assert [set(r.values()) for r in rounds] == [{3}, {2}, {1}]  # repeats of a count are skipped
@@ -154,16 +154,16 @@ def test_synflow_rounds_apply_per_group():
 def test_nm_refuses_an_allocation_and_a_group_with_too_few_alive():
     model = resnet20()
     with pytest.raises(ValueError, match="does not apply to N:M"):
-        pu.compute_masks(model, nm=(2, 4), criterion="magnitude", allocation="global")
-    two = pu.compute_masks(model, nm=(2, 4), criterion="magnitude")
+        pruning_masks.compute_masks(model, nm=(2, 4), criterion="magnitude", allocation="global")
+    two = pruning_masks.compute_masks(model, nm=(2, 4), criterion="magnitude")
     with pytest.raises(ValueError, match="masks only shrink"):
-        pu.compute_masks(model, masks=two, nm=(3, 4), criterion="magnitude")
+        pruning_masks.compute_masks(model, masks=two, nm=(3, 4), criterion="magnitude")
 
 
 def test_shuffle_control_keeps_the_count_of_every_group_and_nests():
     model = resnet20()
-    three = pu.compute_masks(model, nm=(3, 4), criterion="magnitude")
-    two = pu.compute_masks(model, masks=three, nm=(2, 4), criterion="magnitude")
+    three = pruning_masks.compute_masks(model, nm=(3, 4), criterion="magnitude")
+    two = pruning_masks.compute_masks(model, masks=three, nm=(2, 4), criterion="magnitude")
     shuffled = [nm.shuffled_nm_masks(masks, 4, seed=7) for masks in (three, two)]
     assert is_subset(shuffled[1], shuffled[0])
     for source, control in zip((three, two), shuffled):
@@ -281,7 +281,7 @@ def test_control_of_another_structure_is_refused_and_shuffle_keeps_groups(nm_run
 def test_compact_semi_structured_says_it_needs_an_ampere_gpu(nm_run, capsys):
     if nm.semi_structured_unavailable() is None:
         pytest.skip("a GPU that runs 2:4 kernels is here: the conversion is measured by the device check")
-    from utils import compact
+    from utils.pruning import compact
 
     root, _ = nm_run
     assert compact.main(["--experiment", str(root), "--level", "2", "--format", "semi-structured"]) == 2
@@ -299,7 +299,7 @@ def test_attention_projections_of_a_vit_get_exact_groups():
     """The masked attention projections (packed Q/K/V, out_proj) are grouped like linear layers."""
     torch.manual_seed(0)
     model = prepare_model(get_model("vit_nano_p4", num_classes=10, in_channels=3, image_size=32))
-    masks = pu.compute_masks(model, nm=(2, 4), criterion="magnitude")
+    masks = pruning_masks.compute_masks(model, nm=(2, 4), criterion="magnitude")
     attention = [name for name in masks if name.endswith(("in_proj", "out_proj"))]
     assert attention and all(set(groups_of(masks[name], 4)) == {2} for name in attention)
     assert nm.pattern_of(masks["conv_proj"], 4) == "dense"  # the patch embedding's 3 input channels

@@ -1,4 +1,4 @@
-"""utils/pruning_utils.py: exact counts, allocations, nesting, criteria, schedules, CLI.
+"""utils/pruning/criteria.py: exact counts, allocations, nesting, criteria, schedules, CLI.
 
 Pins docs/design.md section 5: kept counts are the target rounded, masks only shrink, pruned
 weights never come back, and each score / allocation means what the docstrings say.
@@ -17,8 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from utils import pruning_utils as pu
-from utils.mask_layers import (
+from utils.models.mask_layers import (
     all_true_masks,
     count_alive,
     get_masks,
@@ -28,12 +27,16 @@ from utils.mask_layers import (
     prepare_model,
     set_masks,
 )
-from utils.models import get_model
+from utils.models.registry import get_model
+from utils.pruning import allocations, criteria, topk
+from utils.pruning import command as pruning_command
+from utils.pruning import masks as pruning_masks
+from utils.pruning import schedules as density_schedules
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE = (3, 8, 8)
-CRITERIA = list(pu.SCORES)          # every registered name: a new entry is tested without editing this file
-ALLOCATIONS = list(pu.ALLOCATIONS)
+CRITERIA = list(criteria.SCORES)          # every registered name: a new entry is tested without editing this file
+ALLOCATIONS = list(allocations.ALLOCATIONS)
 DENSITIES = [0.5, 0.2, 0.05, 0.011]
 
 
@@ -108,13 +111,13 @@ def test_exact_counts_for_every_score_and_allocation(models, model_name, criteri
     dense = all_true_masks(model)
     total = total_weights(dense)
     for density in DENSITIES:
-        masks = pu.compute_masks(model, density=density, criterion=criterion, allocation=allocation,
+        masks = pruning_masks.compute_masks(model, density=density, criterion=criterion, allocation=allocation,
                                  masks=dense, **scoring_kwargs())
         assert set(masks) == set(dense)
         assert all(mask.dtype == torch.bool and mask.device.type == "cpu" for mask in masks.values())
         assert count_alive(masks) == round(density * total)
         if allocation != "global":
-            expected = pu.layer_keep_counts(
+            expected = allocations.layer_keep_counts(
                 allocation, capacities={n: m.numel() for n, m in dense.items()},
                 numels={n: m.numel() for n, m in dense.items()},
                 shapes={n: tuple(m.shape) for n, m in dense.items()}, total_keep=round(density * total))
@@ -125,7 +128,7 @@ def test_exact_counts_for_every_score_and_allocation(models, model_name, criteri
 def test_excluded_layer_is_neither_pruned_nor_counted():
     model = mlp_with_excluded_layer()
     excluded_weight = model[5].weight.detach().clone()
-    masks = pu.prune_model(model, density=0.1, criterion="magnitude", allocation="global")
+    masks = pruning_masks.prune_model(model, density=0.1, criterion="magnitude", allocation="global")
     assert set(masks) == {"1", "3"}
     assert count_alive(masks) == round(0.1 * (192 * 300 + 300 * 100))
     assert torch.equal(model[5].weight, excluded_weight)
@@ -162,7 +165,7 @@ def test_erk_matches_the_rigl_formula(models, model_name):
     total = total_weights(dense)
     capped_somewhere = False
     for density in DENSITIES:
-        masks = pu.compute_masks(model, density=density, criterion="magnitude", allocation="erk", masks=dense)
+        masks = pruning_masks.compute_masks(model, density=density, criterion="magnitude", allocation="erk", masks=dense)
         expected = rigl_erk_densities(shapes, density)
         assert count_alive(masks) == round(density * total)
         for name, mask in masks.items():
@@ -178,7 +181,7 @@ def test_erk_matches_the_rigl_formula(models, model_name):
 @pytest.mark.parametrize("density", DENSITIES + [0.9])
 def test_uniform_keeps_each_layer_within_one_weight_of_its_share(models, density):
     model = models["resnet20"]
-    masks = pu.compute_masks(model, density=density, criterion="random", allocation="uniform",
+    masks = pruning_masks.compute_masks(model, density=density, criterion="random", allocation="uniform",
                              masks=all_true_masks(model))
     for name, mask in masks.items():
         assert abs(int(mask.sum()) - density * mask.numel()) < 1 + 1e-9
@@ -187,7 +190,7 @@ def test_uniform_keeps_each_layer_within_one_weight_of_its_share(models, density
 @pytest.mark.parametrize("density", DENSITIES)
 def test_balanced_gives_equal_counts_except_capped_layers(models, density):
     model = models["resnet20"]
-    masks = pu.compute_masks(model, density=density, criterion="magnitude", allocation="balanced",
+    masks = pruning_masks.compute_masks(model, density=density, criterion="magnitude", allocation="balanced",
                              masks=all_true_masks(model))
     counts = layer_counts(masks)
     numels = {name: mask.numel() for name, mask in masks.items()}
@@ -205,19 +208,19 @@ def test_layer_keep_counts_by_hand():
     numels = {"a": 100, "b": 100, "c": 100}
     shapes = {"a": (10, 10), "b": (10, 10), "c": (10, 10)}
     # uniform: shares 30 each; 'a' holds only 10 now, its 20 go to the others.
-    assert pu.layer_keep_counts("uniform", {"a": 10, "b": 100, "c": 100}, numels, shapes, 90) == \
+    assert allocations.layer_keep_counts("uniform", {"a": 10, "b": 100, "c": 100}, numels, shapes, 90) == \
         {"a": 10, "b": 40, "c": 40}
     # balanced: k = 20 > 5 = capacity of 'a'; 55 left for two layers -> 28, 27 (first gets the +1)
-    assert pu.layer_keep_counts("balanced", {"a": 5, "b": 100, "c": 100}, numels, shapes, 60) == \
+    assert allocations.layer_keep_counts("balanced", {"a": 5, "b": 100, "c": 100}, numels, shapes, 60) == \
         {"a": 5, "b": 28, "c": 27}
     # shares 4.4 and 5.6: the missing weight goes to the largest fractional part
     two = {"a": 11, "b": 14}
-    assert pu.layer_keep_counts("uniform", two, two, {"a": (11,), "b": (14,)}, 10) == {"a": 4, "b": 6}
+    assert allocations.layer_keep_counts("uniform", two, two, {"a": (11,), "b": (14,)}, 10) == {"a": 4, "b": 6}
     # equal fractional parts: the remainder goes to the earlier layer
     three = {"x": 3, "y": 3, "z": 3}
-    assert pu.layer_keep_counts("uniform", three, three, {k: (3,) for k in three}, 4) == {"x": 2, "y": 1, "z": 1}
+    assert allocations.layer_keep_counts("uniform", three, three, {k: (3,) for k in three}, 4) == {"x": 2, "y": 1, "z": 1}
     # ERK: conv (8, 4, 3, 3): sum 18 / 288; linear (10, 8): 18 / 80 -> the linear layer is denser
-    erk = pu.layer_keep_counts("erk", {"conv": 288, "fc": 80}, {"conv": 288, "fc": 80},
+    erk = allocations.layer_keep_counts("erk", {"conv": 288, "fc": 80}, {"conv": 288, "fc": 80},
                                {"conv": (8, 4, 3, 3), "fc": (10, 8)}, 36)
     assert erk == {"conv": 18, "fc": 18}  # both shares are eps * sum(shape) = 18
 
@@ -225,16 +228,16 @@ def test_layer_keep_counts_by_hand():
 def test_layer_keep_counts_refuses_global_and_unknown_names():
     one = {"a": 4}
     with pytest.raises(ValueError, match="balanced, erk, uniform"):
-        pu.layer_keep_counts("global", one, one, {"a": (4,)}, 2)
+        allocations.layer_keep_counts("global", one, one, {"a": (4,)}, 2)
     with pytest.raises(ValueError, match="cannot keep 5"):
-        pu.layer_keep_counts("uniform", one, one, {"a": (4,)}, 5)
+        allocations.layer_keep_counts("uniform", one, one, {"a": (4,)}, 5)
 
 
 def test_registries_list_valid_names():
-    with pytest.raises(ValueError, match=", ".join(sorted(pu.SCORES))):
-        pu.get_score_fn("l1")
-    with pytest.raises(ValueError, match=", ".join(sorted(pu.ALLOCATIONS))):
-        pu.get_allocation("layerwise")
+    with pytest.raises(ValueError, match=", ".join(sorted(criteria.SCORES))):
+        criteria.get_score_fn("l1")
+    with pytest.raises(ValueError, match=", ".join(sorted(allocations.ALLOCATIONS))):
+        allocations.get_allocation("layerwise")
 
 
 def test_criteria_entries_say_what_they_need():
@@ -242,8 +245,8 @@ def test_criteria_entries_say_what_they_need():
     function fails without what its entry says it needs, and works without the rest."""
     model = resnet20()
     dense = all_true_masks(model)
-    for name, entry in pu.SCORES.items():
-        full = pu.ScoringInputs(model=model, device=torch.device("cpu"), batches=make_batches(), num_batches=1,
+    for name, entry in criteria.SCORES.items():
+        full = criteria.ScoringInputs(model=model, device=torch.device("cpu"), batches=make_batches(), num_batches=1,
                                 input_shape=INPUT_SHAPE)
         assert set(entry.score(full, dense)) == set(dense), name
         for need, field in (("needs_batches", "batches"), ("needs_input_shape", "input_shape")):
@@ -254,7 +257,7 @@ def test_criteria_entries_say_what_they_need():
                     entry.score(lacking, dense)
             else:
                 entry.score(lacking, dense)  # works without it
-    assert pu.SCORES["snip"].needs() == ["batches"] and pu.SCORES["synflow"].needs() == ["input shape", "rounds"]
+    assert criteria.SCORES["snip"].needs() == ["batches"] and criteria.SCORES["synflow"].needs() == ["input shape", "rounds"]
 
 
 # ------------------------------------------------------------------- masks only shrink
@@ -266,7 +269,7 @@ def test_iterative_masks_are_nested_and_pruned_weights_never_revive(criterion, a
     previous = get_masks(model)
     generator = torch.Generator().manual_seed(7)
     for level, density in enumerate([0.8, 0.41, 0.2, 0.05, 0.011], start=1):
-        masks = pu.prune_model(model, density=density, criterion=criterion, allocation=allocation,
+        masks = pruning_masks.prune_model(model, density=density, criterion=criterion, allocation=allocation,
                                **scoring_kwargs(seed=level))
         assert count_alive(masks) == round(density * total)
         assert is_subset(masks, previous)
@@ -282,11 +285,11 @@ def test_iterative_masks_are_nested_and_pruned_weights_never_revive(criterion, a
 @pytest.mark.parametrize("allocation", ALLOCATIONS)
 def test_a_huge_pruned_weight_stays_pruned(allocation):
     model = resnet20()
-    first = pu.prune_model(model, density=0.5, criterion="magnitude", allocation=allocation)
+    first = pruning_masks.prune_model(model, density=0.5, criterion="magnitude", allocation=allocation)
     pruned_index = tuple((~first["blocks.8.conv2"]).nonzero()[0].tolist())  # the largest layer
     with torch.no_grad():
         model.blocks[8].conv2.weight[pruned_index] = 1e9
-    second = pu.compute_masks(model, density=0.4, criterion="magnitude", allocation=allocation)
+    second = pruning_masks.compute_masks(model, density=0.4, criterion="magnitude", allocation=allocation)
     assert not bool(second["blocks.8.conv2"][pruned_index])
     assert is_subset(second, first)
 
@@ -297,7 +300,7 @@ def test_nan_scores_rank_lowest_and_counts_stay_exact():
         model.fc.weight[0, :5] = float("nan")
     total = total_weights(get_masks(model))
     for allocation in ALLOCATIONS:
-        masks = pu.compute_masks(model, density=0.2, criterion="magnitude", allocation=allocation)
+        masks = pruning_masks.compute_masks(model, density=0.2, criterion="magnitude", allocation=allocation)
         assert count_alive(masks) == round(0.2 * total)
         if not bool(masks["fc"].all()):  # (ERK keeps the small fc layer dense)
             assert not bool(masks["fc"][0, :5].any())
@@ -305,12 +308,12 @@ def test_nan_scores_rank_lowest_and_counts_stay_exact():
 
 def test_density_above_the_current_one_is_refused():
     model = resnet20()
-    pu.prune_model(model, density=0.3, criterion="magnitude", allocation="global")
+    pruning_masks.prune_model(model, density=0.3, criterion="magnitude", allocation="global")
     with pytest.raises(ValueError, match="only shrink"):
-        pu.compute_masks(model, density=0.5, criterion="magnitude", allocation="global")
+        pruning_masks.compute_masks(model, density=0.5, criterion="magnitude", allocation="global")
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="density"):
-            pu.compute_masks(model, density=bad, criterion="magnitude", allocation="global")
+            pruning_masks.compute_masks(model, density=bad, criterion="magnitude", allocation="global")
 
 
 # ----------------------------------------------------------------------- ties, top-k
@@ -322,9 +325,9 @@ def test_all_equal_weights_still_give_exact_deterministic_counts(allocation):
             layer.weight.fill_(0.5)
     total = total_weights(get_masks(model))
     for density in DENSITIES:
-        masks = pu.compute_masks(model, density=density, criterion="magnitude", allocation=allocation)
+        masks = pruning_masks.compute_masks(model, density=density, criterion="magnitude", allocation=allocation)
         assert count_alive(masks) == round(density * total)
-        again = pu.compute_masks(model, density=density, criterion="magnitude", allocation=allocation)
+        again = pruning_masks.compute_masks(model, density=density, criterion="magnitude", allocation=allocation)
         assert all(torch.equal(masks[name], again[name]) for name in masks)
         # ties go to the lowest index: global keeps a prefix of the concatenation
         flat = torch.cat([masks[name].reshape(-1) for name in masks])
@@ -340,16 +343,16 @@ def test_all_equal_weights_still_give_exact_deterministic_counts(allocation):
 @pytest.mark.parametrize("narrow_band", [False, True])
 def test_keep_top_k_on_long_vectors_matches_a_stable_sort(monkeypatch, narrow_band):
     if narrow_band:  # force the sampled band to miss, so the full kthvalue fallback runs
-        monkeypatch.setattr(pu, "_BAND_HALF_WIDTH_FRACTION", 0.0)
-        monkeypatch.setattr(pu, "_BAND_HALF_WIDTH_MIN", 0)
+        monkeypatch.setattr(topk, "_BAND_HALF_WIDTH_FRACTION", 0.0)
+        monkeypatch.setattr(topk, "_BAND_HALF_WIDTH_MIN", 0)
     generator = torch.Generator().manual_seed(3)
-    n = pu._BAND_SEARCH_MIN_NUMEL + 12345  # long enough for the sampled-band path
+    n = topk._BAND_SEARCH_MIN_NUMEL + 12345  # long enough for the sampled-band path
     continuous = torch.randn(n, generator=generator)
     tied = torch.randint(0, 50, (n,), generator=generator).float()  # ~21 k copies of each value
     for values in (continuous, tied):
         order = torch.argsort(-values, stable=True)  # top k by value, ties to the lowest index
         for k in (1, 7, n // 5, n - 3):
-            keep = pu.keep_top_k(values, k)
+            keep = topk.keep_top_k(values, k)
             expected = torch.zeros(n, dtype=torch.bool)
             expected[order[:k]] = True
             assert int(keep.sum()) == k
@@ -359,7 +362,7 @@ def test_keep_top_k_on_long_vectors_matches_a_stable_sort(monkeypatch, narrow_ba
 def test_keep_top_k_alive_never_picks_pruned_entries_even_among_minus_inf_ties():
     scores = torch.tensor([-math.inf, 3.0, -math.inf, -math.inf, 1.0])  # alive: 1, 3, 4 (3 scores -inf)
     alive = torch.tensor([False, True, False, True, True])
-    keep = pu.keep_top_k_alive(scores, alive, 3)
+    keep = topk.keep_top_k_alive(scores, alive, 3)
     assert keep.tolist() == [False, True, False, True, True]
 
 
@@ -369,7 +372,7 @@ def test_random_is_deterministic_per_seed_and_differs_across_seeds():
     dense = all_true_masks(model)
 
     def random_masks(seed):
-        return pu.compute_masks(model, density=0.3, criterion="random", allocation="global", masks=dense, seed=seed)
+        return pruning_masks.compute_masks(model, density=0.3, criterion="random", allocation="global", masks=dense, seed=seed)
 
     a, b, c = random_masks(5), random_masks(5), random_masks(6)
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -379,7 +382,7 @@ def test_random_is_deterministic_per_seed_and_differs_across_seeds():
     with torch.no_grad():
         for _, layer in masked_layers(other):
             layer.weight.normal_()
-    d = pu.compute_masks(other, density=0.3, criterion="random", allocation="global", seed=5)
+    d = pruning_masks.compute_masks(other, density=0.3, criterion="random", allocation="global", seed=5)
     assert all(torch.equal(a[name], d[name]) for name in a)
 
 
@@ -402,9 +405,9 @@ def test_snip_prunes_weights_without_gradient_first():
     with torch.no_grad():
         model.side.weight.mul_(100.0)  # magnitude would keep the side branch
     batches = [(torch.randn(8, 16), torch.randint(0, 4, (8,)))]
-    snip = pu.compute_masks(model, density=0.5, criterion="snip", allocation="global", batches=batches)
+    snip = pruning_masks.compute_masks(model, density=0.5, criterion="snip", allocation="global", batches=batches)
     assert bool(snip["main"].all()) and not bool(snip["side"].any())
-    magnitude = pu.compute_masks(model, density=0.5, criterion="magnitude", allocation="global")
+    magnitude = pruning_masks.compute_masks(model, density=0.5, criterion="magnitude", allocation="global")
     assert bool(magnitude["side"].all())
 
 
@@ -424,19 +427,19 @@ def test_snip_scores_are_eval_mode_gradients_by_default_train_mode_on_request_su
     batches = make_batches(count=3)
     train_mode = manual_snip_scores(model, batches[:2], train=True)
     eval_mode = manual_snip_scores(model, batches[:2], train=False)
-    default = pu.get_score_fn("snip")(
-        pu.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2), all_true_masks(model))
+    default = criteria.get_score_fn("snip")(
+        criteria.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2), all_true_masks(model))
     for name in default:
         assert torch.allclose(default[name], eval_mode[name], rtol=1e-4, atol=1e-7), name
-    inputs = pu.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2,
+    inputs = criteria.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2,
                               snip_mode="train")
-    scores = pu.get_score_fn("snip")(inputs, all_true_masks(model))
+    scores = criteria.get_score_fn("snip")(inputs, all_true_masks(model))
     for name in scores:
         assert torch.allclose(scores[name], train_mode[name], rtol=1e-4, atol=1e-7), name
     assert any(not torch.allclose(scores[n], eval_mode[n], rtol=1e-2) for n in scores)
     # the masked model is scored, even when the masks are not installed in the model
-    masks = pu.compute_masks(model, density=0.3, criterion="random", allocation="global")
-    scores = pu.get_score_fn("snip")(inputs, masks)
+    masks = pruning_masks.compute_masks(model, density=0.3, criterion="random", allocation="global")
+    scores = criteria.get_score_fn("snip")(inputs, masks)
     masked = copy.deepcopy(model)
     set_masks(masked, masks)
     expected = manual_snip_scores(masked, batches[:2], train=True)
@@ -444,29 +447,29 @@ def test_snip_scores_are_eval_mode_gradients_by_default_train_mode_on_request_su
         assert torch.allclose(scores[name], expected[name], rtol=1e-4, atol=1e-7), name
 
 
-@pytest.mark.parametrize("snip_mode", pu.SNIP_MODES)
+@pytest.mark.parametrize("snip_mode", criteria.SNIP_MODES)
 def test_a_density_and_the_same_per_layer_counts_give_the_same_masks(snip_mode):
     """One mask path: every option reaches the per-layer target as it reaches the density target."""
     model = resnet20()
     options = dict(criterion="snip", allocation="uniform", batches=make_batches(count=2), num_batches=2,
                    snip_mode=snip_mode)
-    by_density = pu.compute_masks(model, density=0.3, **options)
-    by_layer = pu.compute_masks(model, layer_counts=layer_counts(by_density), **options)
+    by_density = pruning_masks.compute_masks(model, density=0.3, **options)
+    by_layer = pruning_masks.compute_masks(model, layer_counts=layer_counts(by_density), **options)
     assert all(torch.equal(by_density[name], by_layer[name]) for name in by_density)
 
 
 def test_layer_rates_with_snip_train_mode_score_in_train_mode():
     """prune.layer_rates + criterion=snip + snip_mode=train: batch statistics, not running ones."""
     model = resnet20()
-    plan = pu.layer_rate_plan(model, ["fc=0.5", "blocks.*=0.3"], 0.2, 2)
+    plan = density_schedules.layer_rate_plan(model, ["fc=0.5", "blocks.*=0.3"], 0.2, 2)
     batches = make_batches(count=2)
-    masks = {mode: pu.compute_masks(model, layer_counts=plan.counts[1], criterion="snip", allocation="uniform",
-                                    batches=batches, num_batches=2, snip_mode=mode) for mode in pu.SNIP_MODES}
+    masks = {mode: pruning_masks.compute_masks(model, layer_counts=plan.counts[1], criterion="snip", allocation="uniform",
+                                    batches=batches, num_batches=2, snip_mode=mode) for mode in criteria.SNIP_MODES}
     for mode, train in (("train", True), ("eval", False)):
         scores = manual_snip_scores(model, batches, train=train)
         for name, mask in masks[mode].items():
             assert int(mask.sum()) == plan.counts[1][name]
-            expected = pu.keep_top_k(scores[name], plan.counts[1][name])
+            expected = topk.keep_top_k(scores[name], plan.counts[1][name])
             assert int((mask & expected).sum()) >= 0.99 * int(mask.sum()), (mode, name)
     differing = sum(int((masks["train"][name] ^ masks["eval"][name]).sum()) for name in masks["train"])
     assert differing > 0.05 * sum(plan.counts[1].values())
@@ -479,7 +482,7 @@ def test_snip_leaves_model_state_modes_and_grads_alone():
     model.fc.weight.requires_grad_(False)
     flags = {name: module.training for name, module in model.named_modules()}
     before = state_copy(model)
-    pu.compute_masks(model, density=0.3, criterion="snip", allocation="erk", batches=make_batches())
+    pruning_masks.compute_masks(model, density=0.3, criterion="snip", allocation="erk", batches=make_batches())
     assert_same_state(model, before)  # BatchNorm running statistics included
     assert flags == {name: module.training for name, module in model.named_modules()}
     assert all(p.grad is None for p in model.parameters())
@@ -495,13 +498,13 @@ def test_snip_draws_exactly_num_batches_and_complains_when_short():
             drawn.append(1)
             yield batch
 
-    pu.compute_masks(model, density=0.5, criterion="snip", allocation="global", batches=stream(), num_batches=2)
+    pruning_masks.compute_masks(model, density=0.5, criterion="snip", allocation="global", batches=stream(), num_batches=2)
     assert len(drawn) == 2
     with pytest.raises(ValueError, match="asked for 4 batches"):
-        pu.compute_masks(model, density=0.5, criterion="snip", allocation="global",
+        pruning_masks.compute_masks(model, density=0.5, criterion="snip", allocation="global",
                          batches=make_batches(count=3), num_batches=4)
     with pytest.raises(ValueError, match="needs batches"):
-        pu.compute_masks(model, density=0.5, criterion="snip", allocation="global")
+        pruning_masks.compute_masks(model, density=0.5, criterion="snip", allocation="global")
 
 
 # -------------------------------------------------------------------------- synflow
@@ -509,8 +512,8 @@ def test_synflow_scores_follow_the_path_formula():
     torch.manual_seed(0)
     model = prepare_model(nn.Sequential(nn.Flatten(), nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False)))
     w1, w2 = model[1].weight.detach().abs().double(), model[3].weight.detach().abs().double()
-    inputs = pu.ScoringInputs(model=model, device=torch.device("cpu"), input_shape=(6,))
-    scores = pu.get_score_fn("synflow")(inputs, all_true_masks(model))
+    inputs = criteria.ScoringInputs(model=model, device=torch.device("cpu"), input_shape=(6,))
+    scores = criteria.get_score_fn("synflow")(inputs, all_true_masks(model))
     # R = 1^T |W2| |W1| 1: dR/dW1_ij = sum_k |W2_ki|, dR/dW2_ki = sum_j |W1_ij|
     assert scores["1"].dtype == torch.float64
     assert torch.allclose(scores["1"], w2.sum(0)[:, None] * w1)
@@ -518,7 +521,7 @@ def test_synflow_scores_follow_the_path_formula():
     # the masked model is scored: the same formula on the masked weights
     masks = {"1": torch.rand(5, 6) > 0.5, "3": torch.rand(3, 5) > 0.5}
     m1, m2 = w1 * masks["1"], w2 * masks["3"]
-    scores = pu.get_score_fn("synflow")(inputs, masks)
+    scores = criteria.get_score_fn("synflow")(inputs, masks)
     assert torch.allclose(scores["1"], m2.sum(0)[:, None] * m1)
     assert torch.allclose(scores["3"], m1.sum(1)[None, :] * m2)
 
@@ -527,9 +530,9 @@ def test_synflow_rounds_shrink_monotonically_to_exact_counts():
     model = resnet20()
     total = total_weights(get_masks(model))
     rounds = []
-    pu.compute_masks(model, density=0.05, criterion="synflow", allocation="global", input_shape=INPUT_SHAPE,
+    pruning_masks.compute_masks(model, density=0.05, criterion="synflow", allocation="global", input_shape=INPUT_SHAPE,
                      synflow_iterations=10, on_round=lambda k, d, masks: rounds.append((k, d, masks)))
-    schedule = pu.synflow_density_schedule(1.0, 0.05, 10)
+    schedule = density_schedules.synflow_density_schedule(1.0, 0.05, 10)
     assert [k for k, _, _ in rounds] == list(range(1, 11))
     assert [d for _, d, _ in rounds] == schedule
     previous = all_true_masks(model)
@@ -547,7 +550,7 @@ def test_synflow_restores_the_model_and_runs_in_float64():
     seen = []
     hook = model.conv.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, module.weight.dtype)))
     try:
-        pu.compute_masks(model, density=0.2, criterion="synflow", allocation="uniform", input_shape=INPUT_SHAPE,
+        pruning_masks.compute_masks(model, density=0.2, criterion="synflow", allocation="uniform", input_shape=INPUT_SHAPE,
                          synflow_iterations=4)
     finally:
         hook.remove()
@@ -560,33 +563,33 @@ def test_synflow_restores_the_model_and_runs_in_float64():
 
 def test_synflow_needs_an_input_shape():
     with pytest.raises(ValueError, match="input_shape"):
-        pu.compute_masks(resnet20(), density=0.5, criterion="synflow", allocation="global")
+        pruning_masks.compute_masks(resnet20(), density=0.5, criterion="synflow", allocation="global")
 
 
 # -------------------------------------------------------------------------- schedules
 def test_level_and_iterative_densities():
-    assert pu.level_density(0, 0.2) == 1.0
-    assert pu.level_density(3, 0.2) == pytest.approx(0.512)
-    assert pu.iterative_densities(0.2, levels=4) == pytest.approx([1.0, 0.8, 0.64, 0.512])
+    assert density_schedules.level_density(0, 0.2) == 1.0
+    assert density_schedules.level_density(3, 0.2) == pytest.approx(0.512)
+    assert density_schedules.iterative_densities(0.2, levels=4) == pytest.approx([1.0, 0.8, 0.64, 0.512])
     # 0.8 ** 3 is 0.5120000000000001: still counts as reaching 0.512
-    assert len(pu.iterative_densities(0.2, target_density=0.512)) == 4
-    assert pu.iterative_densities(0.2, target_density=0.5)[-1] == pytest.approx(0.4096)
-    assert pu.iterative_densities(0.5, target_density=1.0) == [1.0]
-    assert len(pu.iterative_densities(0.2, levels=3, target_density=0.1)) == 3
+    assert len(density_schedules.iterative_densities(0.2, target_density=0.512)) == 4
+    assert density_schedules.iterative_densities(0.2, target_density=0.5)[-1] == pytest.approx(0.4096)
+    assert density_schedules.iterative_densities(0.5, target_density=1.0) == [1.0]
+    assert len(density_schedules.iterative_densities(0.2, levels=3, target_density=0.1)) == 3
     with pytest.raises(ValueError):
-        pu.iterative_densities(0.2)
+        density_schedules.iterative_densities(0.2)
     with pytest.raises(ValueError):
-        pu.level_density(1, 1.0)
+        density_schedules.level_density(1, 1.0)
 
 
 def test_synflow_density_schedule_is_exponential_and_ends_on_target():
-    schedule = pu.synflow_density_schedule(0.8, 0.01, 100)
+    schedule = density_schedules.synflow_density_schedule(0.8, 0.01, 100)
     assert len(schedule) == 100 and schedule[-1] == 0.01
     ratios = [b / a for a, b in zip(schedule, schedule[1:])]
     assert max(ratios) == pytest.approx(min(ratios)) and ratios[0] == pytest.approx((0.01 / 0.8) ** 0.01)
     assert schedule[0] == pytest.approx(0.8 * (0.01 / 0.8) ** 0.01)
     # the last round is the target itself, not start * (target / start) ** 1.0 (0.013000000000000001)
-    assert pu.synflow_density_schedule(0.8, 0.013, 10)[-1] == 0.013
+    assert density_schedules.synflow_density_schedule(0.8, 0.013, 10)[-1] == 0.013
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -605,14 +608,14 @@ def cli_files(tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     torch.manual_seed(0)
     model = prepare_model(get_model("lenet_300_100", num_classes=10, in_channels=1, image_size=8), exclude=["5"])
-    start = pu.prune_model(model, density=0.5, criterion="magnitude", allocation="global")
+    start = pruning_masks.prune_model(model, density=0.5, criterion="magnitude", allocation="global")
     checkpoint = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "epoch": 3}, checkpoint)
     return config_path, checkpoint, start, tmp_path
 
 
 def run_cli(*args):
-    return pu.main([str(arg) for arg in args])
+    return pruning_command.main([str(arg) for arg in args])
 
 
 @pytest.mark.parametrize("criterion", ["magnitude", "synflow"])
@@ -691,7 +694,7 @@ def test_cli_as_a_module_end_to_end(cli_files):
 
 OUTSIDE_CRITERIA = '''
 import torch
-from utils.mask_layers import masked_layers
+from utils.models.mask_layers import masked_layers
 
 
 def grad_times_weight(inputs, masks):
@@ -738,8 +741,8 @@ def outside_criteria(tmp_path, monkeypatch):
 
 
 def test_outside_criteria_declare_their_needs(outside_criteria):
-    assert pu.get_criterion("outside_scores:grad_times_weight").needs() == ["batches"]  # undeclared: batches
-    data_free = pu.get_criterion("outside_scores:data_free")
+    assert criteria.get_criterion("outside_scores:grad_times_weight").needs() == ["batches"]  # undeclared: batches
+    data_free = criteria.get_criterion("outside_scores:data_free")
     assert not data_free.needs_batches and not data_free.iterative
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from tests.helpers import readme_commands, run_in_repository_copy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""utils/report.py: groups of seeds, summary numbers, report files, incomplete runs, bad input.
+"""utils/report/cli.py: groups of seeds, summary numbers, report files, incomplete runs, bad input.
 
 The experiment directories here are written in the harness's on-disk format (config.yaml as
 the harness writes it, epochs.csv / levels.csv / layers.csv with the contract's columns);
@@ -19,7 +19,10 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, digits_config
-from utils import report
+from utils.report import cli as report_cli
+from utils.report import experiments as report_experiments
+from utils.report import figures as report_figures
+from utils.report import tables as report_tables
 
 EPOCHS = 2
 LAYERS = [("fc1", 300 * 64), ("fc2", 100 * 300), ("fc3", 10 * 100)]
@@ -58,9 +61,9 @@ def make_experiment(base: Path, name: str, *, seed=0, levels_done=3, levels=3, e
             alive = round(numel * density * rng.uniform(0.8, 1.0)) if level else numel
             layer_rows.append({"level": level, "layer": layer, "numel": numel, "alive": alive,
                                "density": alive / numel})
-    write_csv(root / "epochs.csv", epoch_rows, report.EPOCH_COLUMNS + ["epoch_time_s", "images_per_s"])
-    write_csv(root / "levels.csv", level_rows, report.LEVEL_COLUMNS)
-    write_csv(root / "layers.csv", layer_rows, report.LAYER_COLUMNS)
+    write_csv(root / "epochs.csv", epoch_rows, report_experiments.EPOCH_COLUMNS + ["epoch_time_s", "images_per_s"])
+    write_csv(root / "levels.csv", level_rows, report_experiments.LEVEL_COLUMNS)
+    write_csv(root / "layers.csv", layer_rows, report_experiments.LAYER_COLUMNS)
     return root
 
 
@@ -79,15 +82,15 @@ def sweep(tmp_path):
 
 def test_groups_are_seeds_of_one_config_with_mean_and_std(sweep):
     base, dirs = sweep
-    experiments = [report.load_experiment(d) for d in report.expand_dirs([base])]
+    experiments = [report_experiments.load_experiment(d) for d in report_experiments.expand_dirs([base])]
     assert len(experiments) == 6  # logs/ is not an experiment
-    groups = report.make_groups(experiments)
+    groups = report_experiments.make_groups(experiments)
     assert [sorted(e.seed for e in g.members) for g in groups] == [[0, 1, 2], [0, 1, 2]]
-    assert report.differing_keys(groups) == ["prune.training_type"]
+    assert report_experiments.differing_keys(groups) == ["prune.training_type"]
     assert {g.label for g in groups} == {"training_type=imp", "training_type=lrr"}
     for group in groups:
         kind = group.config["prune.training_type"]
-        summary = report.summarize(group)
+        summary = report_tables.summarize(group)
         assert list(summary["level"]) == [0, 1, 2]
         for level in range(3):
             finals = [pd.read_csv(dirs[(kind, s)] / "levels.csv").final_test_acc[level] for s in (0, 1, 2)]
@@ -103,7 +106,7 @@ def test_groups_are_seeds_of_one_config_with_mean_and_std(sweep):
 def test_report_files(sweep, tmp_path):
     base, dirs = sweep
     out = tmp_path / "out"
-    assert report.main([str(base), "--out-dir", str(out)]) == 0
+    assert report_cli.main([str(base), "--out-dir", str(out)]) == 0
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 2 * 3  # one row per group and level
     assert {"group", "label", "prune.training_type", "level", "density", "final_test_acc_mean",
@@ -126,19 +129,19 @@ def test_runs_in_progress_are_read_up_to_their_last_finished_level(tmp_path):
     base = tmp_path / "runs"
     done = make_experiment(base, "done", seed=0, levels=3, levels_done=3)
     running = make_experiment(base, "running", seed=1, levels=3, levels_done=1, epochs_in_progress=1)
-    experiment = report.load_experiment(running)
+    experiment = report_experiments.load_experiment(running)
     assert not experiment.complete and len(experiment.levels) == 1
     assert set(experiment.epochs["level"]) == {0}  # the level being trained is left out
     assert experiment.status() == "incomplete: 1 of 3 levels finished, level 1 at epoch 1 of 2"
     out = tmp_path / "out"
-    written = report.write_report([done, running], out)
+    written = report_cli.write_report([done, running], out)
     assert [e.path.name for e in written["incomplete"]] == ["running"]
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["n_seeds"]) == [2, 1, 1]
     assert "1 of 2 runs are incomplete" in (out / "report.md").read_text()
     # a run that has not finished any level yet still counts as an (incomplete) member
     make_experiment(base, "just_started", seed=2, levels=3, levels_done=0, epochs_in_progress=1)
-    written = report.write_report([base], tmp_path / "out2")
+    written = report_cli.write_report([base], tmp_path / "out2")
     assert len(written["groups"]) == 1 and len(written["incomplete"]) == 2
 
 
@@ -148,12 +151,12 @@ def test_controls_group_across_seeds_by_the_group_of_their_masks(tmp_path):
     controls = [make_experiment(base, f"shuffle_seed{s}", seed=s, **{"prune.masks_from": str(sources[s]),
                                                                         "prune.control": "shuffle"})
                 for s in (0, 1)]
-    experiments = [report.load_experiment(d) for d in [*sources, *controls]]
-    groups = report.make_groups(experiments)
+    experiments = [report_experiments.load_experiment(d) for d in [*sources, *controls]]
+    groups = report_experiments.make_groups(experiments)
     assert len(groups) == 2
     assert groups[1].is_control and len(groups[1].members) == 2
     assert groups[1].label.startswith("control shuffle of g1")
-    text_table = report.summary_table(groups)
+    text_table = report_tables.summary_table(groups)
     assert set(text_table.loc[text_table.group == "g2", "prune.masks_from"]) == {"masks of g1"}
 
 
@@ -167,11 +170,11 @@ def test_a_control_whose_source_is_a_copy_left_out_still_names_the_sources_group
     set_written_at(rerun, 1_700_000_100)
     control = make_experiment(base, "seed-0_reinit", seed=1000, **{"prune.masks_from": str(swept),
                                                                    "prune.control": "reinit"})
-    written = report.write_report([swept, rerun, control], tmp_path / "out")
+    written = report_cli.write_report([swept, rerun, control], tmp_path / "out")
     source, controls = written["groups"]
     assert [e.path.name for e in source.dropped] == ["seed-0"]
     assert controls.label == "control reinit of g1"
-    assert set(report.summary_table(written["groups"]).loc[lambda t: t.group == "g2", "prune.masks_from"]) == {"masks of g1"}
+    assert set(report_tables.summary_table(written["groups"]).loc[lambda t: t.group == "g2", "prune.masks_from"]) == {"masks of g1"}
 
 
 @pytest.mark.parametrize("structure, words, common", [
@@ -182,7 +185,7 @@ def test_a_groups_label_and_the_common_settings_name_the_pruning_structure(tmp_p
     """A channel or N:M study must not read as unstructured pruning: its structure is in the label."""
     base = tmp_path / "runs"
     roots = [make_experiment(base, f"seed{s}", seed=s, **structure) for s in (0, 1)]
-    written = report.write_report(roots, tmp_path / "out")
+    written = report_cli.write_report(roots, tmp_path / "out")
     (group,) = written["groups"]
     assert group.label.endswith(words)
     assert common in (tmp_path / "out" / "report.md").read_text()
@@ -201,15 +204,15 @@ def test_a_directory_that_is_not_an_experiment_is_refused_in_one_line(tmp_path):
 
 def test_nothing_finished_is_refused(tmp_path):
     root = make_experiment(tmp_path / "runs", "fresh", levels_done=0)
-    with pytest.raises(report.ReportError, match="no finished level"):
-        report.write_report([root], tmp_path / "out")
+    with pytest.raises(report_experiments.ReportError, match="no finished level"):
+        report_cli.write_report([root], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_the_one_plot_cli_still_works(sweep, tmp_path, capsys):
     base, dirs = sweep
     out = tmp_path / "plot.png"
-    assert report.main([str(dirs[("imp", 0)]), str(dirs[("lrr", 0)]), "--out", str(out)]) == 0
+    assert report_cli.main([str(dirs[("imp", 0)]), str(dirs[("lrr", 0)]), "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert printed.count("== ") == 2 and "plot written to" in printed
@@ -251,7 +254,7 @@ def test_copies_of_one_seed_count_once_keeping_the_newest_complete_run(tmp_path)
         set_written_at(root, 1_700_000_000 + 100 * age)
     set_written_at(seed1, 1_700_000_000)
     out = tmp_path / "out"
-    written = report.write_report([base, base / "sweep"], out)
+    written = report_cli.write_report([base, base / "sweep"], out)
     (group,) = written["groups"]
     assert sorted(e.path.name for e in group.members) == ["seed1", "two_procs"]
     assert sorted(e.path.name for e in written["dropped"]) == ["by_hand", "interrupted", "seed-0"]
@@ -276,7 +279,7 @@ def test_with_only_incomplete_copies_the_one_with_most_levels_is_kept(tmp_path):
     longer = make_experiment(base, "longer", seed=0, levels_done=2)
     set_written_at(short, 1_700_000_100)
     set_written_at(longer, 1_700_000_000)
-    (group,) = report.make_groups([report.load_experiment(d) for d in (short, longer)])
+    (group,) = report_experiments.make_groups([report_experiments.load_experiment(d) for d in (short, longer)])
     assert [e.path for e in group.members] == [longer] and [e.path for e in group.dropped] == [short]
 
 
@@ -294,26 +297,26 @@ def test_runs_that_train_different_models_are_not_pooled(tmp_path):
             roots[("cuda", procs, seed)] = root = make_experiment(base / "cuda", f"p{procs}_s{seed}", seed=seed,
                                                                   **{"training.device": "auto"})
             write_checkpoints(root, world_size=procs, cuda=True, batchnorm=True)
-    cpu = report.make_groups([report.load_experiment(d) for d in report.expand_dirs([base / "cpu"])])
+    cpu = report_experiments.make_groups([report_experiments.load_experiment(d) for d in report_experiments.expand_dirs([base / "cpu"])])
     assert len(cpu) == 2 and [len(g.members) for g in cpu] == [2, 2] and not any(g.dropped for g in cpu)
-    assert report.differing_keys(cpu) == ["bn_processes"]
+    assert report_experiments.differing_keys(cpu) == ["bn_processes"]
     assert sorted(g.label for g in cpu) == ["bn_processes=1", "bn_processes=2"]
     two = next(g for g in cpu if g.label == "bn_processes=2")
     assert sorted(e.path.name for e in two.members) == ["p2_s0", "p2_s1"]
-    cuda = report.make_groups([report.load_experiment(d) for d in report.expand_dirs([base / "cuda"])])
+    cuda = report_experiments.make_groups([report_experiments.load_experiment(d) for d in report_experiments.expand_dirs([base / "cuda"])])
     assert len(cuda) == 1 and len(cuda[0].members) == 2 and len(cuda[0].dropped) == 2
     # sync_bn=false: each rank normalises over its own share, on CUDA too
     unsynced = [make_experiment(base / "nosync", f"p{p}", seed=0, **{"distributed.sync_bn": False,
                                                                     "training.device": "cuda"}) for p in (1, 2)]
     for procs, root in zip((1, 2), unsynced):
         write_checkpoints(root, world_size=procs, cuda=True, batchnorm=True)
-    assert len(report.make_groups([report.load_experiment(d) for d in unsynced])) == 2
+    assert len(report_experiments.make_groups([report_experiments.load_experiment(d) for d in unsynced])) == 2
     # another loader: another group, not a copy
     loaders = [make_experiment(base / "loaders", name, seed=0, **{"dataset.loader": name}) for name in ("torch", "ffcv")]
-    groups = report.make_groups([report.load_experiment(d) for d in loaders])
-    assert len(groups) == 2 and report.differing_keys(groups) == ["dataset.loader"]
+    groups = report_experiments.make_groups([report_experiments.load_experiment(d) for d in loaders])
+    assert len(groups) == 2 and report_experiments.differing_keys(groups) == ["dataset.loader"]
     out = tmp_path / "out"
-    report.write_report([base / "cpu"], out)
+    report_cli.write_report([base / "cpu"], out)
     text = (out / "report.md").read_text()
     assert "`bn_processes` is not a config key" in text
     assert set(pd.read_csv(out / "summary.csv")["bn_processes"]) == {1, 2}
@@ -328,7 +331,7 @@ def test_controls_of_different_sources_are_different_samples(tmp_path):
                                                                      "prune.control": "shuffle"}) for s in (0, 1)]
     again = make_experiment(base, "shuffle_of_0_again", seed=7, **{"prune.masks_from": str(sources[0]),
                                                                     "prune.control": "shuffle"})
-    groups = report.make_groups([report.load_experiment(d) for d in [*sources, *controls, again]])
+    groups = report_experiments.make_groups([report_experiments.load_experiment(d) for d in [*sources, *controls, again]])
     assert [len(g.members) for g in groups] == [2, 2]
     assert [e.path.name for e in groups[1].dropped] in (["shuffle_of_0"], ["shuffle_of_0_again"])
 
@@ -346,12 +349,12 @@ def test_a_run_at_chance_level_is_flagged(tmp_path):
     frame = pd.read_csv(low / "epochs.csv")
     frame.loc[frame.level == 2, "test_acc"] = [20.0, 11.0]
     frame.to_csv(low / "epochs.csv", index=False)
-    experiments = {d.name: report.load_experiment(d) for d in (fine, stuck, low)}
+    experiments = {d.name: report_experiments.load_experiment(d) for d in (fine, stuck, low)}
     assert experiments["stuck"].num_classes == 10
     assert experiments["stuck"].chance_levels() == [1, 2]
     assert experiments["fine"].chance_levels() == [] and experiments["low"].chance_levels() == []
     out = tmp_path / "out"
-    written = report.write_report([base], out)
+    written = report_cli.write_report([base], out)
     assert [e.path.name for e in written["at_chance"]] == ["stuck"]
     text = (out / "report.md").read_text()
     assert f"**`{stuck}` is at chance level** in levels 1-2" in text and "exceeds 12%" in text
@@ -367,12 +370,12 @@ def test_bands_stay_between_0_and_100(tmp_path, monkeypatch):
         frame = pd.read_csv(root / "levels.csv")
         frame["final_test_acc"] = [value, 100 - value, value]
         frame.to_csv(root / "levels.csv", index=False)
-    groups = report.make_groups([report.load_experiment(d) for d in roots])
-    summaries = {g.gid: report.summarize(g) for g in groups}
+    groups = report_experiments.make_groups([report_experiments.load_experiment(d) for d in roots])
+    summaries = {g.gid: report_tables.summarize(g) for g in groups}
     assert (summaries["g1"].final_test_acc_mean - summaries["g1"].final_test_acc_std).min() < 0
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, out: figures.append(fig))
-    report.plot_accuracy_vs_density(groups, summaries, tmp_path / "a.png")
+    monkeypatch.setattr(report_figures, "_save", lambda fig, out: figures.append(fig))
+    report_figures.plot_accuracy_vs_density(groups, summaries, tmp_path / "a.png")
     (fig,) = figures
     bands = [c for c in fig.axes[0].collections if c.get_paths() and len(c.get_paths()[0].vertices) > 3]
     assert bands
@@ -388,5 +391,5 @@ def test_a_level_taken_from_the_source_is_named_in_the_status(tmp_path):
     control = make_experiment(base, "shuffle", seed=0, **{"prune.masks_from": str(source), "prune.control": "shuffle"})
     (control / "reused.csv").write_text(f"level,source,reason\n0,{source},identical\n")
     out = tmp_path / "out"
-    report.write_report([source, control], out)
+    report_cli.write_report([source, control], out)
     assert f"complete (3 levels); level 0 taken from `{source}` (identical: not retrained)" in (out / "report.md").read_text()

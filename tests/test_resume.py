@@ -2,7 +2,7 @@
 the results of an uninterrupted run (issue 5).
 
 The runs are short (LeNet-300-100 on digits, torch loader, 3 levels x 2-3 epochs) and the
-kill points are named by a test hook (``HARNESS_TEST_KILL_AT``, see ``utils.fault_injection``),
+kill points are named by a test hook (``HARNESS_TEST_KILL_AT``, see ``utils.runs.fault_injection``),
 so every test kills exactly where it says.  Each killed run is a real process killed with
 SIGKILL; the reference and the final resume run in this process (a second process per run
 would double the time, mostly importing torch).  "Identical" means: every column of

@@ -1,10 +1,9 @@
 """LR schedules: exact values, warmup, and that the position is one integer (rewindable)."""
-import math
 
 import pytest
 import torch
 
-from utils.schedulers import LRSchedule, ScheduleError, ScheduleSpec, lr_factor, schedule_names
+from utils.training.schedulers import LRSchedule, ScheduleError, ScheduleSpec, lr_factor, schedule_names
 
 
 def spec(name, **kw):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from torch import nn
 
 import harness_params as hp
-from utils import pruning_utils as pu
-from utils.mask_layers import get_masks, is_subset, prepare_model, set_masks
-from utils.models import ModelError, get_model
-from utils.rewind import CaptureAtIteration, RewindError, rewind_point, start_of_later_levels
+from utils.models.mask_layers import get_masks, is_subset, prepare_model, set_masks
+from utils.models.registry import ModelError, get_model
+from utils.pruning import criteria
+from utils.pruning import masks as pruning_masks
+from utils.pruning import schedules as density_schedules
+from utils.training.rewind import CaptureAtIteration, RewindError, rewind_point, start_of_later_levels
 
 MINIMAL = {
     "model": {"name": "lenet_300_100"},
@@ -68,7 +69,7 @@ def test_new_keys_have_defaults_and_take_values(tmp_path):
     ({"model.name": "examples.custom:no_such_factory"}, "has no attribute 'no_such_factory'"),
     ({"model.name": "examples.custom"}, "model.name='examples.custom' is not allowed"),
     ({"prune.criterion": "math:sqrt"}, "must accept (inputs, masks)"),
-    ({"prune.criterion": "utils.pruning_utils:SCORES"}, "is a dict, not a function"),
+    ({"prune.criterion": "utils.pruning.criteria:SCORES"}, "is a dict, not a function"),
 ])
 def test_science_contradictions_are_refused_in_one_line(tmp_path, overrides, fragment):
     with pytest.raises(hp.ConfigError) as error:
@@ -90,21 +91,21 @@ def lenet():
 
 
 def test_parse_and_match_layer_rates():
-    assert pu.parse_layer_rates(["5=0.1", "*=0.2"]) == [("5", 0.1), ("*", 0.2)]
+    assert density_schedules.parse_layer_rates(["5=0.1", "*=0.2"]) == [("5", 0.1), ("*", 0.2)]
     for bad, fragment in ((["x"], "pattern=rate"), (["x=a"], "not a number"), (["=0.1"], "empty"),
                           (["x=1"], "[0, 1)"), (["x=0.1", "x=0.2"], "given twice")):
         with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace(")", r"\)")):
-            pu.parse_layer_rates(bad)
-    rates = pu.rates_by_layer(["1", "3", "5"], [("5", 0.1), ("*", 0.3)], default_rate=0.2)
+            density_schedules.parse_layer_rates(bad)
+    rates = density_schedules.rates_by_layer(["1", "3", "5"], [("5", 0.1), ("*", 0.3)], default_rate=0.2)
     assert rates == {"1": 0.3, "3": 0.3, "5": 0.1}  # the first matching pattern wins
-    assert pu.rates_by_layer(["1", "3", "5"], [("5", 0.1)], 0.2) == {"1": 0.2, "3": 0.2, "5": 0.1}
+    assert density_schedules.rates_by_layer(["1", "3", "5"], [("5", 0.1)], 0.2) == {"1": 0.2, "3": 0.2, "5": 0.1}
     with pytest.raises(ValueError, match=r"\['fc\*'\] match no prunable layer"):
-        pu.rates_by_layer(["1", "3", "5"], [("fc*", 0.1)], 0.2)
+        density_schedules.rates_by_layer(["1", "3", "5"], [("fc*", 0.1)], 0.2)
 
 
 def test_layer_rate_levels_keep_exact_rounded_counts_and_nest():
     model = lenet()
-    plan = pu.layer_rate_plan(model, ["5=0.1"], default_rate=0.2, levels=5)
+    plan = density_schedules.layer_rate_plan(model, ["5=0.1"], default_rate=0.2, levels=5)
     numels = {"1": 64 * 300, "3": 300 * 100, "5": 100 * 10}
     assert plan.rates == {"1": 0.2, "3": 0.2, "5": 0.1}
     for level in range(5):
@@ -114,7 +115,7 @@ def test_layer_rate_levels_keep_exact_rounded_counts_and_nest():
     previous = get_masks(model)
     for level in range(1, 5):
         for criterion in ("magnitude", "synflow"):
-            masks = pu.compute_masks(model, criterion=criterion, allocation="uniform", layer_counts=plan.counts[level],
+            masks = pruning_masks.compute_masks(model, criterion=criterion, allocation="uniform", layer_counts=plan.counts[level],
                                      input_shape=(1, 8, 8), synflow_iterations=5)
             assert {name: int(m.sum()) for name, m in masks.items()} == plan.counts[level]
             assert is_subset(masks, previous)
@@ -124,13 +125,13 @@ def test_layer_rate_levels_keep_exact_rounded_counts_and_nest():
 
 def test_layer_counts_are_refused_where_they_cannot_apply():
     model = lenet()
-    counts = pu.layer_rate_plan(model, [], 0.2, 2).counts[1]
+    counts = density_schedules.layer_rate_plan(model, [], 0.2, 2).counts[1]
     with pytest.raises(ValueError, match="allocation 'uniform' only"):
-        pu.compute_masks(model, criterion="magnitude", allocation="global", layer_counts=counts)
+        pruning_masks.compute_masks(model, criterion="magnitude", allocation="global", layer_counts=counts)
     with pytest.raises(ValueError, match="exactly one of density and layer_counts"):
-        pu.compute_masks(model, density=0.5, criterion="magnitude", allocation="uniform", layer_counts=counts)
+        pruning_masks.compute_masks(model, density=0.5, criterion="magnitude", allocation="uniform", layer_counts=counts)
     with pytest.raises(ValueError, match="cannot keep"):
-        pu.compute_masks(model, criterion="magnitude", allocation="uniform", layer_counts={**counts, "5": 1001})
+        pruning_masks.compute_masks(model, criterion="magnitude", allocation="uniform", layer_counts={**counts, "5": 1001})
 
 
 # ------------------------------------------------------------------------------ late resetting
@@ -198,23 +199,23 @@ def test_user_factory_gets_the_arguments_it_accepts(tmp_path, monkeypatch):
 
 def test_user_criterion_scores_are_used_and_checked(tmp_path, monkeypatch):
     model = lenet()
-    lamp = pu.compute_masks(model, density=0.3, criterion="examples.custom:lamp_scores", allocation="global")
+    lamp = pruning_masks.compute_masks(model, density=0.3, criterion="examples.custom:lamp_scores", allocation="global")
     assert sum(int(m.sum()) for m in lamp.values()) == round(0.3 * (19200 + 30000 + 1000))
     # LAMP keeps each layer's largest weight: no layer is emptied, unlike global magnitude at low density
-    low = pu.compute_masks(model, density=0.002, criterion="examples.custom:lamp_scores", allocation="global")
+    low = pruning_masks.compute_masks(model, density=0.002, criterion="examples.custom:lamp_scores", allocation="global")
     assert all(int(m.sum()) > 0 for m in low.values())
-    assert pu.user_criterion("examples.custom:lamp_scores").needs() == []  # weights only: no loader made for it
+    assert criteria.user_criterion("examples.custom:lamp_scores").needs() == []  # weights only: no loader made for it
     (tmp_path / "my_scores.py").write_text(
         "import torch\n"
         "def half_missing(inputs, masks):\n"
         "    return {name: torch.ones(m.shape) for name, m in list(masks.items())[:1]}\n"
         "def negative_magnitude(inputs, masks):\n"
-        "    from utils.mask_layers import masked_layers\n"
+        "    from utils.models.mask_layers import masked_layers\n"
         "    return {n: -l.weight.detach().abs() for n, l in masked_layers(inputs.model)}\n")
     monkeypatch.chdir(tmp_path)
-    smallest = pu.compute_masks(model, density=0.5, criterion="my_scores:negative_magnitude", allocation="uniform")
-    largest = pu.compute_masks(model, density=0.5, criterion="magnitude", allocation="uniform")
+    smallest = pruning_masks.compute_masks(model, density=0.5, criterion="my_scores:negative_magnitude", allocation="uniform")
+    largest = pruning_masks.compute_masks(model, density=0.5, criterion="magnitude", allocation="uniform")
     weight = model[5].weight.detach().abs()
     assert weight[smallest["5"]].max() <= weight[largest["5"]].min()
     with pytest.raises(ValueError, match="scores must name exactly the masked layers"):
-        pu.compute_masks(model, density=0.5, criterion="my_scores:half_missing", allocation="global")
+        pruning_masks.compute_masks(model, density=0.5, criterion="my_scores:half_missing", allocation="global")

@@ -24,8 +24,8 @@ import yaml
 
 from tests.helpers import ROOT, TORCHRUN, digits_config, run_harness, write_config
 from tests.test_resume import assert_same_results
-from utils import sweep as sw
-from utils.write_beton import ensure_digits
+from utils.data.writer import ensure_digits
+from utils.launch import sweep as sw
 
 # make test runs the suite on 2 workers (pytest-xdist, --dist loadgroup): this file's tests stay on
 # one worker, in order: one local Slurm, brought up once and shared.
@@ -104,7 +104,7 @@ def test_a_request_the_partition_can_never_meet_is_refused_and_a_busy_one_pends(
     assert not list((tmp_path / "runs" / "toobig").glob("slurm/*.pkl"))
 
     # the other resources, named the same way
-    from utils import slurm
+    from utils.launch import slurm
     ask = lambda **settings: slurm.request_problem(slurm.executor_parameters("x", {"cpus_per_task": 1, **settings}, 1, 0))
     assert ask(mem_gb=100_000).startswith("slurm.mem_gb asks for 100000G of memory, which partition debug can never give")
     assert ask(gpus_per_node=1).startswith("slurm.gpus_per_node asks for 1 GPUs on one node")
@@ -299,7 +299,7 @@ def test_workers_stop_when_torchrun_is_sigkilled_at_start_and_mid_run_and_the_ru
 
 # ----------------------------------------------------------------------------- pieces (no Slurm needed)
 def test_the_warning_signal_goes_to_the_batch_shell_with_a_lead_that_fits_the_limit():
-    from utils import slurm
+    from utils.launch import slurm
     assert [slurm.warning_lead_s(m) for m in (1, 2, 5, 15, 240)] == [10, 12, 30, 90, 90]
     parameters = slurm.executor_parameters("sweep-x", {"time_min": 1, "cpus_per_task": 2}, 2, 0)
     assert parameters["additional_parameters"] == {"signal": "B:USR2@10"} and parameters["use_srun"] is False

@@ -9,11 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.blurpool import BlurPoolMixin, add_blurpool_, binomial_filter, blurred_layer_names
-from utils.mask_layers import MaskedLayer, apply_masks_, get_masks, prepare_model, prunable_layer_names, set_masks
-from utils.models import get_model
-from utils.progressive import resolution_for_epoch, resolution_schedule
-from utils.tta import FlipTTA, flip_averaged_logits
+from utils.models.blurpool import BlurPoolMixin, add_blurpool_, binomial_filter, blurred_layer_names
+from utils.models.mask_layers import (
+    MaskedLayer,
+    apply_masks_,
+    get_masks,
+    prepare_model,
+    prunable_layer_names,
+    set_masks,
+)
+from utils.models.registry import get_model
+from utils.training.progressive import resolution_for_epoch, resolution_schedule
+from utils.training.tta import FlipTTA, flip_averaged_logits
 
 
 # ----- progressive resizing -----
@@ -84,7 +91,7 @@ def test_flip_tta_averages_image_and_mirror():
 
 
 def test_flip_tta_wraps_a_real_model_for_evaluate_and_keeps_its_checkpoint_keys():
-    from utils.training import evaluate
+    from utils.training.step import evaluate
     torch.manual_seed(0)
     model = prepare_model(get_model("resnet20", num_classes=10))
     wrapped = FlipTTA(model)

@@ -1,4 +1,4 @@
-"""utils/stability.py: the error barrier on the linear path between two networks (docs/design.md section 9)."""
+"""utils/lottery/stability.py: the error barrier on the linear path between two networks (docs/design.md section 9)."""
 from __future__ import annotations
 
 import copy
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from examples.custom import build_net
-from utils import stability
-from utils.mask_layers import get_masks, masked_layers, prepare_model, set_masks
-from utils.training import evaluate
+from utils.lottery import stability
+from utils.models.mask_layers import get_masks, masked_layers, prepare_model, set_masks
+from utils.training.step import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Channel pruning (utils/structured.py) and compaction (utils/compact.py).
+"""Channel pruning (utils/pruning/channel_graph.py) and compaction (utils/pruning/compact.py).
 
 Coupling is checked on layer names of the real architectures (not on the structure the
 code built), so a dependency graph that failed to tie a residual, a shortcut, a depthwise
@@ -17,10 +17,12 @@ import yaml
 from torch import nn
 
 import harness_params
-from utils import compact, mask_layers, structured
-from utils.mask_layers import get_masks, prepare_model, set_masks
-from utils.models import get_model
-from utils.pruning_utils import target_keep_count
+from utils.models import mask_layers
+from utils.models.mask_layers import get_masks, prepare_model, set_masks
+from utils.models.registry import get_model
+from utils.pruning import channel_graph, channel_scores, channel_select, channel_zeroing, compact
+from utils.pruning.schedules import target_keep_count
+from utils.training import slimming
 
 SHAPE = (3, 32, 32)
 
@@ -42,7 +44,7 @@ def _randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 def _build(name: str):
     torch.manual_seed(0)
     model = _randomize_(prepare_model(get_model(name, num_classes=10, image_size=32)))
-    return model, structured.build_channel_structure(model, SHAPE)
+    return model, channel_graph.build_channel_structure(model, SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +65,10 @@ def mobilenet():
 def _pruned(model_and_structure, density=0.5, criterion="magnitude", allocation="global"):
     model, structure = model_and_structure
     model = copy.deepcopy(model)
-    masks = structured.compute_channel_masks(model, structure, density=density, criterion=criterion,
+    masks = channel_select.compute_channel_masks(model, structure, density=density, criterion=criterion,
                                              allocation=allocation)
     set_masks(model, masks)
-    structured.DeadChannelZeroer(structure).refresh(model)(model)
+    channel_zeroing.DeadChannelZeroer(structure).refresh(model)(model)
     return model, masks
 
 
@@ -131,12 +133,12 @@ def test_exact_channel_counts_at_least_one_per_group_and_masks_only_shrink(resne
     model = copy.deepcopy(model)
     previous = None
     for density in (0.8, 0.5, 0.3, 0.123):
-        masks = structured.compute_channel_masks(model, structure, density=density, criterion=criterion,
+        masks = channel_select.compute_channel_masks(model, structure, density=density, criterion=criterion,
                                                  allocation=allocation, seed=3)
-        alive = structured.units_alive(structure, masks)
+        alive = channel_select.units_alive(structure, masks)
         kept = sum(int(a.sum()) for a in alive.values())
         assert kept == target_keep_count(density, structure.total_units)
-        assert structured.channel_density(structure, masks) == kept / structure.total_units
+        assert channel_select.channel_density(structure, masks) == kept / structure.total_units
         assert all(int(a.sum()) >= 1 for a in alive.values())
         if allocation == "uniform":
             for group in structure.groups:
@@ -149,10 +151,10 @@ def test_exact_channel_counts_at_least_one_per_group_and_masks_only_shrink(resne
 
 def test_shuffle_control_keeps_each_groups_channel_count_at_other_positions(resnet20):
     model, structure = resnet20
-    masks = structured.compute_channel_masks(model, structure, density=0.5, criterion="magnitude",
+    masks = channel_select.compute_channel_masks(model, structure, density=0.5, criterion="magnitude",
                                              allocation="global")
-    shuffled = structured.shuffled_channel_masks(structure, masks, seed=1)
-    before, after = structured.units_alive(structure, masks), structured.units_alive(structure, shuffled)
+    shuffled = channel_select.shuffled_channel_masks(structure, masks, seed=1)
+    before, after = channel_select.units_alive(structure, masks), channel_select.units_alive(structure, shuffled)
     assert all(int(before[g].sum()) == int(after[g].sum()) for g in before)
     assert any(not torch.equal(before[g], after[g]) for g in before)
     # still channel masks: coupled rows and the classifier's columns move together
@@ -172,7 +174,7 @@ def test_bn_gamma_keeps_the_largest_scales_of_a_block(resnet20):
     gammas = torch.linspace(-1.0, 1.0, 16)[torch.randperm(16, generator=torch.Generator().manual_seed(1))]
     with torch.no_grad():
         model.blocks[0].bn1.weight.copy_(gammas)
-    keep = structured.select_channels(model, structure, density=0.5, criterion="bn_gamma", allocation="uniform")
+    keep = channel_select.select_channels(model, structure, density=0.5, criterion="bn_gamma", allocation="uniform")
     expected = torch.zeros(16, dtype=torch.bool)
     expected[gammas.abs().argsort(descending=True)[:8]] = True
     assert torch.equal(keep["blocks.0.conv1"], expected)
@@ -181,7 +183,7 @@ def test_bn_gamma_keeps_the_largest_scales_of_a_block(resnet20):
 def test_magnitude_is_the_filter_l1_norm(resnet20):
     model, structure = resnet20
     model = copy.deepcopy(model)
-    scores = structured.channel_scores(model, structure, "magnitude")
+    scores = channel_scores.channel_scores(model, structure, "magnitude")
     conv1 = model.blocks[4].conv1.weight.detach()
     assert torch.allclose(scores["blocks.4.conv1"], conv1.abs().flatten(1).sum(1).double())
 
@@ -190,11 +192,11 @@ def test_magnitude_is_the_filter_l1_norm(resnet20):
 def _fresh_resnet20(seed: int = 0):
     torch.manual_seed(seed)
     model = prepare_model(get_model("resnet20", num_classes=10, image_size=32))
-    return model, structured.build_channel_structure(model, SHAPE)
+    return model, channel_graph.build_channel_structure(model, SHAPE)
 
 
 def _group_fractions(structure, masks):
-    alive = structured.units_alive(structure, masks)
+    alive = channel_select.units_alive(structure, masks)
     return {g.name: int(alive[g.name].sum()) / g.size for g in structure.groups}
 
 
@@ -204,9 +206,9 @@ def test_global_magnitude_at_init_keeps_every_layer_and_compacts_to_a_quarter():
     the dense parameters after compaction).  On the normalised scale every layer keeps a fair
     share and half the channels give about a quarter of the parameters."""
     model, structure = _fresh_resnet20()
-    masks = structured.compute_channel_masks(model, structure, density=0.5, criterion="magnitude",
+    masks = channel_select.compute_channel_masks(model, structure, density=0.5, criterion="magnitude",
                                              allocation="global")
-    assert min(alive / total for alive, total in structured.channels_alive(masks).values()) >= 0.25
+    assert min(alive / total for alive, total in channel_select.channels_alive(masks).values()) >= 0.25
     set_masks(model, masks)
     dense = compact.count_parameters(compact.strip_masks_(copy.deepcopy(model)))
     assert compact.count_parameters(compact.compact_model(model, structure, SHAPE)) <= 0.35 * dense
@@ -219,14 +221,14 @@ def test_scaling_one_layer_does_not_change_the_global_choice(resnet20, criterion
     the chosen channels as they were (the raw ranking would give that layer everything)."""
     model = copy.deepcopy(resnet20[0])
     structure = resnet20[1]
-    before = structured.select_channels(model, structure, density=0.4, criterion=criterion, allocation="global",
+    before = channel_select.select_channels(model, structure, density=0.4, criterion=criterion, allocation="global",
                                         normalizer=normalizer)
     with torch.no_grad():
         (model.blocks[4].conv1 if criterion == "magnitude" else model.blocks[4].bn1).weight.mul_(50.0)
-    after = structured.select_channels(model, structure, density=0.4, criterion=criterion, allocation="global",
+    after = channel_select.select_channels(model, structure, density=0.4, criterion=criterion, allocation="global",
                                        normalizer=normalizer)
     assert all(torch.equal(before[name], after[name]) for name in before)
-    raw = structured.select_channels(model, structure, density=0.4, criterion=criterion, allocation="global",
+    raw = channel_select.select_channels(model, structure, density=0.4, criterion=criterion, allocation="global",
                                      normalizer="none")
     assert bool(raw["blocks.4.conv1"].all())  # the test can fail: unnormalised, the scaled layer keeps all
 
@@ -235,7 +237,7 @@ def test_equal_scores_spread_evenly_over_groups():
     """bn_gamma at initialisation: every scale is 1.  Ties no longer go to the first groups in
     structure order (which kept stages 1-2 whole and cut stage 3 to one channel a group)."""
     model, structure = _fresh_resnet20()
-    masks = structured.compute_channel_masks(model, structure, density=0.5, criterion="bn_gamma",
+    masks = channel_select.compute_channel_masks(model, structure, density=0.5, criterion="bn_gamma",
                                              allocation="global")
     fractions = _group_fractions(structure, masks)
     assert all(abs(fraction - 0.5) <= 1 / 16 for fraction in fractions.values()), fractions
@@ -255,10 +257,10 @@ def test_min_channel_fraction_is_a_floor_for_every_group_with_exact_counts(resne
     scaled = copy.deepcopy(model)
     previous = None
     for density in (0.6, 0.35):
-        masks = structured.compute_channel_masks(model, structure, density=density, criterion=criterion,
+        masks = channel_select.compute_channel_masks(model, structure, density=density, criterion=criterion,
                                                  allocation=allocation, normalizer="none", min_fraction=0.3,
                                                  seed=1)
-        alive = structured.units_alive(structure, masks)
+        alive = channel_select.units_alive(structure, masks)
         assert sum(int(a.sum()) for a in alive.values()) == target_keep_count(density, structure.total_units)
         for group in structure.groups:
             assert int(alive[group.name].sum()) >= math.ceil(0.3 * group.size)
@@ -267,29 +269,29 @@ def test_min_channel_fraction_is_a_floor_for_every_group_with_exact_counts(resne
         set_masks(model, masks)
         previous = masks
     if criterion != "random" and allocation == "global":  # without the floor the scaled groups collapse
-        unfloored = structured.compute_channel_masks(scaled, structure, density=0.35, criterion=criterion,
+        unfloored = channel_select.compute_channel_masks(scaled, structure, density=0.35, criterion=criterion,
                                                      allocation=allocation, normalizer="none", min_fraction=0.0)
-        assert int(structured.units_alive(structure, unfloored)["blocks.6.conv1"].sum()) < math.ceil(0.3 * 64)
+        assert int(channel_select.units_alive(structure, unfloored)["blocks.6.conv1"].sum()) < math.ceil(0.3 * 64)
 
 
 def test_floors_round_up_and_refuse_densities_below_them(resnet20):
     _, structure = resnet20
-    floors = structured.channel_floors(structure, 0.25)
+    floors = channel_select.channel_floors(structure, 0.25)
     assert [floors[g.name] for g in structure.groups[:2]] == [4, 4] and floors["blocks.6.conv1"] == 16
-    assert structured.channel_floors(structure, 0.0)["conv"] == 1 and structured.channel_floors(structure, 0.01)["conv"] == 1
-    lowest = structured.lowest_channel_density(structure, 0.25)
+    assert channel_select.channel_floors(structure, 0.0)["conv"] == 1 and channel_select.channel_floors(structure, 0.01)["conv"] == 1
+    lowest = channel_select.lowest_channel_density(structure, 0.25)
     assert lowest == sum(floors.values()) / structure.total_units
-    structured.check_channel_densities(structure, [1.0, lowest], 0.25)
-    with pytest.raises(structured.StructureError, match="min_channel_fraction=0.25"):
-        structured.check_channel_densities(structure, [1.0, 0.8, lowest - 0.01], 0.25)
-    with pytest.raises(structured.StructureError, match="fewer than one"):
-        structured.select_channels(resnet20[0], structure, density=lowest - 0.01, criterion="random",
+    channel_select.check_channel_densities(structure, [1.0, lowest], 0.25)
+    with pytest.raises(channel_graph.StructureError, match="min_channel_fraction=0.25"):
+        channel_select.check_channel_densities(structure, [1.0, 0.8, lowest - 0.01], 0.25)
+    with pytest.raises(channel_graph.StructureError, match="fewer than one"):
+        channel_select.select_channels(resnet20[0], structure, density=lowest - 0.01, criterion="random",
                                    allocation="global", min_fraction=0.25)
 
 
 def test_harness_refuses_a_channel_density_below_the_floor_before_writing(tmp_path):
     from tests.helpers import digits_config, run_harness, write_config
-    from utils.write_beton import ensure_digits
+    from utils.data.writer import ensure_digits
     data = ensure_digits(tmp_path / "data")[0].parent
     config = write_config(tmp_path / "c.yaml", digits_config(
         data, tmp_path / "runs", **{"prune.structure": "channel", "prune.training_type": "at_init",
@@ -304,25 +306,25 @@ def test_harness_refuses_a_channel_density_below_the_floor_before_writing(tmp_pa
 # ------------------------------------------------------------------------------- refusals
 def test_refuses_bn_gamma_without_batchnorm_and_networks_without_prunable_channels():
     conv2 = prepare_model(get_model("conv2", num_classes=10, image_size=32))
-    structure = structured.build_channel_structure(conv2, SHAPE)
-    with pytest.raises(structured.StructureError, match="BatchNorm"):
-        structured.compute_channel_masks(conv2, structure, density=0.5, criterion="bn_gamma", allocation="global")
+    structure = channel_graph.build_channel_structure(conv2, SHAPE)
+    with pytest.raises(channel_graph.StructureError, match="BatchNorm"):
+        channel_select.compute_channel_masks(conv2, structure, density=0.5, criterion="bn_gamma", allocation="global")
     only_classifier = prepare_model(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))
-    with pytest.raises(structured.StructureError, match="no prunable channels"):
-        structured.build_channel_structure(only_classifier, (3, 2, 2))
+    with pytest.raises(channel_graph.StructureError, match="no prunable channels"):
+        channel_graph.build_channel_structure(only_classifier, (3, 2, 2))
 
 
 def test_refuses_a_density_below_one_channel_per_group(resnet20):
     model, structure = resnet20
-    with pytest.raises(structured.StructureError, match="fewer than one"):
-        structured.compute_channel_masks(model, structure, density=0.01, criterion="magnitude", allocation="global")
+    with pytest.raises(channel_graph.StructureError, match="fewer than one"):
+        channel_select.compute_channel_masks(model, structure, density=0.01, criterion="magnitude", allocation="global")
 
 
 # ----------------------------------------------------------------- zeroing and compaction
 def test_pruned_channels_stay_zero_through_training_and_compaction_matches(resnet20):
     model, structure = resnet20
     model, masks = _pruned(resnet20, density=0.4, criterion="magnitude")
-    zeroing = structured.ChannelZeroing(structure, model)
+    zeroing = channel_zeroing.ChannelZeroing(structure, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     with torch.no_grad():  # momentum that would revive the pruned BN channels without the zeroing
         for parameter in model.parameters():
@@ -333,17 +335,17 @@ def test_pruned_channels_stay_zero_through_training_and_compaction_matches(resne
         x, y = torch.randn(8, *SHAPE, generator=generator), torch.randint(0, 10, (8,), generator=generator)
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        structured.add_bn_l1_subgradient_(model, 1e-4)
+        slimming.add_bn_l1_subgradient_(model, 1e-4)
         optimizer.step()
-        from utils.mask_layers import apply_masks_
+        from utils.models.mask_layers import apply_masks_
         apply_masks_(model)
         zeroing.on_step_end(None)
-    dead = ~structured.units_alive(structure, masks)["conv"]
+    dead = ~channel_select.units_alive(structure, masks)["conv"]
     assert bool(dead.any())
     assert bool((model.bn.weight[dead] == 0).all()) and bool((model.bn.bias[dead] == 0).all())
     small = compact.compact_model(model, structure, SHAPE)
     compact.check_same_outputs(model, small, SHAPE)
-    assert small.conv.out_channels == structured.channels_alive(masks)["conv"][0] == int((~dead).sum())
+    assert small.conv.out_channels == channel_select.channels_alive(masks)["conv"][0] == int((~dead).sum())
     assert type(small) is type(model) and compact.count_parameters(small) < compact.count_parameters(model)
 
 
@@ -352,10 +354,10 @@ def test_dead_channels_carry_the_bn_shift_until_the_zeroer_clears_it(resnet20):
     makes the channel itself exactly 0 (BN output included), in train and eval mode."""
     model, structure = resnet20
     model = copy.deepcopy(model)
-    masks = structured.compute_channel_masks(model, structure, density=0.5, criterion="magnitude",
+    masks = channel_select.compute_channel_masks(model, structure, density=0.5, criterion="magnitude",
                                              allocation="global")
     set_masks(model, masks)
-    dead = ~structured.units_alive(structure, masks)["conv"]
+    dead = ~channel_select.units_alive(structure, masks)["conv"]
     seen = {}
     model.bn.register_forward_hook(lambda module, inputs, output: seen.update(out=output.detach()))
     x = torch.randn(4, *SHAPE)
@@ -364,7 +366,7 @@ def test_dead_channels_carry_the_bn_shift_until_the_zeroer_clears_it(resnet20):
         with torch.no_grad():
             model(x)
         assert bool((seen["out"][:, dead] != 0).any())  # running mean / shift leak through without zeroing
-    structured.DeadChannelZeroer(structure).refresh(model)(model)
+    channel_zeroing.DeadChannelZeroer(structure).refresh(model)(model)
     for mode in (model.eval, model.train):
         mode()
         with torch.no_grad():
@@ -387,7 +389,7 @@ def test_channels_alive_reads_rows_of_masks():
     mask[3, :2] = False  # partly pruned row: still alive
     linear = torch.zeros(5, 7, dtype=torch.bool)
     linear[2, 6] = True
-    assert structured.channels_alive({"c": mask, "l": linear}) == {"c": (3, 4), "l": (1, 5)}
+    assert channel_select.channels_alive({"c": mask, "l": linear}) == {"c": (3, 4), "l": (1, 5)}
 
 
 def test_bn_l1_subgradient_is_lambda_times_sign():
@@ -396,7 +398,7 @@ def test_bn_l1_subgradient_is_lambda_times_sign():
         model[1].weight.copy_(torch.tensor([0.5, -2.0, 0.0, 1.0]))
     model(torch.randn(2, 3, 5, 5)).sum().backward()
     before = model[1].weight.grad.clone()
-    structured.add_bn_l1_subgradient_(model, 0.01)
+    slimming.add_bn_l1_subgradient_(model, 0.01)
     assert torch.allclose(model[1].weight.grad - before, torch.tensor([0.01, -0.01, 0.0, 0.01]))
 
 

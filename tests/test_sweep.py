@@ -1,4 +1,4 @@
-"""utils/sweep.py: sweep files -> runs, refusals of bad files, the local launcher on real digits
+"""utils/launch/sweep.py: sweep files -> runs, refusals of bad files, the local launcher on real digits
 runs (skip finished, resume interrupted, report at the end) and the Slurm launcher (a fake
 sbatch on PATH; submitit's local executor)."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, digits_config, write_config
-from utils import sweep as sw
-
+from utils.launch import sweep as sweep_command
+from utils.launch import sweep_local, sweep_spec
 
 
 def base_config(tmp_path, digits, **overrides):
@@ -32,7 +32,7 @@ def sweep_file(tmp_path, tree, name="sweep.yaml"):
 # ----------------------------------------------------------------------------- expansion
 @pytest.mark.parametrize("value", ["lrr", 0.1, 1e-3, 3, True, None, [1, 2.5], "yes", "1e-3", "a b", [], "null"])
 def test_cli_values_round_trip_through_the_harness_parser(value):
-    assert yaml.safe_load(sw.cli_value(value)) == value
+    assert yaml.safe_load(sweep_spec.cli_value(value)) == value
 
 
 def test_expansion_names_and_commands(tmp_path, digits, capsys):
@@ -40,19 +40,19 @@ def test_expansion_names_and_commands(tmp_path, digits, capsys):
     path = sweep_file(tmp_path, {"base": str(base), "name": "demo", "overrides": {"training.epochs": 2},
                                  "grid": {"experiment.seed": [0, 1], "prune.training_type": ["lrr", "imp"],
                                           "optimizer.lr": [0.05]}})
-    assert sw.main([str(path), "--dry-run"]) == 0
+    assert sweep_command.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     names = [f"seed-{s}_training_type-{t}_lr-0.05" for s in (0, 1) for t in ("lrr", "imp")]
     for name in names:
         assert f"{name} [new]" in out
-    sweep = sw.parse_sweep(path)
-    sw.validate_runs(sweep)
+    sweep = sweep_spec.parse_sweep(path)
+    sweep_spec.validate_runs(sweep)
     assert [r.name for r in sweep.runs] == names
     run = sweep.runs[1]
     assert run.config["training.epochs"] == 2 and run.config["prune.training_type"] == "imp"
     assert run.config["experiment.base_dir"] == str(tmp_path / "runs" / "demo")
     assert run.directory == tmp_path / "runs" / "demo" / names[1]
-    command = sw.run_command(run, 2)
+    command = sweep_local.run_command(run, 2)
     assert command[1:3] == ["--standalone", "--nproc-per-node=2"] and "--prune.training_type=imp" in command
     assert not (tmp_path / "runs").exists()  # a dry run creates nothing
 
@@ -61,14 +61,14 @@ def test_zip_varies_lists_together_beside_the_grid(tmp_path, digits):
     base = base_config(tmp_path, digits)
     path = sweep_file(tmp_path, {"base": str(base), "name": "paired", "grid": {"prune.training_type": ["imp", "lrr"]},
                                  "zip": {"experiment.seed": [0, 1, 2], "optimizer.lr": [0.1, 0.2, 0.4]}})
-    sweep = sw.parse_sweep(path)
-    sw.validate_runs(sweep)
+    sweep = sweep_spec.parse_sweep(path)
+    sweep_spec.validate_runs(sweep)
     assert [r.name for r in sweep.runs] == [f"training_type-{t}_seed-{s}_lr-{lr}" for t in ("imp", "lrr")
                                             for s, lr in ((0, 0.1), (1, 0.2), (2, 0.4))]
     assert [(r.config["experiment.seed"], r.config["optimizer.lr"]) for r in sweep.runs[:3]] == \
         [(0, 0.1), (1, 0.2), (2, 0.4)]
     only_zip = sweep_file(tmp_path, {"base": str(base), "name": "z", "zip": {"experiment.seed": [3, 4]}}, "z.yaml")
-    assert [r.name for r in sw.parse_sweep(only_zip).runs] == ["seed-3", "seed-4"]
+    assert [r.name for r in sweep_spec.parse_sweep(only_zip).runs] == ["seed-3", "seed-4"]
 
 
 def test_controls_expand_after_their_sources_with_masks_and_seeds(tmp_path, digits, capsys):
@@ -77,11 +77,11 @@ def test_controls_expand_after_their_sources_with_masks_and_seeds(tmp_path, digi
     base = base_config(tmp_path, digits)
     path = sweep_file(tmp_path, {"base": str(base), "name": "study", "zip": {"experiment.seed": [0, 1, 2]},
                                  "controls": {"reinit": None, "shuffle": {"overrides": {"training.epochs": 2}}}})
-    assert sw.main([str(path), "--dry-run"]) == 0
+    assert sweep_command.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "9 run(s)" in out and "control reinit of seed-1, seed 1001" in out and "control shuffle of seed-2, seed 2" in out
-    sweep = sw.parse_sweep(path)
-    sw.validate_runs(sweep)
+    sweep = sweep_spec.parse_sweep(path)
+    sweep_spec.validate_runs(sweep)
     names = [r.name for r in sweep.runs]
     assert names == ["seed-0", "seed-1", "seed-2"] + [f"seed-{s}_{c}" for s in (0, 1, 2) for c in ("reinit", "shuffle")]
     directory = tmp_path / "runs" / "study"
@@ -94,25 +94,25 @@ def test_controls_expand_after_their_sources_with_masks_and_seeds(tmp_path, digi
         assert run.config["training.epochs"] == (2 if run.control.control == "shuffle" else 1)
         assert run.directory == directory / run.name
     assert all(not r.config["prune.masks_from"] for r in sweep.runs[:3])
-    listed = sw.parse_sweep(sweep_file(tmp_path, {"base": str(base), "name": "s2", "grid": {"experiment.seed": [5]},
+    listed = sweep_spec.parse_sweep(sweep_file(tmp_path, {"base": str(base), "name": "s2", "grid": {"experiment.seed": [5]},
                                                   "controls": ["reinit", "shuffle"]}, "s2.yaml"))
-    sw.validate_runs(listed)
+    sweep_spec.validate_runs(listed)
     assert [(r.name, r.config["experiment.seed"]) for r in listed.runs] == \
         [("seed-5", 5), ("seed-5_reinit", 1005), ("seed-5_shuffle", 5)]
     assert not (tmp_path / "runs").exists()
 
 
 def test_ambiguous_short_names_use_the_full_key():
-    assert sw.run_names(["model.name", "optimizer.name", "experiment.seed"], [("lenet", "sgd", 0)]) == \
+    assert sweep_spec.run_names(["model.name", "optimizer.name", "experiment.seed"], [("lenet", "sgd", 0)]) == \
         ["model.name-lenet_optimizer.name-sgd_seed-0"]
 
 
 def test_local_slots():
-    assert sw.local_slots(1, 3, []) == [None, None, None]
-    assert sw.local_slots(1, 2, ["0", "1"]) == ["0", "0", "1", "1"]
-    assert sw.local_slots(2, 1, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
-    with pytest.raises(sw.SweepError, match="nproc_per_node=4"):
-        sw.local_slots(4, 1, ["0", "1"])
+    assert sweep_local.local_slots(1, 3, []) == [None, None, None]
+    assert sweep_local.local_slots(1, 2, ["0", "1"]) == ["0", "0", "1", "1"]
+    assert sweep_local.local_slots(2, 1, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    with pytest.raises(sweep_spec.SweepError, match="nproc_per_node=4"):
+        sweep_local.local_slots(4, 1, ["0", "1"])
 
 
 # ------------------------------------------------------------------------------- refusals
@@ -164,7 +164,7 @@ def test_bad_sweep_files_are_refused_in_one_line_before_anything_runs(tmp_path, 
             tree[key] = value
     if "grids" in change:
         del tree["grid"]
-    status = sw.main([str(sweep_file(tmp_path, tree))])
+    status = sweep_command.main([str(sweep_file(tmp_path, tree))])
     err = capsys.readouterr().err
     assert status == 2, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("sweep error: ")
@@ -175,17 +175,17 @@ def test_bad_sweep_files_are_refused_in_one_line_before_anything_runs(tmp_path, 
 
 def test_not_a_yaml_mapping_and_missing_file(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text("- a\n- b\n")
-    assert sw.main([str(tmp_path / "s.yaml")]) == 2
-    assert sw.main([str(tmp_path / "none.yaml")]) == 2
+    assert sweep_command.main([str(tmp_path / "s.yaml")]) == 2
+    assert sweep_command.main([str(tmp_path / "none.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "expected a mapping" in err[0] and "does not exist" in err[1]
 
 
 # --------------------------------------------------------------------------- local launcher
 def test_runs_at_once_on_cpu_split_the_cores(monkeypatch):
-    monkeypatch.setattr(sw.os, "cpu_count", lambda: 16)
-    assert [sw.cpu_threads_per_run(runs, 1) for runs in (1, 2, 4, 32)] == [16, 8, 4, 1]
-    assert sw.cpu_threads_per_run(2, 4) == 2    # 2 runs of 4 processes each
+    monkeypatch.setattr(sweep_local.os, "cpu_count", lambda: 16)
+    assert [sweep_local.cpu_threads_per_run(runs, 1) for runs in (1, 2, 4, 32)] == [16, 8, 4, 1]
+    assert sweep_local.cpu_threads_per_run(2, 4) == 2    # 2 runs of 4 processes each
 
 
 def test_local_sweep_runs_two_at_once_then_skips_them(tmp_path, digits, monkeypatch, capsys):
@@ -195,10 +195,10 @@ def test_local_sweep_runs_two_at_once_then_skips_them(tmp_path, digits, monkeypa
     path = sweep_file(tmp_path, {"base": str(base), "name": "quick", "grid": {"experiment.seed": [0, 1]}})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(sw.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sweep_local.os, "cpu_count", lambda: 2)
     started, popen = [], subprocess.Popen
-    monkeypatch.setattr(sw.subprocess, "Popen", lambda *a, **k: started.append(k.get("env")) or popen(*a, **k))
-    assert sw.main([str(path), "--runs-per-gpu", "2"]) == 0
+    monkeypatch.setattr(sweep_local.subprocess, "Popen", lambda *a, **k: started.append(k.get("env")) or popen(*a, **k))
+    assert sweep_command.main([str(path), "--runs-per-gpu", "2"]) == 0
     runs = [env for env in started if env is not None]
     assert [env.get("OMP_NUM_THREADS") for env in runs] == ["1", "1"]  # 2 runs at once share the 2 cores
     out = capsys.readouterr().out
@@ -210,7 +210,7 @@ def test_local_sweep_runs_two_at_once_then_skips_them(tmp_path, digits, monkeypa
     summary = pd.read_csv(root / "report" / "summary.csv")
     assert list(summary["n_seeds"]) == [2]  # one group: the runs differ only in their seed
     (root / "report" / "summary.csv").unlink()
-    assert sw.main([str(path)]) == 0
+    assert sweep_command.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "2 finished, 0 to run" in out and "started" not in out
     assert (root / "report" / "summary.csv").exists()
@@ -275,7 +275,7 @@ def test_slurm_submits_one_job_array_through_sbatch(tmp_path, digits, monkeypatc
     path = sweep_file(tmp_path, {"base": str(base), "name": "onslurm", "grid": {"experiment.seed": [0, 1, 2]},
                                  "launcher": "slurm", "nproc_per_node": 2,
                                  "slurm": {"partition": "gpu", "time_min": 90, "gpus_per_node": 2, "mem_gb": 16}})
-    assert sw.main([str(path), "--array-parallelism", "2"]) == 0
+    assert sweep_command.main([str(path), "--array-parallelism", "2"]) == 0
     out = capsys.readouterr().out
     assert "submitted 3 run(s) as Slurm job array 4242" in out and "run the same command again" in out
     script = record.read_text()
@@ -299,10 +299,10 @@ def test_slurm_path_through_submitits_local_executor(tmp_path, digits, monkeypat
     stand_in.write_text("import sys, pathlib\n"
                         "name = [a for a in sys.argv if a.startswith('--experiment.name=')][0].split('=')[1]\n"
                         f"pathlib.Path({str(tmp_path)!r}, name + '.ran').write_text(' '.join(sys.argv[1:]))\n")
-    monkeypatch.setattr(sw, "run_command", lambda run, nproc: [sys.executable, str(stand_in), *run.argv])
-    sweep = sw.parse_sweep(path)
-    sw.validate_runs(sweep)
-    assert sw.launch_slurm(sweep, sweep.runs, cluster="local", wait=True) == 0
+    monkeypatch.setattr(sweep_local, "run_command", lambda run, nproc: [sys.executable, str(stand_in), *run.argv])
+    sweep = sweep_spec.parse_sweep(path)
+    sweep_spec.validate_runs(sweep)
+    assert sweep_command.launch_slurm(sweep, sweep.runs, cluster="local", wait=True) == 0
     for seed in (0, 1):
         ran = (tmp_path / f"seed-{seed}.ran").read_text()
         assert f"--experiment.seed={seed}" in ran and "--experiment.base_dir=" in ran
@@ -311,7 +311,7 @@ def test_slurm_path_through_submitits_local_executor(tmp_path, digits, monkeypat
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweep_files_expand_and_validate(path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert sw.main([str(path.relative_to(ROOT)), "--dry-run"]) == 0
+    assert sweep_command.main([str(path.relative_to(ROOT)), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "to run" in out and "torchrun --standalone" in out
 
@@ -323,7 +323,7 @@ def test_sweep_and_harness_judge_an_old_run_directory_by_one_rule(tmp_path):
 
     import harness_params
     import harness_utils as hu
-    from utils import rundir
+    from utils.runs import rundir
 
     base = {"model.name": "lenet_300_100", "dataset.name": "digits", "dataset.train_path": "a",
             "dataset.test_path": "b", "experiment.name": "old", "experiment.base_dir": str(tmp_path),
@@ -333,8 +333,8 @@ def test_sweep_and_harness_judge_an_old_run_directory_by_one_rule(tmp_path):
         old = {k: v for k, v in resolved.items() if k != "prune.min_channel_fraction"}  # written before the key
         root = tmp_path / "old"
         rundir.RunFiles(root).create(rundir.config_bytes(old))
-        run = sw.Run(name="old", values={}, argv=[], config=resolved)
-        assert sw.run_status(run) == expected
+        run = sweep_spec.Run(name="old", values={}, argv=[], config=resolved)
+        assert sweep_spec.run_status(run) == expected
         if expected == "conflict":
             with pytest.raises(hu.UserError, match="prune.min_channel_fraction"):
                 hu.decide_experiment_dir(resolved, restarted=False)

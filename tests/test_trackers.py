@@ -1,4 +1,4 @@
-"""Trackers (utils/trackers.py): TensorBoard event files read back, resume without duplicates,
+"""Trackers (utils/runs/trackers.py): TensorBoard event files read back, resume without duplicates,
 W&B refusal when the package is missing and its logging calls against a fake module."""
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, digits_config, write_config
-from utils.callbacks import LevelInfo
-from utils.trackers import (TensorBoardTracker, TrackerError, WandbTracker, check_trackers, global_step,
-                            make_trackers, next_step_from_csv)
+from utils.core.callbacks import LevelInfo
+from utils.runs.trackers import (
+    TensorBoardTracker,
+    TrackerError,
+    WandbTracker,
+    check_trackers,
+    global_step,
+    make_trackers,
+    next_step_from_csv,
+)
 
 EPOCHS = 3
 MODEL = torch.nn.Linear(2, 2)
@@ -150,7 +157,7 @@ def test_a_control_logs_the_level_0_it_took_from_its_source_once(tmp_path):
     """A shuffle control took level 0 (reused.csv; its CSVs hold the source's rows) and trains
     level 1: its series hold level 0 at steps 0-2 from the copied rows, then level 1; a resume
     inside level 1 logs level 0 again neither from its state nor from the CSV."""
-    from utils.rundir import RunFiles
+    from utils.runs.rundir import RunFiles
     files = RunFiles(tmp_path)
     write_rows(files.epochs.path, [epoch_row(0, e) for e in range(EPOCHS)])
     write_rows(files.levels.path, [level_row(0)])

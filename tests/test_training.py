@@ -1,13 +1,13 @@
-"""utils/training.py on its own: the step, the epoch with callbacks, mixed precision on CPU."""
+"""utils/training/step.py on its own: the step, the epoch with callbacks, mixed precision on CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
 
-from utils import mask_layers
-from utils.callbacks import Callback
-from utils.training import EpochState, TrainingStep, evaluate, train_epoch
+from utils.core.callbacks import Callback
+from utils.models import mask_layers
+from utils.training.step import EpochState, TrainingStep, evaluate, train_epoch
 
 
 class _Schedule:

@@ -14,10 +14,11 @@ import harness_params
 import harness_utils as hu
 from tests.helpers import digits_config, write_config
 from tests.test_resume import assert_same_results, run_in_process
-from utils import mask_layers
-from utils import pruning_utils as pu
-from utils.training import TrainingStep
-
+from utils.models import mask_layers
+from utils.pruning import command as pruning_command
+from utils.pruning import masks as pruning_masks
+from utils.pruning import schedules as density_schedules
+from utils.training.step import TrainingStep
 
 
 # ------------------------------------------------------------------ 1. WR after SIGTERM
@@ -61,7 +62,7 @@ def _hand_snip_masks(model, batch, density):
     grads = torch.autograd.grad(loss, [layer.weight for layer in layers.values()])
     scores = {name: (g * layer.weight).abs().detach() for (name, layer), g in zip(layers.items(), grads)}
     flat = torch.cat([s.flatten() for s in scores.values()])
-    keep = pu.target_keep_count(density, flat.numel())
+    keep = density_schedules.target_keep_count(density, flat.numel())
     threshold = flat.sort(descending=True).values[keep - 1]
     return {name: s >= threshold for name, s in scores.items()}
 
@@ -76,12 +77,12 @@ def test_snip_scores_in_eval_mode_by_default():
     batch = (torch.randn(16, 3, 4, 4), torch.randint(0, 5, (16,)))
     kwargs = dict(density=0.3, criterion="snip", allocation="global", batches=[batch], num_batches=1)
     model.train()
-    default = pu.compute_masks(model, **kwargs)
+    default = pruning_masks.compute_masks(model, **kwargs)
     assert model.training and model.bn.training  # scoring restores the flags
     expected = _hand_snip_masks(model, batch, 0.3)
     for name in expected:
         assert torch.equal(default[name], expected[name]), name
-    train = pu.compute_masks(model, snip_mode="train", **kwargs)
+    train = pruning_masks.compute_masks(model, snip_mode="train", **kwargs)
     assert any(not torch.equal(train[n], default[n]) for n in default), "train mode must remain available and differ"
 
 
@@ -143,7 +144,7 @@ def test_pruning_cli_reproduces_the_harness_masks_of_a_level(tmp_path, digits, c
     assert run_in_process(two)[0] == 0
     assert run_in_process(one)[0] == 0  # its last.pt: level 0's final weights, the ones level 1 pruned
     out = tmp_path / "cli_masks.pt"
-    assert pu.main(["--config", str(two), "--checkpoint", str(runs / "one" / "checkpoints" / "last.pt"),
+    assert pruning_command.main(["--config", str(two), "--checkpoint", str(runs / "one" / "checkpoints" / "last.pt"),
                     "--density", "0.8", "--level", "1", "--out", str(out)]) == 0
     cli = torch.load(out, weights_only=True)
     ran = torch.load(runs / "two" / "masks" / "level_1.pt", weights_only=True)
@@ -197,7 +198,7 @@ def test_a_second_launch_on_a_live_directory_is_refused_and_writes_nothing(tmp_p
 def test_a_failed_checkpoint_write_is_one_line_and_the_run_resumes_exactly(tmp_path, digits, monkeypatch):
     import errno
 
-    from utils import checkpointing
+    from utils.runs import checkpointing
 
     reference = write_config(tmp_path / "ref.yaml", digits_config(digits, tmp_path / "runs", "ref"))
     assert run_in_process(reference)[0] == 0
@@ -230,7 +231,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_run_resumes_exactly(tmp_p
 def test_the_cause_of_a_failed_write_is_named():
     import errno
 
-    from utils.checkpointing import write_failure_cause
+    from utils.runs.checkpointing import write_failure_cause
 
     assert write_failure_cause(OSError(errno.EDQUOT, "x"), "/") == "disk quota exceeded"
     assert write_failure_cause(OSError(errno.EROFS, "x"), "/") == "read-only file system"
@@ -261,7 +262,7 @@ def cifar_files(tmp_path_factory):
     """A small CIFAR-10-format .beton pair written by the real writer (raw storage: flips and
     translations are the augmentations)."""
     from tests.test_data import write_cifar10_tree
-    from utils import write_beton as wb
+    from utils.data import writer as wb
 
     root = tmp_path_factory.mktemp("cifar")
     write_cifar10_tree(root / "src", per_batch=32, test=40)

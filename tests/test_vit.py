@@ -2,7 +2,7 @@
 
 * IMP on the digits data with the smallest ViT of the family (``vit_nano_p4``): exact densities
   over all attention and MLP weight matrices, the dense start line.
-* ``utils/pretrained.py`` on its own: a torchvision state dict with another class count, torch's
+* ``utils/models/pretrained.py`` on its own: a torchvision state dict with another class count, torch's
   attention names, and every refusal (one line, the model untouched).
 * ``model.weights`` through the harness: init.pt holds the given weights and IMP rewinds to them;
   wr, lrr, at_init; controls (none uses them as its source did, reinit ignores them).
@@ -21,11 +21,16 @@ from torch import nn
 
 import harness
 from tests.helpers import digits_config, readme_commands, run_in_repository_copy, write_config
-from utils import mask_layers
-from utils.models import get_model
-from utils.pretrained import (WeightsError, apply_given_weights, check_control_weights, classifier_head,
-                              load_given_weights)
-from utils.pruning_utils import target_keep_count
+from utils.models import mask_layers
+from utils.models.pretrained import (
+    WeightsError,
+    apply_given_weights,
+    check_control_weights,
+    classifier_head,
+    load_given_weights,
+)
+from utils.models.registry import get_model
+from utils.pruning.schedules import target_keep_count
 
 VIT_EXCLUDE = ["conv_proj", "heads.*"]  # as configs/vit_imp_cifar10.yaml
 

@@ -1,0 +1,4 @@
+"""Lottery-ticket science on top of training: controls (another run's masks: none, reinit,
+shuffle), linear-mode-connectivity stability, Early-Bird stopping.
+
+May import: every package below it (``core``, ``data``, ``models``, ``runs``, ``pruning``, ``training``)."""

@@ -1,0 +1,444 @@
+"""Experiment directories read and grouped: what a report counts (``python -m utils.report``).
+
+A DIR is an experiment directory (it holds ``config.yaml``) or a directory of them (a sweep
+directory, or ``runs/``).  Experiments whose resolved configs differ only in the keys of
+``IGNORED_FOR_GROUPING`` (the seed, where results go, and settings that do not change the
+numbers) form one group; a group's numbers are the mean and the sample standard deviation
+(ddof=1) over its seeds, level by level.  Runs still in progress are read up to their last
+finished level (a row of ``levels.csv``) and named as incomplete.
+
+Controls (``prune.masks_from`` + ``prune.control``) are grouped like any other run, with one
+twist: ``masks_from`` is compared by the group of the experiment it points to, so the controls
+of seeds 0, 1, 2 (each reading its own seed's masks) form one group.
+
+What the numbers count, so that they cannot mislead:
+
+* One seed counts once.  Runs of one group with the same seed (for a control: the same seed
+  and the same seed of its source) are copies -- a rerun by hand, a sweep's run, a run with
+  another number of processes that trains the same model.  The newest complete one is kept
+  (newest: the latest write to its CSV files; with no complete one, the one with the most
+  finished levels); report.md names every copy dropped and the run kept instead.
+* Runs that train different models are never pooled.  The config decides most of it
+  (``dataset.loader`` and every other key that changes results split groups); what the
+  config does not say is read from the run's checkpoints (utils/runs/run_facts.py): with
+  BatchNorm and per-rank statistics (on CPU, or ``distributed.sync_bn: false``) N processes
+  train another model than 1, so the number of processes becomes the grouping key
+  ``bn_processes`` (1 for one process, no BatchNorm, or SyncBatchNorm).  Such runs form
+  separate groups, labelled by it -- never refused, never averaged together.
+* A run at chance level is flagged: a finished level whose every epoch's test accuracy stays
+  at or below ``100 / classes`` plus a margin (``chance_margin``: 2 points or a fifth of the
+  chance level, the larger) is named in report.md's warnings and in the run's status.  The
+  number of classes comes from the test set's write record, else the dataset registry.
+* The ±1 std bands are clipped to 0-100 (accuracies are percentages)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import pandas as pd
+
+from utils.runs import rundir
+from utils.training.training_types import get_training_type
+
+LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
+EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
+LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
+
+# Keys that never split a group: the seed (what the group averages over), where results go,
+# and settings that do not change the numbers (harness_utils.NON_SEMANTIC_KEYS, trackers).
+_WHERE = ("experiment.seed", "experiment.name", "experiment.base_dir")
+IGNORED_FOR_GROUPING = _WHERE + tuple(sorted(rundir.NON_SEMANTIC_KEYS - set(_WHERE)))
+CONTROL_KEYS = ("prune.masks_from", "prune.control")
+# The grouping key read from the run's checkpoints, not its config (see the module docstring).
+BN_PROCESSES_KEY = "bn_processes"
+
+
+class ReportError(ValueError):
+    pass
+
+
+# ============================================================================ reading
+@dataclass
+class Experiment:
+    path: Path
+    config: Dict[str, Any]                  # flat {"section.key": value}
+    levels: pd.DataFrame                    # finished levels only
+    epochs: pd.DataFrame                    # rows of finished levels only
+    layers: pd.DataFrame
+    expected_levels: Optional[int]
+    in_progress_epochs: int = 0             # epochs.csv rows of the level being trained
+    bn_processes: int = 1                   # run_facts.batchnorm_processes of the run
+    written_at: float = 0.0                 # latest write to its CSV files (s since the epoch)
+    num_classes: Optional[int] = None       # for the chance level (None: unknown)
+    reused: List[str] = field(default_factory=list)   # "level L from SOURCE" (controls.py's reused.csv)
+    duplicate_of: Optional["Experiment"] = None        # set when another run of its seed is counted instead
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("experiment.seed")
+
+    @property
+    def replicate(self) -> Tuple[str, str]:
+        """What makes two runs of one group the same sample: the seed, and for a control also
+        its source's seed (each seed's controls of each source are samples of their own)."""
+        source_seed = ""
+        source = self.config.get("prune.masks_from")
+        if source:
+            try:
+                source_seed = _canonical(read_config(Path(str(source))).get("experiment.seed"))
+            except ReportError:
+                source_seed = "?" + str(source)
+        return _canonical(self.seed), source_seed
+
+    def chance_levels(self) -> List[int]:
+        """Finished levels whose every epoch's test accuracy is at or below chance (+ margin)."""
+        if not self.num_classes or not len(self.epochs):
+            return []
+        ceiling = 100.0 / self.num_classes + chance_margin(self.num_classes)
+        best = self.epochs.groupby("level")["test_acc"].max()
+        return [int(level) for level, value in best.items() if float(value) <= ceiling]
+
+    @property
+    def complete(self) -> bool:
+        return self.expected_levels is not None and len(self.levels) >= self.expected_levels
+
+    def status(self) -> str:
+        done = len(self.levels)
+        if self.complete:
+            text = f"complete ({done} levels)"
+        else:
+            total = "?" if self.expected_levels is None else str(self.expected_levels)
+            text = f"incomplete: {done} of {total} levels finished"
+            if self.in_progress_epochs:
+                epochs = self.config.get("training.epochs", "?")
+                text += f", level {done} at epoch {self.in_progress_epochs} of {epochs}"
+        chance = self.chance_levels()
+        if chance:
+            text += f"; **AT CHANCE** in level{'s' * (len(chance) > 1)} {_level_list(chance)}"
+        if self.reused:
+            text += "; " + "; ".join(self.reused)
+        return text
+
+
+def chance_margin(num_classes: int) -> float:
+    """Points above 100/classes that still count as chance: 2, or a fifth of the chance level."""
+    return max(2.0, 0.2 * 100.0 / num_classes)
+
+
+def _level_list(levels: Sequence[int]) -> str:
+    """[0, 3, 4, 5, 7] -> '0, 3-5, 7'."""
+    parts, start = [], None
+    ordered = sorted(levels)
+    for index, level in enumerate(ordered):
+        if start is None:
+            start = level
+        if index + 1 == len(ordered) or ordered[index + 1] != level + 1:
+            parts.append(str(start) if start == level else f"{start}-{level}")
+            start = None
+    return ", ".join(parts)
+
+
+def config_defaults() -> Dict[str, Any]:
+    """Every config key's default (the harness's): a key an older run's config.yaml lacks counts
+    as its default, as it does when the harness resumes that run (utils/runs/rundir.py)."""
+    try:
+        import harness_params
+        return harness_params.defaults()
+    except ImportError:  # the report used without the harness beside it
+        return {}
+
+
+def read_config(experiment_dir: Path) -> Dict[str, Any]:
+    try:
+        return rundir.read_config(experiment_dir)
+    except rundir.RunDirError as error:
+        raise ReportError(str(error)) from None
+
+
+def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame(columns=list(columns))
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=list(columns))
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ReportError(f"{path} is not a readable CSV file: {' '.join(str(error).split())[:200]}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ReportError(f"{path}: missing columns {missing}")
+    return frame
+
+
+def expected_levels(config: Dict[str, Any], _depth: int = 0) -> Optional[int]:
+    """How many levels the run will have when finished (None when the config does not say)."""
+    try:
+        if get_training_type(str(config.get("prune.training_type", "imp"))).one_shot:
+            return 1
+    except ValueError:  # a user's type that cannot be imported here: the levels the config says
+        pass
+    levels, target, rate = config.get("prune.levels"), config.get("prune.target_density"), config.get("prune.rate")
+    if levels is not None and target is None:
+        return int(levels)
+    source = config.get("prune.masks_from")
+    if levels is None and target is None and source and _depth < 4:  # a control trains all its source's levels
+        try:
+            return expected_levels(read_config(Path(str(source))), _depth + 1)
+        except ReportError:
+            return None
+    try:
+        from utils.pruning.schedules import iterative_densities
+        return len(iterative_densities(float(rate), levels=levels, target_density=target))
+    except Exception:
+        return None
+
+
+def read_levels(experiment_dir) -> pd.DataFrame:
+    """levels.csv of one experiment; refuses a directory without a finished level (old CLI)."""
+    path = Path(experiment_dir) / "levels.csv"
+    if not path.exists():
+        raise ReportError(f"{experiment_dir}: no levels.csv (is it an experiment directory with a finished level?)")
+    frame = _read_csv(path, LEVEL_COLUMNS)
+    if frame.empty:
+        raise ReportError(f"{path}: no finished level yet")
+    return frame
+
+
+def load_experiment(experiment_dir) -> Experiment:
+    root = Path(experiment_dir)
+    if not rundir.RunFiles(root).config.is_file():
+        raise ReportError(f"{root} is not an experiment directory (no config.yaml)")
+    config = read_config(root)
+    levels = _read_csv(root / "levels.csv", LEVEL_COLUMNS).sort_values("level").reset_index(drop=True)
+    finished = set(int(level) for level in levels["level"])
+    epochs = _read_csv(root / "epochs.csv", EPOCH_COLUMNS)
+    layers = _read_csv(root / "layers.csv", LAYER_COLUMNS)
+    in_level = epochs["level"].astype(int).isin(finished) if len(epochs) else pd.Series([], dtype=bool)
+    in_progress = int((~in_level).sum()) if len(epochs) else 0
+    epochs = epochs[in_level].reset_index(drop=True) if len(epochs) else epochs
+    if len(layers):
+        layers = layers[layers["level"].astype(int).isin(finished)].reset_index(drop=True)
+    written = max((p.stat().st_mtime for p in (root / "levels.csv", root / "epochs.csv") if p.exists()), default=0.0)
+    return Experiment(root, config, levels, epochs, layers, expected_levels(config), in_progress,
+                      bn_processes=bn_processes_of(root, config), written_at=written,
+                      num_classes=number_of_classes(config), reused=reused_levels(root))
+
+
+def bn_processes_of(root: Path, config: Dict[str, Any]) -> int:
+    """run_facts.batchnorm_processes of the run in ``root`` (1 when its checkpoints do not say)."""
+    from utils.runs import run_facts
+    execution = run_facts.recorded_execution(root, config.get("training.device"))
+    if execution is None or execution.world_size <= 1:
+        return 1
+    return run_facts.batchnorm_processes(world_size=execution.world_size, device_type=execution.device_type,
+                                         sync_bn=config.get("distributed.sync_bn", "auto"),
+                                         has_batchnorm=bool(run_facts.initial_weights_have_batchnorm(root)))
+
+
+def number_of_classes(config: Dict[str, Any]) -> Optional[int]:
+    """Classes of the run's data: the test set's write record, else the dataset registry."""
+    from utils.data import records
+    from utils.data import specs as data_specs
+    try:
+        record = records.read_record(str(config.get("dataset.test_path")))
+    except Exception:  # noqa: BLE001 -- an unreadable record: fall back on the registry
+        record = None
+    if isinstance(record, dict):
+        count = record.get("num_classes") or len(record.get("classes") or [])
+        if isinstance(count, int) and count > 0:
+            return count
+    try:
+        return int(data_specs.get_dataset_spec(str(config.get("dataset.name"))).num_classes)
+    except Exception:  # noqa: BLE001 -- a dataset this version does not know
+        return None
+
+
+def reused_levels(root: Path) -> List[str]:
+    """What a control took from its source instead of training (utils/lottery/controls.py writes it)."""
+    path = rundir.RunFiles(root).reused.path
+    if not path.is_file():
+        return []
+    try:
+        frame = pd.read_csv(path)
+        return [f"level {int(row.level)} taken from `{row.source}` (identical: not retrained)"
+                for row in frame.itertuples()]
+    except Exception:  # noqa: BLE001 -- a note only: never stops the report
+        return [f"{path.name} unreadable"]
+
+
+def expand_dirs(dirs: Sequence) -> List[Path]:
+    """Experiment directories named, or held one level down (a sweep directory); in order, once each."""
+    found: List[Path] = []
+    for entry in dirs:
+        path = Path(entry)
+        if not path.exists():
+            raise ReportError(f"{path} does not exist")
+        if not path.is_dir():
+            raise ReportError(f"{path} is not a directory (give experiment directories or a sweep directory)")
+        if rundir.RunFiles(path).config.is_file():
+            children = [path]
+        else:
+            children = sorted(child for child in path.iterdir() if rundir.RunFiles(child).config.is_file())
+            if not children:
+                raise ReportError(f"{path} is not an experiment directory (no config.yaml) and holds none")
+        for child in children:
+            if child.resolve() not in {f.resolve() for f in found}:
+                found.append(child)
+    return found
+
+
+# =========================================================================== grouping
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def grouping_config(config: Dict[str, Any], depth: int = 0, bn_processes: Optional[int] = None) -> Dict[str, str]:
+    """The config keys that define a group, as canonical strings, and ``bn_processes`` when
+    given (read from the run's checkpoints).  ``prune.masks_from`` is replaced by the grouping
+    key of the experiment it names (when that can be read)."""
+    key = {k: _canonical(v) for k, v in {**config_defaults(), **config}.items() if k not in IGNORED_FOR_GROUPING}
+    if bn_processes is not None:
+        key[BN_PROCESSES_KEY] = _canonical(bn_processes)
+    source = config.get("prune.masks_from")
+    if source and depth < 4:
+        source_dir = Path(str(source))
+        if rundir.RunFiles(source_dir).config.is_file():
+            try:
+                source_config = read_config(source_dir)
+                source_key = grouping_config(source_config, depth + 1, bn_processes_of(source_dir, source_config))
+                key["prune.masks_from"] = "group:" + _canonical(source_key)
+            except ReportError:
+                pass
+    return key
+
+
+@dataclass
+class Group:
+    gid: str
+    key: Dict[str, str]
+    members: List[Experiment] = field(default_factory=list)   # the runs counted: one per seed
+    label: str = ""
+    dropped: List[Experiment] = field(default_factory=list)   # copies of a counted run's seed (duplicate_of)
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return self.members[0].config
+
+    @property
+    def is_control(self) -> bool:
+        return bool(self.config.get("prune.masks_from"))
+
+
+def make_groups(experiments: Sequence[Experiment]) -> List[Group]:
+    groups: List[Group] = []
+    index: Dict[str, Group] = {}
+    for experiment in experiments:
+        key = grouping_config(experiment.config, bn_processes=experiment.bn_processes)
+        signature = _canonical(key)
+        if signature not in index:
+            index[signature] = Group(f"g{len(groups) + 1}", key)
+            groups.append(index[signature])
+        index[signature].members.append(experiment)
+    for group in groups:
+        count_each_seed_once(group)
+        group.members.sort(key=lambda e: (str(e.seed), str(e.path)))
+    label_groups(groups)
+    return groups
+
+
+def preference(experiment: Experiment) -> Tuple[bool, int, float, str]:
+    """Which of several runs of one seed is counted (the largest): complete first, then the
+    most finished levels, then the newest (latest CSV write); the path breaks exact ties."""
+    return experiment.complete, len(experiment.levels), experiment.written_at, str(experiment.path)
+
+
+def count_each_seed_once(group: Group) -> None:
+    """Keep one run per replicate (seed, source's seed) in ``group.members``; the others go to
+    ``group.dropped`` with ``duplicate_of`` naming the run kept."""
+    by_replicate: Dict[Tuple[str, str], List[Experiment]] = {}
+    for experiment in group.members:
+        by_replicate.setdefault(experiment.replicate, []).append(experiment)
+    kept, dropped = [], []
+    for copies in by_replicate.values():
+        copies.sort(key=preference, reverse=True)
+        kept.append(copies[0])
+        for copy in copies[1:]:
+            copy.duplicate_of = copies[0]
+            dropped.append(copy)
+    group.members, group.dropped = kept, sorted(dropped, key=lambda e: (str(e.seed), str(e.path)))
+
+
+def differing_keys(groups: Sequence[Group]) -> List[str]:
+    keys = sorted({k for g in groups for k in g.key})
+    return [k for k in keys if len({g.key.get(k) for g in groups}) > 1]
+
+
+def _short_names(keys: Sequence[str]) -> Dict[str, str]:
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (short if last.count(short) == 1 else k) for k, short in zip(keys, last)}
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def source_group(group: Group, groups: Sequence[Group]) -> Optional[Group]:
+    """The group holding the experiment a control's masks come from, when it is in the report
+    (counted, or left out as a copy of a seed the group already counts)."""
+    source = group.config.get("prune.masks_from")
+    if not source:
+        return None
+    wanted = Path(str(source)).resolve()
+    for other in groups:
+        if any(member.path.resolve() == wanted for member in [*other.members, *other.dropped]):
+            return other
+    return None
+
+
+def value_in_table(group: Group, key: str, groups: Sequence[Group]) -> str:
+    if key == "prune.masks_from" and group.config.get(key):
+        source = source_group(group, groups)
+        return f"masks of {source.gid}" if source else f"masks of {Path(str(group.config[key])).name}"
+    return _show(group_value(group, key))
+
+
+def group_value(group: Group, key: str) -> Any:
+    """A grouping key's value: from the config, or ``bn_processes`` from the runs' checkpoints."""
+    return group.members[0].bn_processes if key == BN_PROCESSES_KEY else group.config.get(key)
+
+
+def structure_words(config: Mapping[str, Any]) -> str:
+    """What a label says of the pruning structure: nothing for unstructured (the default),
+    ``channel `` or ``N:M `` otherwise."""
+    structure = config.get("prune.structure") or "unstructured"
+    if structure == "unstructured":
+        return ""
+    return f"{config.get('prune.nm', 'N:M')} " if structure == "nm" else f"{structure} "
+
+
+def label_groups(groups: List[Group]) -> None:
+    keys = [k for k in differing_keys(groups) if k not in CONTROL_KEYS]
+    short = _short_names(keys)
+    for group in groups:
+        c = group.config
+        if keys:
+            text = ", ".join(f"{short[k]}={_show(group_value(group, k))}" for k in keys)
+        else:
+            text = (f"{c.get('model.name', '?')} {structure_words(c)}{c.get('prune.criterion', '?')}/"
+                    f"{c.get('prune.allocation', '?')}/{c.get('prune.training_type', '?')}")
+        if group.is_control:
+            source = source_group(group, groups)
+            origin = source.gid if source else Path(str(c["prune.masks_from"])).name
+            text = f"control {c.get('prune.control', 'none')} of {origin}" + (f", {text}" if keys else "")
+        group.label = text
+
+
+# ============================================================================ numbers

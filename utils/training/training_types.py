@@ -1,0 +1,140 @@
+"""Training types: what happens between pruning levels, one object per type.
+
+A training type says, for the level loop and for resume alike:
+
+* ``one_shot``: whether the run prunes once before training (``at_init``) instead of
+  level after level; ``prunes_at(level)``: whether a level starts by setting new masks;
+* ``captures_rewind``: whether level 0 keeps a state that later levels restart from (WR);
+* ``optimizer_and_schedule(level, config, build)``: the optimizer and LR schedule a level trains
+  with; ``build()`` makes the config's, ``build({"optimizer.lr": 0.01, "schedule.name":
+  "constant"})`` the config's with those keys changed.
+  The harness calls it at the start of a level AND when resuming inside one, so a resumed
+  run can never train at another learning rate than the uninterrupted one;
+* ``reset(level, run)``: the weights (and optimizer state) a level starts from, and the
+  (epoch, batch) its training starts at;
+* ``check(config)``: a one-line refusal of config values the type cannot honour, or None.
+
+The registry ``TRAINING_TYPES`` maps names to instances; ``get_training_type`` also takes a
+user's ``package.module:Name`` (a ``TrainingType`` subclass or instance).  Adding a type is
+one class and one registry line (docs/extending.md).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
+
+from utils.core.user_code import UserCodeError, import_object, is_import_path
+
+
+class LevelRun(Protocol):
+    """What a training type may touch when a level starts (the harness's experiment)."""
+    model: Any
+    optimizer: Any
+    schedule: Any
+    init_state: Dict[str, Any]                 # the initial weights (init.pt)
+    rewind_state: Optional[Dict[str, Any]]     # WR: weights, optimizer, schedule at the rewind point
+    rewind_at: Any                             # WR: utils.training.rewind.RewindPoint
+
+
+def restore_state(state: Mapping[str, Any], run: LevelRun, *, optimizer: bool = False) -> None:
+    """Load ``state``'s weights (and optimizer + schedule) into ``run``, keeping the masks."""
+    from utils.runs import checkpointing
+    checkpointing.restore(state, model=run.model, optimizer=run.optimizer if optimizer else None,
+                          schedule=run.schedule if optimizer else None)
+
+
+class TrainingType:
+    name = "base"
+    one_shot = False          # prune once before level 0 (at_init) instead of between levels
+    captures_rewind = False   # level 0 keeps a state later levels restart from (prune.rewind_epoch / _iteration)
+    resets_to_init = False    # every level starts from the initial weights (a control may then reuse level 0)
+    description = ""
+
+    def prunes_at(self, level: int) -> bool:
+        return self.one_shot or level > 0
+
+    def optimizer_and_schedule(self, level: int, config: Mapping[str, Any],
+                               build: Callable[..., Tuple[Any, Any]]) -> Tuple[Any, Any]:
+        return build()
+
+    def reset(self, level: int, run: LevelRun) -> Tuple[int, int]:
+        """Set the level's starting weights; -> (first epoch, batches of it already done)."""
+        return 0, 0
+
+    def check(self, c: Mapping[str, Any]) -> Optional[str]:
+        return None
+
+
+class IMP(TrainingType):
+    name = "imp"
+    resets_to_init = True
+    description = "weights reset to the initial ones (masked); fresh optimizer; schedule from 0"
+
+    def reset(self, level, run):
+        if level > 0:
+            restore_state(run.init_state, run)
+        return 0, 0
+
+
+class WeightRewinding(TrainingType):
+    name = "wr"
+    captures_rewind = True
+    description = ("weights, optimizer state and schedule position restored to level 0's rewind point; "
+                   "the rest of the epochs trained")
+
+    def reset(self, level, run):
+        if level == 0:
+            return 0, 0
+        restore_state(run.rewind_state, run, optimizer=True)
+        return run.rewind_at.epoch, run.rewind_at.batch
+
+    def check(self, c):
+        if c["prune.rewind_epoch"] >= c["training.epochs"]:
+            return (f"prune.rewind_epoch={c['prune.rewind_epoch']} must be less than "
+                    f"training.epochs={c['training.epochs']}")
+        return None
+
+
+class LearningRateRewinding(TrainingType):
+    name = "lrr"
+    description = "trained weights kept (masked); fresh optimizer; schedule from 0"
+
+
+class AtInit(TrainingType):
+    name = "at_init"
+    one_shot = True
+    description = "pruned once before training, to prune.target_density; trained once"
+
+    def check(self, c):
+        if c["prune.target_density"] is None and c.get("prune.structure") != "nm":  # N:M: the pattern is the target
+            return "prune.training_type=at_init needs prune.target_density in (0, 1]"
+        if c["prune.levels"] not in (None, 1):
+            return (f"prune.levels={c['prune.levels']} contradicts prune.training_type=at_init, which trains once "
+                    f"(leave levels unset or 1)")
+        return None
+
+
+TRAINING_TYPES: Dict[str, TrainingType] = {t.name: t for t in (IMP(), WeightRewinding(), LearningRateRewinding(),
+                                                               AtInit())}
+
+
+class TrainingTypeError(ValueError):
+    """An unknown training type or a user's type that is not one; one line."""
+
+
+def get_training_type(name: str) -> TrainingType:
+    """The registered type ``name``, or a user's ``package.module:Name``."""
+    if name in TRAINING_TYPES:
+        return TRAINING_TYPES[name]
+    if not is_import_path(name):
+        raise TrainingTypeError(f"unknown training type {name!r}; valid: {', '.join(TRAINING_TYPES)} "
+                                f"or package.module:Name")
+    try:
+        obj = import_object(name)
+    except UserCodeError as error:
+        raise TrainingTypeError(str(error)) from None
+    if isinstance(obj, type) and issubclass(obj, TrainingType):
+        obj = obj()
+    if not isinstance(obj, TrainingType):
+        raise TrainingTypeError(f"{name} is a {type(obj).__name__}, not a utils.training.training_types.TrainingType "
+                                f"(subclass it: docs/extending.md)")
+    return obj
