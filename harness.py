@@ -41,8 +41,8 @@ class Experiment(ExperimentBase):
     """The level loop (set-up and persistence: harness_setup.ExperimentBase)."""
 
     # ---------------------------------------------------------------------- pruning
-    def prune_to(self, level: int, density: float) -> None:
-        masks = du.broadcast_object(self.level_masks(level, density))  # rank 0's masks are the masks (scores can differ in the last bit)
+    def prune_to(self, level: int) -> None:
+        masks = du.broadcast_object(self.level_masks(level))  # rank 0's masks are the masks (scores can differ in the last bit)
         self.callbacks.fire("on_masks_agreed", self.level_info(level, extra={"masks": masks}))
         self.check_masks_in_sync(masks)
         mask_layers.set_masks(self.model, masks)
@@ -52,7 +52,7 @@ class Experiment(ExperimentBase):
         """prune -> reset for ``level``; returns the first epoch to train (a WR level rewound
         inside an epoch starts there: ``resume_partial_epoch``)."""
         if self.prunes_at(level):
-            self.prune_to(level, self.densities[level])
+            self.prune_to(level)
         self.new_optimizer(level)
         start_epoch, start_batch = self.training_type.reset(level, self)  # e.g. IMP: initial weights; WR: rewind state
         if start_batch:  # a level that starts inside an epoch (late resetting) goes on as a resumed epoch does
@@ -68,7 +68,7 @@ class Experiment(ExperimentBase):
 
     def run_levels(self, start_level: int, start_epoch: Optional[int]) -> None:
         epochs = self.c["training.epochs"]
-        last_level = len(self.densities) - 1
+        last_level = len(self.plan) - 1
         for level in range(start_level, last_level + 1):
             if start_epoch is None:
                 epoch = self.begin_level(level)
@@ -97,7 +97,7 @@ class Experiment(ExperimentBase):
 
     def finish_level(self, level: int, last_row: Dict[str, Any]) -> None:
         masks = mask_layers.get_masks(self.model)
-        row = {"level": level, "target_density": self.densities[level], "density": mask_layers.overall_density(masks),
+        row = {"level": level, "target_density": self.plan[level].target_density, "density": mask_layers.overall_density(masks),
                "final_test_acc": last_row["test_acc"], "best_test_acc": self.level_stats["best_test_acc"],
                "train_time_s": self.level_stats["train_time_s"]}
         layers = [{"level": level, **layer} for layer in mask_layers.density_report(masks)]
@@ -107,7 +107,7 @@ class Experiment(ExperimentBase):
             for layer in layers:
                 self.files.layers.append(layer)
         self.callbacks.fire("on_level_logged", self.level_info(level, row=row))
-        last = level == len(self.densities) - 1
+        last = level == len(self.plan) - 1
         self.checkpoint(level=level, next_epoch=self.c["training.epochs"], phase="level_done", finished=last)
         self.say(f"level {level}: density {row['density']:.4f}, "
                  f"test acc {last_row['test_acc']:.2f}% (best {self.level_stats['best_test_acc']:.2f}%)")
@@ -161,14 +161,15 @@ class Experiment(ExperimentBase):
     def run(self) -> int:
         du.agreed(self.check_inputs)
         decision = self.decide_directory()
-        self.files = hu.ExperimentFiles(decision.root, **hu.extra_columns(self.c))
+        self.files = hu.ExperimentFiles(decision.root, **hu.extra_columns(self.c, self.structure))
         if decision.action == "finished":
-            self.say(f"{decision.root} is finished ({len(self.densities)} levels); nothing to do")
+            self.say(f"{decision.root} is finished ({len(self.plan)} levels); nothing to do")
             return 0
         self.build_training_objects()
         self.level_stats = {"best_test_acc": 0.0, "train_time_s": 0.0}
         self.new_optimizer(0)
-        self.callbacks += trackers.make_trackers(self.c, self.files.root, self.ctx.is_primary)
+        self.callbacks += trackers.make_trackers(trackers.TrackerSettings.from_config(self.c), self.files.root,
+                                                 self.ctx.is_primary)
         self.stop_requests.flag = StopFlag()
         try:
             if decision.action == "resume":

@@ -28,8 +28,7 @@ from utils.data.sources import DataError
 from utils.data.specs import augment_names, dataset_names, get_dataset_spec, uses_resized_crops, with_augment
 from utils.models.registry import model_names
 from utils.pruning.allocations import ALLOCATIONS
-from utils.pruning.channel_graph import CHANNEL_ALLOCATIONS, CHANNEL_SCORES
-from utils.pruning.criteria import SCORES, user_criterion
+from utils.pruning.criteria import SCORES, get_criterion, user_criterion
 from utils.pruning.nm import parse_nm
 from utils.pruning.schedules import parse_layer_rates
 from utils.runs.rundir import (
@@ -39,6 +38,9 @@ from utils.runs.rundir import (
 from utils.runs.rundir import current_key_names as rundir_key_names
 from utils.training.optimizers import OPTIMIZERS
 from utils.training.schedulers import schedule_names
+from utils.pruning.settings import PruneSettings
+from utils.pruning.structures import STRUCTURES, StructureRegistryError, get_structure
+from utils.training.level_plan import plan_levels
 from utils.training.training_types import TRAINING_TYPES, TrainingTypeError, get_training_type
 
 EXIT_CONFIG_ERROR = 2
@@ -232,6 +234,57 @@ def P(checker: Checker, desc: str, default: Any = None, required: bool = False) 
     return Param(checker, desc, default=default, required=required)
 
 
+# ------------------------------------------------------------ help texts from the registries
+# What --help says a name means is read off the registry entry, so an entry added there (or a
+# removed one) shows in --help without an edit here.
+def _listing(entries) -> str:
+    """``a (what a is), b (what b is), c``: (name, one-line description) pairs."""
+    return ", ".join(f"{name} ({text})" if text else name for name, text in entries)
+
+
+def _one_line(obj) -> str:
+    """An entry's own one-line description: its ``description``, else the first line of its
+    docstring ("" when it has neither)."""
+    text = getattr(obj, "description", None) or (getattr(obj, "__doc__", None) or "").strip()
+    line = (str(text).splitlines() or [""])[0].strip().rstrip(".").replace("``", "")
+    return line[:1].lower() + line[1:] if line[1:2].islower() else line  # "The data ..." -> "the data ..."
+
+
+def training_types_help() -> str:
+    return _listing((name, kind.describe()) for name, kind in TRAINING_TYPES.items())
+
+
+def rewinding_types() -> str:
+    """The registered types that rewind (``captures_rewind``): what a rewind key needs."""
+    return " or ".join(f"prune.training_type={name}" for name, kind in TRAINING_TYPES.items() if kind.captures_rewind)
+
+
+def loaders_help() -> str:
+    from utils.data.loaders import get_loader_backend
+    return _listing((name, _one_line(get_loader_backend(name))) for name in sorted(LOADER_BACKENDS))
+
+
+def augmentations_help() -> str:
+    from utils.data.specs import AUGMENTATIONS, DEFAULT_AUGMENT
+
+    def steps(policy) -> str:
+        done = (["RandomResizedCrop"] if policy.resized_crop else []) + \
+               ([f"pad {policy.translate_padding} + random crop"] if policy.translate_padding else []) + \
+               (["flip"] if policy.horizontal_flip else [])
+        return " + ".join(done) or "nothing"
+
+    return _listing([(DEFAULT_AUGMENT, "the dataset's own"), *((name, steps(policy)) for name, policy in AUGMENTATIONS.items())])
+
+
+def datasets_help() -> str:
+    def shape(spec) -> str:
+        if spec.from_record:
+            return "from the training file's write record"
+        return f"{spec.channels}x{spec.resolution}x{spec.resolution}, {spec.num_classes} classes"
+
+    return _listing((name, shape(get_dataset_spec(name))) for name in dataset_names())
+
+
 def declare_sections() -> Config:
     """Declare every section and key into a fresh fastargs Config and make it current."""
     config = Config()
@@ -246,14 +299,14 @@ def declare_sections() -> Config:
                   "fresh init (utils/models/pretrained.py); empty = random init", default=""),
     )
     Section("dataset", "Data (FFCV .beton files)").params(
-        name=P(NameOrImport(dataset_names()), "Dataset (utils/data/specs.py); fixes resolution, channels, classes, mean/std "
-               "(folder: from the training file's write record), or package.module:NAME of an outside DatasetSpec", required=True),
+        name=P(NameOrImport(dataset_names()), "Dataset (utils/data/specs.py), or package.module:NAME of an outside "
+               f"DatasetSpec; it fixes resolution, channels, classes, mean/std: {datasets_help()}", required=True),
         train_path=P(StrictStr(), "Training .beton file", required=True),
         test_path=P(StrictStr(), "Evaluation .beton file", required=True),
         batch_size=P(StrictInt(1), "GLOBAL batch size: each of W processes takes batch_size / W", default=128),
         num_workers=P(StrictInt(0), "Loader worker threads per process", default=4),
-        loader=P(Choice(sorted(LOADER_BACKENDS)), "ffcv (fast), torch (no JIT; debugging) or memory (small datasets in device memory)", default="ffcv"),
-        augment=P(Choice(augment_names()), "Training augmentation: default (the dataset's own), none, flip_crop (pad 4 + random crop + flip), crop (no flip) or rrc (RandomResizedCrop + flip)", default="default"),
+        loader=P(Choice(sorted(LOADER_BACKENDS)), f"Loader back-end (utils/data/loaders.py): {loaders_help()}", default="ffcv"),
+        augment=P(Choice(augment_names()), f"Training augmentation (utils/data/specs.py): {augmentations_help()}", default="default"),
         resolution=P(StrictInt(0), "Training image size; 0 = the dataset's own (ImageNet: RandomResizedCrop size)", default=0),
         eval_resolution=P(StrictInt(0), "Evaluation image size; 0 = the dataset's own (ImageNet: center crop, ratio 224/256)", default=0),
     )
@@ -288,24 +341,26 @@ def declare_sections() -> Config:
         bn_l1=P(StrictFloat(0), "Network slimming: L1 penalty on BatchNorm scales (lambda; 0 = off)", default=0.0),
     )
     Section("prune", "Pruning between levels").params(
-        criterion=P(NameOrImport(sorted(SCORES) + ["bn_gamma"]), "Score: magnitude, random, snip or synflow; bn_gamma "
-                    "(channel structure only); or package.module:function taking (inputs, masks) like "
-                    "utils.pruning_utils' score functions", default="magnitude"),
+        criterion=P(NameOrImport(list(SCORES)), "What scores a weight or a channel: " + "; ".join(
+                    f"{name}: {spec.description} (scores {' and '.join(spec.scores())})" for name, spec in SCORES.items())
+                    + "; or package.module:function taking (inputs, masks), docs/extending.md", default="magnitude"),
         allocation=P(Choice(sorted(ALLOCATIONS)), "How kept weights are shared among layers", default="global"),
-        training_type=P(NameOrImport(list(TRAINING_TYPES)), "What happens between levels (utils/training/training_types.py), or "
-                        "package.module:Name (a TrainingType subclass)", default="imp"),
+        training_type=P(NameOrImport(list(TRAINING_TYPES)), "What happens between levels (utils/training/training_types.py): "
+                        f"{training_types_help()}; or package.module:Name (a TrainingType subclass)", default="imp"),
         rate=P(StrictFloat(0, 1, low_open=True, high_open=True), "Fraction of the remaining weights removed per level", default=0.2),
         levels=P(Optional_(StrictInt(1)), "Number of levels, dense level 0 included", default=None),
         target_density=P(Optional_(StrictFloat(0, 1, low_open=True)), "at_init: the density; iterative: stop at the first level at or below it", default=None),
-        rewind_epoch=P(StrictInt(0), "wr: the level-0 epoch whose end state later levels restart from", default=0),
+        rewind_epoch=P(StrictInt(0), f"The level-0 epoch whose end state later levels restart from; needs "
+                       f"{rewinding_types()}", default=0),
         exclude=P(ListOf(StrictStr()), "fnmatch patterns of layer names kept dense and uncounted", default=[]),
         synflow_iterations=P(StrictInt(1), "SynFlow rounds (exponential density schedule)", default=100),
         score_batches=P(StrictInt(1), "Training batches a criterion that needs batches scores on (snip sums their "
                         "gradients; package.module:function criteria get them unless they say otherwise); the old "
                         "name prune.snip_batches is still read", default=1),
         snip_mode=P(Choice(["eval", "train"]), "BatchNorm during SNIP scoring: eval (running statistics, as the reference codes) or train (batch statistics)", default="eval"),
-        structure=P(Choice(["unstructured", "channel", "nm"]), "Unit of pruning: single weights, output channels "
-                    "(coupled groups together), or nm: N of every M consecutive inputs (prune.nm)", default="unstructured"),
+        structure=P(NameOrImport(list(STRUCTURES)), "Unit of pruning: " + "; ".join(
+                    f"{name}: {cls.description}" for name, cls in STRUCTURES.items())
+                    + "; or package.module:Name (a Structure subclass, docs/extending.md)", default="unstructured"),
         nm=P(NMPattern(), "prune.structure=nm: keep N of every M consecutive inputs at the last level; level L of K "
              "keeps round(M - L*(M-N)/(K-1)) per group", default="2:4"),
         min_channel_fraction=P(StrictFloat(0, 1), "Channel structure: no coupled group keeps fewer than this fraction of its "
@@ -318,8 +373,8 @@ def declare_sections() -> Config:
         control=P(Choice(["none", "reinit", "shuffle"]), "With masks_from: none (the masks and initial weights as they "
                   "are), reinit (the masks, this run's own random init), shuffle (each layer's count of kept weights "
                   "at random positions, the source's init)", default="none"),
-        rewind_iteration=P(StrictInt(0), "wr: rewind to the state after this many optimizer steps of level 0 (late "
-                           "resetting) instead of rewind_epoch; 0 = off", default=0),
+        rewind_iteration=P(StrictInt(0), "Rewind to the state after this many optimizer steps of level 0 (late "
+                           f"resetting) instead of rewind_epoch; 0 = off; needs {rewinding_types()}", default=0),
         layer_rates=P(LayerRates(), "Per-layer rates for allocation uniform: \"pattern=rate\" items, the first "
                       "matching pattern wins, other layers use prune.rate; level L keeps (1-rate)^L of each layer", default=[]),
     )
@@ -497,10 +552,11 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
 def check_cross_fields(c: Dict[str, Any]) -> None:
     """Contradictions between keys that each look fine alone."""
     kind = training_type_of(c)
-    check_nm_fields(c)
+    check_structure_refusals(c)
     check_science_fields(c)
     levels, target = c["prune.levels"], c["prune.target_density"]
     epochs = c["training.epochs"]
+    check_level_plan(c)
     refusal = kind.check(c)
     if refusal:
         _fail(refusal)
@@ -548,26 +604,54 @@ def check_speed_fields(c: Dict[str, Any]) -> None:
                   f"{c['resolution.end_epoch']} <= training.epochs={c['training.epochs']} does not hold")
 
 
+def structure_of(c: Dict[str, Any]):
+    """The config's pruning structure (utils/pruning/structures/), made with its prune settings; an
+    outside one that cannot be had is refused in one line."""
+    try:
+        return get_structure(c["prune.structure"])(PruneSettings.from_config(c))
+    except StructureRegistryError as error:
+        _fail(f"prune.structure: {error}")
+
+
+def criterion_of(c: Dict[str, Any]):
+    """The config's criterion's registry entry (or the user's, imported); refused in one line when
+    it cannot be had."""
+    try:
+        return get_criterion(c["prune.criterion"])
+    except ValueError as error:
+        _fail(f"prune.criterion: {error}")
+
+
 def check_structure_fields(c: Dict[str, Any]) -> None:
-    """prune.structure, prune.early_bird and the criteria/allocations each structure allows."""
-    structure, criterion, allocation = c["prune.structure"], c["prune.criterion"], c["prune.allocation"]
-    if structure == "channel":
-        if criterion not in CHANNEL_SCORES:
-            _fail(f"prune.criterion={criterion} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_SCORES)}")
-        if allocation not in CHANNEL_ALLOCATIONS:
-            _fail(f"prune.allocation={allocation} does not apply to prune.structure=channel; allowed: {', '.join(CHANNEL_ALLOCATIONS)}")
-    elif criterion == "bn_gamma":
-        _fail("prune.criterion=bn_gamma needs prune.structure=channel (it scores channels, not weights)")
+    """What the structure accepts (it is asked, never named): criteria that score its units,
+    its allocations; prune.early_bird."""
+    structure, criterion = structure_of(c), criterion_of(c)
+    name, allocation = c["prune.structure"], c["prune.allocation"]
+    if not structure.accepts(criterion):
+        allowed = [n for n, spec in SCORES.items() if structure.accepts(spec)]
+        needs = [s for s, cls in STRUCTURES.items() if cls(structure.settings).accepts(criterion)]
+        _fail(f"prune.criterion={c['prune.criterion']} does not apply to prune.structure={name}; allowed: "
+              f"{', '.join(allowed)} (prune.criterion={c['prune.criterion']} scores {' and '.join(criterion.scores())}"
+              + (f": it needs prune.structure={' or '.join(needs)})" if needs else ")"))
+    allocations = structure.allocations()
+    if allocations is not None and allocation not in allocations:
+        _fail(f"prune.allocation={allocation} does not apply to prune.structure={name}; allowed: {', '.join(allocations)}")
     if c["prune.early_bird"]:
-        if structure != "channel":
-            _fail("prune.early_bird=true needs prune.structure=channel (it compares channel masks)")
+        if not structure.compares_units:
+            comparing = [s for s, cls in STRUCTURES.items() if cls.compares_units]
+            _fail(f"prune.early_bird=true needs prune.structure={' or '.join(comparing)} (it compares the units "
+                  f"successive epochs would keep)")
         if get_training_type(c["prune.training_type"]).one_shot:
             _fail(f"prune.early_bird=true contradicts prune.training_type={c['prune.training_type']} (Early-Bird "
                   f"ends a dense level 0)")
-        if criterion == "random":
-            _fail("prune.early_bird=true needs a trained score (magnitude or bn_gamma), not prune.criterion=random")
+        if not criterion.reads_weights:
+            trained = [n for n, spec in SCORES.items() if spec.reads_weights and structure.accepts(spec)]
+            _fail(f"prune.early_bird=true needs a trained score ({' or '.join(trained)}), not "
+                  f"prune.criterion={c['prune.criterion']}")
         if c["prune.levels"] == 1 or c["prune.target_density"] == 1.0:
             _fail("prune.early_bird=true needs a level after level 0 (prune.levels >= 2 or prune.target_density < 1)")
+
+
 def training_type_of(c: Dict[str, Any]):
     """The config's training type (utils/training/training_types.py); an outside one that cannot be had is
     refused in one line."""
@@ -577,19 +661,23 @@ def training_type_of(c: Dict[str, Any]):
         _fail(f"prune.training_type: {error}")
 
 
-def check_nm_fields(c: Dict[str, Any]) -> None:
-    """prune.structure=nm (utils/pruning/nm.py): the N:M pattern fixes every level's density."""
-    if c["prune.structure"] != "nm":
+def check_structure_refusals(c: Dict[str, Any]) -> None:
+    """The structure's own refusals of the prune settings (N:M: layer rates, a target density,
+    too few levels; channel: layer rates), asked of the structure."""
+    refusal = structure_of(c).refusal(training_type_of(c).one_shot)
+    if refusal:
+        _fail(refusal)
+
+
+def check_level_plan(c: Dict[str, Any]) -> None:
+    """The level plan can be made from these settings (the shapes aside: those need the model);
+    a control's is its source's, read when the run starts."""
+    if c["prune.masks_from"]:
         return
-    kind, levels = training_type_of(c), c["prune.levels"]
-    if c["prune.layer_rates"]:
-        _fail("prune.layer_rates contradicts prune.structure=nm (every group of every N:M layer keeps the same count)")
-    if c["prune.target_density"] is not None:
-        _fail(f"prune.target_density={c['prune.target_density']} contradicts prune.structure=nm: prune.nm="
-              f"{c['prune.nm']} fixes every level's density; give prune.levels (at_init: neither)")
-    if not kind.one_shot and not c["prune.masks_from"] and (levels is None or levels < 2):
-        _fail(f"prune.structure=nm with prune.training_type={kind.name} needs prune.levels >= 2 (level 0 dense, the last "
-              f"keeping {c['prune.nm']}; 2 is one-shot), got {levels}")
+    try:
+        plan_levels(PruneSettings.from_config(c), training_type_of(c), structure_of(c), shapes=None)
+    except ValueError as error:
+        _fail(str(error))
 
 
 def check_science_fields(c: Dict[str, Any]) -> None:
@@ -614,9 +702,10 @@ def check_science_fields(c: Dict[str, Any]) -> None:
         if c["prune.layer_rates"]:
             _fail("prune.layer_rates contradicts prune.masks_from (the source's masks fix every layer's density)")
     rewind_iteration = c["prune.rewind_iteration"]
+    for key in ("prune.rewind_epoch", "prune.rewind_iteration"):  # a rewind point, and nothing that rewinds to it
+        if c[key] and not kind.captures_rewind:
+            _fail(f"{key}={c[key]} needs {rewinding_types()}, not {kind.name}, which does not rewind")
     if rewind_iteration:
-        if not kind.captures_rewind:
-            _fail(f"prune.rewind_iteration={rewind_iteration} needs prune.training_type=wr, not {kind.name}")
         if c["prune.rewind_epoch"]:
             _fail(f"prune.rewind_iteration={rewind_iteration} and prune.rewind_epoch={c['prune.rewind_epoch']} both "
                   f"set; give one")

@@ -2,9 +2,11 @@
 level loop.
 
 ``ExperimentBase`` checks the inputs, builds loaders, model, optimizer and the optional
-features' callbacks from the config, computes a level's masks (by criterion, from another
-experiment for controls, by channel, by per-layer rates), and writes and reads the run's
-state (checkpoints, the directory's lock, resume).  ``harness.Experiment`` adds the level
+features' callbacks from the config, plans the run's levels once (``self.plan``: which levels,
+which prune, each level's target; utils/training/level_plan.py), computes a level's masks
+through the run's pruning structure (``self.structure``: utils/pruning/structures/; a control
+takes its source's), and writes and reads the run's state (checkpoints, the directory's lock,
+resume).  ``harness.Experiment`` adds the level
 loop.  Only this layer reads the config; the pieces it calls in ``utils/`` take plain
 arguments.
 """
@@ -22,14 +24,15 @@ from utils.lottery import controls
 from utils.lottery.early_bird import EarlyBird
 from utils.lottery.stability import StabilityAnalysis, StabilityRun
 from utils.models import mask_layers, pretrained
-from utils.pruning import channel_graph, channel_scores, channel_select, channel_zeroing, criteria
-from utils.pruning import nm as nm_sparsity
-from utils.pruning import schedules as density_schedules
+import harness_params
+from utils.pruning import criteria
+from utils.pruning.channel_graph import StructureError
 from utils.runs import checkpointing, run_lock
 from utils.runs.fault_injection import FaultInjection
 from utils.runs.run_control import ProgressBar, StopOnRequest, StopRequests
 from utils.training import progressive, rewind, slimming
 from utils.training import step as training
+from utils.training.level_plan import LevelPlan
 from utils.training.training_types import get_training_type
 
 STABILITY_EPOCH_OFFSET = 2_000_000  # data order of the stability analysis' second copy: epochs of their own
@@ -48,7 +51,8 @@ class ExperimentBase:
         self._snip_loader = None
         self.lock = None  # rank 0: this directory's run lock, held for the run's life (utils/runs/run_lock.py)
         self.resume_partial_epoch: Optional[Dict[str, Any]] = None
-        self.source = self.layer_plan = self.channel_structure = self.rewind_at = self.nm_plan = None
+        self.source = self.rewind_at = None
+        self.plan: Optional[LevelPlan] = None  # which levels run, which prune, each level's target (check_inputs)
         self.level_start_state: Optional[Dict[str, Any]] = None
         self._loaders_by_resolution: Dict[int, Any] = {}  # progressive resizing with ffcv: one loader per size
 
@@ -60,59 +64,45 @@ class ExperimentBase:
     def check_inputs(self) -> None:
         c = self.c
         inputs = hu.check_inputs(c, self.ctx.world_size, self.ctx.device)
-        self.spec, self.model, self.densities = inputs.spec, inputs.model, inputs.densities
+        self.spec, self.model = inputs.spec, inputs.model
         self.train_resolution, self.eval_resolution = inputs.train_resolution, inputs.eval_resolution
         for note in inputs.notes:  # e.g. a .beton written by another tool: no record to check it against
             self.say(note)
+        self.structure = hu.structure_of(c)  # what a level's masks keep: weights, channels, N:M groups, ...
         try:
             if c["prune.masks_from"]:
-                self.source = controls.read_source(c["prune.masks_from"], c, self.model)
-                pretrained.check_control_weights(c["model.weights"], self.source.config.get("model.weights", ""),
-                                                 c["prune.control"], self.source.root)
-                if c["prune.control"] == "reinit" and self.source.config.get("experiment.seed") == c["experiment.seed"]:
-                    raise hu.UserError(f"prune.control=reinit with experiment.seed={c['experiment.seed']}, the seed of "
-                                       f"prune.masks_from={self.source.root}: the 'fresh' initialisation would be "
-                                       f"the ticket's own; give the control another experiment.seed")
-                self.densities = self.source.planned_densities[:controls.control_levels(self.source, c["prune.levels"])]
-            if c["prune.layer_rates"]:
-                self.layer_plan = density_schedules.layer_rate_plan(self.model, c["prune.layer_rates"], c["prune.rate"],
-                                                                c["prune.levels"])
-                self.densities = list(self.layer_plan.densities)
-            if c["prune.structure"] == "channel":
-                self.channel_structure = channel_graph.build_channel_structure(self.model, self.input_shape)
-                if c["prune.criterion"] == "bn_gamma":
-                    channel_scores.check_bn_gamma_possible(self.channel_structure)
-                if self.source is None:  # a control trains its source's masks as they are
-                    channel_select.check_channel_densities(self.channel_structure, self.densities,
-                                                       c["prune.min_channel_fraction"])
-            if c["prune.structure"] == "nm" or (self.source is not None and self.source.config.get("prune.structure") == "nm"):
-                self.plan_nm()
-        except (controls.ControlError, channel_graph.StructureError, ValueError) as error:
+                self.plan = self.read_control_source()
+            else:
+                self.plan = hu.level_plan(c, self.model, self.structure)
+            # a control trains its source's masks as they are: no densities of its own to check
+            self.structure.attach(self.model, self.input_shape, [] if self.source is not None else self.densities)
+        except (controls.ControlError, StructureError, ValueError) as error:
             raise hu.UserError(str(error)) from None
+        if self.plan.start_line:
+            self.say(self.plan.start_line)
         self.install_feature_callbacks()
 
-    def plan_nm(self) -> None:
-        """prune.structure=nm: each level's count per group and density, said in the start line; a
-        control only of a source with the same structure and pattern (utils/pruning/nm.py)."""
-        c, source = self.c, self.source
-        if source is not None:
-            theirs, mine = source.config.get("prune.structure", "unstructured"), c["prune.structure"]
-            if theirs != mine or source.config.get("prune.nm") != c["prune.nm"]:
-                def said(structure, pattern):
-                    return f"{structure} (prune.nm={pattern})" if structure == "nm" else structure
-                raise hu.UserError(f"prune.masks_from={source.root} was made with prune.structure="
-                                   f"{said(theirs, source.config.get('prune.nm'))}, this run has prune.structure="
-                                   f"{said(mine, c['prune.nm'])}: a control trains its source's masks with the "
-                                   f"source's structure")
-            one_shot = get_training_type(source.config.get("prune.training_type", "imp")).one_shot
-            levels = source.planned_levels
-        else:
-            one_shot, levels = self.training_type.one_shot, c["prune.levels"]
-        n, m = nm_sparsity.parse_nm(c["prune.nm"])
-        shapes = {name: tuple(mask.shape) for name, mask in mask_layers.get_masks(self.model).items()}
-        self.nm_plan = nm_sparsity.nm_plan(shapes, n, m, None if one_shot else levels)
-        self.densities = self.nm_plan.densities[:len(self.densities)]
-        self.say(nm_sparsity.start_line(self.nm_plan, c["prune.allocation"]))
+    def read_control_source(self) -> LevelPlan:
+        """prune.masks_from: the source run, checked (utils/lottery/controls.py); -> the control's plan
+        (the source's levels, each taking the source's masks)."""
+        c = self.c
+        request = controls.ControlRequest.from_config(c, self.structure)
+        self.source = controls.read_source(c["prune.masks_from"], request, self.model, harness_params.defaults())
+        pretrained.check_control_weights(c["model.weights"], self.source.config.get("model.weights", ""),
+                                         c["prune.control"], self.source.root)
+        if c["prune.control"] == "reinit" and self.source.config.get("experiment.seed") == c["experiment.seed"]:
+            raise hu.UserError(f"prune.control=reinit with experiment.seed={c['experiment.seed']}, the seed of "
+                               f"prune.masks_from={self.source.root}: the 'fresh' initialisation would be "
+                               f"the ticket's own; give the control another experiment.seed")
+        refusal = self.structure.control_refusal(self.source.structure)
+        if refusal:
+            raise hu.UserError(f"prune.masks_from={self.source.root} {refusal}")
+        return self.source.plan.for_control(c["prune.levels"])
+
+    @property
+    def densities(self):
+        """Target density of every level this run trains (levels.csv ``target_density``)."""
+        return self.plan.densities
 
     @property
     def input_shape(self):
@@ -120,22 +110,15 @@ class ExperimentBase:
 
     def install_feature_callbacks(self) -> None:
         """The callbacks of the optional features the config asks for (before any training)."""
-        c, structure = self.c, self.channel_structure
-        if structure is not None:
-            zeroing = channel_zeroing.ChannelZeroing(structure, self.model)
-            zeroing.in_every_training = True  # the stability analysis' second copy keeps channels dead too
-            self.callbacks += [zeroing, hu.ChannelReport(structure)]
-        if self.nm_plan is not None:
-            self.callbacks.append(nm_sparsity.NMReport(self.nm_plan.m))
+        c = self.c
+        self.callbacks += self.structure.callbacks(self.model)  # e.g. dead channels kept at zero, extra columns
         if c["training.bn_l1"] > 0:
             self.callbacks.append(AfterBackward(slimming.bn_l1_hook(c["training.bn_l1"])))
-        if c["prune.early_bird"] and len(self.densities) > 1:
-            next_density, seed = self.densities[1], criteria.level_seed(c["experiment.seed"], 1)
+        if c["prune.early_bird"] and len(self.plan) > 1:
+            target, scoring = self.plan.target(1), hu.scoring(c, level=1, batches=None, device=self.ctx.device,
+                                                              input_shape=self.input_shape)
             self.callbacks.append(EarlyBird(
-                lambda m: channel_select.keep_vector(channel_select.select_channels(
-                    m, structure, density=next_density, criterion=c["prune.criterion"],
-                    allocation=c["prune.allocation"], seed=seed, min_fraction=c["prune.min_channel_fraction"]),
-                    structure),
+                lambda m: self.structure.unit_vector(m, target, scoring),
                 threshold=c["prune.early_bird_threshold"], window=c["prune.early_bird_window"],
                 agree=du.broadcast_object, min_epochs=c["prune.rewind_epoch"] if self.training_type.captures_rewind else 0))
         if c["analysis.stability"]:
@@ -212,34 +195,22 @@ class ExperimentBase:
 
     # ---------------------------------------------------------------------- masks
     def prunes_at(self, level: int) -> bool:
-        """Whether ``level`` starts by setting new masks (a control takes every level's, 0 included)."""
-        return self.source is not None or self.training_type.prunes_at(level)
+        """Whether ``level`` starts by setting new masks (the plan says; a control takes every level's)."""
+        return self.plan.prunes_at(level)
 
-    def level_masks(self, level: int, density: float) -> Dict[str, torch.Tensor]:
-        """Level ``level``'s masks as rank 0 computes them: from the control's source, by channel,
-        by per-layer counts, or by the config's criterion and allocation."""
-        c, seed = self.c, criteria.level_seed(self.c["experiment.seed"], level)
+    def level_masks(self, level: int) -> Dict[str, torch.Tensor]:
+        """Level ``level``'s masks as rank 0 computes them: the control's source's (shuffled within the
+        structure for the shuffle control), or the structure's masks of the plan's target, scored by
+        the config's criterion."""
+        c = self.c
         if self.source is not None:
             controls.wait_for_level(self.source, level, say=self.say)
-            if c["prune.control"] == "shuffle" and (self.channel_structure is not None or self.nm_plan is not None):
-                # shuffled within the structure: each group's count of kept channels (or of kept inputs
-                # per N:M group), read from the source's masks as they are, at random positions (a
-                # weight-shuffled channel mask would leave every channel partly alive)
-                masks = controls.masks_for_level(self.source, level, "none", c["experiment.seed"])
-                if self.channel_structure is not None:
-                    return channel_select.shuffled_channel_masks(self.channel_structure, masks, c["experiment.seed"])
-                return nm_sparsity.shuffled_nm_masks(masks, self.nm_plan.m, c["experiment.seed"])
-            return controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"])
-        if self.channel_structure is not None:
-            return channel_select.compute_channel_masks(self.model, self.channel_structure, density=density,
-                                                    criterion=c["prune.criterion"], allocation=c["prune.allocation"],
-                                                    seed=seed, min_fraction=c["prune.min_channel_fraction"])
+            return controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"],
+                                            shuffle=self.structure.shuffle)
         needs_batches = criteria.get_criterion(c["prune.criterion"]).needs_batches  # its registry entry says
         batches = self.snip_loader().batches(criteria.SCORE_EPOCH_OFFSET + level) if needs_batches else None
-        counts = self.layer_plan.counts[level] if self.layer_plan is not None else None
-        nm = self.nm_plan.target(level) if self.nm_plan is not None else None
-        return hu.compute_masks(c, self.model, level=level, density=density, batches=batches, device=self.ctx.device,
-                                input_shape=self.input_shape, layer_counts=counts, nm=nm)
+        scoring = hu.scoring(c, level=level, batches=batches, device=self.ctx.device, input_shape=self.input_shape)
+        return self.structure.masks(self.model, self.plan.target(level), scoring)
 
     def snip_loader(self):
         """Built once per run (an FFCV loader compiles its pipeline when first used).  Every
@@ -312,8 +283,9 @@ class ExperimentBase:
             return 0
         controls.wait_for_level(self.source, 0, say=self.say)  # as level 0's masks would (every rank)
         taken, message = du.decided_by_primary(lambda: controls.take_level_zero(
-            self.source, self.c, self.model, self.files.root, self.files.logs(), world_size=self.ctx.world_size,
-            device_type=self.ctx.device.type, semantic_difference=hu.semantic_difference), self.ctx.is_primary)
+            self.source, controls.ControlRequest.from_config(self.c, self.structure), self.model, self.files.root,
+            self.files.logs(), world_size=self.ctx.world_size, device_type=self.ctx.device.type,
+            differing=hu.semantic_difference(self.source.config, self.c)), self.ctx.is_primary)
         self.say(message)
         if taken:
             self.checkpoint(level=0, next_epoch=self.c["training.epochs"], phase="level_done",

@@ -18,7 +18,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import harness_params
-from utils.core.callbacks import Callback, LevelInfo
 from utils.core.errors import UserError
 from utils.data.loaders import make_loader
 from utils.data.records import resolve_dataset_spec, validate_beton
@@ -26,10 +25,10 @@ from utils.data.sources import DataError
 from utils.models import mask_layers, pretrained
 from utils.models.blurpool import add_blurpool_
 from utils.models.registry import ModelError, get_model
-from utils.pruning import channel_select as structured
 from utils.pruning import criteria
-from utils.pruning import masks as pruning_masks
-from utils.pruning import schedules as density_schedules
+from utils.pruning.settings import PruneSettings
+from utils.pruning.structures import get_structure
+from utils.pruning.structures.base import Scoring
 from utils.runs import checkpointing, rundir
 from utils.runs.checkpointing import (  # noqa: F401  (re-exported: the harness layer's one import)
     CHECKPOINT_FORMAT,
@@ -51,7 +50,6 @@ from utils.runs.rundir import (  # noqa: F401  (re-exported: the run directory's
     STABILITY_COLUMNS,
     CsvLog,
     DirDecision,
-    extra_columns,
     usable_launch_id,
 )
 from utils.runs.rundir import RunFiles as ExperimentFiles  # noqa: F401
@@ -59,6 +57,7 @@ from utils.runs.rundir import config_bytes as config_yaml  # noqa: F401
 from utils.runs.rundir import read_config as read_config_yaml  # noqa: F401
 from utils.training.optimizers import OPTIMIZERS, build_optimizer  # noqa: F401
 from utils.training.schedulers import LRSchedule, ScheduleSpec
+from utils.training.level_plan import LevelPlan, plan_levels
 from utils.training.training_types import get_training_type
 
 BN_BATCHES_EPOCH = 3_000_000  # data order of the batches the stability analysis re-estimates BatchNorm on
@@ -136,12 +135,11 @@ def read_run_checkpoints(files: ExperimentFiles, resolved: Dict[str, Any], rewin
 # ------------------------------------------------------------------ set-up from the config
 @dataclass
 class Inputs:
-    """What the config asks for, checked: dataset spec, resolutions, the masked model, densities."""
+    """What the config asks for, checked: dataset spec, resolutions, the masked model."""
     spec: Any
     train_resolution: int
     eval_resolution: int
     model: torch.nn.Module
-    densities: List[float]
     notes: List[str]
 
 
@@ -185,14 +183,7 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
         notes += pretrained.apply_given_weights(model, c["model.weights"], c["prune.masks_from"] and c["prune.control"])
     except pretrained.WeightsError as error:
         raise UserError(str(error)) from None
-    if get_training_type(c["prune.training_type"]).one_shot:
-        densities = [c["prune.target_density"]]
-    elif c["prune.masks_from"] and c["prune.levels"] is None and c["prune.target_density"] is None:
-        densities = [1.0]  # a control: its source's densities replace these (harness_setup.check_inputs)
-    else:
-        densities = density_schedules.iterative_densities(c["prune.rate"], levels=c["prune.levels"],
-                                                      target_density=c["prune.target_density"])
-    return Inputs(spec, train_resolution, eval_resolution, model, densities, notes)
+    return Inputs(spec, train_resolution, eval_resolution, model, notes)
 
 
 def make_data_loader(c: Dict[str, Any], spec: Any, device: torch.device, *, train: bool, resolution: int,
@@ -256,18 +247,36 @@ def wants_sync_bn(setting: Any, device: torch.device) -> bool:
     return setting is True or (setting == "auto" and device.type == "cuda")
 
 
-def compute_masks(c: Dict[str, Any], model: torch.nn.Module, *, level: int, density: float, batches, device,
-                  input_shape, layer_counts=None, nm=None) -> Dict[str, torch.Tensor]:
-    """Level ``level``'s masks by the config's criterion and allocation (seeded per level);
-    ``layer_counts``: per-layer kept counts (prune.layer_rates), or ``nm``: (kept per group, M)
-    (prune.structure=nm, no allocation), instead of ``density``."""
-    target = ({"layer_counts": layer_counts} if layer_counts is not None else {"nm": nm} if nm is not None
-              else {"density": density})
-    return pruning_masks.compute_masks(
-        model, **target, criterion=c["prune.criterion"], allocation=None if nm is not None else c["prune.allocation"],
-        batches=batches, loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.score_batches"],
-        synflow_iterations=c["prune.synflow_iterations"], input_shape=input_shape,
-        seed=criteria.level_seed(c["experiment.seed"], level), device=device, snip_mode=c["prune.snip_mode"])
+def scoring(c: Dict[str, Any], *, level: int, batches, device, input_shape) -> Scoring:
+    """What level ``level``'s masks are scored with: the config's criterion (its own options, e.g.
+    snip's prune.snip_mode) and allocation, seeded per level."""
+    criterion = criteria.get_criterion(c["prune.criterion"])
+    return Scoring(criterion=c["prune.criterion"], allocation=c["prune.allocation"],
+                   seed=criteria.level_seed(c["experiment.seed"], level), device=device, batches=batches,
+                   loss_fn=torch.nn.functional.cross_entropy, num_batches=c["prune.score_batches"],
+                   synflow_iterations=c["prune.synflow_iterations"], input_shape=input_shape,
+                   criterion_options={name: c[f"prune.{name}"] for name in criterion.options})
+
+
+def extra_columns(c: Dict[str, Any], structure) -> Dict[str, List[str]]:
+    """The columns the run's features add to levels.csv / layers.csv: its structure's
+    (``Structure.level_columns``, ``layer_columns``) and ``instability`` (stability analysis)."""
+    level = list(structure.level_columns) + (["instability"] if c["analysis.stability"] else [])
+    return {"level_extra": level, "layer_extra": list(structure.layer_columns)}
+
+
+def structure_of(c: Dict[str, Any]):
+    """The config's pruning structure, made with its prune settings (utils.pruning.structures)."""
+    return get_structure(c["prune.structure"])(PruneSettings.from_config(c))
+
+
+def level_plan(c: Dict[str, Any], model: torch.nn.Module, structure) -> LevelPlan:
+    """The run's own level plan (a control's is its source's: ``LevelPlan.for_control``)."""
+    try:
+        return plan_levels(PruneSettings.from_config(c), get_training_type(c["prune.training_type"]), structure,
+                           mask_layers.layer_shapes(model))
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def build_loaders(c: Dict[str, Any], spec: Any, ctx: Any, train_resolution: int, eval_resolution: int):
@@ -295,25 +304,3 @@ def resume_message(root: Path, last: Dict[str, Any]) -> str:
     if last["phase"] == "mid_epoch":
         where += f", batch {last['partial_epoch']['batches_done']}"
     return where
-
-
-# ------------------------------------------------------------------ feature callbacks
-class ChannelReport(Callback):
-    """Channel structure: channels alive in levels.csv / layers.csv, and each finished level's
-    weights in checkpoints/level_L.pt (what ``python -m utils.compact`` makes smaller)."""
-
-    def __init__(self, structure):
-        self.structure = structure
-
-    def on_level_end(self, info: LevelInfo) -> None:
-        masks = mask_layers.get_masks(info.model)
-        info.row["channel_density"] = structured.channel_density(self.structure, masks)
-        alive = structured.channels_alive(masks)
-        for layer in info.extra["layers"]:
-            layer["channels_alive"], layer["channels"] = alive[layer["layer"]]
-
-    def on_level_logged(self, info: LevelInfo) -> None:
-        if info.is_primary:
-            atomic_torch_save({"format": CHECKPOINT_FORMAT, "level": info.level,
-                               "model": checkpointing.model_state(info.model)},
-                              ExperimentFiles(Path(info.root)).level_weights(info.level))

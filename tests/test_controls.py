@@ -59,7 +59,7 @@ def source(tmp_path):
 
 def test_reads_a_source_and_counts_only_finished_levels(tmp_path, source):
     c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": source})
-    src = controls.read_source(source, c, model_for(c))
+    src = controls.read_source(source, controls.ControlRequest.from_config(c), model_for(c))
     assert controls.finished_levels(src) == 3 and src.planned_levels == 4
     assert src.planned_densities[2] == pytest.approx(0.64)
     assert controls.control_levels(src, None) == 4 and controls.control_levels(src, 2) == 2
@@ -77,7 +77,7 @@ def test_reads_a_source_and_counts_only_finished_levels(tmp_path, source):
 
 def test_shuffle_keeps_each_layers_count_at_random_nested_positions(tmp_path, source):
     c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": source, "prune.control": "shuffle"})
-    src = controls.read_source(source, c, model_for(c))
+    src = controls.read_source(source, controls.ControlRequest.from_config(c), model_for(c))
     original = controls.load_level_masks(src, 2)
     shuffled = controls.masks_for_level(src, 2, "shuffle", seed=0)
     for name in original:
@@ -95,7 +95,7 @@ def test_shuffle_keeps_each_layers_count_at_random_nested_positions(tmp_path, so
 def test_initial_weights_are_the_sources_or_this_runs_own(tmp_path, source):
     c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": source, "prune.control": "reinit"})
     model = model_for(c, seed=3)
-    src = controls.read_source(source, c, model)
+    src = controls.read_source(source, controls.ControlRequest.from_config(c), model)
     saved = torch.load(source / "checkpoints" / "init.pt")["model"]
     for control in ("none", "shuffle"):
         state = controls.initial_state(src, control, model)
@@ -142,7 +142,7 @@ def test_unfit_sources_are_refused_in_one_line(tmp_path, source, damage, overrid
         damage(source)
     c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": source, **overrides})
     with pytest.raises(controls.ControlError) as error:
-        controls.read_source(source, c, model_for(c) if c["model.name"] == "lenet_300_100" else
+        controls.read_source(source, controls.ControlRequest.from_config(c), model_for(c) if c["model.name"] == "lenet_300_100" else
                              prepare_model(get_model("lenet5", num_classes=10, in_channels=1, image_size=12)))
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
@@ -150,16 +150,16 @@ def test_unfit_sources_are_refused_in_one_line(tmp_path, source, damage, overrid
 def test_missing_directory_and_own_directory_are_refused(tmp_path, source):
     c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": tmp_path / "nope"})
     with pytest.raises(controls.ControlError, match="no such experiment directory"):
-        controls.read_source(tmp_path / "nope", c, model_for(c))
+        controls.read_source(tmp_path / "nope", controls.ControlRequest.from_config(c), model_for(c))
     c = config(tmp_path, **{"experiment.name": "source", "experiment.base_dir": source.parent,
                             "prune.masks_from": source})
     with pytest.raises(controls.ControlError, match="this run's own directory"):
-        controls.read_source(source, c, model_for(c))
+        controls.read_source(source, controls.ControlRequest.from_config(c), model_for(c))
 
 
 def test_wait_for_level_polls_until_the_row_appears_and_gives_up_when_told(tmp_path, source):
     c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": source})
-    src = controls.read_source(source, c, model_for(c))
+    src = controls.read_source(source, controls.ControlRequest.from_config(c), model_for(c))
     sleeps = []
 
     def finish_level_3(seconds):
@@ -214,11 +214,12 @@ def level_zero_check(tmp_path, source, *, model=None, world_size=1, device_type=
     import harness_utils as hu
     c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": source, "prune.control": "shuffle",
                             "training.epochs": 2, "training.device": "cpu", **overrides})
-    src = controls.read_source(source, c, model_for(c))
+    src = controls.read_source(source, controls.ControlRequest.from_config(c), model_for(c))
     logs = fake_logs()
-    return controls.level_zero_difference(src, c, model or model_for(c), world_size=world_size, device_type=device_type,
+    return controls.level_zero_difference(src, controls.ControlRequest.from_config(c), model or model_for(c),
+                                          world_size=world_size, device_type=device_type,
                                           columns={n: log.columns for n, log in logs.items()},
-                                          semantic_difference=hu.semantic_difference)
+                                          differing=hu.semantic_difference(src.config, c))
 
 
 @pytest.fixture
@@ -237,12 +238,13 @@ def test_an_identical_level_0_is_taken_with_its_rows_masks_and_a_note(tmp_path, 
     assert level_zero_check(tmp_path, full_source, **{"prune.control": "none", "prune.levels": 2}) is None
     c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": full_source, "prune.control": "shuffle",
                             "training.epochs": 2, "training.device": "cpu"})
-    src = controls.read_source(full_source, c, model_for(c))
+    src = controls.read_source(full_source, controls.ControlRequest.from_config(c), model_for(c))
     root = tmp_path / "runs" / "control"
     (root / "masks").mkdir(parents=True)
     logs = fake_logs()
-    taken, message = controls.take_level_zero(src, c, model_for(c), root, logs, world_size=1, device_type="cpu",
-                                              semantic_difference=hu.semantic_difference)
+    taken, message = controls.take_level_zero(src, controls.ControlRequest.from_config(c), model_for(c), root, logs,
+                                              world_size=1, device_type="cpu",
+                                              differing=hu.semantic_difference(src.config, c))
     assert taken and message.startswith(f"level 0 taken from {full_source} (6 CSV rows copied")
     for name, log in logs.items():
         source_rows = pd.read_csv(full_source / f"{name}.csv", dtype=str, keep_default_na=False)
@@ -290,12 +292,13 @@ def test_a_stale_note_goes_when_level_0_is_trained(tmp_path, full_source):
     import harness_utils as hu
     c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": full_source, "prune.control": "shuffle",
                             "training.epochs": 3, "training.device": "cpu"})
-    src = controls.read_source(full_source, c, model_for(c))
+    src = controls.read_source(full_source, controls.ControlRequest.from_config(c), model_for(c))
     root = tmp_path / "runs" / "control"
     root.mkdir(parents=True)
     (RunFiles(root).reused.path).write_text("level,source,reason\n0,x,y\n")
-    taken, message = controls.take_level_zero(src, c, model_for(c), root, fake_logs(), world_size=1,
-                                              device_type="cpu", semantic_difference=hu.semantic_difference)
+    taken, message = controls.take_level_zero(src, controls.ControlRequest.from_config(c), model_for(c), root,
+                                              fake_logs(), world_size=1, device_type="cpu",
+                                              differing=hu.semantic_difference(src.config, c))
     assert not taken and "differs from the source's in training.epochs" in message
     assert not (RunFiles(root).reused.path).exists()
 

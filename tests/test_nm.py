@@ -115,7 +115,7 @@ def test_plan_densities_dense_layers_and_start_line():
 
 
 # ------------------------------------------------------------------- through compute_masks
-@pytest.mark.parametrize("criterion", list(criteria.SCORES))
+@pytest.mark.parametrize("criterion", criteria.weight_criteria())
 def test_every_criterion_gives_exact_nested_nm_masks_level_by_level(criterion):
     model = resnet20()
     options = dict(criterion=criterion, batches=batches(), input_shape=INPUT_SHAPE, synflow_iterations=5, seed=3)

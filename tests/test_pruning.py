@@ -35,7 +35,7 @@ from utils.pruning import schedules as density_schedules
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE = (3, 8, 8)
-CRITERIA = list(criteria.SCORES)          # every registered name: a new entry is tested without editing this file
+CRITERIA = criteria.weight_criteria()   # every registered name that scores weights: a new entry is tested without editing this file
 ALLOCATIONS = list(allocations.ALLOCATIONS)
 DENSITIES = [0.5, 0.2, 0.05, 0.011]
 
@@ -245,7 +245,8 @@ def test_criteria_entries_say_what_they_need():
     function fails without what its entry says it needs, and works without the rest."""
     model = resnet20()
     dense = all_true_masks(model)
-    for name, entry in criteria.SCORES.items():
+    for name in CRITERIA:
+        entry = criteria.SCORES[name]
         full = criteria.ScoringInputs(model=model, device=torch.device("cpu"), batches=make_batches(), num_batches=1,
                                 input_shape=INPUT_SHAPE)
         assert set(entry.score(full, dense)) == set(dense), name
@@ -431,15 +432,14 @@ def test_snip_scores_are_eval_mode_gradients_by_default_train_mode_on_request_su
         criteria.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2), all_true_masks(model))
     for name in default:
         assert torch.allclose(default[name], eval_mode[name], rtol=1e-4, atol=1e-7), name
-    inputs = criteria.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2,
-                              snip_mode="train")
-    scores = criteria.get_score_fn("snip")(inputs, all_true_masks(model))
+    inputs = criteria.ScoringInputs(model=model, device=torch.device("cpu"), batches=batches, num_batches=2)
+    scores = criteria.get_score_fn("snip", snip_mode="train")(inputs, all_true_masks(model))
     for name in scores:
         assert torch.allclose(scores[name], train_mode[name], rtol=1e-4, atol=1e-7), name
     assert any(not torch.allclose(scores[n], eval_mode[n], rtol=1e-2) for n in scores)
     # the masked model is scored, even when the masks are not installed in the model
     masks = pruning_masks.compute_masks(model, density=0.3, criterion="random", allocation="global")
-    scores = criteria.get_score_fn("snip")(inputs, masks)
+    scores = criteria.get_score_fn("snip", snip_mode="train")(inputs, masks)
     masked = copy.deepcopy(model)
     set_masks(masked, masks)
     expected = manual_snip_scores(masked, batches[:2], train=True)
@@ -452,7 +452,7 @@ def test_a_density_and_the_same_per_layer_counts_give_the_same_masks(snip_mode):
     """One mask path: every option reaches the per-layer target as it reaches the density target."""
     model = resnet20()
     options = dict(criterion="snip", allocation="uniform", batches=make_batches(count=2), num_batches=2,
-                   snip_mode=snip_mode)
+                   criterion_options={"snip_mode": snip_mode})
     by_density = pruning_masks.compute_masks(model, density=0.3, **options)
     by_layer = pruning_masks.compute_masks(model, layer_counts=layer_counts(by_density), **options)
     assert all(torch.equal(by_density[name], by_layer[name]) for name in by_density)
@@ -464,7 +464,7 @@ def test_layer_rates_with_snip_train_mode_score_in_train_mode():
     plan = density_schedules.layer_rate_plan(model, ["fc=0.5", "blocks.*=0.3"], 0.2, 2)
     batches = make_batches(count=2)
     masks = {mode: pruning_masks.compute_masks(model, layer_counts=plan.counts[1], criterion="snip", allocation="uniform",
-                                    batches=batches, num_batches=2, snip_mode=mode) for mode in criteria.SNIP_MODES}
+                                    batches=batches, num_batches=2, criterion_options={"snip_mode": mode}) for mode in criteria.SNIP_MODES}
     for mode, train in (("train", True), ("eval", False)):
         scores = manual_snip_scores(model, batches, train=train)
         for name, mask in masks[mode].items():

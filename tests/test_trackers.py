@@ -19,6 +19,7 @@ from utils.runs.trackers import (
     WandbTracker,
     check_trackers,
     global_step,
+    TrackerSettings,
     make_trackers,
     next_step_from_csv,
 )
@@ -75,18 +76,18 @@ def read_scalars(root: Path):
 
 
 def test_off_by_default_and_rank_zero_only(tmp_path):
-    assert make_trackers(config(), tmp_path, True) == []
-    assert make_trackers(config(**{"logging.tensorboard": True}), tmp_path, False) == []
-    trackers = make_trackers(config(**{"logging.tensorboard": True}), tmp_path, True)
+    assert make_trackers(TrackerSettings.from_config(config()), tmp_path, True) == []
+    assert make_trackers(TrackerSettings.from_config(config(**{"logging.tensorboard": True})), tmp_path, False) == []
+    trackers = make_trackers(TrackerSettings.from_config(config(**{"logging.tensorboard": True})), tmp_path, True)
     assert [type(t) for t in trackers] == [TensorBoardTracker]
     # nested configs work too
     nested = {"training": {"epochs": 2}, "logging": {"tensorboard": True, "wandb_project": None}}
-    assert [type(t) for t in make_trackers(nested, tmp_path, True)] == [TensorBoardTracker]
+    assert [type(t) for t in make_trackers(TrackerSettings.from_config(nested), tmp_path, True)] == [TensorBoardTracker]
     assert list(tmp_path.iterdir()) == []  # nothing written before the run starts
 
 
 def test_tensorboard_event_files_hold_every_epoch_and_level(tmp_path):
-    tracker = make_trackers(config(**{"logging.tensorboard": True}), tmp_path, True)[0]
+    tracker = make_trackers(TrackerSettings.from_config(config(**{"logging.tensorboard": True})), tmp_path, True)[0]
     play(tracker, tmp_path, lambda level: range(EPOCHS), [0, 1])
     assert list(tmp_path.glob("events.out.tfevents.*")), "event file next to the CSVs"
     scalars = read_scalars(tmp_path)
@@ -103,7 +104,7 @@ def test_tensorboard_event_files_hold_every_epoch_and_level(tmp_path):
 
 
 def test_wr_levels_restart_at_the_rewind_epoch_without_reusing_steps(tmp_path):
-    tracker = make_trackers(config(**{"logging.tensorboard": True}), tmp_path, True)[0]
+    tracker = make_trackers(TrackerSettings.from_config(config(**{"logging.tensorboard": True})), tmp_path, True)[0]
     play(tracker, tmp_path, lambda level: range(EPOCHS) if level == 0 else range(1, EPOCHS), [0, 1, 2])
     steps = [step for step, _ in read_scalars(tmp_path)["epoch/test_acc"]]
     assert steps == sorted(set(steps)) == [0, 1, 2, 4, 5, 7, 8]
@@ -202,19 +203,19 @@ def test_next_step_from_csv(tmp_path):
 def test_wandb_refused_in_one_line_when_not_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError, as when not installed
     with pytest.raises(TrackerError) as error:
-        make_trackers(config(**{"logging.wandb_project": "lottery"}), tmp_path, True)
+        make_trackers(TrackerSettings.from_config(config(**{"logging.wandb_project": "lottery"})), tmp_path, True)
     message = str(error.value)
     assert "logging.wandb_project" in message and "wandb" in message and "\n" not in message
     with pytest.raises(TrackerError):  # every rank refuses, not only the one that would log
-        make_trackers(config(**{"logging.wandb_project": "lottery"}), tmp_path, False)
-    check_trackers(config())  # off: nothing to check
+        make_trackers(TrackerSettings.from_config(config(**{"logging.wandb_project": "lottery"})), tmp_path, False)
+    check_trackers(TrackerSettings.from_config(config()))  # off: nothing to check
     assert list(tmp_path.iterdir()) == []
 
 
 def test_tensorboard_refused_when_its_package_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(TrackerError, match="logging.tensorboard"):
-        check_trackers(config(**{"logging.tensorboard": True}))
+        check_trackers(TrackerSettings.from_config(config(**{"logging.tensorboard": True})))
 
 
 class FakeRun:
@@ -247,7 +248,7 @@ def test_wandb_logging_calls_with_a_fake_module(tmp_path, monkeypatch):
     calls = []
     module = fake_wandb(calls)
     monkeypatch.setitem(sys.modules, "wandb", module)
-    trackers = make_trackers(config(**{"logging.wandb_project": "lottery"}), tmp_path, True)
+    trackers = make_trackers(TrackerSettings.from_config(config(**{"logging.wandb_project": "lottery"})), tmp_path, True)
     assert [type(t) for t in trackers] == [WandbTracker]
     play(trackers[0], tmp_path, lambda level: range(EPOCHS), [0, 1])
     (_, init), = calls

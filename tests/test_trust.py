@@ -82,7 +82,7 @@ def test_snip_scores_in_eval_mode_by_default():
     expected = _hand_snip_masks(model, batch, 0.3)
     for name in expected:
         assert torch.equal(default[name], expected[name]), name
-    train = pruning_masks.compute_masks(model, snip_mode="train", **kwargs)
+    train = pruning_masks.compute_masks(model, criterion_options={"snip_mode": "train"}, **kwargs)
     assert any(not torch.equal(train[n], default[n]) for n in default), "train mode must remain available and differ"
 
 

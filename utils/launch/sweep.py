@@ -119,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plan_words(run: Run) -> str:
+    """What a run's level plan says, for the dry run: its levels and their target densities."""
+    import harness_params
+    from utils.training.level_plan import PlanError, plan_of_config
+    if run.source is not None:
+        return "levels: its source's"
+    try:
+        plan = plan_of_config(run.config, harness_params.defaults())
+    except PlanError as error:
+        return f"levels: cannot be planned here ({error})"
+    shown = ", ".join("?" if d is None else f"{100 * d:.3g}%" for d in plan.densities)
+    return f"{len(plan)} level{'s' * (len(plan) != 1)} (target densities {shown})"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -142,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for run in sweep.runs:
             role = "" if run.source is None else \
                 f"  (control {run.control.control} of {run.source.name}, seed {run.config['experiment.seed']})"
-            print(f"  {run.name} [{states[run.name]}]{role}")
+            print(f"  {run.name} [{states[run.name]}]{role}  {plan_words(run)}")
             print(f"    {show_command(sweep_local.run_command(run, sweep.nproc_per_node))}")
         return 0
     conflicts = [run.name for run in todo if states[run.name] == "conflict"]

@@ -46,36 +46,37 @@ level 0 and says why in one line:
   source's ``init.pt``, which the control has).  ``wr`` and ``lrr`` start them from level 0's
   rewind point or trained weights, which the source does not keep for others;
 * the configs are the same apart from ``prune.masks_from``, ``prune.control``,
-  ``prune.levels`` and the keys that never change results (the harness's rule, passed in as
-  ``semantic_difference``): same seed (so the same data order), loader, optimizer, epochs,
-  precision, ...; no stability analysis, Early-Bird or channel structure (they write files
-  of their own at level 0);
+  ``prune.levels`` and the keys that never change results (the harness's rule: the caller
+  passes the keys that differ, ``differing``): same seed (so the same data order), loader,
+  optimizer, epochs, precision, ...; no stability analysis, Early-Bird or a structure with
+  columns of its own (channel, N:M: they write files of their own at level 0);
 * the source's level 0 is finished and dense (its mask keeps every weight), with every
   epoch's row and every layer's row there, in CSV files with the control's columns;
 * it ran on the same device type as the control, with the same number of processes
   whenever that changes the model (BatchNorm with per-rank statistics:
   ``run_facts.batchnorm_processes``), as its last checkpoint records.
 
-Everything here takes plain arguments; nothing reads the global config.
+Everything here takes plain arguments and a typed view of what a control asks
+(``ControlRequest``); nothing reads the global config.  A source's levels are its own level plan
+(``utils.training.level_plan``), built from its ``config.yaml``.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from utils.models.mask_layers import Masks, mask_buffer_names, masked_layers
-from utils.pruning.schedules import iterative_densities, layer_rate_plan
-from utils.pruning.topk import keep_top_k
+from utils.models.mask_layers import Masks, mask_buffer_names
+from utils.models.mask_layers import layer_shapes as mask_layer_shapes
+from utils.pruning.structures.base import Structure
+from utils.training.level_plan import LevelPlan, PlanError, parts_of, plan_levels
 from utils.runs.rundir import RunDirError, RunFiles, read_config
-from utils.training.training_types import get_training_type
 
 CONTROLS = ("none", "reinit", "shuffle")
 # Keys in which a control may differ from its source and still train the same level 0.
@@ -89,12 +90,49 @@ class ControlError(ValueError):
 
 
 @dataclass(frozen=True)
+class ControlRequest:
+    """What a control run asks of its source: the keys controls read, as a typed view."""
+
+    control: str                                # prune.control: none, reinit, shuffle
+    levels: Optional[int]                       # prune.levels: at most this many of the source's levels
+    own_dir: Optional[Path]                     # experiment.base_dir / experiment.name (None: not known)
+    matching: Dict[str, Any]                    # MATCHING_KEYS -> this run's values
+    training_type: str                          # prune.training_type
+    structure: Optional[Structure] = None       # this run's pruning structure (None: not asked)
+    stability: bool = False                     # analysis.stability
+    early_bird: bool = False                    # prune.early_bird
+    sync_bn: Any = "auto"                       # distributed.sync_bn
+    epochs: int = 0                             # training.epochs
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], structure: Optional[Structure] = None) -> "ControlRequest":
+        name = config.get("experiment.name")
+        return cls(control=str(config.get("prune.control", "none")), levels=config.get("prune.levels"),
+                   own_dir=Path(str(config.get("experiment.base_dir", ""))) / str(name) if name else None,
+                   matching={key: config.get(key) for key in MATCHING_KEYS},
+                   training_type=str(config.get("prune.training_type", "imp")), structure=structure,
+                   stability=bool(config.get("analysis.stability", False)),
+                   early_bird=bool(config.get("prune.early_bird", False)),
+                   sync_bn=config.get("distributed.sync_bn", "auto"), epochs=int(config.get("training.epochs", 0)))
+
+
+@dataclass(frozen=True)
 class Source:
     root: Path
     config: Dict[str, Any]                      # the source's config.yaml, dotted keys
     layer_shapes: Dict[str, Tuple[int, ...]]    # prunable layer -> weight shape (this model's, module order)
-    planned_levels: int                         # levels the source's config asks for
-    planned_densities: List[float]              # their target densities, as the source computes them
+    plan: LevelPlan                             # the source's own level plan
+    structure: Structure                        # the source's pruning structure
+
+    @property
+    def planned_levels(self) -> int:
+        """Levels the source's config asks for."""
+        return len(self.plan)
+
+    @property
+    def planned_densities(self) -> List[float]:
+        """Their target densities, as the source computes them."""
+        return self.plan.densities
 
     def mask_path(self, level: int) -> Path:
         return RunFiles(self.root).masks(level)
@@ -127,36 +165,35 @@ def _same_directory(a: Path, b: Path) -> bool:
         return False
 
 
-def read_source(path, config: Mapping[str, Any], model: nn.Module) -> Source:
+def read_source(path, request: ControlRequest, model: nn.Module,
+                defaults: Optional[Mapping[str, Any]] = None) -> Source:
     """Check that experiment directory ``path`` can be the source of a control run.
 
-    ``config``: the control's resolved config (dotted keys; model.name, dataset.name,
-    prune.exclude, prune.levels, experiment.base_dir and .name are read).  ``model``: the
-    control's model, prepared (its masked layers are the prunable ones).  -> Source, or
-    ControlError naming what does not fit.
+    ``request``: what the control asks (its model, dataset, exclusions, levels, directory).
+    ``model``: the control's model, prepared (its masked layers are the prunable ones).
+    ``defaults``: the harness's defaults, for keys an older source's config.yaml lacks.
+    -> Source, or ControlError naming what does not fit.
     """
     root = Path(path)
     if not root.is_dir():
         raise ControlError(f"prune.masks_from={path}: no such experiment directory")
-    own = Path(str(config.get("experiment.base_dir", ""))) / str(config.get("experiment.name", ""))
-    if config.get("experiment.name") and _same_directory(root, own):
+    if request.own_dir is not None and _same_directory(root, request.own_dir):
         raise ControlError(f"prune.masks_from={path} is this run's own directory")
     source_config = _read_config(root)
     if source_config.get("prune.masks_from"):
         raise ControlError(f"prune.masks_from={path} is itself a control (of {source_config['prune.masks_from']}); "
                            f"use its source")
     for key in MATCHING_KEYS:
-        mine, theirs = config.get(key), source_config.get(key)
+        mine, theirs = request.matching.get(key), source_config.get(key)
         if key == "prune.exclude":
             mine, theirs = list(mine or []), list(theirs or [])
         if mine != theirs:
             raise ControlError(f"prune.masks_from={path} was made with {key}={theirs!r}, this run has {key}={mine!r}")
-    layer_shapes = {name: tuple(layer.weight.shape) for name, layer in masked_layers(model)}
+    layer_shapes = mask_layer_shapes(model)
     _check_initial_weights(RunFiles(root).init_checkpoint, model, path)
-    planned = _planned_densities(source_config, model, path)
-    source = Source(root=root, config=source_config, layer_shapes=layer_shapes,
-                    planned_levels=len(planned), planned_densities=planned)
-    wanted = config.get("prune.levels")
+    plan, structure = _source_plan(source_config, defaults, layer_shapes, path)
+    source = Source(root=root, config=source_config, layer_shapes=layer_shapes, plan=plan, structure=structure)
+    wanted = request.levels
     if wanted is not None and wanted > source.planned_levels:
         raise ControlError(f"prune.levels={wanted} but prune.masks_from={path} has {source.planned_levels} levels "
                            f"in all; use at most {source.planned_levels} (or leave prune.levels unset)")
@@ -165,16 +202,13 @@ def read_source(path, config: Mapping[str, Any], model: nn.Module) -> Source:
     return source
 
 
-def _planned_densities(source_config: Mapping[str, Any], model: nn.Module, path) -> List[float]:
-    """The target densities of the source's levels, as its own run computes them."""
+def _source_plan(source_config: Mapping[str, Any], defaults: Optional[Mapping[str, Any]],
+                 shapes: Mapping[str, Tuple[int, ...]], path) -> Tuple[LevelPlan, Structure]:
+    """The source's levels and structure, as its own run plans them."""
     try:
-        if get_training_type(source_config.get("prune.training_type", "imp")).one_shot:
-            return [float(source_config["prune.target_density"])]
-        rate, levels = float(source_config["prune.rate"]), source_config.get("prune.levels")
-        if source_config.get("prune.layer_rates"):
-            return layer_rate_plan(model, source_config["prune.layer_rates"], rate, int(levels)).densities
-        return iterative_densities(rate, levels=levels, target_density=source_config.get("prune.target_density"))
-    except (KeyError, TypeError, ValueError) as error:
+        settings, training_type, structure = parts_of(source_config, defaults)
+        return plan_levels(settings, training_type, structure, shapes), structure
+    except (PlanError, KeyError, TypeError, ValueError) as error:
         raise ControlError(f"prune.masks_from={path}: its config.yaml does not say which levels it runs "
                            f"({_first_line(error)})") from None
 
@@ -249,9 +283,11 @@ def load_level_masks(source: Source, level: int) -> Masks:
     return checked
 
 
-def masks_for_level(source: Source, level: int, control: str, seed: int) -> Masks:
+def masks_for_level(source: Source, level: int, control: str, seed: int,
+                    shuffle: Optional[Callable[[Masks, int], Masks]] = None) -> Masks:
     """What the control trains at ``level``: the source's masks (``none``, ``reinit``) or
-    their per-layer counts at random positions (``shuffle``, see the module docstring)."""
+    their counts at random positions within the structure (``shuffle``: ``shuffle(masks, seed)``,
+    by default the source's structure's, ``Structure.shuffle``; see the module docstring)."""
     if control not in CONTROLS:
         raise ControlError(f"prune.control={control!r}; valid: {', '.join(CONTROLS)}")
     done = finished_levels(source)
@@ -259,24 +295,9 @@ def masks_for_level(source: Source, level: int, control: str, seed: int) -> Mask
         raise ControlError(f"level {level} of prune.masks_from={source.root} is not finished yet "
                            f"({done} of its {source.planned_levels} levels are)")
     masks = load_level_masks(source, level)
-    return shuffled_masks(masks, seed) if control == "shuffle" else masks
-
-
-def _layer_seed(seed: int, layer_index: int) -> int:
-    digest = hashlib.sha256(f"shuffle-control:{seed}:{layer_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def shuffled_masks(masks: Masks, seed: int) -> Masks:
-    """Each layer keeps as many weights as ``masks`` keeps there, at the positions of
-    highest priority: priorities i.i.d. U(0, 1) in float64 from a generator seeded with
-    (seed, layer index), the same for every level, so fewer kept weights -> a subset."""
-    shuffled = {}
-    for index, (name, mask) in enumerate(masks.items()):
-        generator = torch.Generator(device="cpu").manual_seed(_layer_seed(seed, index))
-        priority = torch.rand(mask.shape, generator=generator, dtype=torch.float64)
-        shuffled[name] = keep_top_k(priority, int(mask.count_nonzero()))
-    return shuffled
+    if control != "shuffle":
+        return masks
+    return (shuffle or source.structure.shuffle)(masks, seed)
 
 
 def initial_state(source: Source, control: str, model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -293,7 +314,7 @@ def initial_state(source: Source, control: str, model: nn.Module) -> Dict[str, t
 
 def control_levels(source: Source, levels: Optional[int]) -> int:
     """How many levels the control trains: ``prune.levels``, or all of the source's."""
-    return source.planned_levels if levels is None else min(levels, source.planned_levels)
+    return len(source.plan.for_control(levels))
 
 
 def wait_for_level(source: Source, level: int, *, poll_s: float = 30.0, timeout_s: Optional[float] = None,
@@ -325,25 +346,28 @@ def _csv_rows(path: Path) -> Tuple[List[str], List[Dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def level_zero_difference(source: Source, config: Mapping[str, Any], model: nn.Module, *, world_size: int,
-                          device_type: str, columns: Mapping[str, List[str]],
-                          semantic_difference: Callable[[Mapping[str, Any], Mapping[str, Any]], List[str]]) -> Optional[str]:
+def level_zero_difference(source: Source, request: ControlRequest, model: nn.Module, *, world_size: int,
+                          device_type: str, columns: Mapping[str, List[str]], differing: Sequence[str]) -> Optional[str]:
     """None when this control's level 0 would be an exact copy of its source's (see the module
     docstring), else why not (a phrase).  ``columns``: the control's CSV logs' columns
-    (``{"epochs": [...], "levels": [...], "layers": [...]}``); ``semantic_difference(a, b)``: the
-    keys whose values differ in what a run computes (the harness's rule)."""
+    (``{"epochs": [...], "levels": [...], "layers": [...]}``); ``differing``: the keys in which
+    the control's config differs from the source's in what a run computes (the harness's rule)."""
     from utils.runs import run_facts
-    control = config.get("prune.control")
+    from utils.training.training_types import get_training_type
+    control = request.control
     if control not in ("none", "shuffle"):
         return f"prune.control={control} starts from its own initial weights"
-    kind = config.get("prune.training_type")
+    kind = request.training_type
     if not get_training_type(kind).resets_to_init:
         return (f"prune.training_type={kind}: later levels start from level 0's trained state, which the "
                 f"source does not keep")
-    for key, off in (("analysis.stability", False), ("prune.early_bird", False), ("prune.structure", "unstructured")):
-        if config.get(key, off) not in (off, None):
-            return f"{key}={config.get(key)} writes files of its own at level 0"
-    differing = [k for k in semantic_difference(source.config, dict(config)) if k not in LEVEL_ZERO_FREE_KEYS]
+    for key, on in (("analysis.stability", request.stability), ("prune.early_bird", request.early_bird)):
+        if on:
+            return f"{key}={on} writes files of its own at level 0"
+    structure = request.structure or source.structure
+    if structure.level_columns or structure.layer_columns:
+        return f"prune.structure={structure.settings.structure} writes files of its own at level 0"
+    differing = [k for k in differing if k not in LEVEL_ZERO_FREE_KEYS]
     if differing:
         return "its config differs from the source's in " + ", ".join(differing[:4]) + (" ..." if len(differing) > 4 else "")
     if finished_levels(source) < 1:
@@ -357,7 +381,7 @@ def level_zero_difference(source: Source, config: Mapping[str, Any], model: nn.M
     if execution.device_type != device_type:
         return f"the source ran on {execution.device_type}, this run on {device_type}"
     has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    sync_bn = config.get("distributed.sync_bn", "auto")
+    sync_bn = request.sync_bn
     theirs = run_facts.batchnorm_processes(world_size=execution.world_size, device_type=execution.device_type,
                                            sync_bn=source.config.get("distributed.sync_bn", "auto"),
                                            has_batchnorm=has_batchnorm)
@@ -366,7 +390,7 @@ def level_zero_difference(source: Source, config: Mapping[str, Any], model: nn.M
     if theirs != mine:
         return (f"its BatchNorm statistics were per-rank over {theirs} process(es), this run's over {mine} "
                 f"(another model)")
-    expected = {"epochs": int(config.get("training.epochs", 0)), "levels": 1, "layers": len(source.layer_shapes)}
+    expected = {"epochs": request.epochs, "levels": 1, "layers": len(source.layer_shapes)}
     for name, wanted in columns.items():
         path = source.root / f"{name}.csv"
         try:
@@ -401,17 +425,16 @@ def copy_level_zero(source: Source, root, logs: Mapping[str, Any]) -> int:
     return copied
 
 
-def take_level_zero(source: Source, config: Mapping[str, Any], model: nn.Module, root, logs: Mapping[str, Any], *,
-                    world_size: int, device_type: str,
-                    semantic_difference: Callable[[Mapping[str, Any], Mapping[str, Any]], List[str]]) -> Tuple[bool, str]:
+def take_level_zero(source: Source, request: ControlRequest, model: nn.Module, root, logs: Mapping[str, Any], *,
+                    world_size: int, device_type: str, differing: Sequence[str]) -> Tuple[bool, str]:
     """Rank 0, in a fresh control directory: take the source's level 0 when it is identical
     (``level_zero_difference``), else leave it to be trained (and remove a ``reused.csv`` an
     interrupted start may have left).  -> (taken, the line to print)."""
     root = Path(root)
     try:
-        why_not = level_zero_difference(source, config, model, world_size=world_size, device_type=device_type,
+        why_not = level_zero_difference(source, request, model, world_size=world_size, device_type=device_type,
                                         columns={name: list(log.columns) for name, log in logs.items()},
-                                        semantic_difference=semantic_difference)
+                                        differing=differing)
     except ControlError as error:
         why_not = str(error)
     if why_not is not None:

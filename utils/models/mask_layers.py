@@ -370,6 +370,11 @@ def apply_masks_per_layer_(model: nn.Module) -> None:
         layer.weight.mul_(layer.mask)
 
 
+def layer_shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    """Prunable layer -> its weight's shape, in module order."""
+    return {name: tuple(layer.weight.shape) for name, layer in masked_layers(model)}
+
+
 def get_masks(model: nn.Module) -> Masks:
     """A copy of the current masks, on CPU."""
     return {name: layer.mask.detach().to("cpu", copy=True) for name, layer in masked_layers(model)}

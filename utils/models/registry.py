@@ -1,5 +1,9 @@
 """Model registry: torchvision classifiers by name, plus the lottery-ticket families.
 
+One concern, though over 500 lines: which network a model name builds.  The families written
+here register themselves with ``@register`` beside the registry, so every name's builder and
+its adaptation rules (stems, heads, initialisation) are read in one file.
+
 ``get_model(name, num_classes=..., in_channels=..., image_size=...)`` is the only entry
 point the harness needs.  Every builder in ``MODELS`` takes the same three plain
 arguments, so a new family is one decorated function (no if/elif over names).

@@ -33,9 +33,7 @@ from torch import nn
 
 from utils.models.mask_layers import masked_layers
 
-STRUCTURES = ("unstructured", "channel")
-CHANNEL_SCORES = ("magnitude", "bn_gamma", "random")
-CHANNEL_ALLOCATIONS = ("global", "uniform")
+CHANNEL_ALLOCATIONS = ("global", "uniform")  # how units are shared among groups (channel_select)
 
 
 class StructureError(ValueError):

@@ -1,6 +1,7 @@
 """Channel pruning, 2: what a channel unit scores.
 
-Scores of a unit (bigger = kept first; units already pruned score -inf and stay pruned):
+Scores of a unit (bigger = kept first; units already pruned score -inf and stay pruned) come
+from the criteria that score channels (``utils.pruning.criteria``: ``Criterion.score_channels``):
 
 ``magnitude``  L1 norm of the unit's filters (Li et al. 2017), averaged over the layers
                producing the unit (a residual-stream unit made by 7 convs is not favoured
@@ -19,75 +20,13 @@ with small fan-in; the choice of ``mean`` was measured (bench/channel_normalizer
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-from utils.pruning.channel_graph import (
-    CHANNEL_SCORES,
-    ChannelGroup,
-    ChannelKeep,
-    ChannelStructure,
-    Member,
-    StructureError,
-)
-
-
-# --------------------------------------------------------------------------------- scores
-# A score function returns, for every group, one ``MemberScores`` per member it reads (a
-# producing layer for magnitude, a BatchNorm for bn_gamma, one draw for random): the member's
-# raw value per unit and which units it covers (a member of a concatenation covers a part).
-@dataclass
-class MemberScores:
-    values: torch.Tensor    # float64 [size]
-    covered: torch.Tensor   # bool [size]
-
-
-def _member_scores(group: ChannelGroup, members: List[Member], values: Mapping[str, torch.Tensor]) -> List[MemberScores]:
-    out = []
-    for member in members:
-        total = torch.zeros(group.size, dtype=torch.float64)
-        covered = torch.zeros(group.size, dtype=torch.bool)
-        total.index_add_(0, member.unit, values[member.layer][member.index].double())
-        covered[member.unit] = True
-        out.append(MemberScores(total, covered))
-    return out
-
-
-def _module_lookup(model: nn.Module) -> Dict[str, nn.Module]:
-    return dict(model.named_modules())
-
-
-@torch.no_grad()
-def _magnitude(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, List[MemberScores]]:
-    modules = _module_lookup(model)
-    needed = {m.layer for g in structure.groups for m in g.producers}
-    row_l1 = {name: modules[name].weight.detach().abs().flatten(1).sum(1).to("cpu") for name in needed}
-    return {g.name: _member_scores(g, g.producers, row_l1) for g in structure.groups}
-
-
-@torch.no_grad()
-def _bn_gamma(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, List[MemberScores]]:
-    check_bn_gamma_possible(structure)
-    modules = _module_lookup(model)
-    gammas = {m.layer: modules[m.layer].weight.detach().abs().to("cpu")
-              for g in structure.groups for m in g.norms}
-    return {g.name: _member_scores(g, g.norms, gammas) for g in structure.groups}
-
-
-def _random(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, List[MemberScores]]:
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return {g.name: [MemberScores(torch.rand(g.size, generator=generator, dtype=torch.float64),
-                                  torch.ones(g.size, dtype=torch.bool))] for g in structure.groups}
-
-
-CHANNEL_SCORE_FUNCTIONS: Dict[str, Callable[[nn.Module, ChannelStructure, int], Dict[str, List[MemberScores]]]] = {
-    "magnitude": _magnitude,
-    "bn_gamma": _bn_gamma,
-    "random": _random,
-}
+from utils.pruning.channel_graph import ChannelKeep, ChannelStructure, StructureError
+from utils.pruning.criteria import get_criterion
 
 
 # A normaliser maps one member's raw scores over the units it is ranked among (alive and
@@ -128,29 +67,18 @@ CHANNEL_NORMALIZERS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 DEFAULT_CHANNEL_NORMALIZER = "mean"
 
 
-def check_bn_gamma_possible(structure: ChannelStructure) -> None:
-    """Refuse ``bn_gamma`` unless every prunable group is normalised by a BatchNorm."""
-    without = [g.name for g in structure.groups if not g.norms]
-    if len(without) == len(structure.groups):
-        raise StructureError("criterion bn_gamma needs a BatchNorm after a conv; this network has none "
-                             "(use magnitude or random)")
-    if without:
-        raise StructureError(f"criterion bn_gamma needs a BatchNorm after every pruned conv; "
-                             f"{', '.join(without[:3])}{' ...' if len(without) > 3 else ''} has none")
-
 
 def channel_scores(model: nn.Module, structure: ChannelStructure, criterion: str, seed: int = 0, *,
                    normalizer: str = "none", alive: Optional[ChannelKeep] = None) -> Dict[str, torch.Tensor]:
     """group name -> float64 score per unit (CPU): the mean, over the members covering a unit,
     of each member's score after ``normalizer`` (fitted on the member's ``alive`` units; all
     units when ``alive`` is None).  ``normalizer="none"``: the raw scores' mean."""
-    if criterion not in CHANNEL_SCORE_FUNCTIONS:
-        raise StructureError(f"unknown channel criterion {criterion!r}; valid: {', '.join(CHANNEL_SCORES)}")
+    scorer = channel_score_function(criterion)
     if normalizer not in CHANNEL_NORMALIZERS:
         raise StructureError(f"unknown channel normalizer {normalizer!r}; valid: {', '.join(CHANNEL_NORMALIZERS)}")
     normalise = CHANNEL_NORMALIZERS[normalizer]
     result = {}
-    member_scores = CHANNEL_SCORE_FUNCTIONS[criterion](model, structure, seed)
+    member_scores = scorer(model, structure, seed)
     for group in structure.groups:
         ranked_among = alive[group.name].to("cpu", torch.bool) if alive is not None else torch.ones(group.size, dtype=torch.bool)
         total = torch.zeros(group.size, dtype=torch.float64)
@@ -166,3 +94,17 @@ def channel_scores(model: nn.Module, structure: ChannelStructure, criterion: str
     return result
 
 
+
+
+def channel_score_function(criterion: str):
+    """The per-channel score of ``criterion`` (a criterion's ``score_channels``); StructureError
+    (one line) for one that scores weights only."""
+    try:
+        spec = get_criterion(criterion)
+    except ValueError as error:
+        raise StructureError(str(error)) from None
+    if spec.score_channels is None:
+        from utils.pruning.criteria import channel_criteria
+        raise StructureError(f"criterion {criterion} scores weights, not channels; criteria that score channels: "
+                             f"{', '.join(channel_criteria())}")
+    return spec.score_channels

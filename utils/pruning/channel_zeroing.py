@@ -13,7 +13,7 @@ from torch import nn
 
 from utils.core.callbacks import Callback
 from utils.pruning.channel_graph import ChannelStructure
-from utils.pruning.channel_scores import _module_lookup
+from utils.pruning.criteria import module_lookup
 from utils.pruning.channel_select import get_current_masks, units_alive
 
 
@@ -35,7 +35,7 @@ class DeadChannelZeroer:
     def refresh(self, model: nn.Module) -> "DeadChannelZeroer":
         masks = get_current_masks(model)
         alive = units_alive(self.structure, masks)
-        modules = _module_lookup(model)
+        modules = module_lookup(model)
         dead_by_module: Dict[str, List[torch.Tensor]] = {}
         for group in self.structure.groups:
             dead = ~alive[group.name]
@@ -53,7 +53,7 @@ class DeadChannelZeroer:
 
     @torch.no_grad()
     def __call__(self, model: Optional[nn.Module] = None) -> None:
-        modules = _module_lookup(model) if model is not None else self._modules
+        modules = module_lookup(model) if model is not None else self._modules
         for name, index in self.targets:
             module = modules[name]
             if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -7,8 +7,8 @@
 it reads the experiment YAML through the harness's own loader (``harness_params.resolve``:
 every key declared and checked, old key names read, the same defaults and refusals as
 ``harness.py``), and computes the masks with the harness's own call
-(``harness_utils.compute_masks``), so with the same config, the weights the harness pruned
-from and ``--level L``, the masks are the harness's masks of level L, bit for bit.
+(its structure's ``masks`` with ``harness_utils.scoring``), so with the same config, the weights
+the harness pruned from and ``--level L``, the masks are the harness's masks of level L, bit for bit.
 ``--criterion``, ``--allocation`` and ``--seed`` override ``prune.criterion``,
 ``prune.allocation`` and ``experiment.seed``.
 
@@ -18,8 +18,9 @@ buffers, when present, are the current masks), and asks the criterion's registry
 it needs: a criterion that needs training batches (``snip``; an outside
 ``package.module:function`` unless it says otherwise) reads ``prune.score_batches`` batches of
 ``dataset.train_path``.  It writes the masks atomically and prints a per-layer density table.
-Unstructured masks only: a config with ``prune.structure`` channel or nm is refused (the
-harness computes those).  A bad argument or input: one line on stderr, exit status 2,
+A structure whose level target is a density (unstructured, channel: a density of channels)
+takes ``--density``; one whose settings fix the targets (N:M) and per-layer rates
+(``prune.layer_rates``) are refused (the harness computes those).  A bad argument or input: one line on stderr, exit status 2,
 nothing written.
 """
 from __future__ import annotations
@@ -124,9 +125,12 @@ def _run_cli(argv: Optional[Sequence[str]]) -> None:
                                                     ("prune.allocation", args.allocation),
                                                     ("experiment.seed", args.seed)) if value is not None}
     c = _read_config(args.config, overrides)
-    if c["prune.structure"] != "unstructured":
-        raise UsageError(f"prune.structure={c['prune.structure']}: this command computes unstructured masks; "
-                         f"the harness computes {c['prune.structure']} masks")
+    import harness_utils as hu
+    structure = hu.structure_of(c)
+    if not structure.density_targets or c["prune.layer_rates"]:
+        what = "prune.layer_rates" if c["prune.layer_rates"] else f"prune.structure={c['prune.structure']}"
+        raise UsageError(f"{what}: this command computes unstructured masks and masks whose level target is a "
+                         f"density (--density); the harness computes these")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -134,7 +138,6 @@ def _run_cli(argv: Optional[Sequence[str]]) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here")
 
-    import harness_utils as hu
     from utils.data.records import resolve_dataset_spec
     from utils.models.blurpool import add_blurpool_
     from utils.models.registry import get_model
@@ -164,9 +167,11 @@ def _run_cli(argv: Optional[Sequence[str]]) -> None:
         except hu.UserError as error:
             raise UsageError(str(error).splitlines()[0]) from None
         batches = loader.batches(criteria.SCORE_EPOCH_OFFSET + args.level)
+    input_shape = (spec.channels, image_size, image_size)
     try:
-        masks = hu.compute_masks(c, model, level=args.level, density=args.density, batches=batches, device=device,
-                                 input_shape=(spec.channels, image_size, image_size))
+        structure.attach(model, input_shape, [args.density])
+        scoring = hu.scoring(c, level=args.level, batches=batches, device=device, input_shape=input_shape)
+        masks = structure.masks(model, args.density, scoring)
     except (ValueError, MaskError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
     atomic_torch_save({name: mask.to("cpu", dtype=torch.bool) for name, mask in masks.items()}, args.out)

@@ -9,8 +9,8 @@ tensors (fp16), the outputs are checked against the dense fp16 network and the i
 of both is printed (nothing is written); anywhere else it says in one line that it needs such a
 GPU (exit status 2).
 
-* Reads ``DIR/config.yaml`` (model, dataset, ``prune.exclude``, ``prune.structure`` must be
-  ``channel``), the level's masks ``DIR/masks/level_L.pt`` and the level's FINAL weights:
+* Reads ``DIR/config.yaml`` (model, dataset, ``prune.exclude``; ``prune.structure`` must be one
+  whose masks compact by channels: the structure says, ``Structure.compaction``), the level's masks ``DIR/masks/level_L.pt`` and the level's FINAL weights:
   ``DIR/checkpoints/level_L.pt`` when the harness keeps one (a dict with key ``model``),
   otherwise ``DIR/checkpoints/last.pt`` when it holds level L finished (``phase ==
   'level_done'``), which is the case for the last level of a finished run.  Any other level
@@ -316,7 +316,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     prune = tree.get("prune") or {}
     if args.format == "semi-structured":
         return _run_semi_structured(args, directory, tree)
-    if prune.get("structure", "unstructured") != "channel":
+    if _compaction(prune) != "channels":
         raise UsageError(f"{directory} was not channel-pruned (prune.structure={prune.get('structure', 'unstructured')}); "
                          f"only channel-pruned levels can be compacted")
     model, spec, input_shape, source = level_model(directory, tree, args.level)
@@ -369,12 +369,21 @@ def level_model(directory: Path, tree: Dict[str, Dict], level: int):
     return model, spec, (spec.channels, resolution, resolution), source
 
 
+def _compaction(prune: Dict[str, object]) -> object:
+    """What this command can make of a run's masks: its structure says (``Structure.compaction``)."""
+    from utils.pruning.structures import StructureRegistryError, get_structure
+    try:
+        return get_structure(str(prune.get("structure") or "unstructured")).compaction
+    except StructureRegistryError as error:
+        raise UsageError(f"prune.structure: {error}") from None
+
+
 def _run_semi_structured(args, directory: Path, tree: Dict[str, Dict]) -> int:
     """A 2:4 level's linear layers as semi-structured sparse tensors vs dense, fp16 on this GPU."""
     from utils.pruning import nm as nm_sparsity
 
     prune = tree.get("prune") or {}
-    if prune.get("structure") != "nm":
+    if _compaction(prune) != "semi-structured":
         raise UsageError(f"{directory} is not an N:M run (prune.structure={prune.get('structure', 'unstructured')}); "
                          f"--format semi-structured needs a level that keeps 2 of every 4")
     model, spec, input_shape, source = level_model(directory, tree, args.level)

@@ -41,6 +41,7 @@ module by module afterwards."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -50,6 +51,7 @@ from torch.func import functional_call
 from utils.core.registry import lookup
 from utils.core.user_code import UserCodeError, import_callable, import_object, is_import_path
 from utils.models.mask_layers import Masks, masked_layers
+from utils.pruning.channel_graph import ChannelGroup, ChannelStructure, Member, StructureError
 
 Scores = Dict[str, torch.Tensor]  # layer name -> float tensor shaped like the weight
 
@@ -96,12 +98,6 @@ class ScoringInputs:
     # The level's seed (``level_seed(experiment.seed, level)``): draw random numbers from a
     # ``torch.Generator`` seeded with it, so every rank, device and rerun draws the same.
     seed: int = 0
-    # BatchNorm while snip scores: "eval" (running statistics) or "train" (batch statistics);
-    # ``prune.snip_mode``.  Dropout is off either way.
-    snip_mode: str = "eval"
-    # Scratch space shared by the rounds of one ``compute_masks`` call (an iterative criterion
-    # keeps what every round reuses here: synflow its absolute-valued float64 parameters).
-    cache: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # A score function returns FRESH tensors (callers fill pruned entries with -inf in place),
@@ -113,12 +109,18 @@ ScoreFn = Callable[[ScoringInputs, Masks], Scores]
 NEEDS = {"needs_batches": True, "needs_input_shape": False, "iterative": False}
 
 
+# A channel score: (model, channel structure, seed) -> for every group, one ``MemberScores`` per
+# member it reads (utils.pruning.channel_scores puts them on a common scale and ranks the units).
+ChannelScoreFn = Callable[[nn.Module, ChannelStructure, int], Dict[str, List["MemberScores"]]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Criterion:
-    """A registry entry: the score function and what it needs.  The harness and the pruning
-    command ask these fields (never the criterion's name) what to prepare."""
+    """A registry entry: what the criterion scores and what it needs.  The harness, the pruning
+    command and the structures ask these fields (never the criterion's name)."""
 
-    score: ScoreFn
+    # Per-weight scores (a ScoreFn).  None: the criterion scores channels only (bn_gamma).
+    score: Optional[ScoreFn] = None
     # Rounds: re-score the masked model over ``synflow_density_schedule`` (SynFlow), each
     # round keeping a smaller share; False: one scoring.
     iterative: bool = False
@@ -126,11 +128,44 @@ class Criterion:
     needs_batches: bool = False
     # The shape of one input (``ScoringInputs.input_shape``).
     needs_input_shape: bool = False
+    # Per-channel scores (the channel structure ranks coupled channel units by these), or None.
+    score_channels: Optional[ChannelScoreFn] = None
+    # Options of this criterion's own, given to its score as keyword arguments: names of prune.*
+    # keys (snip: "snip_mode").  The harness passes exactly these (``options_from``).
+    options: Tuple[str, ...] = ()
+    # Whether its scores change as the weights train (Early-Bird compares successive masks: a
+    # score that ignores the weights, such as random, never settles).
+    reads_weights: bool = True
+    description: str = ""
+    # A fresh score function per mask computation, whose rounds share what they reuse (SynFlow's
+    # absolute-valued float64 state); None: ``score`` itself.
+    per_computation: Optional[Callable[[], ScoreFn]] = None
 
     def needs(self) -> List[str]:
         """Its needs in words (for messages and docs): batches, input shape, rounds."""
         return [word for word, flag in (("batches", self.needs_batches), ("input shape", self.needs_input_shape),
                                         ("rounds", self.iterative)) if flag]
+
+    def scores(self) -> List[str]:
+        """What it scores, in words: weights, channels."""
+        return [word for word, fn in (("weights", self.score), ("channels", self.score_channels)) if fn is not None]
+
+    def options_from(self, settings: Any) -> Dict[str, Any]:
+        """Its options' values from a prune-section view (an object with those attributes)."""
+        return {name: getattr(settings, name) for name in self.options}
+
+    def scorer(self, options: Optional[Mapping[str, Any]] = None) -> ScoreFn:
+        """The per-weight score function of one mask computation, with this criterion's options
+        bound; ValueError (one line) for an option it does not take or a criterion without one."""
+        if self.score is None:
+            raise ValueError(f"this criterion scores {', '.join(self.scores())}, not single weights")
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"criterion options {unknown} are not this criterion's (it takes: "
+                             f"{', '.join(self.options) or 'none'})")
+        function = self.per_computation() if self.per_computation is not None else self.score
+        return functools.partial(function, **options) if options else function
 
 
 def _weights_by_layer(model: nn.Module) -> Dict[str, str]:
@@ -177,6 +212,64 @@ def random_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
             for name, layer in masked_layers(inputs.model)}
 
 
+# ------------------------------------------------------------------------ channel scores
+# A score function returns, for every group, one ``MemberScores`` per member it reads (a
+# producing layer for magnitude, a BatchNorm for bn_gamma, one draw for random): the member's
+# raw value per unit and which units it covers (a member of a concatenation covers a part).
+@dataclasses.dataclass
+class MemberScores:
+    values: torch.Tensor    # float64 [size]
+    covered: torch.Tensor   # bool [size]
+
+
+def _member_scores(group: ChannelGroup, members: List[Member], values: Mapping[str, torch.Tensor]) -> List[MemberScores]:
+    out = []
+    for member in members:
+        total = torch.zeros(group.size, dtype=torch.float64)
+        covered = torch.zeros(group.size, dtype=torch.bool)
+        total.index_add_(0, member.unit, values[member.layer][member.index].double())
+        covered[member.unit] = True
+        out.append(MemberScores(total, covered))
+    return out
+
+
+def module_lookup(model: nn.Module) -> Dict[str, nn.Module]:
+    return dict(model.named_modules())
+
+
+@torch.no_grad()
+def channel_magnitude_scores(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, List[MemberScores]]:
+    modules = module_lookup(model)
+    needed = {m.layer for g in structure.groups for m in g.producers}
+    row_l1 = {name: modules[name].weight.detach().abs().flatten(1).sum(1).to("cpu") for name in needed}
+    return {g.name: _member_scores(g, g.producers, row_l1) for g in structure.groups}
+
+
+@torch.no_grad()
+def channel_bn_gamma_scores(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, List[MemberScores]]:
+    check_bn_gamma_possible(structure)
+    modules = module_lookup(model)
+    gammas = {m.layer: modules[m.layer].weight.detach().abs().to("cpu")
+              for g in structure.groups for m in g.norms}
+    return {g.name: _member_scores(g, g.norms, gammas) for g in structure.groups}
+
+
+def channel_random_scores(model: nn.Module, structure: ChannelStructure, seed: int) -> Dict[str, List[MemberScores]]:
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return {g.name: [MemberScores(torch.rand(g.size, generator=generator, dtype=torch.float64),
+                                  torch.ones(g.size, dtype=torch.bool))] for g in structure.groups}
+
+def check_bn_gamma_possible(structure: ChannelStructure) -> None:
+    """Refuse ``bn_gamma`` unless every prunable group is normalised by a BatchNorm."""
+    without = [g.name for g in structure.groups if not g.norms]
+    if len(without) == len(structure.groups):
+        raise StructureError("criterion bn_gamma needs a BatchNorm after a conv; this network has none "
+                             "(use magnitude or random)")
+    if without:
+        raise StructureError(f"criterion bn_gamma needs a BatchNorm after every pruned conv; "
+                             f"{', '.join(without[:3])}{' ...' if len(without) > 3 else ''} has none")
+
+
 SNIP_MODES = ("eval", "train")
 # The data order of a criterion's batches at level L is the training loader's order of "epoch"
 # SCORE_EPOCH_OFFSET + L, with world size 1: an epoch id disjoint from the training epochs, the
@@ -189,7 +282,7 @@ def level_seed(seed: int, level: int) -> int:
     return seed * 1000 + level
 
 
-def snip_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
+def snip_scores(inputs: ScoringInputs, masks: Masks, snip_mode: str = "eval") -> Scores:
     if inputs.batches is None:
         raise ValueError("criterion 'snip' needs batches (an iterable of (x, y))")
     if inputs.num_batches < 1:
@@ -197,9 +290,9 @@ def snip_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
     model, device = inputs.model, inputs.device
     loss_fn = inputs.loss_fn or nn.functional.cross_entropy
     weight_keys = _weights_by_layer(model)
-    if inputs.snip_mode not in SNIP_MODES:
-        raise ValueError(f"snip mode {inputs.snip_mode!r}; valid: {', '.join(SNIP_MODES)}")
-    with _ScoringMode(model, train=inputs.snip_mode == "train"):
+    if snip_mode not in SNIP_MODES:
+        raise ValueError(f"snip mode {snip_mode!r}; valid: {', '.join(SNIP_MODES)}")
+    with _ScoringMode(model, train=snip_mode == "train"):
         state = _detached_state(model, device)
         leaves = {}
         for name, key in weight_keys.items():  # the masked weight is the variable
@@ -224,35 +317,64 @@ def synflow_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+class SynFlowScores:
+    """SynFlow's score of one mask computation (a fresh instance per ``compute_masks`` call): the
+    absolute-valued float64 parameters and buffers are built at the first round and shared by
+    the rest."""
+
+    def __init__(self):
+        self.linearized: Optional[Dict[str, torch.Tensor]] = None
+
+    def __call__(self, inputs: ScoringInputs, masks: Masks) -> Scores:
+        if inputs.input_shape is None:
+            raise ValueError("criterion 'synflow' needs input_shape (C, H, W) of one input")
+        model, device = inputs.model, inputs.device
+        dtype = synflow_dtype(device)
+        weight_keys = _weights_by_layer(model)
+        if self.linearized is None:  # |parameters| and |buffers| in float64, built once per compute_masks call
+            self.linearized = {key: tensor.to(dtype).abs() if tensor.is_floating_point() else tensor
+                               for key, tensor in _detached_state(model, device).items()}
+        linearized = self.linearized
+        with _ScoringMode(model, train=False):
+            state = dict(linearized)
+            leaves = {}
+            for name, key in weight_keys.items():
+                leaves[name] = (linearized[key] * masks[name]).requires_grad_(True)
+                state[key] = leaves[name]
+            ones = torch.ones((1, *inputs.input_shape), dtype=dtype, device=device)
+            synaptic_flow = functional_call(model, state, (ones,)).sum()
+            gradients = torch.autograd.grad(synaptic_flow, list(leaves.values()))
+        return {name: (gradient * leaves[name].detach()).abs_() for name, gradient in zip(leaves, gradients)}
+
+
 def synflow_scores(inputs: ScoringInputs, masks: Masks) -> Scores:
-    if inputs.input_shape is None:
-        raise ValueError("criterion 'synflow' needs input_shape (C, H, W) of one input")
-    model, device = inputs.model, inputs.device
-    dtype = synflow_dtype(device)
-    weight_keys = _weights_by_layer(model)
-    linearized = inputs.cache.get("synflow_linearized")
-    if linearized is None:  # |parameters| and |buffers| in float64, built once per compute_masks call
-        linearized = {key: tensor.to(dtype).abs() if tensor.is_floating_point() else tensor
-                      for key, tensor in _detached_state(model, device).items()}
-        inputs.cache["synflow_linearized"] = linearized
-    with _ScoringMode(model, train=False):
-        state = dict(linearized)
-        leaves = {}
-        for name, key in weight_keys.items():
-            leaves[name] = (linearized[key] * masks[name]).requires_grad_(True)
-            state[key] = leaves[name]
-        ones = torch.ones((1, *inputs.input_shape), dtype=dtype, device=device)
-        synaptic_flow = functional_call(model, state, (ones,)).sum()
-        gradients = torch.autograd.grad(synaptic_flow, list(leaves.values()))
-    return {name: (gradient * leaves[name].detach()).abs_() for name, gradient in zip(leaves, gradients)}
+    """One SynFlow scoring on its own (``SynFlowScores`` shares the state between the rounds of one
+    mask computation)."""
+    return SynFlowScores()(inputs, masks)
 
 
 SCORES: Dict[str, Criterion] = {
-    "magnitude": Criterion(magnitude_scores),
-    "random": Criterion(random_scores),
-    "snip": Criterion(snip_scores, needs_batches=True),
-    "synflow": Criterion(synflow_scores, iterative=True, needs_input_shape=True),
+    "magnitude": Criterion(magnitude_scores, score_channels=channel_magnitude_scores,
+                           description="|w|; channels: L1 norm of the filters (Li et al. 2017)"),
+    "random": Criterion(random_scores, score_channels=channel_random_scores, reads_weights=False,
+                        description="i.i.d. uniform, seeded per level (random pruning)"),
+    "snip": Criterion(snip_scores, needs_batches=True, options=("snip_mode",),
+                      description="|dL/dw * w| on training batches (Lee et al. 2019)"),
+    "synflow": Criterion(synflow_scores, iterative=True, needs_input_shape=True, per_computation=SynFlowScores,
+                         description="|dR/dw * w| of the all-ones input, iterative rounds (Tanaka et al. 2020)"),
+    "bn_gamma": Criterion(None, score_channels=channel_bn_gamma_scores,
+                          description="channels: |gamma| of their BatchNorm (network slimming, Liu et al. 2017)"),
 }
+
+
+def weight_criteria() -> List[str]:
+    """Registered criteria that score single weights."""
+    return [name for name, spec in SCORES.items() if spec.score is not None]
+
+
+def channel_criteria() -> List[str]:
+    """Registered criteria that score channels."""
+    return [name for name, spec in SCORES.items() if spec.score_channels is not None]
 
 
 def get_criterion(name: str) -> Criterion:
@@ -277,7 +399,7 @@ def user_criterion(path: str) -> Criterion:
     except UserCodeError as error:
         raise ValueError(str(error)) from None
     if isinstance(obj, Criterion):
-        return dataclasses.replace(obj, score=_checked_score_fn(obj.score, path))
+        return obj if obj.score is None else dataclasses.replace(obj, score=_checked_score_fn(obj.score, path))
     try:
         function = import_callable(path, positional=("inputs", "masks"))
     except UserCodeError as error:
@@ -292,8 +414,8 @@ def user_criterion(path: str) -> Criterion:
 
 
 def _checked_score_fn(function: ScoreFn, path: str) -> ScoreFn:
-    def score(inputs: ScoringInputs, masks: Masks) -> Scores:
-        return _checked_scores(function(inputs, masks), masks, path, inputs.device)
+    def score(inputs: ScoringInputs, masks: Masks, **options: Any) -> Scores:
+        return _checked_scores(function(inputs, masks, **options), masks, path, inputs.device)
 
     score.__name__ = getattr(function, "__name__", "score")
     return score
@@ -319,7 +441,8 @@ def _checked_scores(scores: Any, masks: Masks, path: str, device: torch.device) 
     return checked
 
 
-def get_score_fn(name: str) -> ScoreFn:
-    return get_criterion(name).score
+def get_score_fn(name: str, **options: Any) -> ScoreFn:
+    """The per-weight score function of ``name`` for one mask computation, ``options`` bound."""
+    return get_criterion(name).scorer(options)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ def _model_device(model: nn.Module) -> torch.device:
 # for the masks' own density; the selection: scores with -inf at pruned weights and the current
 # masks -> the new masks, a subset of the current ones).
 Round = Tuple[Optional[float], Callable[[Scores, Masks], Masks]]
+# A structure's own selection: (current masks, weights alive per layer, the criterion's rounds or
+# None) -> the rounds to run.
+RoundsFn = Callable[[Masks, Mapping[str, int], Optional[int]], List[Round]]
 
 
 def _density_rounds(current: Masks, alive_by_layer: Mapping[str, int], density: float, allocation: str,
@@ -125,10 +128,11 @@ def compute_masks(model: nn.Module, *, density: Optional[float] = None, criterio
                   allocation: Optional[str] = None, masks: Optional[Masks] = None, batches: Optional[Iterable] = None,
                   loss_fn: Optional[Callable] = None, num_batches: int = 1,
                   synflow_iterations: int = 100, input_shape: Optional[Sequence[int]] = None,
-                  seed: int = 0, device=None, snip_mode: str = "eval",
+                  seed: int = 0, device=None, criterion_options: Optional[Mapping[str, Any]] = None,
                   on_round: Optional[Callable[[int, float, Masks], None]] = None,
                   layer_counts: Optional[Mapping[str, int]] = None,
-                  nm: Optional[Tuple[int, int]] = None) -> Masks:
+                  nm: Optional[Tuple[int, int]] = None,
+                  selection: Optional[RoundsFn] = None) -> Masks:
     """New masks (CPU bool tensors), a subset of ``masks`` (default: the model's current masks).
 
     The target is exactly one of:
@@ -140,23 +144,32 @@ def compute_masks(model: nn.Module, *, density: Optional[float] = None, criterio
       with the shares given);
     * ``nm=(keep, M)``: every group of M consecutive inputs keeps exactly ``keep`` weights
       (``utils.pruning.nm``); layers whose input size is not a multiple of M stay as they
-      are; ``allocation`` must be None (it does not apply).
+      are; ``allocation`` must be None (it does not apply);
+    * ``selection(current, alive, rounds) -> [Round]``: a structure's own selection (a pruning
+      structure from outside, e.g. blocks kept or dropped whole): the rounds to run, each
+      ``(density announced or None, select(scores, masks) -> masks)``; ``rounds`` is the
+      criterion's number of rounds (None: one scoring); ``allocation`` is the structure's to read.
 
-    One procedure for all three, so every option reaches each: the criterion (``SCORES`` or
+    One procedure for all of them, so every option reaches each: the criterion (``SCORES`` or
     ``package.module:function``) scores the masked model from one ``ScoringInputs`` (batches,
-    ``num_batches``, ``loss_fn``, ``input_shape``, ``seed``, ``snip_mode``); weights already
-    pruned score -inf and are never kept; an iterative criterion (SynFlow) re-scores over
-    ``synflow_iterations`` rounds (exponential in the density; per layer with layer_counts;
-    per group with nm).  ``on_round(k, density_k, masks_k)`` is called after each round.
+    ``num_batches``, ``loss_fn``, ``input_shape``, ``seed``), with its own options
+    (``criterion_options``, e.g. snip's ``snip_mode``); weights already pruned score -inf and
+    are never kept; an iterative criterion (SynFlow) re-scores over ``synflow_iterations`` rounds
+    (exponential in the density; per layer with layer_counts; per group with nm).
+    ``on_round(k, density_k, masks_k)`` is called after each round.
 
     The model's weights, buffers, gradients and train/eval flags are left as they were.
     ``device``: where scoring runs (default: the model's).
     """
     spec = get_criterion(criterion)
+    try:
+        score = spec.scorer(criterion_options)
+    except ValueError as error:
+        raise ValueError(f"criterion {criterion}: {error}") from None
     if spec.iterative and synflow_iterations < 1:
         raise ValueError(f"synflow iterations must be >= 1, got {synflow_iterations}")
-    if sum(target is not None for target in (density, layer_counts, nm)) != 1:
-        raise ValueError("compute_masks needs exactly one of density and layer_counts and nm")
+    if sum(target is not None for target in (density, layer_counts, nm, selection)) != 1:
+        raise ValueError("compute_masks needs exactly one of density and layer_counts and nm and selection")
     # The model's own buffers are only read (selections build new tensors): no copy.
     current = {name: layer.mask for name, layer in masked_layers(model)} if masks is None else masks
     validate_masks(model, current)
@@ -164,21 +177,23 @@ def compute_masks(model: nn.Module, *, density: Optional[float] = None, criterio
     current = {name: mask.to(device=device, dtype=torch.bool) for name, mask in current.items()}
     rounds = synflow_iterations if spec.iterative else None  # None: one scoring
     alive = {name: int(mask.count_nonzero()) for name, mask in current.items()}  # note: one pass over the masks
-    if nm is not None:
+    if selection is not None:
+        plan = selection(current, alive, rounds)
+    elif nm is not None:
         plan = _nm_rounds(current, tuple(nm), allocation, rounds)
     else:
         get_allocation(allocation)  # an unknown name is refused before any scoring
         plan = (_density_rounds(current, alive, density, allocation, rounds) if density is not None
                 else _layer_count_rounds(current, alive, layer_counts, allocation, rounds))
     inputs = ScoringInputs(model=model, device=device, batches=batches, loss_fn=loss_fn,
-                           num_batches=num_batches, seed=seed, snip_mode=snip_mode,
+                           num_batches=num_batches, seed=seed,
                            input_shape=tuple(input_shape) if input_shape is not None else None)
     total = sum(mask.numel() for mask in current.values())
     # Layers that may hold pruned weights: those with any before the first round, every layer
     # after it (a pass over a dense layer's mask to find out would cost what the fill costs).
     holding_pruned = [name for name, mask in current.items() if alive[name] < mask.numel()]
     for round_index, (round_density, select) in enumerate(plan, start=1):
-        scores = spec.score(inputs, current)
+        scores = score(inputs, current)
         for name in holding_pruned:
             scores[name].masked_fill_(~current[name], -math.inf)
         current = select(scores, current)

@@ -40,7 +40,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import pandas as pd
 
 from utils.runs import rundir
-from utils.training.training_types import get_training_type
 
 LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
 EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
@@ -74,6 +73,7 @@ class Experiment:
     num_classes: Optional[int] = None       # for the chance level (None: unknown)
     reused: List[str] = field(default_factory=list)   # "level L from SOURCE" (controls.py's reused.csv)
     duplicate_of: Optional["Experiment"] = None        # set when another run of its seed is counted instead
+    plan_problem: Optional[str] = None      # why its level plan cannot be built here (its levels not counted)
 
     @property
     def seed(self) -> Any:
@@ -111,6 +111,8 @@ class Experiment:
         else:
             total = "?" if self.expected_levels is None else str(self.expected_levels)
             text = f"incomplete: {done} of {total} levels finished"
+            if self.plan_problem:
+                text += f" ({self.plan_problem})"
             if self.in_progress_epochs:
                 epochs = self.config.get("training.epochs", "?")
                 text += f", level {done} at epoch {self.in_progress_epochs} of {epochs}"
@@ -172,27 +174,28 @@ def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
-def expected_levels(config: Dict[str, Any], _depth: int = 0) -> Optional[int]:
-    """How many levels the run will have when finished (None when the config does not say)."""
-    try:
-        if get_training_type(str(config.get("prune.training_type", "imp"))).one_shot:
-            return 1
-    except ValueError:  # a user's type that cannot be imported here: the levels the config says
-        pass
-    levels, target, rate = config.get("prune.levels"), config.get("prune.target_density"), config.get("prune.rate")
-    if levels is not None and target is None:
-        return int(levels)
+def level_count(config: Dict[str, Any]) -> Tuple[Optional[int], Optional[str]]:
+    """(how many levels the run will have when finished, None) from its level plan
+    (utils/training/level_plan.py; a control's: its source's, ``LevelPlan.for_control``); (None,
+    why: one line) when the plan cannot be built here."""
+    from utils.training.level_plan import PlanError, plan_of_config
     source = config.get("prune.masks_from")
-    if levels is None and target is None and source and _depth < 4:  # a control trains all its source's levels
-        try:
-            return expected_levels(read_config(Path(str(source))), _depth + 1)
-        except ReportError:
-            return None
     try:
-        from utils.pruning.schedules import iterative_densities
-        return len(iterative_densities(float(rate), levels=levels, target_density=target))
-    except Exception:
-        return None
+        if not source:
+            return len(plan_of_config(config, config_defaults())), None
+        source_config = read_config(Path(str(source)))
+        if source_config.get("prune.masks_from"):
+            return None, f"prune.masks_from={source} is itself a control"
+        return len(plan_of_config(source_config, config_defaults()).for_control(config.get("prune.levels"))), None
+    except ReportError as error:
+        return None, str(error)
+    except PlanError as error:
+        return None, f"its level plan cannot be built here ({error})"
+
+
+def expected_levels(config: Dict[str, Any]) -> Optional[int]:
+    """How many levels the run will have when finished (None when its plan cannot be built here)."""
+    return level_count(config)[0]
 
 
 def read_levels(experiment_dir) -> pd.DataFrame:
@@ -221,9 +224,10 @@ def load_experiment(experiment_dir) -> Experiment:
     if len(layers):
         layers = layers[layers["level"].astype(int).isin(finished)].reset_index(drop=True)
     written = max((p.stat().st_mtime for p in (root / "levels.csv", root / "epochs.csv") if p.exists()), default=0.0)
-    return Experiment(root, config, levels, epochs, layers, expected_levels(config), in_progress,
+    count, plan_problem = level_count(config)
+    return Experiment(root, config, levels, epochs, layers, count, in_progress,
                       bn_processes=bn_processes_of(root, config), written_at=written,
-                      num_classes=number_of_classes(config), reused=reused_levels(root))
+                      num_classes=number_of_classes(config), reused=reused_levels(root), plan_problem=plan_problem)
 
 
 def bn_processes_of(root: Path, config: Dict[str, Any]) -> int:
@@ -416,12 +420,25 @@ def group_value(group: Group, key: str) -> Any:
 
 
 def structure_words(config: Mapping[str, Any]) -> str:
-    """What a label says of the pruning structure: nothing for unstructured (the default),
-    ``channel `` or ``N:M `` otherwise."""
-    structure = config.get("prune.structure") or "unstructured"
-    if structure == "unstructured":
-        return ""
-    return f"{config.get('prune.nm', 'N:M')} " if structure == "nm" else f"{structure} "
+    """What a label says of the pruning structure: its own words (``Structure.label``: nothing for
+    unstructured, ``channel``, the N:M pattern, an outside structure's), then a space."""
+    from utils.pruning.settings import PruneSettings, SettingsError
+    from utils.pruning.structures import StructureRegistryError, get_structure
+    name = str(config.get("prune.structure") or "unstructured")
+    try:
+        words = get_structure(name)(PruneSettings.from_config(config, config_defaults())).label()
+    except (StructureRegistryError, SettingsError):
+        words = name  # cannot be imported here: the name the config gives
+    return f"{words} " if words else ""
+
+
+def structure_keys(config: Mapping[str, Any]) -> Tuple[str, ...]:
+    """The config keys of the run's structure's own (``Structure.setting_keys``: N:M's prune.nm)."""
+    from utils.pruning.structures import StructureRegistryError, get_structure
+    try:
+        return tuple(get_structure(str(config.get("prune.structure") or "unstructured")).setting_keys)
+    except StructureRegistryError:
+        return ()
 
 
 def label_groups(groups: List[Group]) -> None:

@@ -10,6 +10,7 @@ from typing import Dict, List, Sequence
 import pandas as pd
 
 from utils.report.experiments import (
+    structure_keys,
     BN_PROCESSES_KEY,
     IGNORED_FOR_GROUPING,
     Group,
@@ -106,6 +107,10 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
                             "never learned (a bad learning rate, a stuck control, a broken input?)"
                             + (" -- it is not counted (a copy)" if e.duplicate_of is not None else
                                " -- it is counted in its group's numbers"))
+    for e in everything:
+        if e.plan_problem:
+            warnings.append(f"- `{e.path}`: {e.plan_problem}; how many levels it will have is unknown, so it is "
+                            f"not counted as complete")
     unknown = [e for e in experiments if e.num_classes is None]
     if unknown:
         warnings.append("- chance level not checked for " + ", ".join(f"`{e.path.name}`" for e in unknown)
@@ -131,10 +136,9 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
             seeds += f" ({len(group.dropped)} cop{'ies' if len(group.dropped) > 1 else 'y'} left out)"
         lines.append("| " + " | ".join([group.gid, group.label, seeds,
                                          *(value_in_table(group, k, groups) for k in keys)]) + " |")
-    shown = ("model.name", "dataset.name", "prune.structure", "prune.nm", "prune.criterion", "prune.allocation",
-             "prune.training_type", "prune.rate", "training.epochs", "optimizer.lr")
-    common = [k for k in shown if k not in keys and k in groups[0].config
-              and (k != "prune.nm" or groups[0].config.get("prune.structure") == "nm")]
+    shown = ("model.name", "dataset.name", "prune.structure", *structure_keys(groups[0].config), "prune.criterion",
+             "prune.allocation", "prune.training_type", "prune.rate", "training.epochs", "optimizer.lr")
+    common = [k for k in shown if k not in keys and k in groups[0].config]
     if common:
         lines += ["", "Common to all: " + ", ".join(f"`{k}={_show(groups[0].config[k])}`" for k in common) + "."]
     lines.append("")

@@ -139,7 +139,7 @@ def _format(value: Any) -> str:
 class RunFiles:
     """Every path inside one run directory, and its CSV logs."""
     root: Path
-    level_extra: Sequence[str] = ()   # columns features add to levels.csv / layers.csv (see extra_columns)
+    level_extra: Sequence[str] = ()   # columns features add to levels.csv / layers.csv (the harness says which)
     layer_extra: Sequence[str] = ()
 
     def __post_init__(self):
@@ -235,27 +235,6 @@ class RunFiles:
             log.create()
 
 
-def extra_columns(resolved: Mapping[str, Any]) -> Dict[str, List[str]]:
-    """The columns the config's features add: levels.csv ``instability`` (stability analysis),
-    ``channel_density`` and layers.csv ``channels``, ``channels_alive`` (channel structure),
-    layers.csv ``nm`` (N:M structure: each layer's pattern, utils.pruning.nm.pattern_of)."""
-    level, layer = [], []
-    if resolved.get("prune.structure") == "channel":
-        level.append("channel_density")
-        layer += ["channels", "channels_alive"]
-    if resolved.get("prune.structure") == "nm":
-        layer.append("nm")
-    if resolved.get("analysis.stability"):
-        level.append("instability")
-    return {"level_extra": level, "layer_extra": layer}
-
-
-def files_of(root, resolved: Mapping[str, Any]) -> RunFiles:
-    """The files of the run in ``root`` made with config ``resolved``."""
-    return RunFiles(Path(root), **extra_columns(resolved))
-
-
-# ---------------------------------------------------------------------------- config.yaml
 def as_tree(resolved: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
     """{"section.key": value} -> {section: {key: value}}."""
     tree: Dict[str, Dict[str, Any]] = {}

@@ -1,6 +1,6 @@
 """Optional experiment trackers (TensorBoard, Weights & Biases) as level-loop callbacks.
 
-    trackers = make_trackers(config, root, is_primary)     # [] unless logging.* asks for one
+    trackers = make_trackers(TrackerSettings.from_config(config), root, is_primary)   # [] unless logging.* asks
 
 Both are off by default (``logging.tensorboard``, ``logging.wandb_project``), write on rank 0
 only, and log once per epoch and once per level from ``on_epoch_logged`` / ``on_level_logged``
@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from utils.core.atomic_io import atomic_write_text
 from utils.core.callbacks import Callback, LevelInfo
@@ -49,10 +50,28 @@ class TrackerError(ValueError):
     """A tracker that was asked for cannot run; the message is one line naming the key."""
 
 
-def _flat(config: Dict[str, Any]) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class TrackerSettings:
+    """What the trackers read of a config (the logging section and the epochs per level), and the
+    resolved config itself as the record W&B keeps with its run (stored, not read)."""
+
+    tensorboard: bool = False
+    wandb_project: Any = None
+    epochs_per_level: int = 1
+    record: Dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "TrackerSettings":
+        """From the harness's flat {"section.key": value} or a nested {section: {key: value}}."""
+        flat = _flat(config)
+        return cls(tensorboard=bool(flat.get("logging.tensorboard")), wandb_project=flat.get("logging.wandb_project"),
+                   epochs_per_level=int(flat.get("training.epochs", 1)), record=flat)
+
+
+def _flat(tree: Mapping[str, Any]) -> Dict[str, Any]:
     """Accept the harness's flat {"section.key": value} or a nested {section: {key: value}}."""
     flat: Dict[str, Any] = {}
-    for key, value in config.items():
+    for key, value in tree.items():
         if isinstance(value, dict) and "." not in key:
             for inner, inner_value in value.items():
                 flat[f"{key}.{inner}"] = inner_value
@@ -210,10 +229,10 @@ class WandbTracker(Tracker):
 
     name = "wandb"
 
-    def __init__(self, root: Path, epochs_per_level: int, project: str, config: Dict[str, Any]):
+    def __init__(self, root: Path, epochs_per_level: int, project: str, record: Dict[str, Any]):
         super().__init__(root, epochs_per_level)
         self.project = project
-        self.config = config
+        self.record = record  # the resolved config, stored with the W&B run
         self.run = None
 
     def _run_id(self, wandb) -> str:
@@ -228,7 +247,7 @@ class WandbTracker(Tracker):
         wandb = importlib.import_module("wandb")
         self._resume_step()
         tree: Dict[str, Dict[str, Any]] = {}
-        for key, value in _flat(self.config).items():
+        for key, value in _flat(self.record).items():
             section, _, name = key.partition(".")
             tree.setdefault(section, {})[name] = value
         (self.root / "wandb").mkdir(exist_ok=True)
@@ -260,14 +279,13 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def check_trackers(config: Dict[str, Any]) -> None:
+def check_trackers(settings: TrackerSettings) -> None:
     """Refuse (TrackerError, one line naming the key) a tracker whose package is missing.
     Cheap (no import): call it with the other input checks, on every rank, before writing."""
-    c = _flat(config)
-    if c.get("logging.tensorboard") and not _importable("tensorboard"):
+    if settings.tensorboard and not _importable("tensorboard"):
         raise TrackerError("logging.tensorboard=true needs the tensorboard package, which is not installed "
                            "(pip install tensorboard), or set logging.tensorboard=false")
-    project = c.get("logging.wandb_project")
+    project = settings.wandb_project
     if project is not None and not isinstance(project, str):
         raise TrackerError(f"logging.wandb_project={project!r} must be a project name (a string) or null")
     if project == "":
@@ -277,17 +295,15 @@ def check_trackers(config: Dict[str, Any]) -> None:
                            f"(pip install wandb), or leave logging.wandb_project unset")
 
 
-def make_trackers(config: Dict[str, Any], root: Path, is_primary: bool) -> List[Callback]:
-    """The trackers the config asks for (``logging.tensorboard``, ``logging.wandb_project``);
+def make_trackers(settings: TrackerSettings, root: Path, is_primary: bool) -> List[Callback]:
+    """The trackers the settings ask for (``logging.tensorboard``, ``logging.wandb_project``);
     [] on every rank but the primary one.  Raises TrackerError when one cannot run."""
-    check_trackers(config)
+    check_trackers(settings)
     if not is_primary:
         return []
-    c = _flat(config)
-    epochs = int(c["training.epochs"])
     trackers: List[Callback] = []
-    if c.get("logging.tensorboard"):
-        trackers.append(TensorBoardTracker(Path(root), epochs))
-    if c.get("logging.wandb_project"):
-        trackers.append(WandbTracker(Path(root), epochs, c["logging.wandb_project"], c))
+    if settings.tensorboard:
+        trackers.append(TensorBoardTracker(Path(root), settings.epochs_per_level))
+    if settings.wandb_project:
+        trackers.append(WandbTracker(Path(root), settings.epochs_per_level, settings.wandb_project, settings.record))
     return trackers

@@ -12,7 +12,9 @@ A training type says, for the level loop and for resume alike:
   run can never train at another learning rate than the uninterrupted one;
 * ``reset(level, run)``: the weights (and optimizer state) a level starts from, and the
   (epoch, batch) its training starts at;
-* ``check(config)``: a one-line refusal of config values the type cannot honour, or None.
+* ``check(config)``: a one-line refusal of config values the type cannot honour, or None;
+* ``describe()``: what it does, in one line (``description``, or the first line of the class
+  docstring): ``--help`` lists the types with it, and a type that has neither is refused.
 
 The registry ``TRAINING_TYPES`` maps names to instances; ``get_training_type`` also takes a
 user's ``package.module:Name`` (a ``TrainingType`` subclass or instance).  Adding a type is
@@ -43,11 +45,20 @@ def restore_state(state: Mapping[str, Any], run: LevelRun, *, optimizer: bool = 
 
 
 class TrainingType:
+    """The base of every training type (docs/extending.md, "A training type")."""
     name = "base"
     one_shot = False          # prune once before level 0 (at_init) instead of between levels
     captures_rewind = False   # level 0 keeps a state later levels restart from (prune.rewind_epoch / _iteration)
     resets_to_init = False    # every level starts from the initial weights (a control may then reuse level 0)
-    description = ""
+    description = ""          # one line; empty: the first line of the class docstring (``describe``)
+
+    def describe(self) -> str:
+        """What the type does, in one line: ``description``, else the first line of the class's own
+        docstring ("" when it has neither: such a type is refused)."""
+        if self.description.strip():
+            return " ".join(self.description.split())
+        lines = (type(self).__doc__ or "").strip().splitlines()
+        return lines[0].strip() if lines else ""
 
     def prunes_at(self, level: int) -> bool:
         return self.one_shot or level > 0
@@ -103,22 +114,30 @@ class AtInit(TrainingType):
     name = "at_init"
     one_shot = True
     description = "pruned once before training, to prune.target_density; trained once"
+    # (the target density itself is the level plan's rule: utils/training/level_plan.py, which
+    # knows when the structure fixes it, as N:M does)
 
     def check(self, c):
-        if c["prune.target_density"] is None and c.get("prune.structure") != "nm":  # N:M: the pattern is the target
-            return "prune.training_type=at_init needs prune.target_density in (0, 1]"
         if c["prune.levels"] not in (None, 1):
             return (f"prune.levels={c['prune.levels']} contradicts prune.training_type=at_init, which trains once "
                     f"(leave levels unset or 1)")
         return None
 
 
-TRAINING_TYPES: Dict[str, TrainingType] = {t.name: t for t in (IMP(), WeightRewinding(), LearningRateRewinding(),
-                                                               AtInit())}
-
-
 class TrainingTypeError(ValueError):
     """An unknown training type or a user's type that is not one; one line."""
+
+
+def _described(kind: TrainingType, origin: str) -> TrainingType:
+    """``kind``, refused in one line when it cannot say what it does (``describe``)."""
+    if not kind.describe():
+        raise TrainingTypeError(f"{origin} has no description: give {type(kind).__name__} a class docstring or "
+                                f"description = \"...\" (one line; docs/extending.md)")
+    return kind
+
+
+TRAINING_TYPES: Dict[str, TrainingType] = {t.name: _described(t, f"training type {t.name!r}")
+                                           for t in (IMP(), WeightRewinding(), LearningRateRewinding(), AtInit())}
 
 
 def get_training_type(name: str) -> TrainingType:
@@ -137,4 +156,4 @@ def get_training_type(name: str) -> TrainingType:
     if not isinstance(obj, TrainingType):
         raise TrainingTypeError(f"{name} is a {type(obj).__name__}, not a utils.training.training_types.TrainingType "
                                 f"(subclass it: docs/extending.md)")
-    return obj
+    return _described(obj, name)
