@@ -5,7 +5,6 @@ control and the report without a line of the project naming it."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
 
-from utils.core.user_code import UserCodeError, import_object, is_import_path
+from utils.core.registry import lookup_or_import
 
 
 class LevelRun(Protocol):
@@ -144,13 +144,7 @@ def get_training_type(name: str) -> TrainingType:
     """The registered type ``name``, or a user's ``package.module:Name``."""
     if name in TRAINING_TYPES:
         return TRAINING_TYPES[name]
-    if not is_import_path(name):
-        raise TrainingTypeError(f"unknown training type {name!r}; valid: {', '.join(TRAINING_TYPES)} "
-                                f"or package.module:Name")
-    try:
-        obj = import_object(name)
-    except UserCodeError as error:
-        raise TrainingTypeError(str(error)) from None
+    obj = lookup_or_import(TRAINING_TYPES, "training type", name, TrainingTypeError)
     if isinstance(obj, type) and issubclass(obj, TrainingType):
         obj = obj()
     if not isinstance(obj, TrainingType):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Type
 
-from utils.core.user_code import UserCodeError, import_object, is_import_path
+from utils.core.registry import lookup_or_import
 from utils.pruning.structures.base import Scoring, Structure  # noqa: F401  (the contract, for outside structures)
 from utils.pruning.structures.channel import Channel
 from utils.pruning.structures.nm import NM
@@ -31,15 +31,7 @@ def structure_names() -> List[str]:
 
 def get_structure(name: str) -> Type[Structure]:
     """The registered structure ``name``, or a user's ``package.module:Name`` (a ``Structure`` subclass)."""
-    if name in STRUCTURES:
-        return STRUCTURES[name]
-    if not is_import_path(str(name)):
-        raise StructureRegistryError(f"unknown structure {name!r}; valid names: {', '.join(STRUCTURES)} "
-                                     f"or package.module:Name")
-    try:
-        obj = import_object(name)
-    except UserCodeError as error:
-        raise StructureRegistryError(str(error)) from None
+    obj = lookup_or_import(STRUCTURES, "structure", name, StructureRegistryError)
     if not (isinstance(obj, type) and issubclass(obj, Structure)):
         raise StructureRegistryError(f"{name} is a {type(obj).__name__}, not a subclass of "
                                      f"utils.pruning.structures.base.Structure (docs/extending.md)")
