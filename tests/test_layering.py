@@ -168,3 +168,32 @@ def test_below_the_harness_layer_only_the_config_owners_take_a_whole_config(modu
             assert not names & CONFIG_PARAMETERS, \
                 (f"{module}.{node.name} takes a whole config ({sorted(names & CONFIG_PARAMETERS)}); take narrow "
                  f"arguments or a typed view of one section (utils.pruning.settings.PruneSettings)")
+
+
+def structure_comparisons(tree: ast.AST) -> List[int]:
+    """Lines comparing something named like a structure with a structure's name ("channel", "nm",
+    "unstructured"): what asking the Structure object replaces."""
+    names = {"unstructured", "channel", "nm"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            named = any(isinstance(side, ast.Constant) and side.value in names for side in sides)
+            if not named:
+                named = any(isinstance(side, (ast.Tuple, ast.List, ast.Set)) and
+                            any(isinstance(e, ast.Constant) and e.value in names for e in side.elts) for side in sides)
+            about = any("structure" in ast.unparse(side) for side in sides)
+            if named and about:
+                found.append(node.lineno)
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith("utils.pruning.structures")))
+def test_only_the_structures_compare_a_structure_name(module):
+    lines = structure_comparisons(ast.parse(MODULES[module].read_text()))
+    assert not lines, f"{module} compares a structure's name at lines {lines}; ask the Structure object"
+
+
+def test_the_scan_finds_a_structure_comparison():
+    code = 'if c["prune.structure"] == "channel":\n    pass\nif structure in ("nm", "x"):\n    pass\nif a == "nm":\n    pass\n'
+    assert structure_comparisons(ast.parse(code)) == [1, 3]
