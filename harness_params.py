@@ -551,19 +551,16 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
 
 def check_cross_fields(c: Dict[str, Any]) -> None:
     """Contradictions between keys that each look fine alone."""
-    kind = training_type_of(c)
-    check_structure_refusals(c)
+    kind, structure = training_type_of(c), structure_of(c)
+    check_structure_refusals(c, structure)
     check_science_fields(c)
     levels, target = c["prune.levels"], c["prune.target_density"]
     epochs = c["training.epochs"]
-    check_level_plan(c)
+    check_level_plan(c, structure)  # an iterative run without levels or a target is the plan's refusal
     refusal = kind.check(c)
     if refusal:
         _fail(refusal)
     if not kind.one_shot:
-        # A control (masks_from) without either trains as many levels as its source plans.
-        if levels is None and target is None and not c["prune.masks_from"]:
-            _fail(f"prune.training_type={kind.name} needs prune.levels (>= 1) or prune.target_density (in (0, 1])")
         if levels is not None and target is not None:
             _fail(f"prune.levels={levels} and prune.target_density={target} both set; give one (levels, or the density to stop at)")
     if c["optimizer.nesterov"] and (c["optimizer.name"] != "sgd" or c["optimizer.momentum"] == 0):
@@ -576,7 +573,7 @@ def check_cross_fields(c: Dict[str, Any]) -> None:
             _fail(f"schedule.milestones={milestones} must increase and lie within training.epochs={epochs}")
     if c["schedule.warmup_epochs"] >= epochs:
         _fail(f"schedule.warmup_epochs={c['schedule.warmup_epochs']} must be less than training.epochs={epochs}")
-    check_structure_fields(c)
+    check_structure_fields(c, structure)
     check_speed_fields(c)
     if c["schedule.name"] == "triangular" and c["schedule.peak_epoch"] > epochs:
         _fail(f"schedule.peak_epoch={c['schedule.peak_epoch']} must be within training.epochs={epochs}")
@@ -622,10 +619,10 @@ def criterion_of(c: Dict[str, Any]):
         _fail(f"prune.criterion: {error}")
 
 
-def check_structure_fields(c: Dict[str, Any]) -> None:
+def check_structure_fields(c: Dict[str, Any], structure) -> None:
     """What the structure accepts (it is asked, never named): criteria that score its units,
     its allocations; prune.early_bird."""
-    structure, criterion = structure_of(c), criterion_of(c)
+    criterion = criterion_of(c)
     name, allocation = c["prune.structure"], c["prune.allocation"]
     if not structure.accepts(criterion):
         allowed = [n for n, spec in SCORES.items() if structure.accepts(spec)]
@@ -661,21 +658,21 @@ def training_type_of(c: Dict[str, Any]):
         _fail(f"prune.training_type: {error}")
 
 
-def check_structure_refusals(c: Dict[str, Any]) -> None:
+def check_structure_refusals(c: Dict[str, Any], structure) -> None:
     """The structure's own refusals of the prune settings (N:M: layer rates, a target density,
     too few levels; channel: layer rates), asked of the structure."""
-    refusal = structure_of(c).refusal(training_type_of(c).one_shot)
+    refusal = structure.refusal(training_type_of(c).one_shot)
     if refusal:
         _fail(refusal)
 
 
-def check_level_plan(c: Dict[str, Any]) -> None:
+def check_level_plan(c: Dict[str, Any], structure) -> None:
     """The level plan can be made from these settings (the shapes aside: those need the model);
     a control's is its source's, read when the run starts."""
     if c["prune.masks_from"]:
         return
     try:
-        plan_levels(PruneSettings.from_config(c), training_type_of(c), structure_of(c), shapes=None)
+        plan_levels(structure.settings, training_type_of(c), structure, shapes=None)
     except ValueError as error:
         _fail(str(error))
 

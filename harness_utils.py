@@ -26,8 +26,6 @@ from utils.models import mask_layers, pretrained
 from utils.models.blurpool import add_blurpool_
 from utils.models.registry import ModelError, get_model
 from utils.pruning import criteria
-from utils.pruning.settings import PruneSettings
-from utils.pruning.structures import get_structure
 from utils.pruning.structures.base import Scoring
 from utils.runs import checkpointing, rundir
 from utils.runs.checkpointing import (  # noqa: F401  (re-exported: the harness layer's one import)
@@ -265,15 +263,15 @@ def extra_columns(c: Dict[str, Any], structure) -> Dict[str, List[str]]:
     return {"level_extra": level, "layer_extra": list(structure.layer_columns)}
 
 
-def structure_of(c: Dict[str, Any]):
-    """The config's pruning structure, made with its prune settings (utils.pruning.structures)."""
-    return get_structure(c["prune.structure"])(PruneSettings.from_config(c))
+# The config's pruning structure, made with its prune settings (the config loader's, which has
+# refused one that cannot be had before the harness runs).
+structure_of = harness_params.structure_of
 
 
 def level_plan(c: Dict[str, Any], model: torch.nn.Module, structure) -> LevelPlan:
     """The run's own level plan (a control's is its source's: ``LevelPlan.for_control``)."""
     try:
-        return plan_levels(PruneSettings.from_config(c), get_training_type(c["prune.training_type"]), structure,
+        return plan_levels(structure.settings, get_training_type(c["prune.training_type"]), structure,
                            mask_layers.layer_shapes(model))
     except ValueError as error:
         raise UserError(str(error)) from None

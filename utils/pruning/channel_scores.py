@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from utils.pruning.channel_graph import ChannelKeep, ChannelStructure, StructureError
-from utils.pruning.criteria import get_criterion
+from utils.pruning.criteria import channel_criteria, get_criterion
 
 
 # A normaliser maps one member's raw scores over the units it is ranked among (alive and
@@ -104,7 +104,6 @@ def channel_score_function(criterion: str):
     except ValueError as error:
         raise StructureError(str(error)) from None
     if spec.score_channels is None:
-        from utils.pruning.criteria import channel_criteria
         raise StructureError(f"criterion {criterion} scores weights, not channels; criteria that score channels: "
                              f"{', '.join(channel_criteria())}")
     return spec.score_channels

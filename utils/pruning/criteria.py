@@ -131,7 +131,7 @@ class Criterion:
     # Per-channel scores (the channel structure ranks coupled channel units by these), or None.
     score_channels: Optional[ChannelScoreFn] = None
     # Options of this criterion's own, given to its score as keyword arguments: names of prune.*
-    # keys (snip: "snip_mode").  The harness passes exactly these (``options_from``).
+    # keys (snip: "snip_mode").  The harness passes exactly these (``harness_utils.scoring``).
     options: Tuple[str, ...] = ()
     # Whether its scores change as the weights train (Early-Bird compares successive masks: a
     # score that ignores the weights, such as random, never settles).
@@ -149,10 +149,6 @@ class Criterion:
     def scores(self) -> List[str]:
         """What it scores, in words: weights, channels."""
         return [word for word, fn in (("weights", self.score), ("channels", self.score_channels)) if fn is not None]
-
-    def options_from(self, settings: Any) -> Dict[str, Any]:
-        """Its options' values from a prune-section view (an object with those attributes)."""
-        return {name: getattr(settings, name) for name in self.options}
 
     def scorer(self, options: Optional[Mapping[str, Any]] = None) -> ScoreFn:
         """The per-weight score function of one mask computation, with this criterion's options

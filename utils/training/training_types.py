@@ -142,8 +142,6 @@ TRAINING_TYPES: Dict[str, TrainingType] = {t.name: _described(t, f"training type
 
 def get_training_type(name: str) -> TrainingType:
     """The registered type ``name``, or a user's ``package.module:Name``."""
-    if name in TRAINING_TYPES:
-        return TRAINING_TYPES[name]
     obj = lookup_or_import(TRAINING_TYPES, "training type", name, TrainingTypeError)
     if isinstance(obj, type) and issubclass(obj, TrainingType):
         obj = obj()

@@ -29,6 +29,8 @@ from utils.pruning.channel_select import (
 )
 from utils.pruning.channel_zeroing import ChannelZeroing
 from utils.pruning.structures.base import Scoring, Structure
+from utils.runs import checkpointing
+from utils.runs.rundir import RunFiles
 
 
 class ChannelReport(Callback):
@@ -48,8 +50,6 @@ class ChannelReport(Callback):
 
     def on_level_logged(self, info: LevelInfo) -> None:
         if info.is_primary:
-            from utils.runs import checkpointing
-            from utils.runs.rundir import RunFiles
             checkpointing.atomic_torch_save({"format": checkpointing.CHECKPOINT_FORMAT, "level": info.level,
                                              "model": checkpointing.model_state(info.model)},
                                             RunFiles(info.root).level_weights(info.level))
