@@ -262,3 +262,14 @@ def test_plain_refuses_channel_and_nm_levels_and_points_to_compact():
     assert "--format semi-structured" in plain.refusal("nm", "semi-structured", "runs/x", 1, False)
     assert "blurpool" in plain.refusal("unstructured", None, "runs/x", 1, True)
     assert plain.refusal("unstructured", None, "runs/x", 1, False) is None
+
+
+def test_the_report_counts_a_ticket_controls_levels_from_the_file(source):
+    from utils.report.experiments import level_count
+    control = {**ticket_file.read_ticket(ticket_of(source)).config, "prune.masks_from": str(ticket_of(source)),
+               "prune.control": "reinit", "experiment.seed": 3}
+    assert level_count(control) == (3, None)
+    assert level_count({**control, "prune.levels": 2}) == (2, None)
+    one = source.parent.parent / "one.safetensors"
+    assert command("export", "--experiment", source, "--level", 0, "--out", one, "--without-trained")[0] == 0
+    assert level_count({**control, "prune.masks_from": str(one)}) == (1, None)
