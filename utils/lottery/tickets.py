@@ -197,7 +197,7 @@ def export_ticket(directory, level: int, out=None, *, trained: bool = True) -> T
                 "layers": layers, "density": alive / total if total else 1.0,
                 "levels": [_numbers(row) for row in files.levels.records()[:level + 1]],
                 "commit": commit_of(), "taken_from": taken_from}
-    path = Path(out) if out else root / "tickets" / f"level_{level}{ticket_file.SUFFIX}"
+    path = Path(out) if out else files.ticket(level)
     if path.is_dir():
         raise UsageError(f"--out {path} is a directory")
     data_bytes = ticket_file.encode(groups, json.loads(json.dumps(metadata, default=str)))

@@ -34,7 +34,6 @@ from typing import Dict, List, Mapping, Optional, Tuple
 FORMAT = "lottery-ticket/1"
 GROUPS = ("masks", "lineage", "init", "trained", "rewind")
 WEIGHT_GROUPS = ("init", "trained", "rewind")   # what model.weights=FILE[:GROUP] loads (default init)
-SUFFIX = ".safetensors"
 _HEADER_LIMIT = 1 << 27                          # a safetensors header is JSON; 128 MiB is far beyond any
 
 
