@@ -295,7 +295,8 @@ def declare_sections() -> Config:
                "(called with num_classes=, and in_channels=, image_size= when it takes them)", required=True),
         blurpool=P(StrictBool(), "Anti-aliasing blur before every strided convolution (BlurPool, as ffcv-imagenet)", default=False),
         weights=P(StrictStr(), "Given initial weights: a state dict file (torch.save(model.state_dict()), a torchvision "
-                  "weights file) loaded with weights_only before level 0; a head of another class count keeps its "
+                  "weights file, or a ticket file FILE[:init|trained|rewind] of python -m utils.ticket export) loaded with "
+                  "weights_only before level 0; a head of another class count keeps its "
                   "fresh init (utils/models/pretrained.py); empty = random init", default=""),
     )
     Section("dataset", "Data (FFCV .beton files)").params(
@@ -369,7 +370,8 @@ def declare_sections() -> Config:
         early_bird_threshold=P(StrictFloat(0, 1, low_open=True), "Early-Bird: stop when the largest mask distance over the window is below this", default=0.1),
         early_bird_window=P(StrictInt(2), "Early-Bird: masks compared, the current epoch's included", default=5),
         masks_from=P(StrictStr(), "Control run: train, level by level, the masks of this experiment directory "
-                     "(its masks/level_L.pt and checkpoints/init.pt); empty = off", default=""),
+                     "(its masks/level_L.pt and checkpoints/init.pt) or ticket file (python -m utils.ticket "
+                     "export: its levels 0..L); empty = off", default=""),
         control=P(Choice(["none", "reinit", "shuffle"]), "With masks_from: none (the masks and initial weights as they "
                   "are), reinit (the masks, this run's own random init), shuffle (each layer's count of kept weights "
                   "at random positions, the source's init)", default="none"),

@@ -18,6 +18,7 @@ COMMANDS = {
     "utils.compact": "--experiment",
     "utils.pruning_utils": "--checkpoint",
     "utils.single_gpu_harness": "--config",
+    "utils.ticket": "export",
 }
 
 

@@ -24,7 +24,7 @@ HARNESS_LAYER = {"harness", "harness_params", "harness_utils", "harness_setup"}
 # lower first; a package may import its own modules and those of packages strictly below it
 LAYERS = [{"core"}, {"data", "models"}, {"runs"}, {"pruning"}, {"training"}, {"lottery"}, {"report"}, {"launch"}]
 RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
-COMMAND_SHIMS = {"write_beton", "sweep", "compact", "pruning_utils", "single_gpu_harness"}  # + utils/report/__main__.py
+COMMAND_SHIMS = {"write_beton", "sweep", "compact", "pruning_utils", "single_gpu_harness", "ticket"}  # + utils/report/__main__.py
 # modules that read a config the harness's way, inside their command-line functions only
 ENTRY_POINTS = {"utils.pruning.command", "utils.report.experiments", "utils.launch.sweep_spec",
                 "utils.launch.sweep", "utils.launch.single_process"}
@@ -36,6 +36,8 @@ WHOLE_CONFIG = {
                                      "(its documented extension interface: optimizer_and_schedule, check)",
     "utils.pruning.settings": "builds the typed view of the prune section from a config",
     "utils.training.level_plan": "builds a run's plan from a config (through PruneSettings)",
+    "utils.lottery.tickets": "exports a finished run: its config.yaml goes into the ticket file, and the model's "
+                             "arguments are read from it",
 }
 CONFIG_PARAMETERS = {"config", "c", "resolved", "cfg"}
 

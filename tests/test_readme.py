@@ -28,6 +28,8 @@ def test_marked_readme_commands_run(tmp_path):
     copy = run_in_repository_copy(commands, tmp_path)
     assert (copy / "runs" / "try.png").stat().st_size > 10_000
     assert (copy / "runs" / "try_masks.pt").exists()
+    assert (copy / "runs" / "try" / "tickets" / "level_1.safetensors").exists()
+    assert (copy / "runs" / "try_plain.pt").exists()
     for name in ("try", "try_ddp", "try_debug"):
         assert (copy / "runs" / name / "levels.csv").read_text().count("\n") == 3  # header + 2 levels
 

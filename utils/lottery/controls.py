@@ -26,6 +26,11 @@ epoch); ``finished_levels`` counts those rows, and ``masks_for_level`` refuses a
 is not finished yet.  So a control can start while X is still running and train the
 levels X has finished (``wait_for_level`` blocks until the next one is).
 
+A ticket file (``python -m utils.ticket export``, ``utils.models.ticket_file``) goes in wherever
+a directory does: ``prune.masks_from=FILE`` takes its levels 0..L (the lineage it carries), its
+initial weights and its config; it is finished, so nothing is waited for, and its level 0 is
+always trained (it holds no CSV rows to take).  Every check below applies to it as to a directory.
+
 Refused with a one-line ControlError (``read_source``): a source directory that does not
 exist, is the control's own, has no readable ``config.yaml``, is itself a control, was
 made with another ``model.name``, ``dataset.name`` or ``prune.exclude``, has no readable
@@ -72,6 +77,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from utils.models import ticket_file
 from utils.models.mask_layers import Masks, mask_buffer_names
 from utils.models.mask_layers import layer_shapes as mask_layer_shapes
 from utils.pruning.structures.base import Structure
@@ -121,8 +127,9 @@ class Source:
     root: Path
     config: Dict[str, Any]                      # the source's config.yaml, dotted keys
     layer_shapes: Dict[str, Tuple[int, ...]]    # prunable layer -> weight shape (this model's, module order)
-    plan: LevelPlan                             # the source's own level plan
+    plan: LevelPlan                             # the source's own level plan (a ticket's: levels 0..L)
     structure: Structure                        # the source's pruning structure
+    ticket: Optional[ticket_file.Ticket] = None  # a ticket file's contents (root is the file)
 
     @property
     def planned_levels(self) -> int:
@@ -175,11 +182,19 @@ def read_source(path, request: ControlRequest, model: nn.Module,
     -> Source, or ControlError naming what does not fit.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise ControlError(f"prune.masks_from={path}: no such experiment directory")
-    if request.own_dir is not None and _same_directory(root, request.own_dir):
+    ticket = None
+    if root.is_file():
+        try:
+            ticket = ticket_file.read_ticket(root)
+        except ticket_file.TicketError as error:
+            raise ControlError(f"prune.masks_from={error}") from None
+        source_config = ticket.config
+    elif not root.is_dir():
+        raise ControlError(f"prune.masks_from={path}: no such experiment directory or ticket file")
+    elif request.own_dir is not None and _same_directory(root, request.own_dir):
         raise ControlError(f"prune.masks_from={path} is this run's own directory")
-    source_config = _read_config(root)
+    else:
+        source_config = _read_config(root)
     if source_config.get("prune.masks_from"):
         raise ControlError(f"prune.masks_from={path} is itself a control (of {source_config['prune.masks_from']}); "
                            f"use its source")
@@ -190,9 +205,16 @@ def read_source(path, request: ControlRequest, model: nn.Module,
         if mine != theirs:
             raise ControlError(f"prune.masks_from={path} was made with {key}={theirs!r}, this run has {key}={mine!r}")
     layer_shapes = mask_layer_shapes(model)
-    _check_initial_weights(RunFiles(root).init_checkpoint, model, path)
     plan, structure = _source_plan(source_config, defaults, layer_shapes, path)
-    source = Source(root=root, config=source_config, layer_shapes=layer_shapes, plan=plan, structure=structure)
+    if ticket is not None:
+        _fit_initial_weights(ticket.weights("init"), model, path)
+        if ticket.level >= len(plan):
+            raise ControlError(f"prune.masks_from={path} is level {ticket.level}, but its config plans {len(plan)} levels")
+        plan = LevelPlan(plan.levels[:ticket.level + 1], plan.start_line)  # what the file holds
+    else:
+        _check_initial_weights(RunFiles(root).init_checkpoint, model, path)
+    source = Source(root=root, config=source_config, layer_shapes=layer_shapes, plan=plan, structure=structure,
+                    ticket=ticket)
     wanted = request.levels
     if wanted is not None and wanted > source.planned_levels:
         raise ControlError(f"prune.levels={wanted} but prune.masks_from={path} has {source.planned_levels} levels "
@@ -223,6 +245,11 @@ def _check_initial_weights(path: Path, model: nn.Module, source_path) -> Dict[st
     state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ControlError(f"prune.masks_from={source_path}: {path} holds no initial weights (key 'model')")
+    return _fit_initial_weights(state, model, source_path)
+
+
+def _fit_initial_weights(state: Mapping[str, torch.Tensor], model: nn.Module, source_path) -> Dict[str, torch.Tensor]:
+    """The source's initial weights (masks aside), checked against ``model``'s names and shapes."""
     masks = set(mask_buffer_names(model))
     own = {k: v for k, v in model.state_dict().items() if k not in masks}
     theirs = {k: v for k, v in state.items() if k not in masks}
@@ -239,14 +266,22 @@ def _check_initial_weights(path: Path, model: nn.Module, source_path) -> Dict[st
 
 def finished_levels(source: Source) -> int:
     """Levels of the source that are finished: its levels.csv rows 0, 1, 2, ... (read afresh:
-    the source may still be running)."""
+    the source may still be running).  A ticket file: all the levels it holds."""
+    if source.ticket is not None:
+        return len(source.plan)
+    return finished_level_count(source.levels_csv, f"prune.masks_from={source.root}")
+
+
+def finished_level_count(levels_csv: Path, what: str) -> int:
+    """How many levels a run directory has finished: the rows 0, 1, 2, ... of its ``levels.csv``
+    (a row is appended whole after the level's last epoch); ``what`` starts a refusal."""
     try:
-        with open(source.levels_csv, newline="") as handle:
+        with open(levels_csv, newline="") as handle:
             rows = list(csv.reader(handle))[1:]
     except FileNotFoundError:
         return 0
     except OSError as error:
-        raise ControlError(f"prune.masks_from={source.root}: cannot read levels.csv ({_first_line(error)})") from None
+        raise ControlError(f"{what}: cannot read levels.csv ({_first_line(error)})") from None
     count = 0
     for row in rows:
         if not row or row[0] != str(count):
@@ -257,6 +292,11 @@ def finished_levels(source: Source) -> int:
 
 def load_level_masks(source: Source, level: int) -> Masks:
     """The source's masks of ``level`` as written, checked against this model's layers."""
+    if source.ticket is not None:
+        try:
+            return _checked_masks(source, source.ticket.masks_at(level), f"its level {level}")
+        except ticket_file.TicketError as error:
+            raise ControlError(f"prune.masks_from={error}") from None
     path = source.mask_path(level)
     if not path.is_file():
         raise ControlError(f"prune.masks_from={source.root}: {path} is missing")
@@ -266,6 +306,11 @@ def load_level_masks(source: Source, level: int) -> Masks:
         raise ControlError(f"prune.masks_from={source.root}: {path} cannot be read ({_first_line(error)})") from None
     if not isinstance(masks, dict) or not all(isinstance(v, torch.Tensor) for v in masks.values()):
         raise ControlError(f"prune.masks_from={source.root}: {path} is not a dict of layer name -> mask tensor")
+    return _checked_masks(source, masks, path)
+
+
+def _checked_masks(source: Source, masks: Mapping[str, torch.Tensor], path) -> Masks:
+    """``masks`` (read from ``path``) as bool, in this model's module order, fitting its prunable layers."""
     missing = sorted(set(source.layer_shapes) - set(masks))
     unknown = sorted(set(masks) - set(source.layer_shapes))
     if missing or unknown:
@@ -309,6 +354,8 @@ def initial_state(source: Source, control: str, model: nn.Module) -> Dict[str, t
     if control == "reinit":
         masks = set(mask_buffer_names(model))
         return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in masks}
+    if source.ticket is not None:
+        return _fit_initial_weights(source.ticket.weights("init"), model, source.root)
     return _check_initial_weights(source.init_checkpoint, model, source.root)
 
 
@@ -357,6 +404,8 @@ def level_zero_difference(source: Source, request: ControlRequest, model: nn.Mod
     control = request.control
     if control not in ("none", "shuffle"):
         return f"prune.control={control} starts from its own initial weights"
+    if source.ticket is not None:
+        return "the source is a ticket file, which holds no CSV rows to take"
     kind = request.training_type
     if not get_training_type(kind).resets_to_init:
         return (f"prune.training_type={kind}: later levels start from level 0's trained state, which the "

@@ -22,6 +22,11 @@ What must fit (else ``WeightsError``, one line naming up to three keys):
 * a file that holds masks (``*.mask``) is refused: masks come from pruning, or from another
   experiment through ``prune.masks_from``.
 
+A ticket file (``python -m utils.ticket export``; ``utils.models.ticket_file``) is read as its
+initial weights, or as another of its groups with a suffix: ``FILE:init`` (the same),
+``FILE:trained`` (the level's trained weights, pruned ones zero), ``FILE:rewind`` (WR's rewind
+point).  Its checksums are checked first; an unknown suffix is refused in one line.
+
 Controls (``prune.masks_from``): a ``reinit`` control trains a fresh initialisation, so it
 ignores the given weights (and says so); ``none`` and ``shuffle`` start from their source's
 ``init.pt``, which holds the source's given weights -- a control asking for another file than
@@ -37,6 +42,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from utils.models import ticket_file
 from utils.models.mask_layers import apply_masks_, mask_buffer_names, state_dict_aliases
 
 # State-dict entries a file may lack (counters, not weights).
@@ -56,7 +62,14 @@ def _some(keys, limit: int = 3) -> str:
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The state dict in ``path`` (tensors only; nested under ``model``/``state_dict`` accepted)."""
+    """The state dict in ``path`` (tensors only; nested under ``model``/``state_dict`` accepted;
+    a ticket file's group, ``FILE[:GROUP]``)."""
+    try:
+        file, group = ticket_file.parse_reference(path)
+        if ticket_file.is_ticket(file):
+            return ticket_file.read_ticket(file).weights(group or "init")
+    except ticket_file.TicketError as error:
+        raise WeightsError(f"model.weights={error}") from None
     if not os.path.isfile(path):
         raise WeightsError(f"model.weights={path}: no such file")
     try:
@@ -170,6 +183,12 @@ def check_control_weights(own: str, source: str, control: str, source_root) -> N
     ``model.weights`` when it had one): refuse a control that names another file."""
     if control == "reinit" or not own:
         return
+    try:
+        file, group = ticket_file.parse_reference(own)
+    except ticket_file.TicketError as error:
+        raise WeightsError(f"model.weights={error}") from None
+    if group in (None, "init") and os.path.realpath(file) == os.path.realpath(str(source_root)):
+        return  # a ticket file's own initial weights: what the control starts from anyway
     if not source or os.path.realpath(own) != os.path.realpath(source):
         theirs = f"model.weights={source}" if source else "its own random initialisation"
         raise WeightsError(f"model.weights={own}: prune.control={control} starts from the initial weights of "

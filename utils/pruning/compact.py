@@ -278,7 +278,7 @@ def level_weights(directory: Path, level: int) -> Tuple[Dict[str, torch.Tensor],
                          f"epoch {checkpoint.get('next_epoch')})")
     raise UsageError(f"the final weights of level {level} are not on disk: checkpoints/last.pt holds level {held} "
                      f"({phase}) and there is no checkpoints/level_{level}.pt; only the level last.pt holds "
-                     f"finished can be compacted")
+                     f"finished has them")
 
 
 def _run(argv: Optional[Sequence[str]]) -> int:

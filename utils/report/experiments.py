@@ -183,14 +183,28 @@ def level_count(config: Dict[str, Any]) -> Tuple[Optional[int], Optional[str]]:
     try:
         if not source:
             return len(plan_of_config(config, config_defaults())), None
-        source_config = read_config(Path(str(source)))
+        source_config, held = _control_source(Path(str(source)))
         if source_config.get("prune.masks_from"):
             return None, f"prune.masks_from={source} is itself a control"
-        return len(plan_of_config(source_config, config_defaults()).for_control(config.get("prune.levels"))), None
+        count = len(plan_of_config(source_config, config_defaults()).for_control(config.get("prune.levels")))
+        return (count if held is None else min(count, held)), None
     except ReportError as error:
         return None, str(error)
     except PlanError as error:
         return None, f"its level plan cannot be built here ({error})"
+
+
+def _control_source(path: Path) -> Tuple[Dict[str, Any], Optional[int]]:
+    """(a control source's config, how many levels it holds: None for a run directory, whose plan
+    says; L + 1 for a ticket file of level L, utils.models.ticket_file, read from its header)."""
+    if not path.is_file():
+        return read_config(path), None
+    from utils.models import ticket_file
+    try:
+        metadata = ticket_file.read_header(path).metadata
+        return dict(metadata["config"]), int(metadata["level"]) + 1
+    except (ticket_file.TicketError, KeyError, TypeError, ValueError) as error:
+        raise ReportError(f"prune.masks_from={path}: {error}") from None
 
 
 def expected_levels(config: Dict[str, Any]) -> Optional[int]:

@@ -12,6 +12,7 @@ builds a path inside a run directory or reads its ``config.yaml``.
       checkpoints/             init.pt, rewind.pt, last.pt (+ previous.pt), level_start.pt,
                                level_L.pt (channel structure), launch_id.txt
       logs/                    launcher logs (Slurm)
+      tickets/level_L.safetensors   python -m utils.ticket export's default output
 
 Missing keys: a ``config.yaml`` written before a key existed lacks it; it counts as that key's
 default (``defaults``, given by the caller that knows the declared keys), everywhere.
@@ -186,6 +187,10 @@ class RunFiles:
     def level_weights(self, level: int) -> Path:
         """A finished level's weights (channel structure: what utils.compact makes smaller)."""
         return self.checkpoints / f"level_{level}.pt"
+
+    def ticket(self, level: int) -> Path:
+        """Where ``python -m utils.ticket export`` writes level L's ticket file by default."""
+        return self.root / "tickets" / f"level_{level}.safetensors"
 
     @property
     def epochs(self) -> CsvLog:
