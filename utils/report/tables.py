@@ -83,14 +83,20 @@ def summary_table(groups: Sequence[Group]) -> pd.DataFrame:
 
 
 # ====================================================================== densities, named
+def structure_class(config: Mapping[str, Any]):
+    """The run's ``Structure`` subclass, or None when it cannot be imported here."""
+    from utils.pruning.structures import StructureRegistryError, get_structure
+    try:
+        return get_structure(str(config.get("prune.structure") or "unstructured"))
+    except StructureRegistryError:
+        return None
+
+
 def target_unit(config: Mapping[str, Any]) -> Optional[str]:
     """What the run's ``levels.csv`` ``target_density`` is a density of: its structure's
     ``target_unit`` ("weight", "channel"); None when the structure cannot be imported here."""
-    from utils.pruning.structures import StructureRegistryError, get_structure
-    try:
-        return str(get_structure(str(config.get("prune.structure") or "unstructured")).target_unit)
-    except StructureRegistryError:
-        return None
+    structure = structure_class(config)
+    return None if structure is None else str(structure.target_unit)
 
 
 def target_column(unit: Optional[str]) -> str:
@@ -101,12 +107,13 @@ def target_column(unit: Optional[str]) -> str:
 def named_densities(group: Group, summary: pd.DataFrame) -> pd.DataFrame:
     """The densities of ``summary``'s levels under names that say what they count: the target
     (``target_<unit>_density``), the structure's own achieved density when it is not a weight
-    density (``<unit>_density``, mean over seeds), ``weight_density``; one row per summary row."""
+    density (the level column ``<unit>_density`` among its ``level_columns``, mean over seeds),
+    ``weight_density``; one row per summary row."""
     unit = target_unit(group.config)
     columns = {target_column(unit): summary["target_density"].to_numpy()}
     own = f"{unit}_density"
     frames = [e.levels for e in group.members if own in e.levels.columns and len(e.levels)]
-    if unit and unit != "weight" and frames:
+    if unit and unit != "weight" and own in structure_class(group.config).level_columns and frames:
         means = pd.concat(frames).groupby("level")[own].mean()
         columns[own] = [float(means.get(level, math.nan)) for level in summary["level"]]
     columns["weight_density"] = summary["density"].to_numpy()
@@ -184,7 +191,7 @@ def accuracy_by_density_markdown(groups: Sequence[Group], summaries: Dict[str, p
     lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     marked = False
     for row in rows:
-        unit = f"{row['unit']}s" if row["unit"] else "units unknown"
+        unit = f"of {row['unit']}s" if row["unit"] else "(unit unknown)"
         weights = " / ".join(dict.fromkeys(_percent(d) for d in row["weight_density"]))
         levels = ", ".join(str(level) for level in dict.fromkeys(row["levels"]))
         cells = []
@@ -201,7 +208,7 @@ def accuracy_by_density_markdown(groups: Sequence[Group], summaries: Dict[str, p
                 text += " †"
                 marked = True
             cells.append(text)
-        lines.append("| " + " | ".join([f"{_percent(row['target'])} of {unit}", weights, levels, *cells]) + " |")
+        lines.append("| " + " | ".join([f"{_percent(row['target'])} {unit}", weights, levels, *cells]) + " |")
     lines.append("")
     if marked:
         lines += ["† taken from the control's source instead of trained (the same masks, weights and seed: the "
