@@ -454,8 +454,8 @@ def test_the_report_opens_with_ticket_controls_and_methods_side_by_side(study, t
     assert labels["g2"].startswith("control reinit of g1") and labels["g3"].startswith("control shuffle of g1")
     assert header[columns["ticket"]] == f"g1: {labels['g1']} (n=3)" and header[columns["lrr"]].endswith("(n=2)")
     by_density = {row[0]: row for row in rows}
-    assert list(by_density) == ["100% of weights", "80% of weights", "64% of weights", "50% of weights"]
-    for density, level in (("100% of weights", 0), ("80% of weights", 1), ("64% of weights", 2)):
+    assert list(by_density) == ["100% (dense)", "80% of weights", "64% of weights", "50% of weights"]
+    for density, level in (("100% (dense)", 0), ("80% of weights", 1), ("64% of weights", 2)):
         row = by_density[density]
         assert row[2] == str(level)
         for name in ("ticket", "reinit", "shuffle"):
@@ -474,8 +474,8 @@ def test_the_report_opens_with_ticket_controls_and_methods_side_by_side(study, t
 
 def test_every_groups_dense_point_is_visible(study, tmp_path, monkeypatch):
     """The shuffle control's dense point is its ticket's (taken): the same x and y.  Each group's
-    dense marker keeps x = 100% in data but sits beside the others on screen, none covering
-    another, each with its own shape, inside the axes."""
+    dense marker keeps x = 100% in data, has its own shape, and no two cover each other on
+    screen: the ticket's and the shuffle control's sit side by side, in legend order, inside the axes."""
     roots = [root for name in ("ticket", "reinit", "shuffle") for root in study[name]]
     groups = report_experiments.make_groups([report_experiments.load_experiment(d) for d in roots])
     summaries = {g.gid: report_tables.summarize(g) for g in groups}
@@ -484,11 +484,11 @@ def test_every_groups_dense_point_is_visible(study, tmp_path, monkeypatch):
     monkeypatch.setattr(report_figures, "_save", lambda fig, out: (fig.canvas.draw(), figures.append(fig)))
     report_figures.plot_accuracy_vs_density(groups, summaries, tmp_path / "a.png")
     (fig,) = figures
+    size = report_figures.DENSE_MARKER_SIZE * fig.dpi / 72  # pixels
     for ax in fig.axes[:2]:
         dense = {line.get_gid(): line for line in ax.get_lines() if str(line.get_gid()).startswith("dense:")}
         assert sorted(dense) == ["dense:g1", "dense:g2", "dense:g3"]
         assert len({line.get_marker() for line in dense.values()}) == 3
-        size = report_figures.DENSE_MARKER_SIZE * fig.dpi / 72  # pixels
         box = ax.get_window_extent()
         centres = {}
         for gid, line in dense.items():
@@ -499,10 +499,15 @@ def test_every_groups_dense_point_is_visible(study, tmp_path, monkeypatch):
         for a in dense:
             for b in dense:
                 if a < b:
-                    assert abs(centres[a][0] - centres[b][0]) >= size, (a, b)  # side by side, none covers another
-        # ... and in legend order, left to right
-        assert centres["dense:g1"][0] < centres["dense:g2"][0] < centres["dense:g3"][0]
+                    assert math.dist(centres[a], centres[b]) >= size, (a, b)  # none covers another
+        assert centres["dense:g1"][0] + size <= centres["dense:g3"][0]  # the same point: side by side, legend order
     assert "side by side" in fig._suptitle.get_text()
+
+
+def test_dense_markers_move_only_when_they_would_touch():
+    assert report_figures.dense_rows([10.0, 30.0, 10.0, 50.0, 55.0], apart=12.0) == [[0, 2], [1], [3, 4]]
+    assert report_figures.dense_offsets(1) == [0.0]
+    assert report_figures.dense_offsets(3) == [-report_figures.DENSE_SPACING, 0.0, report_figures.DENSE_SPACING]
 
 
 def test_channel_densities_are_named_apart_from_weight_densities(tmp_path):
@@ -545,5 +550,7 @@ def test_channel_densities_are_named_apart_from_weight_densities(tmp_path):
     header, rows = markdown_table(text, "## Final test accuracy by density")
     firsts = [row[0] for row in rows]
     assert "80% of channels" in firsts and "80% of weights" in firsts  # never one row
+    dense = next(row for row in rows if row[0] == "100% (dense)")  # the dense network is one whatever the unit
+    assert all(dense[3:]) and firsts.count("100% (dense)") == 1
     weights = statistics.mean(pd.read_csv(root / "levels.csv").density[1] for root in channel)
     assert next(row for row in rows if row[0] == "80% of channels")[1] == f"{weights * 100:.3g}%"

@@ -3,9 +3,10 @@ curves and per-layer densities of a group; the one-plot form of the command.
 
 Every group's dense point stays visible: a control that took its source's level 0 (shuffle)
 has the very same dense point as its source, and one marker drawn on another hides it.  Each
-line has its own marker shape (``MARKERS``), and the dense markers (larger, edged in black) are
-set side by side around 100%, a fixed number of points apart on the screen, in the legend's
-order (``dense_offsets``); the caption says so.  Their data stay at 100%."""
+line has its own marker shape (``MARKERS``); the dense markers (larger, edged in black) that
+would cover one another on the screen are set side by side around 100%, a fixed number of points
+apart, in the legend's order (``place_dense_markers``); the caption says so.  Their data stay
+at 100%."""
 from __future__ import annotations
 
 import math
@@ -75,25 +76,46 @@ def dense_offsets(count: int) -> List[float]:
     return [(index - (count - 1) / 2) * step for index in range(count)]
 
 
-def draw_dense_marker(ax, x: float, y: float, color, marker: str, offset: float, gid: str):
-    """One dense marker at data (x, y), shifted ``offset`` points sideways on the screen (the
-    log density axis does not move it by a density), drawn above the lines."""
+def dense_rows(heights: Sequence[float], apart: float) -> List[List[int]]:
+    """Indices of ``heights`` (screen units) in rows of markers that would touch: sorted by
+    height, a marker closer than ``apart`` to the previous one joins its row; each row in the
+    original (legend) order."""
+    rows: List[List[int]] = []
+    last = None
+    for index in sorted(range(len(heights)), key=lambda i: (heights[i], i)):
+        if last is None or heights[index] - last >= apart:
+            rows.append([])
+        rows[-1].append(index)
+        last = heights[index]
+    return [sorted(row) for row in rows]
+
+
+def place_dense_markers(ax, points: Sequence[Tuple[float, object, str, str]], densest: float,
+                        sparsest: float) -> None:
+    """Draw the dense markers ``points`` = [(accuracy, colour, marker, gid)] at 100% density,
+    once the figure's layout is done (the screen distances are final): markers that would
+    cover one another are shifted sideways on the screen (``dense_offsets``; the log density
+    axis does not move them by a density), above the lines; then the densest x limit leaves
+    room for them (the axis is inverted: at least 15% above the densest point)."""
     from matplotlib.transforms import offset_copy
-    shifted = offset_copy(ax.transData, fig=ax.figure, x=offset, y=0.0, units="points")
-    line, = ax.plot([x], [y], linestyle="none", marker=marker, markersize=DENSE_MARKER_SIZE, color=color,
-                    markeredgecolor="black", markeredgewidth=0.8, transform=shifted, zorder=6)
-    line.set_gid(gid)
-    return line
-
-
-def dense_margin(ax, densest: float, sparsest: float, offsets: Sequence[float]) -> float:
-    """The densest x limit (in %) that leaves room for the dense markers left of 100% (the axis
-    is inverted, log): at least 15% above the densest point."""
-    reach = (max((-o for o in offsets), default=0.0) + DENSE_MARKER_SIZE) * 1.3   # points, with room for layout
-    width = ax.get_window_extent().width * 72.0 / ax.figure.dpi                   # the panel's width in points
-    inner = math.log10(densest / (sparsest / 1.15))                              # decades right of the densest point
-    need = reach * inner / max(width - reach, 1.0)                               # decades left of it
-    return densest * max(1.15, 10 ** need)
+    if not points:
+        return
+    size = DENSE_MARKER_SIZE * ax.figure.dpi / 72.0                                   # pixels
+    heights = [float(ax.transData.transform((densest, value))[1]) for value, *_ in points]
+    offsets = [0.0] * len(points)
+    for row in dense_rows(heights, size * 1.1):
+        for index, offset in zip(row, dense_offsets(len(row))):
+            offsets[index] = offset
+    reach = (max(-min(offsets), 0.0) + DENSE_MARKER_SIZE) * 1.3                        # points left of 100%
+    width = ax.get_window_extent().width * 72.0 / ax.figure.dpi                        # the panel, in points
+    inner = math.log10(100.0 / (sparsest / 1.15))                                      # decades right of 100%
+    left = max(densest * 1.15, 100.0 * 10 ** (reach * inner / max(width - reach, 1.0)))
+    ax.set_xlim(left, sparsest / 1.15)
+    for (value, color, marker, gid), offset in zip(points, offsets):
+        shifted = offset_copy(ax.transData, fig=ax.figure, x=offset, y=0.0, units="points")
+        line, = ax.plot([100.0], [value], linestyle="none", marker=marker, markersize=DENSE_MARKER_SIZE,
+                        color=color, markeredgecolor="black", markeredgewidth=0.8, transform=shifted, zorder=6)
+        line.set_gid(gid)
 
 
 def band_limits(mean: pd.Series, std: pd.Series) -> Tuple[pd.Series, pd.Series]:
@@ -111,9 +133,9 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
     fig, axes = plt.subplots(1, 2, figsize=(11, height), dpi=120, sharey=True)
     band_alpha = 0.2 if len(groups) <= 3 else 0.12
     all_densities = []
-    offsets = dense_offsets(len(groups))
-    for ax, metric, title in ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
-                              (axes[1], "best_test_acc", "best test accuracy (any epoch)")):
+    dense_points = {0: [], 1: []}   # panel -> (accuracy, colour, marker, gid), drawn once the layout is done
+    for panel, (ax, metric, title) in enumerate( ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
+                              (axes[1], "best_test_acc", "best test accuracy (any epoch)"))):
         for index, group in enumerate(groups):
             frame = summaries[group.gid]
             if frame.empty:
@@ -133,8 +155,7 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
             if not dense.empty and abs(float(dense["density"].iloc[0]) - 1.0) < 1e-9:
                 value = float(dense[f"{metric}_mean"].iloc[0])
                 ax.axhline(value, color=line.get_color(), linestyle=":", linewidth=1)
-                draw_dense_marker(ax, 100.0, value, line.get_color(), marker_for(index), offsets[index],
-                                  f"dense:{group.gid}")
+                dense_points[panel].append((value, line.get_color(), marker_for(index), f"dense:{group.gid}"))
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("density (% of prunable weights kept, log scale)")
@@ -143,14 +164,17 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
     if all_densities:
         for ax in axes:
             _density_ticks(ax, all_densities)
-            ax.set_xlim(dense_margin(ax, max(all_densities), min(all_densities), offsets), min(all_densities) / 1.15)
+            ax.set_xlim(max(all_densities) * 1.15, min(all_densities) / 1.15)
     axes[0].set_ylabel("test accuracy (%)")
     fig.suptitle("Test accuracy against density: mean over seeds, band = ±1 std; dense level (100%): large marker and "
-                 "dotted line,\nthe groups' dense markers set side by side in legend order (all at 100%) so that "
-                 "none hides another", fontsize=10)
+                 "dotted line;\ndense markers that would cover one another are set side by side, in legend order "
+                 "(all are at 100%)", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, legend_height / height, 1, 1))
+    if all_densities:
+        for panel, ax in enumerate(axes):
+            place_dense_markers(ax, dense_points[panel], max(all_densities), min(all_densities))
     _save(fig, out)
     plt.close(fig)
 
@@ -251,15 +275,15 @@ def plot(experiments: List[tuple], out: Path) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    offsets = dense_offsets(len(experiments))
+    dense_points = []   # (accuracy, colour, marker, gid), drawn once the layout is done
     for index, (label, frame) in enumerate(experiments):
         frame = frame.sort_values("density", ascending=False)
         line, = ax.plot(frame["density"] * 100, frame["final_test_acc"], marker=marker_for(index), label=label)
         dense = frame[frame["level"] == 0]
         if not dense.empty and abs(float(dense["density"].iloc[0]) - 1.0) < 1e-9:
             ax.axhline(float(dense["final_test_acc"].iloc[0]), color=line.get_color(), linestyle=":", linewidth=1)
-            draw_dense_marker(ax, 100.0, float(dense["final_test_acc"].iloc[0]), line.get_color(), marker_for(index),
-                              offsets[index], f"dense:{index}")
+            dense_points.append((float(dense["final_test_acc"].iloc[0]), line.get_color(), marker_for(index),
+                                 f"dense:{index}"))
     ax.set_xscale("log")
     densities = sorted({round(float(d) * 100, 2) for _, f in experiments for d in f["density"]})
     if len(densities) > 12:  # keep the axis readable: every k-th level's density
@@ -269,16 +293,18 @@ def plot(experiments: List[tuple], out: Path) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     all_densities = [float(d) * 100 for _, f in experiments for d in f["density"]]
     if all_densities:
-        ax.set_xlim(dense_margin(ax, max(all_densities), min(all_densities), offsets), min(all_densities) / 1.15)
+        ax.set_xlim(max(all_densities) * 1.15, min(all_densities) / 1.15)
     else:
         ax.invert_xaxis()
     ax.set_xlabel("density (% of prunable weights kept, log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy against density (dense level: large marker and dotted line;\n"
-                 "dense markers side by side in legend order, all at 100%)", fontsize=10)
+    ax.set_title("Test accuracy against density (dense level: large marker and dotted line; dense\n"
+                 "markers that would cover one another set side by side in legend order, all at 100%)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    if all_densities:
+        place_dense_markers(ax, dense_points, max(all_densities), min(all_densities))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)

@@ -152,8 +152,8 @@ def accuracy_by_density(groups: Sequence[Group], summaries: Dict[str, pd.DataFra
     """One row per planned density, in decreasing order: ``{"unit", "target", "levels",
     "weight_density": [...], "cells": {gid: summary row}}``.  A level goes to the row of its
     target density and unit (4 significant digits: the plan's densities are the same numbers
-    for a source, its controls and every training type with the same rate); a level without a
-    target goes by its weight density."""
+    for a source, its controls and every training type with the same rate), every dense level
+    to one row (unit "dense"); a level without a target goes by its weight density."""
     rows: Dict[Tuple, Dict[str, Any]] = {}
     for group in groups:
         unit = target_unit(group.config)
@@ -162,6 +162,8 @@ def accuracy_by_density(groups: Sequence[Group], summaries: Dict[str, pd.DataFra
             if math.isnan(target):
                 target, row_unit = float(row.density), "weight"
             key = (row_unit or "", float(f"{target:.4g}"))
+            if key[1] == 1.0:  # the dense network: 100% of channels is 100% of weights
+                key, row_unit = ("dense", 1.0), "dense"
             if key in rows and group.gid in rows[key]["cells"]:  # two levels of one group at one density
                 key = key + (int(row.level),)
             entry = rows.setdefault(key, {"unit": row_unit, "target": key[1], "levels": [], "weight_density": [],
@@ -191,7 +193,7 @@ def accuracy_by_density_markdown(groups: Sequence[Group], summaries: Dict[str, p
     lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     marked = False
     for row in rows:
-        unit = f"of {row['unit']}s" if row["unit"] else "(unit unknown)"
+        unit = {"dense": "(dense)", None: "(unit unknown)"}.get(row["unit"], f"of {row['unit']}s")
         weights = " / ".join(dict.fromkeys(_percent(d) for d in row["weight_density"]))
         levels = ", ".join(str(level) for level in dict.fromkeys(row["levels"]))
         cells = []
