@@ -469,7 +469,7 @@ def test_the_report_opens_with_ticket_controls_and_methods_side_by_side(study, t
     assert by_density["80% of weights"][columns["lrr"]] == ""
     assert by_density["50% of weights"][columns["lrr"]] == expected_cell(final_accuracies(study["lrr"], 1), 2)
     assert [by_density["50% of weights"][columns[n]] for n in ("ticket", "reinit", "shuffle")] == ["", "", ""]
-    assert "† taken from the control's source instead of trained" in text
+    assert "† a level some seed of the control took from its source" in text
 
 
 def test_every_groups_dense_point_is_visible(study, tmp_path, monkeypatch):

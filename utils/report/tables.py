@@ -182,14 +182,13 @@ def accuracy_by_density_markdown(groups: Sequence[Group], summaries: Dict[str, p
     """The table that opens report.md: final test accuracy, mean ± std over seeds, one column per group."""
     rows = accuracy_by_density(groups, summaries)
     taken = {g.gid: taken_levels(g) for g in groups}
-    shown = [g for g in groups if not summaries[g.gid].empty]
     lines = ["## Final test accuracy by density", "",
              "Test accuracy (%) at the last epoch of each level, mean ± sample std (ddof=1) over the group's seeds; "
              "n seeds in each column's head (a cell with fewer seeds finished says its own n). Rows: the levels' "
              "planned (target) density; a group with no level at that density leaves its cell empty. "
              "Weight density: the fraction of prunable weights kept (each group's mean over seeds).", ""]
-    header = ["target density", "weight density", "level",
-              *(f"{g.gid}: {g.label} (n={len(g.members)})" for g in shown)]
+    # every group a column: one with no finished level yet stays empty
+    header = ["target density", "weight density", "level", *(f"{g.gid}: {g.label} (n={len(g.members)})" for g in groups)]
     lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     marked = False
     for row in rows:
@@ -197,7 +196,7 @@ def accuracy_by_density_markdown(groups: Sequence[Group], summaries: Dict[str, p
         weights = " / ".join(dict.fromkeys(_percent(d) for d in row["weight_density"]))
         levels = ", ".join(str(level) for level in dict.fromkeys(row["levels"]))
         cells = []
-        for group in shown:
+        for group in groups:
             summary = row["cells"].get(group.gid)
             if summary is None:
                 cells.append("")
@@ -213,8 +212,8 @@ def accuracy_by_density_markdown(groups: Sequence[Group], summaries: Dict[str, p
         lines.append("| " + " | ".join([f"{_percent(row['target'])} {unit}", weights, levels, *cells]) + " |")
     lines.append("")
     if marked:
-        lines += ["† taken from the control's source instead of trained (the same masks, weights and seed: the "
-                  "source's numbers; see the status in Experiments).", ""]
+        lines += ["† a level some seed of the control took from its source instead of training it (the same masks, "
+                  "weights and seed: the source's numbers; the status in Experiments names the runs).", ""]
     return lines
 
 
