@@ -133,9 +133,9 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
     fig, axes = plt.subplots(1, 2, figsize=(11, height), dpi=120, sharey=True)
     band_alpha = 0.2 if len(groups) <= 3 else 0.12
     all_densities = []
-    dense_points = {0: [], 1: []}   # panel -> (accuracy, colour, marker, gid), drawn once the layout is done
-    for panel, (ax, metric, title) in enumerate( ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
-                              (axes[1], "best_test_acc", "best test accuracy (any epoch)"))):
+    dense_points = {ax: [] for ax in axes}   # (accuracy, colour, marker, gid), drawn once the layout is done
+    for ax, metric, title in ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
+                              (axes[1], "best_test_acc", "best test accuracy (any epoch)")):
         for index, group in enumerate(groups):
             frame = summaries[group.gid]
             if frame.empty:
@@ -155,7 +155,7 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
             if not dense.empty and abs(float(dense["density"].iloc[0]) - 1.0) < 1e-9:
                 value = float(dense[f"{metric}_mean"].iloc[0])
                 ax.axhline(value, color=line.get_color(), linestyle=":", linewidth=1)
-                dense_points[panel].append((value, line.get_color(), marker_for(index), f"dense:{group.gid}"))
+                dense_points[ax].append((value, line.get_color(), marker_for(index), f"dense:{group.gid}"))
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("density (% of prunable weights kept, log scale)")
@@ -173,8 +173,8 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
     fig.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, legend_height / height, 1, 1))
     if all_densities:
-        for panel, ax in enumerate(axes):
-            place_dense_markers(ax, dense_points[panel], max(all_densities), min(all_densities))
+        for ax in axes:
+            place_dense_markers(ax, dense_points[ax], max(all_densities), min(all_densities))
     _save(fig, out)
     plt.close(fig)
 
