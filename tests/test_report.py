@@ -7,6 +7,7 @@ not copied."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import statistics
@@ -393,3 +394,163 @@ def test_a_level_taken_from_the_source_is_named_in_the_status(tmp_path):
     out = tmp_path / "out"
     report_cli.write_report([source, control], out)
     assert f"complete (3 levels); level 0 taken from `{source}` (identical: not retrained)" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------- one table of every group; dense points; densities named
+def markdown_table(text: str, heading: str):
+    """The first table after ``heading`` in report.md: (header cells, rows of cells)."""
+    lines = text.split(heading, 1)[1].splitlines()
+    table = [line for line in lines[lines.index(next(l for l in lines if l.startswith("|"))):]]
+    table = table[:next((i for i, line in enumerate(table) if not line.startswith("|")), len(table))]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
+    return cells[0], cells[2:]
+
+
+def final_accuracies(roots, level):
+    return [float(pd.read_csv(root / "levels.csv").set_index("level").final_test_acc[level]) for root in roots
+            if level in set(pd.read_csv(root / "levels.csv").level)]
+
+
+def expected_cell(values, members):
+    text = f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    return text + (f" (n={len(values)})" if len(values) != members else "")
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A ticket (imp) of seeds 0-2 with its reinit and shuffle controls (the shuffle control took
+    its source's level 0, as the harness does), and lrr runs whose level 1 is at another density."""
+    base = tmp_path / "runs"
+    tickets = [make_experiment(base, f"imp_seed{s}", seed=s) for s in (0, 1, 2)]
+    reinit = [make_experiment(base, f"reinit_seed{s}", seed=1000 + s, **{"prune.masks_from": str(tickets[s]),
+                                                                         "prune.control": "reinit"})
+              for s in (0, 1, 2)]
+    shuffle = [make_experiment(base, f"shuffle_seed{s}", seed=s, levels_done=3 if s else 2,
+                               **{"prune.masks_from": str(tickets[s]), "prune.control": "shuffle"}) for s in (0, 1, 2)]
+    for ticket, control in zip(tickets, shuffle):
+        levels = pd.read_csv(control / "levels.csv")
+        levels.loc[0] = pd.read_csv(ticket / "levels.csv").loc[0]   # level 0 taken: the source's row
+        levels.to_csv(control / "levels.csv", index=False)
+        (control / "reused.csv").write_text(f"level,source,reason\n0,{ticket},identical\n")
+    lrr = [make_experiment(base, f"lrr_seed{s}", seed=s, **{"prune.training_type": "lrr"}) for s in (0, 1)]
+    for root in lrr:
+        levels = pd.read_csv(root / "levels.csv")
+        levels.loc[1, ["target_density", "density"]] = [0.5, 0.5]
+        levels.to_csv(root / "levels.csv", index=False)
+    return {"ticket": tickets, "reinit": reinit, "shuffle": shuffle, "lrr": lrr}
+
+
+def test_the_report_opens_with_ticket_controls_and_methods_side_by_side(study, tmp_path):
+    out = tmp_path / "out"
+    written = report_cli.write_report([root for roots in study.values() for root in roots], out)
+    text = (out / "report.md").read_text()
+    heading = "## Final test accuracy by density"
+    assert text.index(heading) < text.index("## Experiments")  # at the top
+    header, rows = markdown_table(text, heading)
+    labels = {g.gid: g.label for g in written["groups"]}
+    assert header[:3] == ["target density", "weight density", "level"]
+    columns = {name: next(i for i, cell in enumerate(header) if cell.startswith(f"{gid}: ")) for name, gid in
+               (("ticket", "g1"), ("reinit", "g2"), ("shuffle", "g3"), ("lrr", "g4"))}
+    assert labels["g2"].startswith("control reinit of g1") and labels["g3"].startswith("control shuffle of g1")
+    assert header[columns["ticket"]] == f"g1: {labels['g1']} (n=3)" and header[columns["lrr"]].endswith("(n=2)")
+    by_density = {row[0]: row for row in rows}
+    assert list(by_density) == ["100% (dense)", "80% of weights", "64% of weights", "50% of weights"]
+    for density, level in (("100% (dense)", 0), ("80% of weights", 1), ("64% of weights", 2)):
+        row = by_density[density]
+        assert row[2] == str(level)
+        for name in ("ticket", "reinit", "shuffle"):
+            expected = expected_cell(final_accuracies(study[name], level), 3)
+            if name == "shuffle" and level == 0:
+                expected += " †"  # taken from the ticket: the ticket's own numbers
+                assert row[columns["shuffle"]].split(" †")[0] == row[columns["ticket"]]
+            assert row[columns[name]] == expected, (density, name)
+    assert "(n=2)" in by_density["64% of weights"][columns["shuffle"]]  # one shuffle seed stopped after level 1
+    # lrr's level 1 is at 50%: its own row, empty elsewhere, and an empty lrr cell at 80%
+    assert by_density["80% of weights"][columns["lrr"]] == ""
+    assert by_density["50% of weights"][columns["lrr"]] == expected_cell(final_accuracies(study["lrr"], 1), 2)
+    assert [by_density["50% of weights"][columns[n]] for n in ("ticket", "reinit", "shuffle")] == ["", "", ""]
+    assert "† a level some seed of the control took from its source" in text
+
+
+def test_every_groups_dense_point_is_visible(study, tmp_path, monkeypatch):
+    """The shuffle control's dense point is its ticket's (taken): the same x and y.  Each group's
+    dense marker keeps x = 100% in data, has its own shape, and no two cover each other on
+    screen: the ticket's and the shuffle control's sit side by side, in legend order, inside the axes."""
+    roots = [root for name in ("ticket", "reinit", "shuffle") for root in study[name]]
+    groups = report_experiments.make_groups([report_experiments.load_experiment(d) for d in roots])
+    summaries = {g.gid: report_tables.summarize(g) for g in groups}
+    assert summaries["g1"].final_test_acc_mean[0] == summaries["g3"].final_test_acc_mean[0]  # would hide each other
+    figures = []
+    monkeypatch.setattr(report_figures, "_save", lambda fig, out: (fig.canvas.draw(), figures.append(fig)))
+    report_figures.plot_accuracy_vs_density(groups, summaries, tmp_path / "a.png")
+    (fig,) = figures
+    size = report_figures.DENSE_MARKER_SIZE * fig.dpi / 72  # pixels
+    for ax in fig.axes[:2]:
+        dense = {line.get_gid(): line for line in ax.get_lines() if str(line.get_gid()).startswith("dense:")}
+        assert sorted(dense) == ["dense:g1", "dense:g2", "dense:g3"]
+        assert len({line.get_marker() for line in dense.values()}) == 3
+        box = ax.get_window_extent()
+        centres = {}
+        for gid, line in dense.items():
+            x, y = line.get_data()
+            assert list(x) == [100.0]
+            centres[gid] = line.get_transform().transform((x[0], y[0]))
+            assert box.x0 + size / 2 <= centres[gid][0] <= box.x1 - size / 2, gid  # not clipped at the edge
+        for a in dense:
+            for b in dense:
+                if a < b:
+                    assert math.dist(centres[a], centres[b]) >= size, (a, b)  # none covers another
+        assert centres["dense:g1"][0] + size <= centres["dense:g3"][0]  # the same point: side by side, legend order
+    assert "side by side" in fig._suptitle.get_text()
+
+
+def test_dense_markers_move_only_when_they_would_touch():
+    assert report_figures.dense_rows([10.0, 30.0, 10.0, 50.0, 55.0], apart=12.0) == [[0, 2], [1], [3, 4]]
+    assert report_figures.dense_offsets(1) == [0.0]
+    assert report_figures.dense_offsets(3) == [-report_figures.DENSE_SPACING, 0.0, report_figures.DENSE_SPACING]
+
+
+def test_channel_densities_are_named_apart_from_weight_densities(tmp_path):
+    """A channel run's target_density counts channels, density weights: the report calls them
+    target_channel_density, channel_density and weight_density (summary.csv keeps density)."""
+    base = tmp_path / "runs"
+    channel = [make_experiment(base, f"channel{s}", seed=s, **{"prune.structure": "channel"}) for s in (0, 1)]
+    for seed, root in enumerate(channel):
+        levels = pd.read_csv(root / "levels.csv")
+        levels["channel_density"] = levels["target_density"] + 0.01 * seed * (levels["level"] > 0)
+        levels["density"] = levels["target_density"] ** 2 * (1 - 0.02 * seed)   # weights fall faster
+        levels.to_csv(root / "levels.csv", index=False)
+    plain = [make_experiment(base, f"plain{s}", seed=s) for s in (0, 1)]
+    out = tmp_path / "out"
+    report_cli.write_report([*channel, *plain], out)
+    summary = pd.read_csv(out / "summary.csv")
+    assert "target_density" not in summary.columns
+    position = list(summary.columns).index
+    assert position("level") < position("target_channel_density") < position("target_weight_density") \
+        < position("channel_density") < position("weight_density") < position("final_test_acc_mean")
+    assert (summary["density"] == summary["weight_density"]).all()
+    is_channel = summary["prune.structure"] == "channel"
+    by_structure = {"channel": summary[is_channel].set_index("level"), "unstructured": summary[~is_channel].set_index("level")}
+    for level in range(3):
+        frames = [pd.read_csv(root / "levels.csv").set_index("level").loc[level] for root in channel]
+        row = by_structure["channel"].loc[level]
+        assert row.target_channel_density == pytest.approx(0.8 ** level)
+        assert row.channel_density == pytest.approx(statistics.mean(f.channel_density for f in frames))
+        assert row.weight_density == pytest.approx(statistics.mean(f.density for f in frames))
+        assert math.isnan(row.target_weight_density)
+        plain_row = by_structure["unstructured"].loc[level]
+        assert plain_row.target_weight_density == pytest.approx(0.8 ** level)
+        assert math.isnan(plain_row.target_channel_density) and math.isnan(plain_row.channel_density)
+    text = (out / "report.md").read_text()
+    channel_gid = summary.loc[summary["prune.structure"] == "channel", "group"].iloc[0]
+    header, rows = markdown_table(text, f"## {channel_gid}: ")
+    assert header[:4] == ["level", "target channel density", "channel density", "weight density"]
+    assert rows[1][1:4] == [f"{0.8:.4f}", f"{by_structure['channel'].loc[1].channel_density:.4f}",
+                            f"{by_structure['channel'].loc[1].weight_density:.4f}"]
+    header, rows = markdown_table(text, "## Final test accuracy by density")
+    firsts = [row[0] for row in rows]
+    assert "80% of channels" in firsts and "80% of weights" in firsts  # never one row
+    dense = next(row for row in rows if row[0] == "100% (dense)")  # the dense network is one whatever the unit
+    assert all(dense[3:]) and firsts.count("100% (dense)") == 1
+    weights = statistics.mean(pd.read_csv(root / "levels.csv").density[1] for root in channel)
+    assert next(row for row in rows if row[0] == "80% of channels")[1] == f"{weights * 100:.3g}%"

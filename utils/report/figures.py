@@ -1,5 +1,12 @@
 """The report's figures: accuracy against density (±1 std bands clipped to 0-100), training
-curves and per-layer densities of a group; the one-plot form of the command."""
+curves and per-layer densities of a group; the one-plot form of the command.
+
+Every group's dense point stays visible: a control that took its source's level 0 (shuffle)
+has the very same dense point as its source, and one marker drawn on another hides it.  Each
+line has its own marker shape (``MARKERS``); the dense markers (larger, edged in black) that
+would cover one another on the screen are set side by side around 100%, a fixed number of points
+apart, in the legend's order (``place_dense_markers``); the caption says so.  Their data stay
+at 100%."""
 from __future__ import annotations
 
 import math
@@ -49,6 +56,68 @@ def _plain_log_labels(axis) -> None:
     axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.3g}" if v > 0 and f"{v:.0e}"[0] in "235" else ""))
 
 
+# one marker shape per line (group, or experiment of the one-plot form), in legend order
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "p", "h", "<", ">", "*")
+DENSE_MARKER_SIZE = 9.0     # points: the dense markers, larger than the lines' own (4)
+DENSE_SPACING = 10.0        # points between the centres of neighbouring dense markers
+DENSE_SPREAD = 90.0         # points: the widest the row of dense markers gets (many groups: closer)
+
+
+def marker_for(index: int) -> str:
+    return MARKERS[index % len(MARKERS)]
+
+
+def dense_offsets(count: int) -> List[float]:
+    """Horizontal screen offsets (points) of ``count`` dense markers, centred on their true x:
+    DENSE_SPACING apart, closer when the row would be wider than DENSE_SPREAD."""
+    if count <= 1:
+        return [0.0] * count
+    step = min(DENSE_SPACING, DENSE_SPREAD / (count - 1))
+    return [(index - (count - 1) / 2) * step for index in range(count)]
+
+
+def dense_rows(heights: Sequence[float], apart: float) -> List[List[int]]:
+    """Indices of ``heights`` (screen units) in rows of markers that would touch: sorted by
+    height, a marker closer than ``apart`` to the previous one joins its row; each row in the
+    original (legend) order."""
+    rows: List[List[int]] = []
+    last = None
+    for index in sorted(range(len(heights)), key=lambda i: (heights[i], i)):
+        if last is None or heights[index] - last >= apart:
+            rows.append([])
+        rows[-1].append(index)
+        last = heights[index]
+    return [sorted(row) for row in rows]
+
+
+def place_dense_markers(ax, points: Sequence[Tuple[float, object, str, str]], densest: float,
+                        sparsest: float) -> None:
+    """Draw the dense markers ``points`` = [(accuracy, colour, marker, gid)] at 100% density,
+    once the figure's layout is done (the screen distances are final): markers that would
+    cover one another are shifted sideways on the screen (``dense_offsets``; the log density
+    axis does not move them by a density), above the lines; then the densest x limit leaves
+    room for them (the axis is inverted: at least 15% above the densest point)."""
+    from matplotlib.transforms import offset_copy
+    if not points:
+        return
+    size = DENSE_MARKER_SIZE * ax.figure.dpi / 72.0                                   # pixels
+    heights = [float(ax.transData.transform((densest, value))[1]) for value, *_ in points]
+    offsets = [0.0] * len(points)
+    for row in dense_rows(heights, size * 1.1):
+        for index, offset in zip(row, dense_offsets(len(row))):
+            offsets[index] = offset
+    reach = (max(-min(offsets), 0.0) + DENSE_MARKER_SIZE) * 1.3                        # points left of 100%
+    width = ax.get_window_extent().width * 72.0 / ax.figure.dpi                        # the panel, in points
+    inner = math.log10(100.0 / (sparsest / 1.15))                                      # decades right of 100%
+    left = max(densest * 1.15, 100.0 * 10 ** (reach * inner / max(width - reach, 1.0)))
+    ax.set_xlim(left, sparsest / 1.15)
+    for (value, color, marker, gid), offset in zip(points, offsets):
+        shifted = offset_copy(ax.transData, fig=ax.figure, x=offset, y=0.0, units="points")
+        line, = ax.plot([100.0], [value], linestyle="none", marker=marker, markersize=DENSE_MARKER_SIZE,
+                        color=color, markeredgecolor="black", markeredgewidth=0.8, transform=shifted, zorder=6)
+        line.set_gid(gid)
+
+
 def band_limits(mean: pd.Series, std: pd.Series) -> Tuple[pd.Series, pd.Series]:
     """mean ± std, clipped to 0-100: accuracies are percentages."""
     return (mean - std).clip(lower=0.0, upper=100.0), (mean + std).clip(lower=0.0, upper=100.0)
@@ -64,9 +133,10 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
     fig, axes = plt.subplots(1, 2, figsize=(11, height), dpi=120, sharey=True)
     band_alpha = 0.2 if len(groups) <= 3 else 0.12
     all_densities = []
+    dense_points = {ax: [] for ax in axes}   # (accuracy, colour, marker, gid), drawn once the layout is done
     for ax, metric, title in ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
                               (axes[1], "best_test_acc", "best test accuracy (any epoch)")):
-        for group in groups:
+        for index, group in enumerate(groups):
             frame = summaries[group.gid]
             if frame.empty:
                 continue
@@ -77,7 +147,7 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
             n, n_low = int(frame["n_seeds"].max()), int(frame["n_seeds"].min())
             seeds = f"{n} seeds" if n == n_low else f"{n_low}-{n} seeds"
             label = f"{group.gid}: {group.label} ({seeds if n > 1 else '1 seed'})"
-            line, = ax.plot(x, mean, marker="o", markersize=4, label=label)
+            line, = ax.plot(x, mean, marker=marker_for(index), markersize=4, label=label)
             if n > 1:
                 low, high = band_limits(mean, std)
                 ax.fill_between(x, low, high, color=line.get_color(), alpha=band_alpha, linewidth=0)
@@ -85,7 +155,7 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
             if not dense.empty and abs(float(dense["density"].iloc[0]) - 1.0) < 1e-9:
                 value = float(dense[f"{metric}_mean"].iloc[0])
                 ax.axhline(value, color=line.get_color(), linestyle=":", linewidth=1)
-                ax.plot(100, value, marker="*", markersize=13, color=line.get_color(), zorder=5)
+                dense_points[ax].append((value, line.get_color(), marker_for(index), f"dense:{group.gid}"))
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("density (% of prunable weights kept, log scale)")
@@ -96,11 +166,15 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
             _density_ticks(ax, all_densities)
             ax.set_xlim(max(all_densities) * 1.15, min(all_densities) / 1.15)
     axes[0].set_ylabel("test accuracy (%)")
-    fig.suptitle("Test accuracy against density: mean over seeds, band = ±1 std, star and dotted line = dense level",
-                 fontsize=10)
+    fig.suptitle("Test accuracy against density: mean over seeds, band = ±1 std; dense level (100%): large marker and "
+                 "dotted line;\ndense markers that would cover one another are set side by side, in legend order "
+                 "(all are at 100%)", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, legend_height / height, 1, 1))
+    if all_densities:
+        for ax in axes:
+            place_dense_markers(ax, dense_points[ax], max(all_densities), min(all_densities))
     _save(fig, out)
     plt.close(fig)
 
@@ -201,13 +275,15 @@ def plot(experiments: List[tuple], out: Path) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, frame in experiments:
+    dense_points = []   # (accuracy, colour, marker, gid), drawn once the layout is done
+    for index, (label, frame) in enumerate(experiments):
         frame = frame.sort_values("density", ascending=False)
-        line, = ax.plot(frame["density"] * 100, frame["final_test_acc"], marker="o", label=label)
+        line, = ax.plot(frame["density"] * 100, frame["final_test_acc"], marker=marker_for(index), label=label)
         dense = frame[frame["level"] == 0]
         if not dense.empty and abs(float(dense["density"].iloc[0]) - 1.0) < 1e-9:
             ax.axhline(float(dense["final_test_acc"].iloc[0]), color=line.get_color(), linestyle=":", linewidth=1)
-            ax.plot(100, float(dense["final_test_acc"].iloc[0]), marker="*", markersize=14, color=line.get_color())
+            dense_points.append((float(dense["final_test_acc"].iloc[0]), line.get_color(), marker_for(index),
+                                 f"dense:{index}"))
     ax.set_xscale("log")
     densities = sorted({round(float(d) * 100, 2) for _, f in experiments for d in f["density"]})
     if len(densities) > 12:  # keep the axis readable: every k-th level's density
@@ -215,13 +291,20 @@ def plot(experiments: List[tuple], out: Path) -> None:
     ax.set_xticks(densities)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.invert_xaxis()
+    all_densities = [float(d) * 100 for _, f in experiments for d in f["density"]]
+    if all_densities:
+        ax.set_xlim(max(all_densities) * 1.15, min(all_densities) / 1.15)
+    else:
+        ax.invert_xaxis()
     ax.set_xlabel("density (% of prunable weights kept, log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy against density (dotted: dense level)")
+    ax.set_title("Test accuracy against density (dense level: large marker and dotted line; dense\n"
+                 "markers that would cover one another set side by side in legend order, all at 100%)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    if all_densities:
+        place_dense_markers(ax, dense_points, max(all_densities), min(all_densities))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)

@@ -1,11 +1,26 @@
 """The report's numbers: per-level summaries (mean, sample std over seeds, n), ``summary.csv``
-and ``report.md``."""
+and ``report.md``.
+
+Densities are named by what they count, so that a channel density is never read as a weight
+density: ``levels.csv``'s ``target_density`` counts the units its structure's ``target_unit``
+names (``Structure.target_unit``: prunable weights, or channels), and becomes
+``target_weight_density`` / ``target_channel_density``; ``density`` is always the fraction of
+prunable weights kept, ``weight_density``; a structure's own achieved density (its level column
+``<unit>_density``: ``channel_density``) is shown beside it.  ``summary.csv`` keeps ``density``
+(= ``weight_density``) for scripts written before; its old ``target_density`` is gone, since for
+a channel run it was a channel density.
+
+``report.md`` opens with one table of final test accuracy by density, one column per group
+(``accuracy_by_density``): rows are the levels' planned densities, matched across groups by
+the value and its unit (not by the level's number), so a study's ticket, its controls and other
+training types at the same density share a row; a group without that density leaves the cell
+empty."""
 from __future__ import annotations
 
 import datetime as _dt
 import math
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -47,15 +62,159 @@ def summarize(group: Group) -> pd.DataFrame:
 
 def summary_table(groups: Sequence[Group]) -> pd.DataFrame:
     keys = differing_keys(groups)
-    frames = []
+    frames, named = [], {}
     for group in groups:
-        frame = summarize(group)
+        summary = summarize(group)
+        named.update(dict.fromkeys(named_densities(group, summary).columns))
+        frame = with_named_densities(group, summary)
         frame.insert(0, "label", group.label)
         frame.insert(0, "group", group.gid)
         for position, key in enumerate(keys):
             frame.insert(2 + position, key, value_in_table(group, key, groups))
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not frames:
+        return pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True)
+    # groups of different structures name different densities: all of them after "level", targets first
+    order = sorted(named, key=lambda c: (not c.startswith("target_"), c == "weight_density"))
+    rest = [c for c in table.columns if c not in named]
+    at = rest.index("level") + 1
+    return table[rest[:at] + order + rest[at:]]
+
+
+# ====================================================================== densities, named
+def structure_class(config: Mapping[str, Any]):
+    """The run's ``Structure`` subclass, or None when it cannot be imported here."""
+    from utils.pruning.structures import StructureRegistryError, get_structure
+    try:
+        return get_structure(str(config.get("prune.structure") or "unstructured"))
+    except StructureRegistryError:
+        return None
+
+
+def target_unit(config: Mapping[str, Any]) -> Optional[str]:
+    """What the run's ``levels.csv`` ``target_density`` is a density of: its structure's
+    ``target_unit`` ("weight", "channel"); None when the structure cannot be imported here."""
+    structure = structure_class(config)
+    return None if structure is None else str(structure.target_unit)
+
+
+def target_column(unit: Optional[str]) -> str:
+    """The report's name of a target density of ``unit`` (None: a unit the report cannot know)."""
+    return f"target_{unit}_density" if unit else "target_density_unit_unknown"
+
+
+def named_densities(group: Group, summary: pd.DataFrame) -> pd.DataFrame:
+    """The densities of ``summary``'s levels under names that say what they count: the target
+    (``target_<unit>_density``), the structure's own achieved density when it is not a weight
+    density (the level column ``<unit>_density`` among its ``level_columns``, mean over seeds),
+    ``weight_density``; one row per summary row."""
+    unit = target_unit(group.config)
+    columns = {target_column(unit): summary["target_density"].to_numpy()}
+    own = f"{unit}_density"
+    frames = [e.levels for e in group.members if own in e.levels.columns and len(e.levels)]
+    if unit and unit != "weight" and own in structure_class(group.config).level_columns and frames:
+        means = pd.concat(frames).groupby("level")[own].mean()
+        columns[own] = [float(means.get(level, math.nan)) for level in summary["level"]]
+    columns["weight_density"] = summary["density"].to_numpy()
+    return pd.DataFrame(columns, index=summary.index)
+
+
+def with_named_densities(group: Group, summary: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with ``target_density`` and ``density`` replaced by ``named_densities``, in
+    their place; ``density`` (= ``weight_density``) kept at the end for scripts written before."""
+    named = named_densities(group, summary)
+    at = list(summary.columns).index("target_density")
+    rest = summary.drop(columns=["target_density", "density"])
+    frame = pd.concat([rest.iloc[:, :at], named, rest.iloc[:, at:]], axis=1)
+    frame["density"] = summary["density"]
+    return frame
+
+
+def density_header(column: str) -> str:
+    """report.md's words for a ``named_densities`` column: target_channel_density -> target channel density."""
+    return column.replace("_", " ")
+
+
+# ====================================================================== the table of all groups
+def taken_levels(group: Group) -> set:
+    """Levels some member of ``group`` took from its source instead of training them (reused.csv)."""
+    levels = set()
+    for experiment in group.members:
+        try:
+            levels |= rundir.RunFiles(experiment.path).taken_levels()
+        except Exception:  # noqa: BLE001 -- a note only: the status in Experiments says it is unreadable
+            pass
+    return levels
+
+
+def accuracy_by_density(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame]) -> List[Dict[str, Any]]:
+    """One row per planned density, in decreasing order: ``{"unit", "target", "levels",
+    "weight_density": [...], "cells": {gid: summary row}}``.  A level goes to the row of its
+    target density and unit (4 significant digits: the plan's densities are the same numbers
+    for a source, its controls and every training type with the same rate), every dense level
+    to one row (unit "dense"); a level without a target goes by its weight density."""
+    rows: Dict[Tuple, Dict[str, Any]] = {}
+    for group in groups:
+        unit = target_unit(group.config)
+        for row in summaries[group.gid].itertuples():
+            target, row_unit = float(row.target_density), unit
+            if math.isnan(target):
+                target, row_unit = float(row.density), "weight"
+            key = (row_unit or "", float(f"{target:.4g}"))
+            if key[1] == 1.0:  # the dense network: 100% of channels is 100% of weights
+                key, row_unit = ("dense", 1.0), "dense"
+            if key in rows and group.gid in rows[key]["cells"]:  # two levels of one group at one density
+                key = key + (int(row.level),)
+            entry = rows.setdefault(key, {"unit": row_unit, "target": key[1], "levels": [], "weight_density": [],
+                                          "cells": {}})
+            entry["cells"][group.gid] = row
+            entry["levels"].append(int(row.level))
+            entry["weight_density"].append(float(row.density))
+    return [rows[key] for key in sorted(rows, key=lambda k: (-k[1], k[0], k[2:]))]
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:.3g}%"
+
+
+def accuracy_by_density_markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame]) -> List[str]:
+    """The table that opens report.md: final test accuracy, mean ± std over seeds, one column per group."""
+    rows = accuracy_by_density(groups, summaries)
+    taken = {g.gid: taken_levels(g) for g in groups}
+    lines = ["## Final test accuracy by density", "",
+             "Test accuracy (%) at the last epoch of each level, mean ± sample std (ddof=1) over the group's seeds; "
+             "n seeds in each column's head (a cell with fewer seeds finished says its own n). Rows: the levels' "
+             "planned (target) density; a group with no level at that density leaves its cell empty. "
+             "Weight density: the fraction of prunable weights kept (each group's mean over seeds).", ""]
+    # every group a column: one with no finished level yet stays empty
+    header = ["target density", "weight density", "level", *(f"{g.gid}: {g.label} (n={len(g.members)})" for g in groups)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    marked = False
+    for row in rows:
+        unit = {"dense": "(dense)", None: "(unit unknown)"}.get(row["unit"], f"of {row['unit']}s")
+        weights = " / ".join(dict.fromkeys(_percent(d) for d in row["weight_density"]))
+        levels = ", ".join(str(level) for level in dict.fromkeys(row["levels"]))
+        cells = []
+        for group in groups:
+            summary = row["cells"].get(group.gid)
+            if summary is None:
+                cells.append("")
+                continue
+            n = int(summary.n_seeds)
+            text = _cell(summary.final_test_acc_mean, summary.final_test_acc_std, n)
+            if n != len(group.members):
+                text += f" (n={n})"
+            if int(summary.level) in taken[group.gid]:
+                text += " †"
+                marked = True
+            cells.append(text)
+        lines.append("| " + " | ".join([f"{_percent(row['target'])} {unit}", weights, levels, *cells]) + " |")
+    lines.append("")
+    if marked:
+        lines += ["† a level some seed of the control took from its source instead of training it (the same masks, "
+                  "weights and seed: the source's numbers; the status in Experiments names the runs).", ""]
+    return lines
 
 
 # ============================================================================ figures
@@ -71,6 +230,7 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
              f"Made by `{command}` on {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Accuracies in %; "
              "mean ± sample standard deviation (ddof=1) over the seeds of a group; n = seeds with that level finished.",
              ""]
+    lines += accuracy_by_density_markdown(groups, summaries)
     experiments = [e for g in groups for e in g.members]
     everything = experiments + [e for g in groups for e in g.dropped]
     incomplete = [e for e in experiments if not e.complete]
@@ -154,11 +314,12 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
         if frame.empty:
             lines += ["No finished level yet.", ""]
             continue
-        lines += ["| level | target density | density | final test acc | best test acc | n |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        for row in frame.itertuples():
+        densities = named_densities(group, frame)
+        lines += ["| level | " + " | ".join(map(density_header, densities.columns)) + " | final test acc | best test acc | n |",
+                  "|---:|" + "---:|" * len(densities.columns) + "---:|---:|---:|"]
+        for row, values in zip(frame.itertuples(), densities.itertuples(index=False)):
             n = int(row.n_seeds)
-            lines.append(f"| {row.level} | {row.target_density:.4f} | {row.density:.4f} | "
+            lines.append(f"| {row.level} | " + " | ".join(f"{value:.4f}" for value in values) + " | "
                          f"{_cell(row.final_test_acc_mean, row.final_test_acc_std, n)} | "
                          f"{_cell(row.best_test_acc_mean, row.best_test_acc_std, n)} | {n} |")
         lines.append("")

@@ -17,9 +17,9 @@ user's ``package.module:Name``.  A run makes one instance from its prune setting
   kept units, at random positions, successive levels nested), the callbacks it adds (zeroing
   dead channels, extra ``levels.csv``/``layers.csv`` columns), the vector of kept units
   Early-Bird compares (``unit_vector``; None: the structure has no such units);
-* in reports -- the words its runs are labelled with (``label``) and its extra columns
-  (``level_columns``, ``layer_columns``); what ``python -m utils.compact`` can make of its masks
-  (``compaction``).
+* in reports -- the words its runs are labelled with (``label``), its extra columns
+  (``level_columns``, ``layer_columns``) and what its target density counts (``target_unit``);
+  what ``python -m utils.compact`` can make of its masks (``compaction``).
 
 Every structure's masks are the harness's ordinary weight masks (``utils.models.mask_layers``):
 a subset of the current masks (masks only shrink), the same on every rank.  ``docs/extending.md``
@@ -77,6 +77,8 @@ class Structure:
     fixes_densities: ClassVar[bool] = False           # its settings fix every level's density (N:M's pattern)
     density_targets: ClassVar[bool] = True            # a level's target is a density (the pruning command's --density)
     setting_keys: ClassVar[Tuple[str, ...]] = ()      # config keys of its own (a report names them with it)
+    target_unit: ClassVar[str] = "weight"             # what levels.csv's target_density is a density of: prunable
+    #                                                   weights, or its own units ("channel"); the report's column names
 
     def __init__(self, settings: PruneSettings):
         self.settings = settings
@@ -117,10 +119,10 @@ class Structure:
     # ------------------------------------------------------------------ the plan
     def level_targets(self, densities: Sequence[float], shapes: Optional[Shapes],
                       one_shot: bool) -> List[Tuple[Optional[float], Any]]:
-        """(target density of all prunable weights, the target ``masks`` takes) of every level,
-        given the iterative (or one-shot) densities of the run.  ``shapes`` may be None (a report
-        counting levels): then a density that needs the model is None.  By default the density is
-        the target."""
+        """(target density -- of all prunable weights, or of the units ``target_unit`` names --, the
+        target ``masks`` takes) of every level, given the iterative (or one-shot) densities of the
+        run.  ``shapes`` may be None (a report counting levels): then a density that needs the model
+        is None.  By default the density is the target."""
         return [(density, density) for density in densities]
 
     def start_line(self) -> Optional[str]:

@@ -61,6 +61,7 @@ class Channel(Structure):
                                   "criteria that score channels")
     level_columns: ClassVar[Tuple[str, ...]] = ("channel_density",)
     layer_columns: ClassVar[Tuple[str, ...]] = ("channels", "channels_alive")
+    target_unit: ClassVar[str] = "channel"   # a level's target_density: kept units / all units, not weights
     compaction: ClassVar[Optional[str]] = "channels"
     compares_units: ClassVar[bool] = True
 
