@@ -271,7 +271,7 @@ class MaskUpdates(Callback):
                 raise RuntimeError(f"mask update at step {step}: layer {name} grew, and masks only shrink here")
             if bool(grown.any()):
                 zero_grown_(layer.weight, optimizer, grown)
-            rows.append({"step": step, "epoch": epoch, "layer": name, "density": float(now.float().mean()),
+            rows.append({"step": step, "epoch": epoch, "layer": name, "density": int(now.count_nonzero()) / now.numel(),
                          "dropped": int((old & ~now).count_nonzero()), "grown": int(grown.count_nonzero())})
         mask_layers.set_masks(self.model, new)
         self.updates += 1
