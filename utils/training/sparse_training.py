@@ -226,7 +226,7 @@ class MaskUpdates(Callback):
 
     # --------------------------------------------------------------------------- hooks
     def on_run_start(self, info: LevelInfo) -> None:
-        self.root = info.root
+        self.root, self.model = info.root, info.model   # the bare model as trained (on its device)
 
     def on_epoch_start(self, state) -> None:
         self.steps_per_epoch = state.total_batches
