@@ -259,6 +259,14 @@ def rewinding_types() -> str:
     return " or ".join(f"prune.training_type={name}" for name, kind in TRAINING_TYPES.items() if kind.captures_rewind)
 
 
+def sparse_types() -> str:
+    """The training types whose masks change during training (for help texts and refusals)."""
+    return ", ".join(name for name, kind in TRAINING_TYPES.items() if kind.updates_masks)
+
+
+SPARSE_TRAINING_KEYS = ("prune.update_every", "prune.update_start", "prune.update_end", "prune.drop_fraction")
+
+
 def loaders_help() -> str:
     from utils.data.loaders import get_loader_backend
     return _listing((name, _one_line(get_loader_backend(name))) for name in sorted(LOADER_BACKENDS))
@@ -379,6 +387,15 @@ def declare_sections() -> Config:
                            f"resetting) instead of rewind_epoch; 0 = off; needs {rewinding_types()}", default=0),
         layer_rates=P(LayerRates(), "Per-layer rates for allocation uniform: \"pattern=rate\" items, the first "
                       "matching pattern wins, other layers use prune.rate; level L keeps (1-rate)^L of each layer", default=[]),
+        update_every=P(StrictInt(1), f"Sparse training ({sparse_types()}): optimizer steps between mask updates", default=100),
+        update_start=P(StrictFloat(0, 1, high_open=True), "Sparse training: first mask update at this fraction of the "
+                       "run's optimizer steps (gmp: where the cubic schedule starts; rigl and set default to 0)", default=0.1),
+        update_end=P(StrictFloat(0, 1, low_open=True), "Sparse training: last mask update at this fraction of the run's "
+                     "optimizer steps (gmp: where the target density is reached; rigl, set: where the drop fraction "
+                     "has decayed to 0)", default=0.75),
+        drop_fraction=P(StrictFloat(0, 1, low_open=True, high_open=True), "rigl, set: fraction of each layer's alive "
+                        "weights dropped (and as many grown) at the first update, cosine-decayed to 0 at "
+                        "prune.update_end", default=0.3),
     )
     Section("resolution", "Progressive resizing of training images (ImageNet; ffcv-imagenet's ramp)").params(
         start_res=P(StrictInt(0), "Training resolution up to start_epoch (0 = off: dataset.resolution throughout)", default=0),
@@ -545,10 +562,19 @@ def resolve(config_path: Optional[str], overrides: Dict[str, str]) -> Dict[str, 
             _fail(f"{key} is required ({param.desc}); set it in the YAML or with --{key}=...")
         else:
             resolved[key] = param.default
+    apply_training_type_defaults(resolved, given=set(flat))
     check_cross_fields(resolved)
     # Hand the checked values to fastargs so @param works in the harness.
     config.collect(as_tree(resolved))
     return resolved
+
+
+def apply_training_type_defaults(resolved: Dict[str, Any], given: set) -> None:
+    """The training type's own defaults of other keys (``TrainingType.config_defaults``: rigl and
+    set prune with erk + random) for the keys the user did not give."""
+    for key, value in training_type_of(resolved).config_defaults.items():
+        if key not in given:
+            resolved[key] = value
 
 
 def check_cross_fields(c: Dict[str, Any]) -> None:
@@ -663,7 +689,14 @@ def training_type_of(c: Dict[str, Any]):
 def check_structure_refusals(c: Dict[str, Any], structure) -> None:
     """The structure's own refusals of the prune settings (N:M: layer rates, a target density,
     too few levels; channel: layer rates), asked of the structure."""
-    refusal = structure.refusal(training_type_of(c).one_shot)
+    kind = training_type_of(c)
+    if not structure.accepts_training(kind):
+        allowed = [name for name, other in TRAINING_TYPES.items() if structure.accepts_training(other)]
+        needs = [s for s, cls in STRUCTURES.items() if cls(structure.settings).accepts_training(kind)]
+        _fail(f"prune.training_type={c['prune.training_type']} does not apply to prune.structure={c['prune.structure']} "
+              f"(its masks change single weights during training); allowed: {', '.join(allowed)}"
+              + (f"; or prune.structure={' or '.join(needs)}" if needs else ""))
+    refusal = structure.refusal(kind.one_shot)
     if refusal:
         _fail(refusal)
 
@@ -700,6 +733,11 @@ def check_science_fields(c: Dict[str, Any]) -> None:
                   f"fix the densities); give prune.levels, or neither to train all of the source's levels")
         if c["prune.layer_rates"]:
             _fail("prune.layer_rates contradicts prune.masks_from (the source's masks fix every layer's density)")
+    defaults_now = defaults()
+    for key in SPARSE_TRAINING_KEYS:  # settings of a mask-update schedule, and no schedule to use them
+        if c[key] != defaults_now[key] and not kind.updates_masks:
+            _fail(f"{key}={c[key]} needs prune.training_type={' or '.join(sparse_types().split(', '))}, not "
+                  f"{kind.name}, whose masks do not change during training")
     rewind_iteration = c["prune.rewind_iteration"]
     for key in ("prune.rewind_epoch", "prune.rewind_iteration"):  # a rewind point, and nothing that rewinds to it
         if c[key] and not kind.captures_rewind:

@@ -30,7 +30,7 @@ from utils.pruning.channel_graph import StructureError
 from utils.runs import checkpointing, run_lock
 from utils.runs.fault_injection import FaultInjection
 from utils.runs.run_control import ProgressBar, StopOnRequest, StopRequests
-from utils.training import progressive, rewind, slimming
+from utils.training import progressive, rewind, slimming, sparse_training
 from utils.training import step as training
 from utils.training.level_plan import LevelPlan
 from utils.training.training_types import get_training_type
@@ -54,6 +54,7 @@ class ExperimentBase:
         self.source = self.rewind_at = None
         self.plan: Optional[LevelPlan] = None  # which levels run, which prune, each level's target (check_inputs)
         self.level_start_state: Optional[Dict[str, Any]] = None
+        self.mask_updates: Optional[sparse_training.MaskUpdates] = None  # gmp, rigl, set (install_feature_callbacks)
         self._loaders_by_resolution: Dict[int, Any] = {}  # progressive resizing with ffcv: one loader per size
 
     def say(self, message: str) -> None:
@@ -123,6 +124,29 @@ class ExperimentBase:
                 agree=du.broadcast_object, min_epochs=c["prune.rewind_epoch"] if self.training_type.captures_rewind else 0))
         if c["analysis.stability"]:
             self.callbacks.append(StabilityAnalysis(self.stability_run))
+        if self.training_type.updates_masks:
+            self.callbacks.append(self.mask_update_callback())
+
+    def mask_update_callback(self) -> sparse_training.MaskUpdates:
+        """Sparse training (gmp, rigl, set): the training type's rule run after the steps of the
+        prune.update_* schedule (utils/training/sparse_training.py).  Without DDP wrapping the
+        model, several processes average RigL's gradients themselves."""
+        c = self.c
+        rule = self.training_type.mask_rule(select=lambda density: self.scored_masks(0, density),
+                                            target_density=self.plan[0].target_density, seed=c["experiment.seed"],
+                                            drop_fraction=c["prune.drop_fraction"])
+        schedule = sparse_training.UpdateSchedule(every=c["prune.update_every"], start=c["prune.update_start"],
+                                                  end=c["prune.update_end"], epochs=c["training.epochs"],
+                                                  final_step=rule.final_step)
+        world = self.ctx.world_size
+
+        def average(tensor):
+            du.all_reduce_sum(tensor).div_(world)
+
+        self.mask_updates = sparse_training.MaskUpdates(
+            rule, schedule, self.model, lambda: getattr(self, "optimizer", None), agree=du.broadcast_object,
+            average=average if world > 1 and not self.use_ddp else None, is_primary=self.ctx.is_primary)
+        return self.mask_updates
 
     def decide_directory(self) -> hu.DirDecision:
         return du.decided_by_primary(lambda: hu.decide_experiment_dir(
@@ -144,6 +168,10 @@ class ExperimentBase:
             self.rewind_at = point
             if not point.at_epoch_boundary:
                 self.callbacks.append(rewind.CaptureAtIteration(point, self.capture_rewind_now))
+        if self.mask_updates is not None:  # a window without an update step is refused before anything is written
+            refusal = self.mask_updates.schedule.refusal(len(self.train_loader))
+            if refusal:
+                raise hu.UserError(refusal)
 
     def build_training_model(self) -> None:
         """Device, memory format, SyncBatchNorm, DDP (its constructor broadcasts rank 0's weights), compile."""
@@ -207,10 +235,16 @@ class ExperimentBase:
             controls.wait_for_level(self.source, level, say=self.say)
             return controls.masks_for_level(self.source, level, c["prune.control"], c["experiment.seed"],
                                             shuffle=self.structure.shuffle)
+        return self.scored_masks(level, self.plan.target(level))
+
+    def scored_masks(self, level: int, target) -> Dict[str, torch.Tensor]:
+        """The structure's masks of ``target`` on the current model, scored as level ``level``'s
+        (criterion, its batches, seed, allocation): a level's masks, and every gmp update's."""
+        c = self.c
         needs_batches = criteria.get_criterion(c["prune.criterion"]).needs_batches  # its registry entry says
         batches = self.snip_loader().batches(criteria.SCORE_EPOCH_OFFSET + level) if needs_batches else None
         scoring = hu.scoring(c, level=level, batches=batches, device=self.ctx.device, input_shape=self.input_shape)
-        return self.structure.masks(self.model, self.plan.target(level), scoring)
+        return self.structure.masks(self.model, target, scoring)
 
     def snip_loader(self):
         """Built once per run (an FFCV loader compiles its pipeline when first used).  Every

@@ -258,9 +258,11 @@ def scoring(c: Dict[str, Any], *, level: int, batches, device, input_shape) -> S
 
 def extra_columns(c: Dict[str, Any], structure) -> Dict[str, List[str]]:
     """The columns the run's features add to levels.csv / layers.csv: its structure's
-    (``Structure.level_columns``, ``layer_columns``) and ``instability`` (stability analysis)."""
+    (``Structure.level_columns``, ``layer_columns``) and ``instability`` (stability analysis);
+    and the logs they add (``mask_updates``: a training type whose masks change during training)."""
     level = list(structure.level_columns) + (["instability"] if c["analysis.stability"] else [])
-    return {"level_extra": level, "layer_extra": list(structure.layer_columns)}
+    logs = ["mask_updates"] if get_training_type(c["prune.training_type"]).updates_masks else []
+    return {"level_extra": level, "layer_extra": list(structure.layer_columns), "extra_logs": logs}
 
 
 # The config's pruning structure, made with its prune settings (the config loader's, which has

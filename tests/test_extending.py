@@ -73,5 +73,6 @@ def test_every_registered_training_type_declares_what_the_loop_asks():
     from utils.training.training_types import TRAINING_TYPES, TrainingType
     for name, kind in TRAINING_TYPES.items():
         assert isinstance(kind, TrainingType) and kind.name == name and kind.description
-    assert [n for n, k in TRAINING_TYPES.items() if k.one_shot] == ["at_init"]
+    assert [n for n, k in TRAINING_TYPES.items() if k.one_shot] == ["at_init", "gmp", "rigl", "set"]
+    assert [n for n, k in TRAINING_TYPES.items() if k.updates_masks] == ["gmp", "rigl", "set"]
     assert [n for n, k in TRAINING_TYPES.items() if k.captures_rewind] == ["wr"]

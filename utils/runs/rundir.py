@@ -7,7 +7,7 @@ builds a path inside a run directory or reads its ``config.yaml``.
 
     {base_dir}/{name}/
       config.yaml              the resolved config (every key, nested by section)
-      epochs.csv levels.csv layers.csv [stability.csv] [early_bird.csv]
+      epochs.csv levels.csv layers.csv [stability.csv] [early_bird.csv] [mask_updates.csv]
       masks/level_L.pt         the masks level L trained with
       checkpoints/             init.pt, rewind.pt, last.pt (+ previous.pt), level_start.pt,
                                level_L.pt (channel structure), launch_id.txt
@@ -39,6 +39,7 @@ LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
 STABILITY_COLUMNS = ["level", "alpha", "test_loss", "test_acc"]
 EARLY_BIRD_COLUMNS = ["epoch", "distance"]
 REUSED_COLUMNS = ["level", "source", "reason"]  # the levels a control took from its source
+MASK_UPDATE_COLUMNS = ["step", "epoch", "layer", "density", "dropped", "grown"]  # gmp, rigl, set: per update and layer
 TIMING_COLUMNS = ("epoch_time_s", "images_per_s", "train_time_s")  # differ between identical runs
 
 # Keys that change how a run is watched or where it lives, not what it computes: a resumed
@@ -142,6 +143,7 @@ class RunFiles:
     root: Path
     level_extra: Sequence[str] = ()   # columns features add to levels.csv / layers.csv (the harness says which)
     layer_extra: Sequence[str] = ()
+    extra_logs: Sequence[str] = ()    # logs features add (the harness says which): "mask_updates"
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -217,6 +219,11 @@ class RunFiles:
         """A control's levels taken from its source instead of retrained (utils.lottery.controls)."""
         return CsvLog(self.root / "reused.csv", REUSED_COLUMNS)
 
+    @property
+    def mask_updates(self) -> CsvLog:
+        """Sparse training's mask updates, one row per update and layer (utils.training.sparse_training)."""
+        return CsvLog(self.root / "mask_updates.csv", MASK_UPDATE_COLUMNS)
+
     def taken_levels(self) -> Set[int]:
         """The levels this control took from its source (``reused.csv``): in its CSVs, never trained here."""
         return {int(row["level"]) for row in self.reused.records()}
@@ -226,6 +233,8 @@ class RunFiles:
         logs = {"epochs": self.epochs, "levels": self.levels, "layers": self.layers}
         if "instability" in self.level_extra:
             logs["stability"] = self.stability
+        if "mask_updates" in self.extra_logs:
+            logs["mask_updates"] = self.mask_updates
         return logs
 
     def create(self, config_bytes: bytes, launch_id: Optional[str] = None) -> None:

@@ -2,8 +2,13 @@
 
 A training type says, for the level loop and for resume alike:
 
-* ``one_shot``: whether the run prunes once before training (``at_init``) instead of
-  level after level; ``prunes_at(level)``: whether a level starts by setting new masks;
+* ``one_shot``: whether the run trains once, one level at ``prune.target_density`` (``at_init``,
+  ``gmp``, ``rigl``, ``set``) instead of level after level; ``prunes_at(level)``: whether a level
+  starts by setting new masks (``gmp``'s one level starts dense);
+* ``updates_masks`` and ``mask_rule(...)``: whether the masks change during training, and how
+  (``utils.training.sparse_training``: the harness runs the rule after the steps of the
+  ``prune.update_*`` schedule); ``config_defaults``: defaults of other keys for this type (rigl
+  and set prune with ``erk`` + ``random``), used where the user gave none;
 * ``captures_rewind``: whether level 0 keeps a state that later levels restart from (WR);
 * ``optimizer_and_schedule(level, config, build)``: the optimizer and LR schedule a level trains
   with; ``build()`` makes the config's, ``build({"optimizer.lr": 0.01, "schedule.name":
@@ -25,6 +30,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
 
 from utils.core.registry import lookup_or_import
+from utils.training import sparse_training
 
 
 class LevelRun(Protocol):
@@ -47,7 +53,9 @@ def restore_state(state: Mapping[str, Any], run: LevelRun, *, optimizer: bool = 
 class TrainingType:
     """The base of every training type (docs/extending.md, "A training type")."""
     name = "base"
-    one_shot = False          # prune once before level 0 (at_init) instead of between levels
+    one_shot = False          # one level at prune.target_density (at_init, gmp, rigl, set) instead of level after level
+    updates_masks = False     # the masks change during training (mask_rule; gmp, rigl, set)
+    config_defaults: Mapping[str, Any] = {}   # other keys' defaults for this type (where the user gave none)
     captures_rewind = False   # level 0 keeps a state later levels restart from (prune.rewind_epoch / _iteration)
     resets_to_init = False    # every level starts from the initial weights (a control may then reuse level 0)
     description = ""          # one line; empty: the first line of the class docstring (``describe``)
@@ -72,6 +80,12 @@ class TrainingType:
         return 0, 0
 
     def check(self, c: Mapping[str, Any]) -> Optional[str]:
+        return None
+
+    def mask_rule(self, *, select: Callable[[float], Any], target_density: Optional[float], seed: int,
+                  drop_fraction: float) -> Optional[sparse_training.MaskRule]:
+        """How the masks change during training (``updates_masks``), or None: ``select(density)``
+        gives the structure's masks of the run's criterion and allocation at a density."""
         return None
 
 
@@ -119,9 +133,63 @@ class AtInit(TrainingType):
 
     def check(self, c):
         if c["prune.levels"] not in (None, 1):
-            return (f"prune.levels={c['prune.levels']} contradicts prune.training_type=at_init, which trains once "
+            return (f"prune.levels={c['prune.levels']} contradicts prune.training_type={self.name}, which trains once "
                     f"(leave levels unset or 1)")
         return None
+
+
+class SparseTraining(AtInit):
+    """The base of the types whose masks change during training (docs/design.md, "Sparse training"):
+    one level at prune.target_density, trained once."""
+    updates_masks = True
+
+    def check(self, c):
+        refusal = super().check(c)
+        if refusal:
+            return refusal
+        if c["prune.update_start"] >= c["prune.update_end"]:
+            return (f"prune.update_start={c['prune.update_start']} must be less than prune.update_end="
+                    f"{c['prune.update_end']} (the mask-update window, fractions of the run's steps)")
+        if c["analysis.stability"]:
+            return (f"analysis.stability=true contradicts prune.training_type={self.name}: its second copy "
+                    f"would train fixed masks while the first one's change")
+        return None
+
+    def training_cost_epochs(self, level: int, epochs: int, rewind_epoch: int) -> float:
+        """Epochs of training that produced this run's point: it trains once, E epochs."""
+        return float(epochs)
+
+
+class GradualMagnitudePruning(SparseTraining):
+    name = "gmp"
+    description = ("one run from dense: the kept count follows Zhu & Gupta's cubic schedule down to "
+                   "prune.target_density between prune.update_start and prune.update_end")
+
+    def prunes_at(self, level):
+        return False   # level 0 starts dense; the masks shrink during training
+
+    def mask_rule(self, *, select, target_density, seed, drop_fraction):
+        return sparse_training.GradualPruning(select, target_density)
+
+
+class RigL(SparseTraining):
+    name = "rigl"
+    description = ("pruned before training to prune.target_density (erk + random by default); every "
+                   "prune.update_every steps each layer drops its smallest |w| and grows the largest |gradient|")
+    config_defaults = {"prune.allocation": "erk", "prune.criterion": "random", "prune.update_start": 0.0}
+
+    def mask_rule(self, *, select, target_density, seed, drop_fraction):
+        return sparse_training.DropAndGrow(by_gradient=True, seed=seed, fraction=drop_fraction)
+
+
+class SET(SparseTraining):
+    name = "set"
+    description = ("pruned before training to prune.target_density (erk + random by default); every "
+                   "prune.update_every steps each layer drops its smallest |w| and grows as many at random")
+    config_defaults = {"prune.allocation": "erk", "prune.criterion": "random", "prune.update_start": 0.0}
+
+    def mask_rule(self, *, select, target_density, seed, drop_fraction):
+        return sparse_training.DropAndGrow(by_gradient=False, seed=seed, fraction=drop_fraction)
 
 
 class TrainingTypeError(ValueError):
@@ -137,7 +205,8 @@ def _described(kind: TrainingType, origin: str) -> TrainingType:
 
 
 TRAINING_TYPES: Dict[str, TrainingType] = {t.name: _described(t, f"training type {t.name!r}")
-                                           for t in (IMP(), WeightRewinding(), LearningRateRewinding(), AtInit())}
+                                           for t in (IMP(), WeightRewinding(), LearningRateRewinding(), AtInit(),
+                                                     GradualMagnitudePruning(), RigL(), SET())}
 
 
 def get_training_type(name: str) -> TrainingType:

@@ -6,7 +6,9 @@ user's ``package.module:Name``.  A run makes one instance from its prune setting
 (``Structure(settings)``) and asks it, never its name:
 
 * before anything runs -- which criteria it takes (``accepts``: a criterion declares whether it
-  scores weights or channels), which allocations (``allocations``), and the rest of its
+  scores weights or channels), which training types (``accepts_training``: a type that changes
+  single weights' masks during training, as rigl does, needs a structure that says it can), which
+  allocations (``allocations``), and the rest of its
   refusals (``refusal``: one line, or None); whether a control of a source made with another
   structure can train that source's masks (``control_refusal``);
 * the plan of the run's levels -- each level's target density and the target its ``masks``
@@ -92,6 +94,12 @@ class Structure:
     def accepts(self, criterion: Any) -> bool:
         """Whether ``criterion`` (a ``utils.pruning.criteria.Criterion``) can score this structure's units."""
         return criterion.score is not None
+
+    def accepts_training(self, training_type: Any) -> bool:
+        """Whether ``training_type`` (a ``utils.training.training_types.TrainingType``) can train this
+        structure's masks: by default not one whose masks change during training (``updates_masks``:
+        gmp, rigl, set drop and grow single weights between optimizer steps)."""
+        return not training_type.updates_masks
 
     def allocations(self) -> Optional[Tuple[str, ...]]:
         """The allocations it takes (None: every registered one)."""

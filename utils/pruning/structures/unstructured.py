@@ -47,6 +47,9 @@ class Unstructured(Structure):
     def label(self) -> str:
         return ""
 
+    def accepts_training(self, training_type: Any) -> bool:
+        return True   # single weights: the sparse-training types (gmp, rigl, set) update these masks
+
     def level_targets(self, densities: Sequence[float], shapes: Optional[Shapes],
                       one_shot: bool) -> List[Tuple[Optional[float], Any]]:
         if not self.settings.layer_rates:
