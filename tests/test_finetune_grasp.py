@@ -215,6 +215,14 @@ def test_finetune_resumed_inside_a_fine_tuning_level_keeps_its_rate(tmp_path, di
     resumed = pd.read_csv(tmp_path / "runs" / "exp" / "epochs.csv")
     assert resumed["lr"].tolist() == epochs["lr"].tolist()
     assert_same_results(tmp_path / "ref" / "exp", tmp_path / "runs" / "exp")
+    # the report reads the run's cost: E + L x E (3 epochs a level)
+    from utils.report import experiments, tables
+    from utils.runs import run_facts
+    last = torch.load(tmp_path / "runs" / "exp" / "checkpoints" / "last.pt", weights_only=True)
+    steps = run_facts.recorded_iterations_per_epoch(tmp_path / "runs" / "exp")
+    assert steps and last["schedule"]["iteration"] == 3 * steps  # the last level's schedule ran 3 epochs of them
+    group, = experiments.make_groups([experiments.load_experiment(tmp_path / "runs" / "exp")])
+    assert tables.summarize(group)["train_cost_epochs"].tolist() == [3.0, 6.0, 9.0]
 
 
 # ========================================================================== training cost
