@@ -33,19 +33,11 @@ Scores (bigger = more important):
                ``synflow_iterations`` rounds, round k keeping the density
                d_k = d_start * (d_target / d_start) ** (k / K), each round re-scoring the
                model with the previous round's mask applied.
-``grasp``      theta * (H g) (Wang et al. 2020, Gradient Signal Preservation), the NEGATIVE of
-               the paper's score S = -theta * (H g): the paper (and the authors'
-               ``pruner/GraSP.py``) removes the weights with the highest S, and here bigger
-               means kept, so the weights kept are exactly those with the smallest S.  g is
-               the gradient of the loss of logits / T (T = ``GRASP_TEMPERATURE`` = 200, the
-               authors') with respect to the masked weights, summed over ``num_batches``
-               batches without a graph; H g is the gradient of z = sum_b <g, dL_b/dw> (the
-               per-batch gradients taken with a graph), i.e. a second backward through g,
-               summed over the same batches.  Eval mode, detached copies, as snip; the
-               scores can be negative (the allocations rank any real value).  Not done as
-               the authors do: they re-initialise linear layers (xavier) before scoring,
-               draw class-balanced samples and split each into halves; here the model is
-               scored as it is, on the level's training batches.
+``grasp``      theta * (H g) (Wang et al. 2020): MINUS the paper's score S = -theta * (H g), whose
+               highest the paper removes (bigger = kept here), with the authors' temperature
+               (logits / 200) and H g a second backward through g (both summed over the
+               batches); eval mode, as snip.  docs/design.md, "GraSP", says what differs from
+               the authors' code.
 
 The model is never modified by scoring: snip, synflow and grasp run ``torch.func.functional_call``
 on detached copies of the parameters and buffers (so BatchNorm running statistics, weight
