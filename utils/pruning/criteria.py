@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from utils.core.registry import lookup
 from utils.core.user_code import UserCodeError, import_callable, import_object, is_import_path
@@ -347,9 +348,11 @@ def grasp_scores(inputs: ScoringInputs, masks: Masks, temperature: float = GRASP
             for total, part in zip(gradient, torch.autograd.grad(tempered_loss(x, y), variables)):
                 total.add_(part)
         # Second pass: H g = d/dw <g, dL/dw>, the inner gradient taken with a graph (g a constant).
+        # Attention in its plain math form: the fused kernels have no second derivative.
         hessian_gradient = [torch.zeros_like(leaf) for leaf in variables]
         for x, y in batches:
-            first = torch.autograd.grad(tempered_loss(x, y), variables, create_graph=True)
+            with sdpa_kernel(SDPBackend.MATH):
+                first = torch.autograd.grad(tempered_loss(x, y), variables, create_graph=True)
             z = sum((g * d).sum() for g, d in zip(gradient, first))
             for total, part in zip(hessian_gradient, torch.autograd.grad(z, variables, allow_unused=True)):
                 if part is not None:  # a layer entering the loss linearly only (no curvature)
