@@ -254,6 +254,11 @@ def training_types_help() -> str:
     return _listing((name, kind.describe()) for name, kind in TRAINING_TYPES.items())
 
 
+def fine_tuning_types() -> str:
+    """The registered types that fine-tune at a constant rate (``fine_tunes``): what prune.finetune_lr needs."""
+    return " or ".join(f"prune.training_type={name}" for name, kind in TRAINING_TYPES.items() if kind.fine_tunes)
+
+
 def rewinding_types() -> str:
     """The registered types that rewind (``captures_rewind``): what a rewind key needs."""
     return " or ".join(f"prune.training_type={name}" for name, kind in TRAINING_TYPES.items() if kind.captures_rewind)
@@ -364,8 +369,8 @@ def declare_sections() -> Config:
         exclude=P(ListOf(StrictStr()), "fnmatch patterns of layer names kept dense and uncounted", default=[]),
         synflow_iterations=P(StrictInt(1), "SynFlow rounds (exponential density schedule)", default=100),
         score_batches=P(StrictInt(1), "Training batches a criterion that needs batches scores on (snip sums their "
-                        "gradients; package.module:function criteria get them unless they say otherwise); the old "
-                        "name prune.snip_batches is still read", default=1),
+                        "gradients, grasp its g and H g; package.module:function criteria get them unless they say "
+                        "otherwise); the old name prune.snip_batches is still read", default=1),
         snip_mode=P(Choice(["eval", "train"]), "BatchNorm during SNIP scoring: eval (running statistics, as the reference codes) or train (batch statistics)", default="eval"),
         structure=P(NameOrImport(list(STRUCTURES)), "Unit of pruning: " + "; ".join(
                     f"{name}: {cls.description}" for name, cls in STRUCTURES.items())
@@ -385,6 +390,9 @@ def declare_sections() -> Config:
                   "at random positions, the source's init)", default="none"),
         rewind_iteration=P(StrictInt(0), "Rewind to the state after this many optimizer steps of level 0 (late "
                            f"resetting) instead of rewind_epoch; 0 = off; needs {rewinding_types()}", default=0),
+        finetune_lr=P(Optional_(StrictFloat(0, math.inf, low_open=True)), "The constant learning rate of the levels "
+                      f"after 0 with {fine_tuning_types()}; null = the schedule's final rate (the rate of its last "
+                      "step, Renda et al. 2020)", default=None),
         layer_rates=P(LayerRates(), "Per-layer rates for allocation uniform: \"pattern=rate\" items, the first "
                       "matching pattern wins, other layers use prune.rate; level L keeps (1-rate)^L of each layer", default=[]),
         update_every=P(StrictInt(1), f"Sparse training ({sparse_types()}): optimizer steps between mask updates", default=100),
@@ -742,6 +750,9 @@ def check_science_fields(c: Dict[str, Any]) -> None:
     for key in ("prune.rewind_epoch", "prune.rewind_iteration"):  # a rewind point, and nothing that rewinds to it
         if c[key] and not kind.captures_rewind:
             _fail(f"{key}={c[key]} needs {rewinding_types()}, not {kind.name}, which does not rewind")
+    if c["prune.finetune_lr"] is not None and not kind.fine_tunes:
+        _fail(f"prune.finetune_lr={c['prune.finetune_lr']} needs {fine_tuning_types()}, not {kind.name}, which does "
+              f"not fine-tune at a constant rate")
     if rewind_iteration:
         if c["prune.rewind_epoch"]:
             _fail(f"prune.rewind_iteration={rewind_iteration} and prune.rewind_epoch={c['prune.rewind_epoch']} both "

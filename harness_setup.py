@@ -285,7 +285,7 @@ class ExperimentBase:
                 schedule=self.schedule, scaler=self.scaler, callbacks=self.callbacks, level=level,
                 next_epoch=next_epoch, phase=phase, finished=finished, level_stats=dict(self.level_stats),
                 csv_rows={name: log.count() for name, log in self.files.logs().items()},
-                world_size=self.ctx.world_size, **extra)
+                world_size=self.ctx.world_size, iterations_per_epoch=len(self.train_loader), **extra)
 
     def checkpoint_mid_epoch(self, state: training.EpochState) -> None:
         """Every rank's partial sums go to rank 0 (a collective: all ranks stop at the same

@@ -282,7 +282,7 @@ def test_the_docs_training_type_declares_its_description(outside_code):
 
     source = docs_block("# mytypes.py")
     outside_code("mytypes", source)
-    kind = get_training_type("mytypes:FineTune")
+    kind = get_training_type("mytypes:TenthRate")
     assert "description" in type(kind).__dict__ and kind.describe() == kind.description
 
 

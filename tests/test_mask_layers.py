@@ -466,7 +466,7 @@ def _pickled(model, tmp_path):
     return torch.load(tmp_path / "model.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "random", "snip", "synflow"])
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "snip", "synflow", "grasp"])
 @pytest.mark.parametrize("allocation", ["global", "uniform", "erk", "balanced"])
 def test_every_criterion_and_allocation_prunes_attention_weights_exactly(criterion, allocation):
     from utils.pruning.masks import compute_masks
@@ -479,7 +479,7 @@ def test_every_criterion_and_allocation_prunes_attention_weights_exactly(criteri
     assert count_alive(masks) == target_keep_count(0.3, count_total(masks))
     attention = [n for n in masks if n.endswith("self_attention.in_proj")]
     assert len(attention) == 2 and all(0 < int(masks[n].sum()) < masks[n].numel() for n in attention)
-    if criterion in ("snip", "synflow"):  # gradients reach the packed projection: scores are not all ties
+    if criterion in ("snip", "synflow", "grasp"):  # gradients reach the packed projection: scores are not all ties
         kept = masks[attention[0]].reshape(-1)
         assert not torch.equal(kept, torch.sort(kept, descending=True).values)
 

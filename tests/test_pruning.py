@@ -647,7 +647,7 @@ def test_cli_accepts_a_plain_dense_state_dict(tmp_path, cli_files):
     ({"density": "1.5"}, "--density must be in"),
     ({"density": "0.9"}, "only shrink"),  # the checkpoint is at 0.5
     ({"density": "abc"}, "invalid float"),
-    ({"criterion": "grasp"}, "prune.criterion='grasp' is not allowed"),
+    ({"criterion": "obd"}, "prune.criterion='obd' is not allowed"),  # not a registered criterion
     ({"checkpoint": "nowhere.pt"}, "does not exist"),
     ({"config_model": None}, "model.name is required"),
     ({"config_typo": {"snip_batchez": 2}}, "unknown key prune.snip_batchez"),

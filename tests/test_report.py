@@ -119,7 +119,7 @@ def test_report_files(sweep, tmp_path):
     assert "`prune.training_type`" in text and "All 6 runs are complete" in text
     assert f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f}" in text
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["accuracy_vs_density.png", "curves_g1.png", "curves_g2.png", "layers_g1.png", "layers_g2.png"]
+    assert pngs == ["accuracy_vs_cost.png", "accuracy_vs_density.png", "curves_g1.png", "curves_g2.png", "layers_g1.png", "layers_g2.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in text
@@ -554,3 +554,54 @@ def test_channel_densities_are_named_apart_from_weight_densities(tmp_path):
     assert all(dense[3:]) and firsts.count("100% (dense)") == 1
     weights = statistics.mean(pd.read_csv(root / "levels.csv").density[1] for root in channel)
     assert next(row for row in rows if row[0] == "80% of channels")[1] == f"{weights * 100:.3g}%"
+
+
+def test_every_point_carries_its_training_cost_and_a_figure_plots_accuracy_against_it(tmp_path):
+    """train_cost_epochs per group and level, from each training type's formula (written out here):
+    IMP/LRR (L + 1) E, WR E + L (E - rewind epoch) (a rewind iteration as a fraction of an epoch, the
+    steps per epoch read from the run's last checkpoint), fine-tuning E + L E, at_init E."""
+    import math
+
+    import torch
+    base = tmp_path / "runs"
+    epochs = 5
+    runs = {
+        "imp": {"prune.training_type": "imp"},
+        "lrr": {"prune.training_type": "lrr"},
+        "finetune": {"prune.training_type": "finetune"},
+        "wr_epoch": {"prune.training_type": "wr", "prune.rewind_epoch": 2},
+        "wr_iteration": {"prune.training_type": "wr", "prune.rewind_iteration": 12},
+        "wr_unknown": {"prune.training_type": "wr", "prune.rewind_iteration": 3, "optimizer.lr": 0.02},
+        "at_init": {"prune.training_type": "at_init", "prune.target_density": 0.3},
+    }
+    for name, overrides in runs.items():
+        at_init = overrides["prune.training_type"] == "at_init"
+        make_experiment(base, name, levels=1 if at_init else 4, levels_done=1 if at_init else 4,
+                        **{"training.epochs": epochs, **overrides})
+    (base / "wr_iteration" / "checkpoints").mkdir()
+    torch.save({"format": 1, "world_size": 1, "iterations_per_epoch": 8, "finished": True},
+               base / "wr_iteration" / "checkpoints" / "last.pt")
+    expected = {
+        "imp": [(level + 1) * epochs for level in range(4)],
+        "lrr": [(level + 1) * epochs for level in range(4)],
+        "finetune": [epochs + level * epochs for level in range(4)],
+        "wr_epoch": [epochs + level * (epochs - 2) for level in range(4)],
+        "wr_iteration": [epochs + level * (epochs - 12 / 8) for level in range(4)],
+        "wr_unknown": [math.nan] * 4,   # steps per epoch not recorded: unknown, not guessed
+        "at_init": [epochs],
+    }
+    out = tmp_path / "out"
+    assert report_cli.main([str(base), "--out-dir", str(out)]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert "train_cost_epochs" in summary.columns
+    groups = {e.path.name: g.gid for g in report_experiments.make_groups(
+        [report_experiments.load_experiment(d) for d in report_experiments.expand_dirs([base])]) for e in g.members}
+    for name, costs in expected.items():
+        rows = summary[summary["group"] == groups[name]].sort_values("level")
+        assert rows["train_cost_epochs"].tolist() == pytest.approx(costs, nan_ok=True), name
+    text = (out / "report.md").read_text()
+    assert "![accuracy against training cost](accuracy_vs_cost.png)" in text
+    assert "| 3 | 0.5120 | 0.5120 |" in text and f"| {epochs + 3 * (epochs - 12 / 8):g} |" in text
+    assert f"Cost unknown (left off that figure): {groups['wr_unknown']} --" in text
+    assert (out / "accuracy_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "accuracy_vs_density.png").is_file()

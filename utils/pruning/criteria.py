@@ -33,8 +33,13 @@ Scores (bigger = more important):
                ``synflow_iterations`` rounds, round k keeping the density
                d_k = d_start * (d_target / d_start) ** (k / K), each round re-scoring the
                model with the previous round's mask applied.
+``grasp``      theta * (H g) (Wang et al. 2020): MINUS the paper's score S = -theta * (H g), whose
+               highest the paper removes (bigger = kept here), with the authors' temperature
+               (logits / 200) and H g a second backward through g (both summed over the
+               batches); eval mode, as snip.  docs/design.md, "GraSP", says what differs from
+               the authors' code.
 
-The model is never modified by scoring: snip and synflow run ``torch.func.functional_call``
+The model is never modified by scoring: snip, synflow and grasp run ``torch.func.functional_call``
 on detached copies of the parameters and buffers (so BatchNorm running statistics, weight
 signs, ``.grad`` and ``requires_grad`` are untouched), and train/eval flags are restored
 module by module afterwards."""
@@ -47,6 +52,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from utils.core.registry import lookup
 from utils.core.user_code import UserCodeError, import_callable, import_object, is_import_path
@@ -308,6 +314,52 @@ def snip_scores(inputs: ScoringInputs, masks: Masks, snip_mode: str = "eval") ->
     return {name: (gradient_sums[name] * leaves[name].detach()).abs_() for name in leaves}
 
 
+# GraSP's temperature: the logits are divided by it before the loss (the authors' T = 200), which
+# keeps the softmax away from saturation so that H g carries a signal at initialisation.
+GRASP_TEMPERATURE = 200.0
+
+
+def grasp_scores(inputs: ScoringInputs, masks: Masks, temperature: float = GRASP_TEMPERATURE) -> Scores:
+    """theta * (H g): bigger = kept (the module docstring says why it is minus the paper's score)."""
+    if inputs.batches is None:
+        raise ValueError("criterion 'grasp' needs batches (an iterable of (x, y))")
+    if inputs.num_batches < 1:
+        raise ValueError(f"grasp num_batches must be >= 1, got {inputs.num_batches}")
+    model, device = inputs.model, inputs.device
+    loss_fn = inputs.loss_fn or nn.functional.cross_entropy
+    # range first: zip stops before drawing a batch beyond num_batches; both passes read these.
+    batches = [batch for _, batch in zip(range(inputs.num_batches), inputs.batches)]
+    if len(batches) < inputs.num_batches:
+        raise ValueError(f"grasp asked for {inputs.num_batches} batches, the iterable gave {len(batches)}")
+    with _ScoringMode(model, train=False):
+        state = _detached_state(model, device)
+        leaves = {}
+        for name, key in _weights_by_layer(model).items():  # the masked weight is the variable
+            leaves[name] = (state[key] * masks[name]).requires_grad_(True)
+            state[key] = leaves[name]
+        variables = list(leaves.values())
+
+        def tempered_loss(x, y):
+            return loss_fn(functional_call(model, state, (x.to(device),)) / temperature, y.to(device))
+
+        # First pass: g, summed over the batches, no graph kept.
+        gradient = [torch.zeros_like(leaf) for leaf in variables]
+        for x, y in batches:
+            for total, part in zip(gradient, torch.autograd.grad(tempered_loss(x, y), variables)):
+                total.add_(part)
+        # Second pass: H g = d/dw <g, dL/dw>, the inner gradient taken with a graph (g a constant).
+        # Attention in its plain math form: the fused kernels have no second derivative.
+        hessian_gradient = [torch.zeros_like(leaf) for leaf in variables]
+        for x, y in batches:
+            with sdpa_kernel(SDPBackend.MATH):
+                first = torch.autograd.grad(tempered_loss(x, y), variables, create_graph=True)
+            z = sum((g * d).sum() for g, d in zip(gradient, first))
+            for total, part in zip(hessian_gradient, torch.autograd.grad(z, variables, allow_unused=True)):
+                if part is not None:  # a layer entering the loss linearly only (no curvature)
+                    total.add_(part)
+    return {name: hessian_gradient[index] * leaves[name].detach() for index, name in enumerate(leaves)}
+
+
 def synflow_dtype(device: torch.device) -> torch.dtype:
     """float64 (R is a product over all layers: float32 overflows on deep nets) except on MPS."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -358,6 +410,9 @@ SCORES: Dict[str, Criterion] = {
                       description="|dL/dw * w| on training batches (Lee et al. 2019)"),
     "synflow": Criterion(synflow_scores, iterative=True, needs_input_shape=True, per_computation=SynFlowScores,
                          description="|dR/dw * w| of the all-ones input, iterative rounds (Tanaka et al. 2020)"),
+    "grasp": Criterion(grasp_scores, needs_batches=True,
+                       description="GraSP: the highest -theta * Hg removed (Hessian-gradient product on training "
+                                   "batches, temperature 200, Wang et al. 2020)"),
     "bn_gamma": Criterion(None, score_channels=channel_bn_gamma_scores,
                           description="channels: |gamma| of their BatchNorm (network slimming, Liu et al. 2017)"),
 }

@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from utils.core.atomic_io import atomic_write_text
 from utils.report.experiments import ReportError, _level_list, expand_dirs, load_experiment, make_groups, read_levels
-from utils.report.figures import plot, plot_accuracy_vs_density, plot_layer_density, plot_training_curves
+from utils.report.figures import (plot, plot_accuracy_vs_cost, plot_accuracy_vs_density, plot_layer_density,
+                                  plot_training_curves)
 from utils.report.tables import label_for, markdown, summarize, summary_table, table
 
 
@@ -36,6 +37,8 @@ def write_report(dirs: Sequence, out_dir, command: str = "python -m utils.report
     out.mkdir(parents=True, exist_ok=True)
     figures: Dict[str, List[str]] = {"summary": ["accuracy_vs_density.png"]}
     plot_accuracy_vs_density(groups, summaries, out / "accuracy_vs_density.png")
+    if plot_accuracy_vs_cost(groups, summaries, out / "accuracy_vs_cost.png"):
+        figures["cost"] = ["accuracy_vs_cost.png"]
     for group in groups:
         names = []
         if plot_training_curves(group, out / f"curves_{group.gid}.png"):

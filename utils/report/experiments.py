@@ -74,6 +74,7 @@ class Experiment:
     reused: List[str] = field(default_factory=list)   # "level L from SOURCE" (controls.py's reused.csv)
     duplicate_of: Optional["Experiment"] = None        # set when another run of its seed is counted instead
     plan_problem: Optional[str] = None      # why its level plan cannot be built here (its levels not counted)
+    iterations_per_epoch: Optional[int] = None  # optimizer steps per epoch, read only when its cost needs them (cost.py)
 
     @property
     def seed(self) -> Any:
@@ -239,9 +240,11 @@ def load_experiment(experiment_dir) -> Experiment:
         layers = layers[layers["level"].astype(int).isin(finished)].reset_index(drop=True)
     written = max((p.stat().st_mtime for p in (root / "levels.csv", root / "epochs.csv") if p.exists()), default=0.0)
     count, plan_problem = level_count(config)
+    from utils.report.cost import iterations_per_epoch_of
     return Experiment(root, config, levels, epochs, layers, count, in_progress,
                       bn_processes=bn_processes_of(root, config), written_at=written,
-                      num_classes=number_of_classes(config), reused=reused_levels(root), plan_problem=plan_problem)
+                      num_classes=number_of_classes(config), reused=reused_levels(root), plan_problem=plan_problem,
+                      iterations_per_epoch=iterations_per_epoch_of(root, config))
 
 
 def bn_processes_of(root: Path, config: Dict[str, Any]) -> int:

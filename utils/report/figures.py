@@ -1,5 +1,5 @@
-"""The report's figures: accuracy against density (±1 std bands clipped to 0-100), training
-curves and per-layer densities of a group; the one-plot form of the command.
+"""The report's figures: accuracy against density and against training cost (±1 std bands clipped
+to 0-100), training curves and per-layer densities of a group; the one-plot form of the command.
 
 Every group's dense point stays visible: a control that took its source's level 0 (shuffle)
 has the very same dense point as its source, and one marker drawn on another hides it.  Each
@@ -177,6 +177,86 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
             place_dense_markers(ax, dense_points[ax], max(all_densities), min(all_densities))
     _save(fig, out)
     plt.close(fig)
+
+
+def _spread_ticks(values: Sequence[float], most: int = 10) -> List[float]:
+    """Ticks for a log axis from ``values`` (ascending, positive): the smallest, then each value at
+    least 1/most of the axis's log span above the last one kept (labels never touch), the largest
+    kept in place of a tick too close to it."""
+    span = math.log(values[-1] / values[0]) if values[-1] > values[0] else 1.0
+    gap = span / most
+    ticks = [values[0]]
+    for value in values[1:]:
+        if math.log(value / ticks[-1]) >= gap:
+            ticks.append(value)
+    if ticks[-1] != values[-1]:
+        if len(ticks) > 1 and math.log(values[-1] / ticks[-1]) < gap:
+            ticks.pop()
+        ticks.append(values[-1])
+    return ticks
+
+
+def plot_accuracy_vs_cost(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], out: Path) -> bool:
+    """Test accuracy against the epochs of training spent to produce each point (``cost.COLUMN``),
+    beside accuracy against density: one line per group through its levels, ±1 std bands, each
+    point labelled with its density when the panel is not crowded.  False (nothing written) when
+    no point has a known cost."""
+    from matplotlib.ticker import NullFormatter
+
+    from utils.report.cost import COLUMN
+    shown = {g.gid: summaries[g.gid].dropna(subset=[COLUMN]) for g in groups
+             if not summaries[g.gid].empty and COLUMN in summaries[g.gid]}
+    shown = {gid: frame for gid, frame in shown.items() if not frame.empty}
+    if not shown:
+        return False
+    plt = _pyplot()
+    label_width = max((len(f"{g.gid}: {g.label} (10-10 seeds)") for g in groups), default=0)
+    legend_columns = 1 if label_width > 45 else 2
+    legend_rows = math.ceil(len(shown) / legend_columns)
+    legend_height = 0.2 * legend_rows + 0.25  # inches
+    height = 4.2 + legend_height
+    fig, axes = plt.subplots(1, 2, figsize=(11, height), dpi=120, sharey=True)
+    band_alpha = 0.2 if len(shown) <= 3 else 0.12
+    annotate = sum(len(frame) for frame in shown.values()) <= 30
+    costs = sorted({float(c) for frame in shown.values() for c in frame[COLUMN]})
+    for ax, metric, title in ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
+                              (axes[1], "best_test_acc", "best test accuracy (any epoch)")):
+        for group in groups:
+            if group.gid not in shown:
+                continue
+            frame = shown[group.gid].sort_values([COLUMN, "level"])
+            x = frame[COLUMN]
+            mean, std = frame[f"{metric}_mean"], frame[f"{metric}_std"].fillna(0.0)
+            n, n_low = int(frame["n_seeds"].max()), int(frame["n_seeds"].min())
+            seeds = f"{n} seeds" if n == n_low else f"{n_low}-{n} seeds"
+            label = f"{group.gid}: {group.label} ({seeds if n > 1 else '1 seed'})"
+            line, = ax.plot(x, mean, marker="o", markersize=4, label=label)
+            if n > 1:
+                low, high = band_limits(mean, std)
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=band_alpha, linewidth=0)
+            if annotate and ax is axes[0]:
+                for cost, value, density in zip(x, mean, frame["density"]):
+                    if density >= 1.0 - 1e-9:
+                        continue  # the dense level: unlabelled (the title says so)
+                    ax.annotate(f"{density * 100:.3g}%", (cost, value), textcoords="offset points", xytext=(4, -9),
+                                fontsize=6, color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("training cost (epochs spent to produce the network, log scale)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_xticks(_spread_ticks(costs))
+        _plain_log_labels(ax.xaxis)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(costs[0] / 1.25, costs[-1] * 1.25)
+    axes[0].set_ylabel("test accuracy (%)")
+    fig.suptitle("Test accuracy against training cost: mean over seeds, band = ±1 std"
+                 + (", labels = density (% kept; unlabelled: dense)" if annotate else ""), fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / height, 1, 1))
+    _save(fig, out)
+    plt.close(fig)
+    return True
 
 
 def plot_training_curves(group: Group, out: Path) -> bool:

@@ -24,7 +24,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from utils.report import cost
 from utils.report.experiments import (
+    config_defaults,
     structure_keys,
     BN_PROCESSES_KEY,
     IGNORED_FOR_GROUPING,
@@ -39,12 +41,15 @@ from utils.runs import rundir
 
 
 def summarize(group: Group) -> pd.DataFrame:
-    """One row per level: densities, mean/std of final and best test accuracy, n seeds."""
+    """One row per level: densities, mean/std of final and best test accuracy, n seeds, and the
+    epochs of training spent to produce the level (``cost.COLUMN``; the same for every seed)."""
     frames = [e.levels.assign(seed=e.seed) for e in group.members if len(e.levels)]  # one run per seed
     columns = ["level", "target_density", "density", "final_test_acc_mean", "final_test_acc_std",
-               "best_test_acc_mean", "best_test_acc_std", "n_seeds", "seeds"]
+               "best_test_acc_mean", "best_test_acc_std", "n_seeds", "seeds", cost.COLUMN]
     if not frames:
         return pd.DataFrame(columns=columns)
+    config = {**config_defaults(), **group.config}
+    steps = next((e.iterations_per_epoch for e in group.members if e.iterations_per_epoch), None)
     rows = []
     for level, part in pd.concat(frames).groupby("level", sort=True):
         n = len(part)
@@ -56,6 +61,7 @@ def summarize(group: Group) -> pd.DataFrame:
             "best_test_acc_mean": float(part["best_test_acc"].mean()),
             "best_test_acc_std": float(part["best_test_acc"].std(ddof=1)) if n > 1 else math.nan,
             "n_seeds": n, "seeds": " ".join(str(s) for s in part["seed"]),
+            cost.COLUMN: cost.level_cost(config, int(level), steps),
         })
     return pd.DataFrame(rows, columns=columns)
 
@@ -304,6 +310,16 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
     lines.append("")
     if "summary" in figures:
         lines += [f"![accuracy against density]({figures['summary'][0]})", ""]
+    if figures.get("cost"):
+        lines += [f"![accuracy against training cost]({figures['cost'][0]})", "",
+                  f"Training cost (`{cost.COLUMN}`): the epochs of training spent to produce a point, earlier levels "
+                  "included -- IMP and LRR level L: (L + 1) x E; WR: E + L x (E - rewind epoch); fine-tuning: "
+                  "E + L x E; pruning at initialisation: E (E = `training.epochs`).", ""]
+        unknown = [g.gid for g in groups if not summaries[g.gid].empty and summaries[g.gid][cost.COLUMN].isna().any()]
+        if unknown:
+            lines += [f"Cost unknown (left off that figure): {', '.join(unknown)} -- a training type that cannot be "
+                      "imported here, or a `prune.rewind_iteration` run whose checkpoint does not record its steps "
+                      "per epoch.", ""]
 
     for group in groups:
         lines += [f"## {group.gid}: {group.label}", ""]
@@ -315,13 +331,16 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
             lines += ["No finished level yet.", ""]
             continue
         densities = named_densities(group, frame)
-        lines += ["| level | " + " | ".join(map(density_header, densities.columns)) + " | final test acc | best test acc | n |",
-                  "|---:|" + "---:|" * len(densities.columns) + "---:|---:|---:|"]
+        lines += ["| level | " + " | ".join(map(density_header, densities.columns))
+                  + " | final test acc | best test acc | n | train cost (epochs) |",
+                  "|---:|" + "---:|" * len(densities.columns) + "---:|---:|---:|---:|"]
         for row, values in zip(frame.itertuples(), densities.itertuples(index=False)):
             n = int(row.n_seeds)
+            spent = getattr(row, cost.COLUMN)
             lines.append(f"| {row.level} | " + " | ".join(f"{value:.4f}" for value in values) + " | "
                          f"{_cell(row.final_test_acc_mean, row.final_test_acc_std, n)} | "
-                         f"{_cell(row.best_test_acc_mean, row.best_test_acc_std, n)} | {n} |")
+                         f"{_cell(row.best_test_acc_mean, row.best_test_acc_std, n)} | {n} | "
+                         f"{'–' if math.isnan(spent) else f'{spent:g}'} |")
         lines.append("")
         for name in figures.get(group.gid, []):
             lines += [f"![{name}]({name})", ""]

@@ -121,7 +121,7 @@ def save_checkpoint(path, kind: str, *, config: Dict[str, Any], snapshot: Option
     state (``snapshot``, or one taken of ``model`` / ``optimizer`` / ``schedule``) and, for
     ``last``, the grad scaler, every RNG state, the state of the callbacks that keep one, and
     the run's ``progress`` (level, next_epoch, phase, finished, level_stats, csv_rows,
-    world_size, partial_epoch).  A replaced ``last`` is kept as ``previous.pt``."""
+    world_size, iterations_per_epoch, partial_epoch).  A replaced ``last`` is kept as ``previous.pt``."""
     state = {"format": CHECKPOINT_FORMAT, "config": config,
              **(snapshot if snapshot is not None else training_snapshot(model, optimizer, schedule)), **progress}
     if kind == "last":

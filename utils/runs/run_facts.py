@@ -8,7 +8,7 @@ another model than 1 process does.  The report (which runs may be pooled) and th
 ``batchnorm_processes``.
 
 Read from ``checkpoints/last.pt`` (the progress the harness saves with every checkpoint:
-``world_size``; a CUDA RNG state is saved only when CUDA was in use) and
+``world_size``, ``iterations_per_epoch``; a CUDA RNG state is saved only when CUDA was in use) and
 ``checkpoints/init.pt`` (the initial weights: BatchNorm layers carry ``running_mean``).
 Everything takes plain arguments; nothing here imports the harness.
 """
@@ -53,6 +53,21 @@ def recorded_execution(root, requested_device: Optional[str] = None) -> Optional
         rng = state.get("rng")
         device = "cuda" if isinstance(rng, dict) and "cuda" in rng else "cpu"
     return Execution(int(world_size) if isinstance(world_size, int) else 1, device)
+
+
+def recorded_iterations_per_epoch(root) -> Optional[int]:
+    """Optimizer steps per epoch of the run in ``root`` (the progress its ``checkpoints/last.pt``
+    saves: ``iterations_per_epoch``); None when it is not recorded (a run older than that field)
+    or the file cannot be read.  The report turns a ``prune.rewind_iteration`` into epochs with it."""
+    path = RunFiles(root).last_checkpoint
+    if not path.is_file():
+        return None
+    try:
+        state = _load(path)
+    except Exception:  # noqa: BLE001 -- torch raises several types for a bad file
+        return None
+    value = state.get("iterations_per_epoch") if isinstance(state, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def state_has_batchnorm(state_dict: Mapping[str, Any]) -> bool:

@@ -101,6 +101,14 @@ def lr_factor(spec: ScheduleSpec, iteration: int) -> float:
     return factor
 
 
+def final_lr_factor(spec: ScheduleSpec) -> float:
+    """The multiplier of the last step the schedule takes (iteration ``total_iterations - 1``): its
+    final rate.  Fine-tuning (``prune.training_type=finetune``) trains at base LR times this.  The
+    step at ``total_iterations`` is never taken, so a cosine schedule with ``final_factor=0`` ends
+    at a small positive rate, not at 0."""
+    return lr_factor(spec, max(spec.total_iterations - 1, 0))
+
+
 class LRSchedule:
     """Sets ``lr = base_lr * factor(iteration)`` on every param group before each step."""
 
@@ -128,6 +136,11 @@ class LRSchedule:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def final_lr(self) -> float:
+        """The rate of the schedule's last step (``final_lr_factor``), of the first param group."""
+        return self.optimizer.param_groups[0]["initial_lr"] * final_lr_factor(self.spec)
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration}

@@ -18,6 +18,9 @@ A training type says, for the level loop and for resume alike:
 * ``reset(level, run)``: the weights (and optimizer state) a level starts from, and the
   (epoch, batch) its training starts at;
 * ``check(config)``: a one-line refusal of config values the type cannot honour, or None;
+* ``training_cost_epochs(level, epochs, rewind_epoch)``: the epochs of training spent to produce
+  level ``level``'s network, earlier levels included (the report's cost axis; docs/design.md,
+  "Training cost");
 * ``describe()``: what it does, in one line (``description``, or the first line of the class
   docstring): ``--help`` lists the types with it, and a type that has neither is refused.
 
@@ -58,6 +61,7 @@ class TrainingType:
     config_defaults: Mapping[str, Any] = {}   # other keys' defaults for this type (where the user gave none)
     captures_rewind = False   # level 0 keeps a state later levels restart from (prune.rewind_epoch / _iteration)
     resets_to_init = False    # every level starts from the initial weights (a control may then reuse level 0)
+    fine_tunes = False        # levels after 0 train at one constant rate (prune.finetune_lr applies)
     description = ""          # one line; empty: the first line of the class docstring (``describe``)
 
     def describe(self) -> str:
@@ -88,6 +92,12 @@ class TrainingType:
         gives the structure's masks of the run's criterion and allocation at a density."""
         return None
 
+    def training_cost_epochs(self, level: int, epochs: int, rewind_epoch: float) -> float:
+        """Epochs of training spent to produce level ``level``'s network, every earlier level
+        included: ``epochs`` per level (``training.epochs``), so (level + 1) x epochs.
+        ``rewind_epoch``: where a rewinding type restarts (fractional for a rewind iteration)."""
+        return (level + 1) * epochs
+
 
 class IMP(TrainingType):
     name = "imp"
@@ -112,6 +122,10 @@ class WeightRewinding(TrainingType):
         restore_state(run.rewind_state, run, optimizer=True)
         return run.rewind_at.epoch, run.rewind_at.batch
 
+    def training_cost_epochs(self, level, epochs, rewind_epoch):
+        """Level 0 in full, then each later level from the rewind point: E + L x (E - rewind epoch)."""
+        return epochs + level * (epochs - rewind_epoch)
+
     def check(self, c):
         if c["prune.rewind_epoch"] >= c["training.epochs"]:
             return (f"prune.rewind_epoch={c['prune.rewind_epoch']} must be less than "
@@ -124,12 +138,42 @@ class LearningRateRewinding(TrainingType):
     description = "trained weights kept (masked); fresh optimizer; schedule from 0"
 
 
+class FineTuning(TrainingType):
+    """Renda et al. 2020's fine-tuning baseline: after pruning, the trained weights are kept
+    (masked) and trained for the level's epochs at ONE constant learning rate, the original
+    schedule's final rate (the rate of its last step: ``schedulers.final_lr_factor``), or
+    ``prune.finetune_lr`` when set; no warmup; a fresh optimizer (momentum from 0).  Level 0
+    trains with the config's schedule.  A resumed fine-tuning level is given the same optimizer
+    and schedule by this method (the harness asks it on resume too), so it keeps its rate."""
+    name = "finetune"
+    fine_tunes = True
+    description = ("trained weights kept (masked); later levels at a constant LR, the schedule's final rate or "
+                   "prune.finetune_lr (Renda et al. 2020)")
+
+    def optimizer_and_schedule(self, level, config, build):
+        if level == 0:
+            return build()
+        rate = config["prune.finetune_lr"]
+        if rate is None:
+            rate = build()[1].final_lr  # the config's own schedule says where it ends
+        return build({"optimizer.lr": rate, "schedule.name": "constant", "schedule.warmup_epochs": 0.0})
+
+    def training_cost_epochs(self, level, epochs, rewind_epoch):
+        """E + L x E_ft, E_ft the fine-tuning epochs of a level: training.epochs, as every level's."""
+        finetune_epochs = epochs
+        return epochs + level * finetune_epochs
+
+
 class AtInit(TrainingType):
     name = "at_init"
     one_shot = True
     description = "pruned once before training, to prune.target_density; trained once"
     # (the target density itself is the level plan's rule: utils/training/level_plan.py, which
     # knows when the structure fixes it, as N:M does)
+
+    def training_cost_epochs(self, level, epochs, rewind_epoch):
+        """Trained once: E."""
+        return epochs
 
     def check(self, c):
         if c["prune.levels"] not in (None, 1):
@@ -205,8 +249,8 @@ def _described(kind: TrainingType, origin: str) -> TrainingType:
 
 
 TRAINING_TYPES: Dict[str, TrainingType] = {t.name: _described(t, f"training type {t.name!r}")
-                                           for t in (IMP(), WeightRewinding(), LearningRateRewinding(), AtInit(),
-                                                     GradualMagnitudePruning(), RigL(), SET())}
+                                           for t in (IMP(), WeightRewinding(), LearningRateRewinding(), FineTuning(),
+                                                     AtInit(), GradualMagnitudePruning(), RigL(), SET())}
 
 
 def get_training_type(name: str) -> TrainingType:
