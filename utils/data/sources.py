@@ -3,7 +3,7 @@
 A dataset's registry entry (``utils.data.specs.DatasetSpec``) says, in its ``source``
 (a ``SourceFormat``), how to read it: ``read(root, options) -> (train, test)``, two
 ``ImageSource`` objects that ffcv's writer indexes (``source[i] -> (uint8 HWC image, label)``).
-An outside dataset (``package.module:NAME``, see docs/extending_dataset.md) uses the same
+An outside dataset (``package.module:NAME``, see docs/extending.md, "A new dataset") uses the same
 pieces: ``ArraySource`` for images already in memory, ``ImageFolderSource`` /
 ``read_image_folder`` for files on disk.
 
