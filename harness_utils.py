@@ -76,10 +76,15 @@ def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool,
         raise UserError(str(error)) from None
     if decision.action == "resume":  # never continue results on other data (utils/runs/data_identity.py)
         try:
-            data_identity.check_run_data(decision.root, data_identity.data_paths(resolved), doing="resume it")
+            data_identity.check_run_data(decision.root, data_files(resolved), doing="resume it")
         except data_identity.DataChanged as error:
             raise UserError(str(error)) from None
     return decision
+
+
+def data_files(c: Dict[str, Any]) -> Dict[str, str]:
+    """{role: .beton path} of the config's data (what data.json records)."""
+    return data_identity.data_paths(c["dataset.train_path"], c["dataset.test_path"])
 
 
 # ------------------------------------------------------------------------------ seeding
@@ -299,7 +304,7 @@ def create_experiment_dir(files: ExperimentFiles, resolved: Dict[str, Any], laun
     """A new experiment directory (rank 0 only): utils.runs.rundir.RunFiles.create, and the
     identity of the data it trains on (``data.json``: utils/runs/data_identity.py)."""
     files.create(config_yaml(resolved), usable_launch_id(launch_id))
-    data_identity.record_run_data(files.root, data_identity.data_paths(resolved))
+    data_identity.record_run_data(files.root, data_files(resolved))
 
 
 def resume_message(root: Path, last: Dict[str, Any]) -> str:

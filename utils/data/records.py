@@ -145,6 +145,16 @@ def record_vouches(record: Optional[dict], status: os.stat_result) -> bool:
             and record.get("file_size") == status.st_size and record["beton_mtime_ns"] == status.st_mtime_ns)
 
 
+def write_record(path, record: dict) -> str:
+    """``PATH.json`` (the record of the .beton ``PATH``) written atomically (temporary file,
+    fsync, rename); -> its path."""
+    import json
+    from utils.core.atomic_io import atomic_write_text
+    target = record_path(path)
+    atomic_write_text(target, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return target
+
+
 def read_record(path) -> Optional[dict]:
     """The write record of ``path`` (a .beton), None when there is none; DataError when it
     exists but is not a record."""

@@ -60,20 +60,20 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from utils.core.atomic_io import atomic_write_text, commit, temporary_beside
+from utils.core.atomic_io import commit, temporary_beside
 from utils.data.beton import IMAGE_FIELD, LABEL_FIELD
-from utils.data.records import (
+from utils.data.existing_files import keep_existing, verify_files
+from utils.data.records import (  # noqa: F401  (write_record: re-exported, bench/synthetic_beton.py uses it)
     make_record,
-    read_record,
     record_path,
     resolve_dataset_spec,
     stamp_record,
     validate_beton,
-    verify_file,
+    write_record,
 )
 from utils.data.sources import ArraySource, DataError, ImageSource, ReadOptions
 from utils.data.specs import DatasetSpec, dataset_names, get_dataset_spec, get_storage, storage_for
@@ -229,14 +229,6 @@ def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, split: str
             temporary.unlink()
 
 
-def write_record(path: Path, record: dict) -> Path:
-    """``PATH.json`` written atomically (temporary file, fsync, rename)."""
-    import json
-    target = Path(record_path(path))
-    atomic_write_text(target, json.dumps(record, indent=1, sort_keys=True) + "\n")
-    return target
-
-
 FILES_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -344,8 +336,8 @@ def write_dataset(name: str, root, out_dir, *, download: bool = False, max_resol
                                         jpeg_quality=jpeg_quality, compress_probability=compress_probability)
     written_from = {"root": None if root is None or not source_format.needs_root else os.path.abspath(root),
                     "splits": dict(splits) if splits else None, "channels": channels, "jpg": jpg, **field_options}
-    if _keep_existing(outputs, spec.name, files_name, written_from, skip_existing=skip_existing,
-                      overwrite=overwrite, say=say):
+    if keep_existing(outputs, spec.name, files_name, written_from, skip_existing=skip_existing,
+                     overwrite=overwrite, say=say):
         return outputs
     workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
     if workers < 1:
@@ -370,52 +362,6 @@ def write_dataset(name: str, root, out_dir, *, download: bool = False, max_resol
                    field_options=field_options, files_name=files_name, classes=train.classes,
                    written_from=written_from)
     return outputs
-
-
-def request_mismatch(record: dict, dataset: str, files_name: str, split: str, written_from: dict) -> Optional[str]:
-    """None when an existing file's write record says it was written as asked now, else what
-    differs (a phrase).  A record written before records said how the file was written
-    (``written_from``) is compared in dataset, name and split only."""
-    asked = {"dataset": dataset, "name": files_name, "split": split}
-    differing = [f"{key} {record.get(key)!r} there, {value!r} asked" for key, value in asked.items()
-                 if record.get(key) != value]
-    recorded = record.get("written_from")
-    if isinstance(recorded, dict):
-        differing += [f"{key} {recorded.get(key)!r} there, {value!r} asked" for key, value in written_from.items()
-                      if recorded.get(key) != value]
-    return "; ".join(differing) or None
-
-
-def _keep_existing(outputs: Sequence[Path], dataset: str, files_name: str, written_from: dict, *,
-                   skip_existing: bool, overwrite: bool, say: Callable[[str], None]) -> bool:
-    """Whether the existing outputs are kept as they are (``skip_existing``, records matching);
-    False: write them.  Refuses an existing file that would be replaced without ``overwrite``."""
-    existing: List[Path] = [path for path in outputs if path.exists()]
-    if not existing:
-        return False
-    if skip_existing and len(existing) == len(outputs):
-        differing = []
-        for path, split in zip(outputs, ("train", "test")):
-            record = read_record(path)
-            why = ("no write record" if record is None
-                   else request_mismatch(record, dataset, files_name, split, written_from))
-            if why:
-                differing.append(f"{path}: {why}")
-        if not differing:
-            for path in outputs:
-                say(f"{path}: exists and its write record matches this request: skipped, not rewritten")
-            return True
-        if not overwrite:
-            raise DataError(f"--skip-existing: {differing[0]}{' (and the test file)' if len(differing) > 1 else ''}; "
-                            f"the existing files were written otherwise: pass --overwrite to rewrite them, "
-                            f"or another --name or --out")
-        return False
-    if overwrite:
-        return False
-    others = " (and the test file)" if len(existing) > 1 else ""
-    raise DataError(f"{existing[0]}: exists already{others}; pass --overwrite to replace it (runs trained on it "
-                    f"then refuse to resume on the new data), --skip-existing to keep files written by the same "
-                    f"request, or another --name or --out")
 
 
 def ensure_digits(out_dir, *, num_workers: int = 1) -> Tuple[Path, Path]:
@@ -472,28 +418,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"write_beton: error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-def verify_files(paths: Sequence[str]) -> int:
-    """``--verify``: each file re-hashed and compared with its write record, one line each; a
-    file that matches gets its record stamped with its current size and time (so the cheap check
-    at a run's start vouches for it again).  -> 0 when every file matches, else 2."""
-    status = 0
-    for path in paths:
-        try:
-            record, differs = verify_file(path)
-            if differs:
-                print(f"write_beton: error: {path}: does not match its write record ({differs}): changed since "
-                      f"it was written; rewrite it", file=sys.stderr)
-                status = 2
-                continue
-            write_record(Path(path), stamp_record(path, record))
-            print(f"{path}: matches its write record (SHA-256 {record['sha256'][:12]}, {record['num_samples']} "
-                  f"samples); record stamped with the file's time")
-        except DataError as error:
-            print(f"write_beton: error: {error}", file=sys.stderr)
-            status = 2
-    return status
 
 
 def describe_record(summary: dict) -> str:

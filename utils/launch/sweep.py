@@ -157,8 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         for run in sweep.runs:
             if states[run.name] in ("partial", "finished"):
-                data_identity.check_run_data(run.directory, data_identity.data_paths(run.config),
-                                             doing="add runs to this sweep", instead=SWEEP_ON_NEW_DATA)
+                files = data_identity.data_paths(run.config["dataset.train_path"], run.config["dataset.test_path"])
+                data_identity.check_run_data(run.directory, files, doing="add runs to this sweep",
+                                             instead=SWEEP_ON_NEW_DATA)
     except data_identity.DataChanged as error:
         print(f"sweep error: run {run.name}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -120,7 +120,8 @@ class ControlRequest:
                    stability=bool(config.get("analysis.stability", False)),
                    early_bird=bool(config.get("prune.early_bird", False)),
                    sync_bn=config.get("distributed.sync_bn", "auto"), epochs=int(config.get("training.epochs", 0)),
-                   data=data_identity.data_paths(config) or None)
+                   data=data_identity.data_paths(config.get("dataset.train_path"),
+                                                 config.get("dataset.test_path")) or None)
 
 
 @dataclass(frozen=True)

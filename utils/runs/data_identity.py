@@ -55,9 +55,9 @@ class DataChanged(ValueError):
     """The data of a run differs from what it recorded; the message is one line naming the file."""
 
 
-def data_paths(config: Mapping[str, Any]) -> Dict[str, str]:
-    """{role: path} of a run's data files, from its (flat) config."""
-    return {role: str(config[key]) for role, key in ROLE_KEYS.items() if config.get(key)}
+def data_paths(train_path: Any, test_path: Any) -> Dict[str, str]:
+    """{role: path} of a run's data files (``dataset.train_path``, ``dataset.test_path``; unset ones left out)."""
+    return {role: str(path) for role, path in (("train", train_path), ("test", test_path)) if path}
 
 
 def identify(path) -> Dict[str, Any]:
