@@ -90,8 +90,10 @@ def difference(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> Optio
         return None
     if current.get("fingerprint") and current.get("record") == "vouched":
         return None
-    return ("modified since (another time), and its write record does not vouch for it"
-            if current.get("fingerprint") else "modified since (another time), and it has no write record")
+    if not current.get("fingerprint"):
+        return "modified since (another time), and it has no write record"
+    return (f"modified since (another time), and its write record does not vouch for it (if only its time changed, "
+            f"e.g. a copy: python -m utils.write_beton --verify {current.get('path')} re-hashes it and stamps the record)")
 
 
 def _short(fingerprint: Optional[str]) -> str:
