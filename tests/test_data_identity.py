@@ -7,7 +7,8 @@
   for it (``write_beton --verify`` re-hashes on request and stamps it again).
 * ``write_beton``: an existing output is refused without ``--overwrite``; ``--skip-existing``
   says it skipped and refuses files written from another request; an image folder mixing grey
-  and colour images, an empty class folder, or a test split missing a class are refused; a
+  and colour images or with an empty class folder is refused, a test split missing a class is
+  named (a warning; its record counts 0 images of it); a
   corrupt image is one line with no worker traceback; files honour the umask; a wrong
   ``dataset.train_path`` names the missing .beton.
 """
@@ -192,7 +193,7 @@ def test_existing_outputs_are_refused_without_overwrite_and_skip_existing_checks
     assert records.read_record(first["train"])["written_from"]["root"] == str(tmp_path / "v2")
 
 
-def test_mixed_grey_and_colour_and_empty_or_missing_classes_are_refused(tmp_path):
+def test_mixed_grey_and_colour_and_empty_classes_are_refused_and_a_missing_test_class_named(tmp_path):
     from PIL import Image
     import numpy as np
     out = tmp_path / "out"
@@ -220,9 +221,11 @@ def test_mixed_grey_and_colour_and_empty_or_missing_classes_are_refused(tmp_path
     for image in (missing / "test" / CLASSES[2]).iterdir():
         image.unlink()
     (missing / "test" / CLASSES[2]).rmdir()
-    message = refused(lambda: wb.write_dataset("folder", missing, tmp_path / "x", files_name="x", num_workers=1))
-    assert f"{missing / 'test'}: no folder for class {CLASSES[2]} of the 10 train classes" in message
-    assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists()
+    with pytest.warns(UserWarning, match=f"{missing / 'test'}: no images of class {CLASSES[2]} "
+                                         r"\(1 of the 10 train classes\): this split does not test it"):
+        _, test = wb.write_dataset("folder", missing, tmp_path / "x", files_name="x", num_workers=1)
+    assert records.read_record(test)["class_counts"] == [1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_corrupt_image_is_one_line_without_a_worker_traceback(tmp_path):

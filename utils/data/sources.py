@@ -152,7 +152,8 @@ def list_image_folder(split_dir: Path, classes: Optional[List[str]]) -> Tuple[Li
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: ImageFolder split not found (expected {split_dir}/<class>/<image files>)")
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if classes is None:
+    training = classes is None
+    if training:
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -169,15 +170,15 @@ def list_image_folder(split_dir: Path, classes: Optional[List[str]]) -> Tuple[Li
             empty.append(name)
     if not samples:
         raise DataError(f"{split_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under its class folders")
-    if empty:  # a class without images would be a label the network never sees, counted among the classes
+    if empty and training:  # a class without images: a label the network never sees, counted among the classes
         raise DataError(f"{split_dir}: class folder{'s' * (len(empty) > 1)} {', '.join(empty[:5])} "
                         f"hold{'s' * (len(empty) == 1)} no image files ({', '.join(IMAGE_EXTENSIONS)}); "
                         f"add images or remove the folder")
-    missing = [name for name in classes if name not in found]
-    if missing:  # another split than the training one: every training class must be tested
-        raise DataError(f"{split_dir}: no folder for class{'es' * (len(missing) > 1)} {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''} of the {len(classes)} train classes: this split "
-                        f"would not test {'them' if len(missing) > 1 else 'it'}; add its images")
+    missing = [name for name in classes if name not in found or name in empty]
+    if missing:  # another split (test): named, not refused (a subset may lack a class; its count says 0)
+        warnings.warn(f"{split_dir}: no images of class{'es' * (len(missing) > 1)} {', '.join(missing[:5])}"
+                      f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of the {len(classes)} train classes): "
+                      f"this split does not test {'them' if len(missing) > 1 else 'it'}", stacklevel=3)
     return classes, samples
 
 

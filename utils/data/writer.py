@@ -14,8 +14,8 @@ lists what each built-in reads from ``--root``).
 * ``folder``: any ImageFolder tree, one sub-folder per class, images of one square size;
   split folders ``train`` and ``test`` (else ``val``), or ``--splits train=A,test=B``.  Grey
   when every image is single-channel, RGB when every image is colour; a mix is refused unless
-  ``--channels 1|3`` says what to convert them to.  A class folder without images, or a train
-  class without a folder in the test split, is refused, naming it.  Stored raw, or JPEG with
+  ``--channels 1|3`` says what to convert them to.  A training class folder without images is
+  refused; a class without test images is named in a warning.  Stored raw, or JPEG with
   ``--storage jpg`` (RGB only; quality ``--jpeg-quality``).
 * ``imagenet``: stored like ffcv-imagenet: longest side at most ``--max-resolution`` (500),
   JPEG (quality ``--jpeg-quality`` 90) with probability ``--compress-probability`` (0.5),
