@@ -27,7 +27,7 @@ from utils.models.blurpool import add_blurpool_
 from utils.models.registry import ModelError, get_model
 from utils.pruning import criteria
 from utils.pruning.structures.base import Scoring
-from utils.runs import checkpointing, rundir
+from utils.runs import checkpointing, data_identity, rundir
 from utils.runs.checkpointing import (  # noqa: F401  (re-exported: the harness layer's one import)
     CHECKPOINT_FORMAT,
     LAST_CHECKPOINT_KEYS,
@@ -71,9 +71,20 @@ def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool,
                           launch_id: Optional[str] = None) -> DirDecision:
     """utils.runs.rundir.decide with this harness's defaults; a refusal is one UserError line."""
     try:
-        return rundir.decide(resolved, harness_params.defaults(), restarted=restarted, launch_id=launch_id)
+        decision = rundir.decide(resolved, harness_params.defaults(), restarted=restarted, launch_id=launch_id)
     except rundir.RunDirError as error:
         raise UserError(str(error)) from None
+    if decision.action == "resume":  # never continue results on other data (utils/runs/data_identity.py)
+        try:
+            data_identity.check_run_data(decision.root, data_files(resolved), doing="resume it")
+        except data_identity.DataChanged as error:
+            raise UserError(str(error)) from None
+    return decision
+
+
+def data_files(c: Dict[str, Any]) -> Dict[str, str]:
+    """{role: .beton path} of the config's data (what data.json records)."""
+    return data_identity.data_paths(c["dataset.train_path"], c["dataset.test_path"])
 
 
 # ------------------------------------------------------------------------------ seeding
@@ -292,8 +303,10 @@ def build_loaders(c: Dict[str, Any], spec: Any, ctx: Any, train_resolution: int,
 
 
 def create_experiment_dir(files: ExperimentFiles, resolved: Dict[str, Any], launch_id: Optional[str]) -> None:
-    """A new experiment directory (rank 0 only): utils.runs.rundir.RunFiles.create."""
+    """A new experiment directory (rank 0 only): utils.runs.rundir.RunFiles.create, and the
+    identity of the data it trains on (``data.json``: utils/runs/data_identity.py)."""
     files.create(config_yaml(resolved), usable_launch_id(launch_id))
+    data_identity.record_run_data(files.root, data_files(resolved))
 
 
 def resume_message(root: Path, last: Dict[str, Any]) -> str:

@@ -164,7 +164,7 @@ def write_beton_numpy(source: ImageSource, path, spec: data_specs.DatasetSpec, *
         stale = Path(records.record_path(path))
         if stale.exists():
             stale.unlink()
-    wb.write_record(path, record)
+    wb.write_record(path, records.stamp_record(path, record))   # stamped: the record vouches for the file
     return path
 
 

@@ -24,11 +24,12 @@ CIFAR100 = get_dataset_spec("cifar100")
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar_raw")
-    train_x, _, test_x, _ = write_cifar10_tree(root, per_batch=4, test=6, seed=2)
+    train_x, train_y, test_x, test_y = write_cifar10_tree(root, per_batch=4, test=6, seed=2)
     out = tmp_path_factory.mktemp("cifar_beton")
     with pytest.warns(UserWarning, match="MD5"):
         train, test = wb.write_dataset("cifar10", root, out, num_workers=1)
-    return dict(root=root, out=out, train=train, test=test, images={"train": train_x, "test": test_x})
+    return dict(root=root, out=out, train=train, test=test, images={"train": train_x, "test": test_x},
+                labels={"train": np.asarray(train_y), "test": np.asarray(test_y)})
 
 
 def copy_of(cifar, tmp_path, split="train", record=True):
@@ -49,10 +50,15 @@ def test_writer_records_what_it_wrote(cifar):
         mean, std = record.pop("mean"), record.pop("std")
         np.testing.assert_allclose(mean, pixels.mean(axis=0), atol=1e-6)
         np.testing.assert_allclose(std, pixels.std(axis=0), atol=1e-6)
-        assert record == {"format": "beton-write-record/2", "dataset": "cifar10", "name": "cifar10", "split": split,
+        labels = cifar["labels"][split]
+        assert record == {"format": "beton-write-record/3", "dataset": "cifar10", "name": "cifar10", "split": split,
                           "num_samples": count, "num_classes": 10, "classes": None, "size": [32, 32], "channels": 3,
+                          "class_counts": np.bincount(labels, minlength=10).tolist(),
+                          "written_from": {"root": str(cifar["root"]), "splits": None, "channels": None, "jpg": False,
+                                           "max_resolution": None, "jpeg_quality": 90, "compress_probability": 0.0},
                           "statistics_images": count, "storage": "raw", "jpg_fraction": 0.0,
-                          "file_size": path.stat().st_size, "sha256": file_sha256(path)}
+                          "file_size": path.stat().st_size, "sha256": file_sha256(path),
+                          "beton_mtime_ns": path.stat().st_mtime_ns}
         record.update(mean=mean, std=std)
         summary = validate_beton(path, CIFAR10)
         assert summary["record"] == record and summary["note"] is None
@@ -110,7 +116,7 @@ def test_rewriting_replaces_the_record_and_leaves_no_temporary_files(cifar, tmp_
     with open(record_path(train), "w") as f:
         json.dump({"stale": True}, f)
     with pytest.warns(UserWarning, match="MD5"):
-        wb.write_dataset("cifar10", cifar["root"], out, num_workers=1)
+        wb.write_dataset("cifar10", cifar["root"], out, num_workers=1, overwrite=True)
     assert validate_beton(train, CIFAR10)["record"]["split"] == "train"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 

@@ -223,12 +223,18 @@ def level_zero_check(tmp_path, source, *, model=None, world_size=1, device_type=
 
 
 @pytest.fixture
-def full_source(tmp_path, source):
-    """The source of the fixture above run with training.epochs=2 on CPU, all its files there."""
+def full_source(tmp_path, source, monkeypatch):
+    """The source of the fixture above run with training.epochs=2 on CPU, all its files there,
+    its data (BASE's a.beton and b.beton, stand-ins in the working directory) recorded."""
+    from utils.runs import data_identity
     tree = yaml.safe_load((source / "config.yaml").read_text())
     tree["training"].update({"epochs": 2, "device": "cpu"})
     (source / "config.yaml").write_text(yaml.safe_dump(tree))
     add_run_files(source)
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.beton", "b.beton"):
+        (tmp_path / name).write_bytes(name.encode())
+    data_identity.record_run_data(source, {"train": "a.beton", "test": "b.beton"})
     return source
 
 
@@ -286,6 +292,29 @@ def test_level_0_is_trained_when_the_source_does_not_have_it_all(tmp_path, full_
     masks["1"][0, 0] = False
     torch.save(masks, full_source / "masks" / "level_0.pt")
     assert "level 0 is pruned" in level_zero_check(tmp_path, full_source)
+
+
+def test_level_0_is_trained_when_the_sources_data_is_not_known_to_be_the_controls(tmp_path, full_source):
+    import os
+
+    import harness_utils as hu
+    c = config(tmp_path, **{"experiment.name": "control", "prune.masks_from": full_source, "prune.control": "shuffle",
+                            "training.epochs": 2, "training.device": "cpu"})
+    request = controls.ControlRequest.from_config(c)
+    src = controls.read_source(full_source, request, model_for(c))
+
+    def why_not():
+        return controls.level_zero_difference(src, request, model_for(c), world_size=1, device_type="cpu",
+                                              columns={n: log.columns for n, log in fake_logs().items()},
+                                              differing=hu.semantic_difference(src.config, c))
+    assert why_not() is None
+    os.utime(tmp_path / "b.beton", ns=(1, 1))   # changed while the control waited: no record vouches for it
+    assert "the source was trained on other data: dataset.test_path=b.beton" in why_not()
+    with pytest.raises(controls.ControlError, match=r"prune.masks_from=\S+ was trained on other data: "
+                                                    r"dataset.test_path=b.beton is not the data recorded"):
+        controls.read_source(full_source, request, model_for(c))
+    (full_source / "data.json").unlink()        # a source made before runs recorded their data
+    assert "does not record which data it trained on" in why_not()
 
 
 def test_a_stale_note_goes_when_level_0_is_trained(tmp_path, full_source):

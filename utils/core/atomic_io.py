@@ -12,7 +12,9 @@ records, reports, figures, compacted networks, ``.beton`` files.
     atomic_write(path, write)                ``write(handle)`` into a binary handle
 
 A failure becomes one ``WriteFailed`` line naming the file and the cause (disk full, quota,
-read-only...).  Temporary files are named ``.NAME.XXXX.tmp`` (``remove_stale_temporaries``
+read-only...).  Files come out with the mode any new file gets here (0666 less the process's
+umask: 0644 under umask 022, 0664 under 002), not the 0600 of ``mkstemp``'s temporary file, so
+a group's shared run directory stays readable to the group.  Temporary files are named ``.NAME.XXXX.tmp`` (``remove_stale_temporaries``
 deletes the ones a killed writer left).
 """
 from __future__ import annotations
@@ -110,8 +112,29 @@ def temporary_beside(path, suffix: str = "") -> Path:
     that cannot run inside ``atomic_output``; ``commit`` it, or unlink it on failure)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX + suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, NEW_FILE_MODE & ~current_umask())   # mkstemp's 0600 -> what open() would give
+    finally:
+        os.close(fd)
     return Path(tmp)
+
+
+NEW_FILE_MODE = 0o666   # what open(path, "w") asks for; the umask takes its bits away
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status;
+    setting and restoring it, elsewhere, is not safe against another thread creating a file)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def commit(tmp, path, keep_previous=None) -> None:

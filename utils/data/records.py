@@ -1,15 +1,26 @@
 """Write records and statistics, and the dataset spec a run trains on.
 
 A ``.beton`` written by ``python -m utils.write_beton`` has a write record beside it
-(``NAME.beton.json``): dataset, split, samples, classes, image size, channels, mean/std,
-storage, file size and SHA-256.  ``make_record`` / ``read_record`` write and read it,
+(``NAME.beton.json``): dataset, split, samples, classes and the samples of each, image size,
+channels, mean/std, storage, how it was written (source folder, options), file size, SHA-256
+(the file's fingerprint, hashed once, right after writing) and the file's modification time
+when the record was written (``beton_mtime_ns``).  ``make_record`` / ``read_record`` write and read it,
 ``pixel_statistics`` measures mean/std, ``resolve_dataset_spec`` completes a spec from it
 (``folder``), and ``validate_beton`` refuses a file that does not fit its dataset:
 
 * ``inspect_beton`` / ``validate_beton``: read a ``.beton`` without ffcv and say what is
   in it, or refuse it for a dataset with one-line ``DataError`` messages (missing,
   truncated or garbage file, images of the wrong size or channels, labels out of range,
-  written for another dataset or changed since, per its write record ``NAME.beton.json``)."""
+  written for another dataset or changed since, per its write record ``NAME.beton.json``).
+
+Cheap and full checks.  A record *vouches* for its file when the file's size and modification
+time are the ones the record was written with (``record_vouches``: one ``stat``); its SHA-256
+is then taken as the file's fingerprint without reading the file, so checking a 1 GB file at a
+run's start costs a stat and a small JSON read.  A file its record does not vouch for (copied
+without its times, touched, or a record written by an earlier version, without
+``beton_mtime_ns``) is re-hashed at validation when it is at most ``CHECKSUM_AUTO_LIMIT``;
+``python -m utils.write_beton --verify FILE`` re-hashes any file on request and, when the
+content is the recorded one, stamps the record with the file's time so it vouches again."""
 from __future__ import annotations
 
 import os
@@ -18,15 +29,19 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from utils.data.beton import BetonFile, _summarize, _validate
+from utils.data.beton import LABEL_FIELD, BetonFile, _summarize, _validate
 from utils.data.sources import DataError
 from utils.data.specs import DEFAULT_AUGMENT, DatasetSpec, _one_line, get_dataset_spec, storage_for, with_augment
 
 # -- the write record: what utils/data/writer.py wrote, next to the file
 RECORD_SUFFIX = ".json"
-RECORD_FORMAT = "beton-write-record/2"
-OLD_RECORD_FORMATS = ("beton-write-record/1",)   # still read (no classes, size, channels, mean/std)
-CHECKSUM_AUTO_LIMIT = 1 << 30     # verify_checksum=None hashes files up to this size (CIFAR train: 0.16 GB)
+RECORD_FORMAT = "beton-write-record/3"
+# Still read: /2 lacks per-class counts, how it was written and beton_mtime_ns (a /2 record never
+# vouches for its file: the file is re-hashed as before); /1 also classes, size, channels, mean/std.
+OLD_RECORD_FORMATS = ("beton-write-record/2", "beton-write-record/1")
+SPEC_RECORD_FORMATS = (RECORD_FORMAT, "beton-write-record/2")   # complete enough for a folder run's spec
+CHECKSUM_AUTO_LIMIT = 1 << 30     # verify_checksum=None hashes files up to this size when their record
+                                  # does not vouch for them (CIFAR train: 0.16 GB)
 STATISTICS_SAMPLE = 20_000        # images of varying size: mean/std over this many, evenly spread
 _STATISTICS_CHUNK = 4096
 
@@ -85,13 +100,23 @@ def stored_as(summary: dict) -> str:
     return "raw" if fraction == 0 else "jpg" if fraction == 1 else "raw+jpg"
 
 
+def class_counts(beton: BetonFile, num_classes: int) -> List[int]:
+    """Samples of each label 0 .. num_classes - 1 (labels must be in range: ``_validate``)."""
+    if not beton.num_samples:
+        return [0] * int(num_classes)
+    labels = np.asarray(beton.metadata[LABEL_FIELD], dtype=np.int64)
+    return [int(n) for n in np.bincount(labels, minlength=int(num_classes))]
+
+
 def make_record(path, spec: DatasetSpec, split: str, *, name: Optional[str] = None,
-                classes: Optional[List[str]] = None) -> dict:
+                classes: Optional[List[str]] = None, written_from: Optional[dict] = None) -> dict:
     """The write record of a validated .beton (see ``write_beton``): dataset, the files' name,
-    split, sample count, classes (names in label order, when known), image size ([H, W], None:
-    varying) and channels, per-channel mean/std measured here from the file (all images of a
-    fixed-size dataset, else ``STATISTICS_SAMPLE`` of them), storage as written, size and
-    SHA-256 of the file."""
+    split, sample count, classes (names in label order, when known) and the samples of each
+    (``class_counts``), image size ([H, W], None: varying) and channels, per-channel mean/std
+    measured here from the file (all images of a fixed-size dataset, else ``STATISTICS_SAMPLE``
+    of them), storage as written, ``written_from`` (what the writer was asked: source folder,
+    options; ``--skip-existing`` compares it), size and SHA-256 of the file.  The writer adds
+    ``beton_mtime_ns`` once the file has its final name (``stamp_record``)."""
     beton = BetonFile(path)
     summary = _summarize(beton)
     shape = summary["image_shape"]
@@ -102,7 +127,32 @@ def make_record(path, spec: DatasetSpec, split: str, *, name: Optional[str] = No
             "size": None if shape is None else [int(shape[0]), int(shape[1])], "channels": summary["channels"],
             "mean": mean, "std": std, "statistics_images": counted,
             "storage": stored_as(summary), "jpg_fraction": summary["jpg_fraction"] or 0.0,
+            "class_counts": class_counts(beton, spec.num_classes), "written_from": written_from,
             "file_size": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def stamp_record(path, record: dict) -> dict:
+    """``record`` with the size and modification time ``path`` has now (``beton_mtime_ns``): the
+    record then vouches for the file as long as neither changes (``record_vouches``)."""
+    status = os.stat(path)
+    return {**record, "file_size": int(status.st_size), "beton_mtime_ns": int(status.st_mtime_ns)}
+
+
+def record_vouches(record: Optional[dict], status: os.stat_result) -> bool:
+    """Whether ``record`` speaks for the file whose ``os.stat`` is ``status`` without reading it:
+    the file has the size and modification time the record was stamped with."""
+    return (isinstance(record, dict) and isinstance(record.get("beton_mtime_ns"), int)
+            and record.get("file_size") == status.st_size and record["beton_mtime_ns"] == status.st_mtime_ns)
+
+
+def write_record(path, record: dict) -> str:
+    """``PATH.json`` (the record of the .beton ``PATH``) written atomically (temporary file,
+    fsync, rename); -> its path."""
+    import json
+    from utils.core.atomic_io import atomic_write_text
+    target = record_path(path)
+    atomic_write_text(target, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return target
 
 
 def read_record(path) -> Optional[dict]:
@@ -130,13 +180,16 @@ def spec_from_record(spec: DatasetSpec, train_path) -> DatasetSpec:
     """``spec`` (an entry with ``from_record``, e.g. ``folder``) completed from the write record
     of its training file: image size, channels, classes, mean/std, storage."""
     where = os.fspath(train_path)
-    record = read_record(where)
     command = f"python -m utils.write_beton --dataset {spec.name} --root DIR --name NAME --out DIR"
+    if not os.path.isfile(where):  # the file itself first: a wrong path is not a missing record
+        raise DataError(f"{where}: .beton file not found (dataset.name={spec.name} trains on the .beton files "
+                        f"written by {command})")
+    record = read_record(where)
     if record is None:
         raise DataError(f"{where}: dataset.name={spec.name} reads its classes, image size, channels and "
                         f"normalisation from the file's write record {os.path.basename(record_path(where))}, "
                         f"which is missing; write the files with {command}")
-    if record["dataset"] != spec.name or record["format"] != RECORD_FORMAT:
+    if record["dataset"] != spec.name or record["format"] not in SPEC_RECORD_FORMATS:
         raise DataError(f"{where}: written for {record['dataset']} ({os.path.basename(record_path(where))}), "
                         f"not by {command}")
     classes, size, channels = record.get("classes"), record.get("size"), record.get("channels")
@@ -196,7 +249,9 @@ def _check_record(beton: BetonFile, spec: DatasetSpec, verify_checksum: Optional
         stale.append(f"{beton.num_samples} samples, the record says {record['num_samples']}")
     if record["file_size"] != beton.file_size:
         stale.append(f"{beton.file_size} bytes, the record says {record['file_size']}")
-    if not stale and (verify_checksum or (verify_checksum is None and beton.file_size <= CHECKSUM_AUTO_LIMIT)):
+    vouched = record_vouches(record, os.stat(where))
+    if not stale and (verify_checksum or (verify_checksum is None and not vouched
+                                          and beton.file_size <= CHECKSUM_AUTO_LIMIT)):
         if file_sha256(where) != record["sha256"]:
             stale.append("its SHA-256 differs from the record's")
     if stale:
@@ -217,7 +272,8 @@ def validate_beton(path, spec: DatasetSpec, num_classes: Optional[int] = None, *
     (``num_classes`` defaults to the spec's).  Then the write record ``PATH.json`` (written
     by utils/data/writer.py): a file written for another dataset is refused, and so is one
     that no longer matches its record (sample count, size, and the SHA-256 of the content
-    when ``verify_checksum``; None: only for files up to 1 GiB).
+    when ``verify_checksum``; None: only when the record does not vouch for the file, see
+    ``record_vouches``, and the file is at most 1 GiB).
 
     The summary gains ``record`` (the record, None without one) and ``note`` (one line to
     print for a file without a record, else None).
@@ -229,3 +285,19 @@ def validate_beton(path, spec: DatasetSpec, num_classes: Optional[int] = None, *
     return summary
 
 
+
+
+def verify_file(path) -> Tuple[dict, Optional[str]]:
+    """A full check of ``path`` against its write record, on request (``write_beton --verify``):
+    -> (the record, None when the file's size and SHA-256 are the recorded ones, else what
+    differs).  DataError when the file or its record is missing or unreadable."""
+    where = os.fspath(path)
+    size = BetonFile(where).file_size           # refuses a missing or non-.beton file first
+    record = read_record(where)
+    if record is None:
+        raise DataError(f"{where}: no write record ({os.path.basename(record_path(where))}) to verify it against")
+    if size != record["file_size"]:
+        return record, f"{size} bytes, the record says {record['file_size']}"
+    if file_sha256(where) != record["sha256"]:
+        return record, "its SHA-256 differs from the record's"
+    return record, None

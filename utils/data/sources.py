@@ -3,7 +3,7 @@
 A dataset's registry entry (``utils.data.specs.DatasetSpec``) says, in its ``source``
 (a ``SourceFormat``), how to read it: ``read(root, options) -> (train, test)``, two
 ``ImageSource`` objects that ffcv's writer indexes (``source[i] -> (uint8 HWC image, label)``).
-An outside dataset (``package.module:NAME``, see docs/extending_dataset.md) uses the same
+An outside dataset (``package.module:NAME``, see docs/extending.md, "A new dataset") uses the same
 pieces: ``ArraySource`` for images already in memory, ``ImageFolderSource`` /
 ``read_image_folder`` for files on disk.
 
@@ -61,6 +61,7 @@ class ReadOptions:
     """What the writer's command line passes to a reader (each reader uses what applies)."""
     max_resolution: Optional[int] = None       # JPEG-stored images of varying size: longest side
     splits: Optional[Mapping[str, str]] = None  # image folders: {"train": dir, "test": dir} under the root
+    channels: Optional[int] = None              # folder: convert every image to 1 (grey) or 3 (RGB) channels
 
 
 @dataclass(frozen=True)
@@ -151,20 +152,33 @@ def list_image_folder(split_dir: Path, classes: Optional[List[str]]) -> Tuple[Li
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: ImageFolder split not found (expected {split_dir}/<class>/<image files>)")
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if classes is None:
+    training = classes is None
+    if training:
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{split_dir}: class folders {unknown[:5]} are not among the {len(classes)} train classes")
     index = {name: i for i, name in enumerate(classes)}
-    samples = []
+    samples, empty = [], []
     for name in found:
+        before = len(samples)
         for root, _, files in sorted(os.walk(split_dir / name)):
             for file in sorted(files):
                 if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith("."):
                     samples.append((os.path.join(root, file), index[name]))
+        if len(samples) == before:
+            empty.append(name)
     if not samples:
         raise DataError(f"{split_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under its class folders")
+    if empty and training:  # a class without images: a label the network never sees, counted among the classes
+        raise DataError(f"{split_dir}: class folder{'s' * (len(empty) > 1)} {', '.join(empty[:5])} "
+                        f"hold{'s' * (len(empty) == 1)} no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                        f"add images or remove the folder")
+    missing = [name for name in classes if name not in found or name in empty]
+    if missing:  # another split (test): named, not refused (a subset may lack a class; its count says 0)
+        warnings.warn(f"{split_dir}: no images of class{'es' * (len(missing) > 1)} {', '.join(missing[:5])}"
+                      f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of the {len(classes)} train classes): "
+                      f"this split does not test {'them' if len(missing) > 1 else 'it'}", stacklevel=3)
     return classes, samples
 
 
@@ -377,14 +391,16 @@ def read_image_folder(root: Optional[Path], options: ReadOptions = ReadOptions()
     """The ``folder`` dataset: an ImageFolder tree whose images share one square size.
 
     Every image's header is read here (size and mode; nothing decoded): grey when every
-    image of both splits is single-channel, else RGB (grey images converted).  Images of
-    another size are refused, naming one."""
+    image of both splits is single-channel, RGB when every image is colour.  A mix of grey
+    and colour images is refused unless ``options.channels`` (``--channels 1|3``) says
+    what to convert them all to.  Images of another size are refused, naming one."""
     from PIL import Image
     root = _require_root(root, "folder")
     folders = split_folders(root, options.splits, ("test", "val"))
     classes, train = list_image_folder(folders["train"], None)
     _, test = list_image_folder(folders["test"], classes)
-    size, grey, first = None, True, None
+    size, first, example = None, None, {True: None, False: None}
+    counts = {True: 0, False: 0}   # grey -> images
     for path, _ in train + test:
         try:
             with Image.open(path) as image:
@@ -399,8 +415,14 @@ def read_image_folder(root: Optional[Path], options: ReadOptions = ReadOptions()
         elif shape != size:
             raise DataError(f"{path}: image is {shape[0]}x{shape[1]}, {first} is {size[0]}x{size[1]}; "
                             f"--dataset folder takes images of one size: resize them first")
-        grey = grey and mode in GREY_MODES
-    channels = 1 if grey else 3
+        is_grey = mode in GREY_MODES
+        counts[is_grey] += 1
+        example[is_grey] = example[is_grey] or path
+    channels = options.channels or (1 if not counts[False] else 3)
+    if options.channels is None and counts[True] and counts[False]:
+        raise DataError(f"{root}: {counts[True]} grey and {counts[False]} colour images (e.g. grey {example[True]}, "
+                        f"colour {example[False]}); pass --channels 3 to convert the grey ones to RGB or "
+                        f"--channels 1 to convert all to grey")
     return (ImageFolderSource(train, None, classes, channels, size[0]),
             ImageFolderSource(test, None, classes, channels, size[0]))
 

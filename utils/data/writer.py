@@ -13,15 +13,23 @@ lists what each built-in reads from ``--root``).
 
 * ``folder``: any ImageFolder tree, one sub-folder per class, images of one square size;
   split folders ``train`` and ``test`` (else ``val``), or ``--splits train=A,test=B``.  Grey
-  when every image is single-channel, RGB otherwise; stored raw, or JPEG with
+  when every image is single-channel, RGB when every image is colour; a mix is refused unless
+  ``--channels 1|3`` says what to convert them to.  A training class folder without images is
+  refused; a class without test images is named in a warning.  Stored raw, or JPEG with
   ``--storage jpg`` (RGB only; quality ``--jpeg-quality``).
 * ``imagenet``: stored like ffcv-imagenet: longest side at most ``--max-resolution`` (500),
   JPEG (quality ``--jpeg-quality`` 90) with probability ``--compress-probability`` (0.5),
   raw otherwise.
 
 ``--download`` lets torchvision fetch the files first (cifar10, cifar100, svhn, mnist,
-fashionmnist); tests never use it.  ``--skip-existing`` writes nothing when both output
-files exist (``make data`` uses it; ``ensure_digits`` is the same for digits in Python).
+fashionmnist); tests never use it.  An output file that exists already is refused in one line
+unless ``--overwrite`` (runs trained on it would otherwise meet other data under the same
+name).  ``--skip-existing`` keeps both files when they exist and their records match the
+request (dataset, name, source folder, split folders, channels, storage options; say so in a
+line each), and refuses when they do not (``make data`` uses it; ``ensure_digits`` is the same
+for digits in Python).  ``--verify FILE ...`` re-hashes files and compares them with their
+records; a file that matches gets its record stamped with its current time, so the cheap
+start-up check (size and time, utils/data/records.py) vouches for it again.
 
 Every problem with the input (missing root or files, wrong shapes, an option that does not
 apply) is a one-line DataError; the CLI prints it and exits with status 2.  Each ``.beton``
@@ -29,14 +37,16 @@ is written to a temporary name in ``OUT``, validated with ``utils.data.records.v
 and renamed when complete, so a reader never sees half a file.  Next to each file goes its
 write record ``NAME.beton.json`` (``utils.data.records.make_record``: dataset, split, sample
 count, classes, size, channels, per-channel mean/std measured from the file, storage as
-written, file size, SHA-256; written atomically after the rename): ``validate_beton``
+written, file size, SHA-256 hashed right after writing, per-class counts, the file's time;
+written atomically after the rename): ``validate_beton``
 refuses a file whose record names another dataset, and a ``folder`` run takes its classes,
 size, channels and normalisation from it.  A sidecar, because the .beton format has no
 free-form header (its header is five fixed numbers, every field is per sample, and ffcv's
 Reader takes every byte after the allocation table for allocation entries).  ffcv's writer
 forks worker processes and waits for them without noticing when one dies (it would spin
 forever); a watchdog here turns a worker's exception into a DataError and stops the
-remaining workers.
+remaining workers; the failing worker leaves quietly (its one line is the error, without
+the worker's traceback).
 """
 from __future__ import annotations
 
@@ -50,13 +60,21 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from utils.core.atomic_io import atomic_write_text, commit, temporary_beside
+from utils.core.atomic_io import commit, temporary_beside
 from utils.data.beton import IMAGE_FIELD, LABEL_FIELD
-from utils.data.records import make_record, record_path, resolve_dataset_spec, validate_beton
+from utils.data.existing_files import keep_existing, verify_files
+from utils.data.records import (  # noqa: F401  (write_record: re-exported, bench/synthetic_beton.py uses it)
+    make_record,
+    record_path,
+    resolve_dataset_spec,
+    stamp_record,
+    validate_beton,
+    write_record,
+)
 from utils.data.sources import ArraySource, DataError, ImageSource, ReadOptions
 from utils.data.specs import DatasetSpec, dataset_names, get_dataset_spec, get_storage, storage_for
 
@@ -78,6 +96,8 @@ class _WorkerFailure:
 
     def report(self, message: str) -> None:
         self.messages.put(" ".join(message.split()))
+        self.messages.close()
+        self.messages.join_thread()     # the line is in the pipe before the parent is told
         self.event.set()
 
     def message(self) -> str:
@@ -103,6 +123,10 @@ class _ReportingSource(ImageSource):
             if not self.failure.event.is_set():
                 self.failure.report(str(error) if isinstance(error, DataError)
                                     else f"sample {index}: {type(error).__name__}: {error}")
+            if multiprocessing.parent_process() is not None:
+                # one of ffcv's writer processes: the parent reports the line and stops the others;
+                # leaving here keeps the worker's traceback off the user's terminal
+                os._exit(1)
             raise
 
 
@@ -141,7 +165,8 @@ def _check_source(source: ImageSource, spec: DatasetSpec, what: str) -> None:
 
 
 def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, split: str, num_workers: int,
-               page_size: Optional[int], field_options: dict, files_name: str, classes) -> Path:
+               page_size: Optional[int], field_options: dict, files_name: str, classes,
+               written_from: Optional[dict] = None) -> Path:
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
     temporary = temporary_beside(path)
@@ -187,14 +212,14 @@ def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, split: str
                 shared.unlink()
             raise DataError(f"{path.name}: {failure.message()}")
         validate_beton(temporary, spec)
-        record = make_record(temporary, spec, split, name=files_name, classes=classes)
+        record = make_record(temporary, spec, split, name=files_name, classes=classes, written_from=written_from)
         # Old record out first: a crash in between leaves a .beton without a record (a note
         # at validation), never a record describing another file.
         stale = Path(record_path(path))
         if stale.exists():
             stale.unlink()
         commit(temporary, path)
-        write_record(path, record)
+        write_record(path, stamp_record(path, record))   # the file's final time: the record vouches for it
         return path
     finally:
         stop.set()
@@ -202,14 +227,6 @@ def _write_one(source: ImageSource, path: Path, spec: DatasetSpec, *, split: str
             signal.signal(signal.SIGINT, previous_handler)
         if temporary.exists():
             temporary.unlink()
-
-
-def write_record(path: Path, record: dict) -> Path:
-    """``PATH.json`` written atomically (temporary file, fsync, rename)."""
-    import json
-    target = Path(record_path(path))
-    atomic_write_text(target, json.dumps(record, indent=1, sort_keys=True) + "\n")
-    return target
 
 
 FILES_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -282,7 +299,9 @@ def write_dataset(name: str, root, out_dir, *, download: bool = False, max_resol
                   jpeg_quality: Optional[int] = None, compress_probability: Optional[float] = None,
                   num_workers: Optional[int] = None, page_size: Optional[int] = None,
                   skip_existing: bool = False, files_name: Optional[str] = None,
-                  splits: Optional[Dict[str, str]] = None, storage: Optional[str] = None) -> Tuple[Path, Path]:
+                  splits: Optional[Dict[str, str]] = None, storage: Optional[str] = None,
+                  overwrite: bool = False, channels: Optional[int] = None,
+                  say: Callable[[str], None] = lambda line: None) -> Tuple[Path, Path]:
     """Write ``out_dir/{files_name}_train.beton`` and ``out_dir/{files_name}_test.beton`` (and their
     records); returns their paths.
 
@@ -290,8 +309,12 @@ def write_dataset(name: str, root, out_dir, *, download: bool = False, max_resol
     dataset's name (``folder`` needs one).  ``splits``: the split folders of an image-folder
     dataset.  ``storage``: ``raw`` (default) or ``jpg`` for ``folder``.  ``max_resolution`` /
     ``compress_probability`` apply to imagenet, ``jpeg_quality`` to JPEG storage;
-    ``num_workers`` defaults to the number of CPUs.  ``skip_existing``: when both files exist
-    already, write nothing (they are not checked).
+    ``num_workers`` defaults to the number of CPUs.  ``channels``: ``folder`` only, convert every
+    image to 1 (grey) or 3 (RGB) channels (a mix of grey and colour images needs it).
+
+    An output file that exists is refused (DataError) unless ``overwrite``.  ``skip_existing``:
+    when both files exist and their records match this request (``request_mismatch``), write
+    nothing and ``say`` so; when they do not match, refuse (or, with ``overwrite`` too, rewrite).
     """
     spec = get_dataset_spec(name)
     source_format = spec.source
@@ -304,12 +327,18 @@ def write_dataset(name: str, root, out_dir, *, download: bool = False, max_resol
     if not FILES_NAME.match(files_name):
         raise DataError(f"--name {files_name!r}: use letters, digits, '.', '_' and '-' (it names the files)")
     outputs = tuple(Path(out_dir) / f"{files_name}_{split}.beton" for split in ("train", "test"))
-    if skip_existing and all(path.is_file() for path in outputs):
-        return outputs
     if splits is not None and not source_format.takes_splits:
         raise DataError(f"--splits: only for image-folder datasets (folder, imagenet); {name} has fixed files")
+    if channels is not None and (not spec.from_record or int(channels) not in (1, 3)):
+        raise DataError(f"--channels {channels}: 1 or 3, and only for datasets that take their channels from the "
+                        f"images (folder); {name} stores {spec.channels or 'its own'} channel(s)")
     field_options, jpg = _field_options(spec, storage=storage, max_resolution=max_resolution,
                                         jpeg_quality=jpeg_quality, compress_probability=compress_probability)
+    written_from = {"root": None if root is None or not source_format.needs_root else os.path.abspath(root),
+                    "splits": dict(splits) if splits else None, "channels": channels, "jpg": jpg, **field_options}
+    if keep_existing(outputs, spec.name, files_name, written_from, skip_existing=skip_existing,
+                     overwrite=overwrite, say=say):
+        return outputs
     workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
     if workers < 1:
         raise DataError(f"num_workers={num_workers} must be >= 1")
@@ -321,7 +350,8 @@ def write_dataset(name: str, root, out_dir, *, download: bool = False, max_resol
         Path(root).mkdir(parents=True, exist_ok=True)
         source_format.download(Path(root))
     root = None if root is None else Path(root)
-    train, test = source_format.read(root, ReadOptions(max_resolution=field_options["max_resolution"], splits=splits))
+    train, test = source_format.read(root, ReadOptions(max_resolution=field_options["max_resolution"], splits=splits,
+                                                       channels=channels))
     if spec.from_record:
         spec = _spec_of_sources(spec, train, jpg)
     _check_source(train, spec, f"{name} train")
@@ -329,23 +359,24 @@ def write_dataset(name: str, root, out_dir, *, download: bool = False, max_resol
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for split, source, path in zip(("train", "test"), (train, test), outputs):
         _write_one(source, path, spec, split=split, num_workers=workers, page_size=page_size,
-                   field_options=field_options, files_name=files_name, classes=train.classes)
+                   field_options=field_options, files_name=files_name, classes=train.classes,
+                   written_from=written_from)
     return outputs
 
 
 def ensure_digits(out_dir, *, num_workers: int = 1) -> Tuple[Path, Path]:
-    """The digits .beton files in ``out_dir``, written only when one is missing."""
-    return write_dataset("digits", None, out_dir, num_workers=num_workers, skip_existing=True)
+    """The digits .beton files in ``out_dir``, written only when one is missing (or was written otherwise)."""
+    return write_dataset("digits", None, out_dir, num_workers=num_workers, skip_existing=True, overwrite=True)
 
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.write_beton", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True,
+    parser.add_argument("--dataset", default=None,
                         help=f"one of: {', '.join(dataset_names())}; or package.module:NAME (an outside DatasetSpec)")
     parser.add_argument("--root", default=None, help="folder holding the dataset's files (not needed for digits)")
-    parser.add_argument("--out", required=True, help="output folder for NAME_train.beton and NAME_test.beton")
+    parser.add_argument("--out", default=None, help="output folder for NAME_train.beton and NAME_test.beton")
     parser.add_argument("--name", default=None, help="NAME of the files (default: the dataset's; folder: required)")
     parser.add_argument("--splits", default=None,
                         help="image folders: the split folders under --root, train=DIR,test=DIR "
@@ -360,15 +391,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--compress-probability", type=float, default=None,
                         help=f"imagenet: fraction stored as JPEG, the rest raw (default {DEFAULT_COMPRESS_PROBABILITY})")
     parser.add_argument("--num-workers", type=int, default=None, help="writer processes (default: number of CPUs)")
+    parser.add_argument("--channels", type=int, default=None, choices=(1, 3),
+                        help="folder: convert every image to 1 (grey) or 3 (RGB) channels (needed for a mix)")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     parser.add_argument("--skip-existing", action="store_true",
-                        help="write nothing when both output files exist already")
+                        help="keep both output files when they exist and their records match this request")
+    parser.add_argument("--verify", nargs="+", default=None, metavar="FILE",
+                        help="instead of writing: re-hash these .beton files and compare them with their records")
     args = parser.parse_args(argv)
+    if args.verify is not None:
+        return verify_files(args.verify)
+    if args.dataset is None or args.out is None:
+        parser.error("--dataset and --out are required (or --verify FILE ...)")
     try:
         train, test = write_dataset(args.dataset, args.root, args.out, download=args.download,
                                     max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
                                     compress_probability=args.compress_probability, num_workers=args.num_workers,
                                     skip_existing=args.skip_existing, files_name=args.name,
-                                    splits=parse_splits(args.splits), storage=args.storage)
+                                    splits=parse_splits(args.splits), storage=args.storage,
+                                    overwrite=args.overwrite, channels=args.channels, say=print)
         spec = resolve_dataset_spec(args.dataset, train_path=train)
         for path in (train, test):
             summary = validate_beton(path, spec)
@@ -389,6 +430,11 @@ def describe_record(summary: dict) -> str:
         std = ", ".join(f"{v:.4f}" for v in record["std"])
         line += (f", {record['num_classes']} classes, {size}, {record['channels']} channel(s), "
                  f"mean ({mean}), std ({std}), stored {record['storage']}")
+    if record and record.get("class_counts"):
+        counts = record["class_counts"]
+        line += f", {min(counts)}..{max(counts)} samples per class"
+    if record:
+        line += f", SHA-256 {record['sha256'][:12]}"
     return line
 
 

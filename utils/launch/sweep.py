@@ -36,7 +36,10 @@ come from another seed (0 is refused).  ``overrides`` in a control's entry apply
 runs only.  Written ``controls: [reinit, shuffle]`` for the defaults.  Every expanded run is checked by the harness's own config
 validation before anything runs; a bad sweep file is refused in one line, exit status 2.
 Finished runs are skipped; a run with a directory but not finished is launched again and the
-harness resumes it; a re-run of the sweep only does what is missing.  At the end the report of
+harness resumes it; a re-run of the sweep only does what is missing.  When a run already there
+(finished or not) was trained on other data than its files hold now (its ``data.json``:
+utils/runs/data_identity.py), the sweep is refused in one line naming the file: its new runs
+would be compared with results of other data.  At the end the report of
 the whole sweep goes to ``<sweep dir>/report`` (``python -m utils.report``).  Each run's output
 goes to ``<sweep dir>/logs/<run name>.log`` (local) or ``<sweep dir>/slurm/`` (Slurm).
 
@@ -62,7 +65,9 @@ from utils.launch.sweep_spec import (
     run_status,
     validate_runs,
 )
-from utils.runs import rundir
+from utils.runs import data_identity, rundir
+
+SWEEP_ON_NEW_DATA = "restore that data, or run the sweep on the new data under another name"
 
 
 def launch_slurm(sweep: Sweep, runs: Sequence[Run], *, cluster: str = "slurm", wait: bool = False) -> int:
@@ -149,6 +154,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"sweep error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     states = {run.name: run_status(run) for run in sweep.runs}
+    try:
+        for run in sweep.runs:
+            if states[run.name] in ("partial", "finished"):
+                files = data_identity.data_paths(run.config["dataset.train_path"], run.config["dataset.test_path"])
+                data_identity.check_run_data(run.directory, files, doing="add runs to this sweep",
+                                             instead=SWEEP_ON_NEW_DATA)
+    except data_identity.DataChanged as error:
+        print(f"sweep error: run {run.name}: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     todo = [run for run in sweep.runs if states[run.name] != "finished"]
     print(f"sweep {sweep.name}: {len(sweep.runs)} run(s) under {sweep.directory}; "
           f"{len(sweep.runs) - len(todo)} finished, {len(todo)} to run ({sweep.launcher} launcher)")

@@ -33,7 +33,9 @@ always trained (it holds no CSV rows to take).  Every check below applies to it 
 
 Refused with a one-line ControlError (``read_source``): a source directory that does not
 exist, is the control's own, has no readable ``config.yaml``, is itself a control, was
-made with another ``model.name``, ``dataset.name`` or ``prune.exclude``, has no readable
+made with another ``model.name``, ``dataset.name`` or ``prune.exclude``, was trained on other
+data than the control's files hold now (its ``data.json``: utils/runs/data_identity.py; a
+source made before runs recorded their data is not checked), has no readable
 ``checkpoints/init.pt`` (key ``model``) fitting this model, or whose finished levels' mask
 files are missing, unreadable or do not fit this model's prunable layers (names, shapes).
 
@@ -57,6 +59,8 @@ level 0 and says why in one line:
   columns of its own (channel, N:M: they write files of their own at level 0);
 * the source's level 0 is finished and dense (its mask keeps every weight), with every
   epoch's row and every layer's row there, in CSV files with the control's columns;
+* the source records its data (``data.json``) and the control's files are that data still
+  (checked again here: the source may have been waited for);
 * it ran on the same device type as the control, with the same number of processes
   whenever that changes the model (BatchNorm with per-rank statistics:
   ``run_facts.batchnorm_processes``), as its last checkpoint records.
@@ -82,6 +86,7 @@ from utils.models.mask_layers import Masks, mask_buffer_names
 from utils.models.mask_layers import layer_shapes as mask_layer_shapes
 from utils.pruning.structures.base import Structure
 from utils.training.level_plan import LevelPlan, PlanError, parts_of, plan_levels
+from utils.runs import data_identity
 from utils.runs.rundir import RunDirError, RunFiles, read_config
 
 CONTROLS = ("none", "reinit", "shuffle")
@@ -109,6 +114,7 @@ class ControlRequest:
     early_bird: bool = False                    # prune.early_bird
     sync_bn: Any = "auto"                       # distributed.sync_bn
     epochs: int = 0                             # training.epochs
+    data: Optional[Dict[str, str]] = None       # role -> the control's data file (None: not checked)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], structure: Optional[Structure] = None) -> "ControlRequest":
@@ -119,7 +125,9 @@ class ControlRequest:
                    training_type=str(config.get("prune.training_type", "imp")), structure=structure,
                    stability=bool(config.get("analysis.stability", False)),
                    early_bird=bool(config.get("prune.early_bird", False)),
-                   sync_bn=config.get("distributed.sync_bn", "auto"), epochs=int(config.get("training.epochs", 0)))
+                   sync_bn=config.get("distributed.sync_bn", "auto"), epochs=int(config.get("training.epochs", 0)),
+                   data=data_identity.data_paths(config.get("dataset.train_path"),
+                                                 config.get("dataset.test_path")) or None)
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,12 @@ def read_source(path, request: ControlRequest, model: nn.Module,
             mine, theirs = list(mine or []), list(theirs or [])
         if mine != theirs:
             raise ControlError(f"prune.masks_from={path} was made with {key}={theirs!r}, this run has {key}={mine!r}")
+    if request.data is not None:
+        try:
+            data_identity.check_run_data(root, request.data, doing="train a control of it on this data",
+                                         instead="restore that data, or run the source again on the new data")
+        except data_identity.DataChanged as error:
+            raise ControlError(f"prune.masks_from={error}") from None
     layer_shapes = mask_layer_shapes(model)
     plan, structure = _source_plan(source_config, defaults, layer_shapes, path)
     if ticket is not None:
@@ -419,6 +433,16 @@ def level_zero_difference(source: Source, request: ControlRequest, model: nn.Mod
     differing = [k for k in differing if k not in LEVEL_ZERO_FREE_KEYS]
     if differing:
         return "its config differs from the source's in " + ", ".join(differing[:4]) + (" ..." if len(differing) > 4 else "")
+    if request.data is not None:
+        try:
+            recorded = data_identity.read_run_data(source.root)
+        except data_identity.DataChanged as error:
+            return str(error)
+        if recorded is None:
+            return "the source does not record which data it trained on (made before runs recorded it)"
+        changed = data_identity.data_change(recorded, request.data)
+        if changed:
+            return f"the source was trained on other data: {changed}"
     if finished_levels(source) < 1:
         return "the source's level 0 is not finished"
     masks = load_level_masks(source, 0)

@@ -25,6 +25,10 @@ What the numbers count, so that they cannot mislead:
   train another model than 1, so the number of processes becomes the grouping key
   ``bn_processes`` (1 for one process, no BatchNorm, or SyncBatchNorm).  Such runs form
   separate groups, labelled by it -- never refused, never averaged together.
+* Runs of different data are never pooled: the identity of the data a run trained and tested
+  on (its ``data.json``, utils/runs/data_identity.py: the files' fingerprints) is the grouping
+  key ``data``; runs made before runs recorded their data share the value ``not recorded``.
+  report.md names the data in "Common to all" (or in the groups' table when it differs).
 * A run at chance level is flagged: a finished level whose every epoch's test accuracy stays
   at or below ``100 / classes`` plus a margin (``chance_margin``: 2 points or a fifth of the
   chance level, the larger) is named in report.md's warnings and in the run's status.  The
@@ -52,6 +56,7 @@ IGNORED_FOR_GROUPING = _WHERE + tuple(sorted(rundir.NON_SEMANTIC_KEYS - set(_WHE
 CONTROL_KEYS = ("prune.masks_from", "prune.control")
 # The grouping key read from the run's checkpoints, not its config (see the module docstring).
 BN_PROCESSES_KEY = "bn_processes"
+DATA_KEY = "data"           # the grouping key of the runs' data (utils/runs/data_identity.py)
 
 
 class ReportError(ValueError):
@@ -75,6 +80,8 @@ class Experiment:
     duplicate_of: Optional["Experiment"] = None        # set when another run of its seed is counted instead
     plan_problem: Optional[str] = None      # why its level plan cannot be built here (its levels not counted)
     iterations_per_epoch: Optional[int] = None  # optimizer steps per epoch, read only when its cost needs them (cost.py)
+    data: Optional[str] = None              # data_identity.data_signature (None: not recorded)
+    data_words: str = "not recorded"        # the same in words (file names, fingerprints, samples)
 
     @property
     def seed(self) -> Any:
@@ -241,10 +248,12 @@ def load_experiment(experiment_dir) -> Experiment:
     written = max((p.stat().st_mtime for p in (root / "levels.csv", root / "epochs.csv") if p.exists()), default=0.0)
     count, plan_problem = level_count(config)
     from utils.report.cost import iterations_per_epoch_of
+    from utils.runs import data_identity
     return Experiment(root, config, levels, epochs, layers, count, in_progress,
                       bn_processes=bn_processes_of(root, config), written_at=written,
                       num_classes=number_of_classes(config), reused=reused_levels(root), plan_problem=plan_problem,
-                      iterations_per_epoch=iterations_per_epoch_of(root, config))
+                      iterations_per_epoch=iterations_per_epoch_of(root, config),
+                      data=data_identity.data_signature(root), data_words=data_identity.data_words(root) or "not recorded")
 
 
 def bn_processes_of(root: Path, config: Dict[str, Any]) -> int:
@@ -315,13 +324,17 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def grouping_config(config: Dict[str, Any], depth: int = 0, bn_processes: Optional[int] = None) -> Dict[str, str]:
-    """The config keys that define a group, as canonical strings, and ``bn_processes`` when
-    given (read from the run's checkpoints).  ``prune.masks_from`` is replaced by the grouping
-    key of the experiment it names (when that can be read)."""
+def grouping_config(config: Dict[str, Any], depth: int = 0, bn_processes: Optional[int] = None,
+                    data: Any = None) -> Dict[str, str]:
+    """The config keys that define a group, as canonical strings, ``bn_processes`` when given
+    (read from the run's checkpoints) and ``data`` when given (the run's data signature, or ""
+    for one that records none).  ``prune.masks_from`` is replaced by the grouping key of the
+    experiment it names (when that can be read)."""
     key = {k: _canonical(v) for k, v in {**config_defaults(), **config}.items() if k not in IGNORED_FOR_GROUPING}
     if bn_processes is not None:
         key[BN_PROCESSES_KEY] = _canonical(bn_processes)
+    if data is not None:
+        key[DATA_KEY] = _canonical(data)
     source = config.get("prune.masks_from")
     if source and depth < 4:
         source_dir = Path(str(source))
@@ -356,7 +369,7 @@ def make_groups(experiments: Sequence[Experiment]) -> List[Group]:
     groups: List[Group] = []
     index: Dict[str, Group] = {}
     for experiment in experiments:
-        key = grouping_config(experiment.config, bn_processes=experiment.bn_processes)
+        key = grouping_config(experiment.config, bn_processes=experiment.bn_processes, data=experiment.data or "")
         signature = _canonical(key)
         if signature not in index:
             index[signature] = Group(f"g{len(groups) + 1}", key)
@@ -432,7 +445,10 @@ def value_in_table(group: Group, key: str, groups: Sequence[Group]) -> str:
 
 
 def group_value(group: Group, key: str) -> Any:
-    """A grouping key's value: from the config, or ``bn_processes`` from the runs' checkpoints."""
+    """A grouping key's value: from the config, ``bn_processes`` from the runs' checkpoints, or
+    ``data`` (in words) from their data.json."""
+    if key == DATA_KEY:
+        return group.members[0].data_words
     return group.members[0].bn_processes if key == BN_PROCESSES_KEY else group.config.get(key)
 
 

@@ -29,6 +29,7 @@ from utils.report.experiments import (
     config_defaults,
     structure_keys,
     BN_PROCESSES_KEY,
+    DATA_KEY,
     IGNORED_FOR_GROUPING,
     Group,
     _level_list,
@@ -305,8 +306,10 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
     shown = ("model.name", "dataset.name", "prune.structure", *structure_keys(groups[0].config), "prune.criterion",
              "prune.allocation", "prune.training_type", "prune.rate", "training.epochs", "optimizer.lr")
     common = [k for k in shown if k not in keys and k in groups[0].config]
-    if common:
-        lines += ["", "Common to all: " + ", ".join(f"`{k}={_show(groups[0].config[k])}`" for k in common) + "."]
+    data = [] if DATA_KEY in keys else [f"data: {groups[0].members[0].data_words}"]  # one data set: name it
+    if common or data:
+        lines += ["", "Common to all: " + ", ".join([*(f"`{k}={_show(groups[0].config[k])}`" for k in common),
+                                                     *data]) + "."]
     lines.append("")
     if "summary" in figures:
         lines += [f"![accuracy against density]({figures['summary'][0]})", ""]

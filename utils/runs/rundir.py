@@ -7,6 +7,7 @@ builds a path inside a run directory or reads its ``config.yaml``.
 
     {base_dir}/{name}/
       config.yaml              the resolved config (every key, nested by section)
+      data.json                the identity of the data it trains and tests on (utils/runs/data_identity.py)
       epochs.csv levels.csv layers.csv [stability.csv] [early_bird.csv] [mask_updates.csv]
       masks/level_L.pt         the masks level L trained with
       checkpoints/             init.pt, rewind.pt, last.pt (+ previous.pt), level_start.pt,
@@ -151,6 +152,11 @@ class RunFiles:
     @property
     def config(self) -> Path:
         return self.root / CONFIG_NAME
+
+    @property
+    def data(self) -> Path:
+        """The identity of the run's data files (utils/runs/data_identity.py writes and checks it)."""
+        return self.root / "data.json"
 
     @property
     def checkpoints(self) -> Path:
