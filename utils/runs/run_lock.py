@@ -6,8 +6,12 @@ refused in one line naming the holder (host, pid, since when), before it writes 
 The lock goes with the process: a holder killed by SIGKILL, or a lost node, releases it, so
 a restart (by hand, by torchrun, by Slurm) takes it over and resumes as usual.
 
-The lock is taken after everything that can refuse a run has been checked (the checkpoints
-read, nothing written yet), so a refused launch leaves the directory as it was.  ``flock``
+When to take it (the harness, ``harness_setup.decide_directory`` / ``start_fresh``): a launch that
+finds a run to resume takes the lock first and then looks at the directory again and reads its
+checkpoints, so what it decides (resume, or finished: nothing to do) is the state under the lock,
+not one that another launch changed in between; a launch that starts a run takes it just before
+writing anything and refuses when another launch started the run meanwhile.  Taking the lock
+writes only the lock file (its holder), so a refused launch leaves the run as it was.  ``flock``
 works on local file systems and on NFSv4 / Lustre (mounted with ``-o flock``); on a file
 system without it the lock cannot be taken and the run is refused, saying so.
 """
