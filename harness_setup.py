@@ -308,9 +308,10 @@ class ExperimentBase:
                  f"batch {state.batches_done}: checkpoint written")
 
     def hold_run_lock(self, root=None) -> None:
-        """Rank 0 (inside du.decided_by_primary): take the directory's lock, or refuse the launch."""
+        """Rank 0 (inside du.decided_by_primary): take the directory's lock, or refuse the launch.
+        The lock file names this process once nothing can refuse it any more (``announce``)."""
         if self.lock is None:
-            self.lock = run_lock.acquire(self.files.root if root is None else root)
+            self.lock = run_lock.acquire(self.files.root if root is None else root, announce=False)
 
     def release_run_lock(self) -> None:
         if self.lock is not None:
@@ -322,12 +323,14 @@ class ExperimentBase:
         resumed directory had no checkpoint yet); refuse when another launch started a run there
         meanwhile (its config.yaml is there now)."""
         if self.lock is not None:
+            self.lock.announce()
             return
         self.hold_run_lock()
         if self.files.config.exists():
             self.release_run_lock()
             raise hu.UserError(f"{self.files.root} was started by another launch while this one was setting up; "
                                f"run the same command again (it resumes that run or says it is finished)")
+        self.lock.announce()
 
     def start_fresh(self) -> int:
         """-> the first level to train: 0, or 1 when a control takes its source's identical level 0."""
@@ -358,6 +361,7 @@ class ExperimentBase:
         def read_under_lock():  # decide_directory took the lock: nobody else writes the checkpoints now
             checkpoints = hu.read_run_checkpoints(self.files, self.c, self.rewind_at, self.planned_levels)
             if checkpoints is not None:
+                self.lock.announce()
                 self.record_deeper_config()
             return checkpoints
 

@@ -166,3 +166,20 @@ def test_a_sweep_that_raises_levels_finds_its_finished_runs_partial(tmp_path, di
     assert sweep_spec.run_status(Run(**{"prune.levels": 3})) == "partial"
     assert sweep_spec.run_status(Run(**{"prune.levels": 3, "prune.rate": 0.5})) == "conflict"
     assert sweep_spec.run_status(Run(**{"prune.levels": 1})) == "conflict"
+
+
+def test_two_processes_go_deeper_and_agree_on_what_to_do(tmp_path, digits):
+    """Under torchrun rank 0 decides (under the lock) and every rank follows its decision."""
+    from tests.helpers import run_harness
+    config = config_file(tmp_path, digits, "ddp", **{"prune.levels": 1})
+    root = tmp_path / "runs" / "ddp"
+    result = run_harness(config, nproc=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    level_0 = (root / "levels.csv").read_bytes()
+    result = run_harness(config, "--prune.levels=2", nproc=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "going deeper" in result.stdout and "resuming" in result.stdout
+    assert list(pd.read_csv(root / "levels.csv").level) == [0, 1]
+    assert (root / "levels.csv").read_bytes().startswith(level_0)
+    result = run_harness(config, "--prune.levels=2", nproc=2, timeout=300)
+    assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr[-2000:]

@@ -56,9 +56,9 @@ def in_window(monkeypatch, window: str, action) -> None:
     if window == "lock":
         acquire = run_lock.acquire
 
-        def late_acquire(directory):
+        def late_acquire(directory, **options):
             once()
-            return acquire(directory)
+            return acquire(directory, **options)
 
         monkeypatch.setattr(run_lock, "acquire", late_acquire)
     else:
@@ -70,6 +70,28 @@ def in_window(monkeypatch, window: str, action) -> None:
             return decision
 
         monkeypatch.setattr(hu, "decide_experiment_dir", look)
+
+
+def test_a_lock_taken_before_the_checks_writes_nothing_until_announced(tmp_path):
+    """The lock file keeps an earlier holder's record until the new holder announces itself; a
+    launch refused meanwhile hears "holder unknown", never the earlier (dead) holder's pid."""
+    import json
+    import socket
+
+    from utils.core.errors import UserError
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "since": "earlier"}).encode()
+    (tmp_path / run_lock.LOCK_NAME).write_bytes(record)
+    lock = run_lock.acquire(tmp_path, announce=False)
+    try:
+        assert (tmp_path / run_lock.LOCK_NAME).read_bytes() == record
+        with pytest.raises(UserError, match="holder unknown"):
+            run_lock.acquire(tmp_path)
+        lock.announce()
+        with pytest.raises(UserError, match=f"pid {os.getpid()}, since "):
+            run_lock.acquire(tmp_path)
+    finally:
+        lock.release()
 
 
 @pytest.mark.parametrize("window", ["look", "lock"])
