@@ -183,3 +183,33 @@ def test_two_processes_go_deeper_and_agree_on_what_to_do(tmp_path, digits):
     assert (root / "levels.csv").read_bytes().startswith(level_0)
     result = run_harness(config, "--prune.levels=2", nproc=2, timeout=300)
     assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_sweep_whose_file_raises_levels_continues_its_runs_and_their_controls(tmp_path, digits, monkeypatch, capsys):
+    """One source and its shuffle control, 1 level each; the same sweep with prune.levels=2
+    relaunches both and each goes on to level 1, level 0 unchanged (one run at a time: the
+    source first, as listed)."""
+    import yaml
+
+    from utils import sweep as sweep_command
+    base = config_file(tmp_path, digits, "base", **{"prune.levels": 1})
+    spec = {"base": str(base), "name": "deeper", "grid": {"experiment.seed": [0]}, "controls": ["shuffle"],
+            "overrides": {"prune.levels": 1}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep_command.main([str(path), "--no-report"]) == 0
+    root = tmp_path / "runs" / "deeper"
+    names = sorted(p.name for p in root.iterdir() if (p / "levels.csv").exists())
+    assert len(names) == 2
+    first = {name: (root / name / "levels.csv").read_bytes() for name in names}
+    capsys.readouterr()
+    path.write_text(yaml.safe_dump({**spec, "overrides": {"prune.levels": 2}}))
+    assert sweep_command.main([str(path), "--no-report"]) == 0
+    assert "0 finished, 2 to run" in capsys.readouterr().out
+    for name in names:
+        levels = root / name / "levels.csv"
+        assert list(pd.read_csv(levels).level) == [0, 1], name
+        assert levels.read_bytes().startswith(first[name]), name
+    assert sweep_command.main([str(path), "--no-report"]) == 0
+    assert "2 finished, 0 to run" in capsys.readouterr().out
