@@ -101,6 +101,21 @@ def test_a_stopped_run_raised_to_more_levels_equals_the_deeper_run(tmp_path, dig
     assert_same_results(deep_reference, root)
 
 
+@pytest.mark.parametrize("training_type", ["wr", "lrr"])
+def test_other_training_types_go_deeper_exactly(tmp_path, digits, training_type):
+    """WR rewinds later levels to level 0's epoch-1 state (rewind.pt), LRR retrains from the last
+    level's weights: both carry over into the new levels as in an uninterrupted run."""
+    overrides = {"prune.training_type": training_type, "training.epochs": 2,
+                 **({"prune.rewind_epoch": 1} if training_type == "wr" else {})}
+    reference = config_file(tmp_path, digits, "ref", **overrides, **{"prune.levels": 3})
+    assert run_in_process(reference)[0] == 0
+    config = config_file(tmp_path, digits, "deep", **overrides, **{"prune.levels": 2})
+    assert run_in_process(config)[0] == 0
+    code, out, err = run_in_process(config, "--prune.levels=3")
+    assert code == 0 and "going deeper" in out, err
+    assert_same_results(tmp_path / "runs" / "ref", tmp_path / "runs" / "deep")
+
+
 def test_a_lower_final_density_goes_deeper(tmp_path, digits, deep_reference):
     """0.8 ** 6 = 0.262: target 0.27 stops at level 6 (7 levels); 0.8 ** 9 = 0.134: 0.14 at level 9 (10 levels)."""
     config = config_file(tmp_path, digits, "density", **{"prune.levels": None, "prune.target_density": 0.27})
