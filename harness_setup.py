@@ -170,7 +170,7 @@ class ExperimentBase:
         before = len(self.plan_of(stored))
         hu.atomic_write_bytes(self.files.config, hu.config_yaml({**stored, **{k: self.c[k] for k in differing}}))
         self.say(f"going deeper: {self.files.root} now has {len(self.plan)} levels (it had {before}); "
-                 f"levels 0-{before - 1} stay as they are")
+                 f"the levels done stay as they are")
 
     def build_loaders(self) -> None:
         c = self.c
