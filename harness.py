@@ -177,8 +177,9 @@ class Experiment(ExperimentBase):
             else:
                 self.say(f"writing results to {decision.root}")
                 start_level, start_epoch = self.start_fresh(), None
-            self.callbacks.fire("on_run_start", self.level_info(start_level))
-            self.run_levels(start_level, start_epoch)
+            if start_level < len(self.plan):  # else a control took its only level from its source: done
+                self.callbacks.fire("on_run_start", self.level_info(start_level))
+                self.run_levels(start_level, start_epoch)
         except Preempted:
             self.say("stopped on request (SIGTERM/SIGINT); the checkpoint is intact: run the same command to resume")
             return EXIT_PREEMPTED

@@ -32,7 +32,7 @@ from utils.runs.fault_injection import FaultInjection
 from utils.runs.run_control import ProgressBar, StopOnRequest, StopRequests
 from utils.training import progressive, rewind, slimming, sparse_training
 from utils.training import step as training
-from utils.training.level_plan import LevelPlan
+from utils.training.level_plan import LevelPlan, deepening, plan_of_config
 from utils.training.training_types import get_training_type
 
 STABILITY_EPOCH_OFFSET = 2_000_000  # data order of the stability analysis' second copy: epochs of their own
@@ -149,8 +149,52 @@ class ExperimentBase:
         return self.mask_updates
 
     def decide_directory(self) -> hu.DirDecision:
-        return du.decided_by_primary(lambda: hu.decide_experiment_dir(
-            self.c, restarted=du.restart_count() > 0, launch_id=du.launch_id()), self.ctx.is_primary)
+        """Rank 0 decides where the run goes; every rank gets its decision.  A run to resume is
+        decided again once its lock is held: one that finished in between is finished (nothing to
+        do), one that stopped in between resumes from where it stopped (its checkpoints are read
+        under the lock: ``resume``)."""
+        def look() -> hu.DirDecision:
+            return hu.decide_experiment_dir(self.c, restarted=du.restart_count() > 0, launch_id=du.launch_id(),
+                                            planned_levels=self.planned_levels)
+
+        def decide() -> hu.DirDecision:
+            decision = look()
+            if decision.action != "resume":  # fresh: start_fresh takes the lock; finished: nothing to do
+                return decision
+            self.hold_run_lock(decision.root)
+            again = look()
+            if again.root != decision.root or again.action == "fresh":
+                self.release_run_lock()
+                raise hu.UserError(f"{decision.root} changed while this launch looked at it (another launch?); "
+                                   f"run the same command again")
+            if again.action == "finished":
+                self.release_run_lock()
+            return again
+        return du.decided_by_primary(decide, self.ctx.is_primary)
+
+    # ------------------------------------------------------------ going deeper
+    def plan_of(self, config: Dict[str, Any]) -> LevelPlan:
+        """The level plan a run of ``config`` has on this model (a control's: this run's source's)."""
+        if self.source is not None:
+            return self.source.plan.for_control(config.get("prune.levels"))
+        return plan_of_config(config, harness_params.defaults(), mask_layers.layer_shapes(self.model))
+
+    def planned_levels(self, stored: Dict[str, Any], resolved: Dict[str, Any], differing) -> Optional[int]:
+        """How many levels this run has when the run of ``stored`` is this one or this one goes
+        deeper (the rule: utils/training/level_plan.deepening), else None (rank 0)."""
+        return deepening(differing, lambda: (self.plan_of(stored), self.plan))
+
+    def record_deeper_config(self) -> None:
+        """Rank 0, resuming a run that this config makes deeper: its ``config.yaml`` takes the keys
+        that changed, so its controls, the sweep and the report see its new levels."""
+        stored = hu.read_config_yaml(self.files.root)
+        differing = hu.semantic_difference(stored, self.c)
+        if not differing:
+            return
+        before = len(self.plan_of(stored))
+        hu.atomic_write_bytes(self.files.config, hu.config_yaml({**stored, **{k: self.c[k] for k in differing}}))
+        self.say(f"going deeper: {self.files.root} now has {len(self.plan)} levels (it had {before}); "
+                 f"the levels done stay as they are")
 
     def build_loaders(self) -> None:
         c = self.c
@@ -297,14 +341,34 @@ class ExperimentBase:
         self.say(f"stopping on request at level {state.level}, epoch {state.epoch}, "
                  f"batch {state.batches_done}: checkpoint written")
 
-    def hold_run_lock(self) -> None:
-        """Rank 0 (inside du.decided_by_primary): take the directory's lock, or refuse the launch."""
+    def hold_run_lock(self, root=None) -> None:
+        """Rank 0 (inside du.decided_by_primary): take the directory's lock, or refuse the launch.
+        The lock file names this process once nothing can refuse it any more (``announce``)."""
         if self.lock is None:
-            self.lock = run_lock.acquire(self.files.root)
+            self.lock = run_lock.acquire(self.files.root if root is None else root, announce=False)
+
+    def release_run_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def hold_new_run_lock(self) -> None:
+        """Rank 0, starting a run: take the lock of the directory decided on (held already when a
+        resumed directory had no checkpoint yet); refuse when another launch started a run there
+        meanwhile (its config.yaml is there now)."""
+        if self.lock is not None:
+            self.lock.announce()
+            return
+        self.hold_run_lock()
+        if self.files.config.exists():
+            self.release_run_lock()
+            raise hu.UserError(f"{self.files.root} was started by another launch while this one was setting up; "
+                               f"run the same command again (it resumes that run or says it is finished)")
+        self.lock.announce()
 
     def start_fresh(self) -> int:
         """-> the first level to train: 0, or 1 when a control takes its source's identical level 0."""
-        du.decided_by_primary(self.hold_run_lock, self.ctx.is_primary)
+        du.decided_by_primary(self.hold_new_run_lock, self.ctx.is_primary)
         if self.source is not None:  # a control starts from its source's initial weights (or its own: reinit)
             checkpointing.restore({"model": controls.initial_state(self.source, self.c["prune.control"], self.model)},
                                   model=self.model)
@@ -328,12 +392,14 @@ class ExperimentBase:
 
     def resume(self) -> tuple:
         """Load rank 0's checkpoints on every rank; -> (start_level, start_epoch or None)."""
-        def read_then_lock():  # everything that can refuse the run is read before the lock is taken
-            checkpoints = hu.read_run_checkpoints(self.files, self.c, self.rewind_at)
-            self.hold_run_lock()
+        def read_under_lock():  # decide_directory took the lock: nobody else writes the checkpoints now
+            checkpoints = hu.read_run_checkpoints(self.files, self.c, self.rewind_at, self.planned_levels)
+            if checkpoints is not None:
+                self.lock.announce()
+                self.record_deeper_config()
             return checkpoints
 
-        state = du.decided_by_primary(read_then_lock, self.ctx.is_primary)
+        state = du.decided_by_primary(read_under_lock, self.ctx.is_primary)
         if self.ctx.is_primary:
             if state is not None and state["note"]:
                 self.say(state["note"])

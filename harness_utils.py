@@ -67,11 +67,12 @@ def semantic_difference(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
     return rundir.semantic_difference(a, b, harness_params.defaults())
 
 
-def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool,
-                          launch_id: Optional[str] = None) -> DirDecision:
+def decide_experiment_dir(resolved: Dict[str, Any], *, restarted: bool, launch_id: Optional[str] = None,
+                          planned_levels: Optional[rundir.PlannedLevels] = None) -> DirDecision:
     """utils.runs.rundir.decide with this harness's defaults; a refusal is one UserError line."""
     try:
-        decision = rundir.decide(resolved, harness_params.defaults(), restarted=restarted, launch_id=launch_id)
+        decision = rundir.decide(resolved, harness_params.defaults(), restarted=restarted, launch_id=launch_id,
+                                 planned_levels=planned_levels)
     except rundir.RunDirError as error:
         raise UserError(str(error)) from None
     if decision.action == "resume":  # never continue results on other data (utils/runs/data_identity.py)
@@ -95,40 +96,48 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def load_checkpoint(path: Path, resolved: Optional[Dict[str, Any]] = None,
-                    required: Sequence[str] = ()) -> Dict[str, Any]:
+def load_checkpoint(path: Path, resolved: Optional[Dict[str, Any]] = None, required: Sequence[str] = (),
+                    planned_levels: Optional[rundir.PlannedLevels] = None) -> Dict[str, Any]:
     """utils.runs.checkpointing.load_checkpoint, and refused (one-line UserError) when the
-    checkpoint belongs to another config (the keys that differ are named)."""
+    checkpoint belongs to another config (the keys that differ are named): one that ``resolved``
+    only makes deeper (``planned_levels``: the level plan's word, utils/runs/rundir.run_state) is
+    this run's."""
     state = checkpointing.load_checkpoint(path, required=required)
     if resolved is not None:
-        differing = semantic_difference(state.get("config", {}), resolved)
-        if differing:
+        stored = state.get("config", {})
+        differing = semantic_difference(stored, resolved)
+        if differing and (planned_levels is None or planned_levels(stored, resolved, differing) is None):
             raise UserError(f"checkpoint {path} belongs to another config (differs in {', '.join(differing[:6])}); "
                             f"use the config it was made with, or move it away")
     return state
 
 
-def read_run_checkpoints(files: ExperimentFiles, resolved: Dict[str, Any], rewind_at: Any = None) -> Optional[Dict[str, Any]]:
+def read_run_checkpoints(files: ExperimentFiles, resolved: Dict[str, Any], rewind_at: Any = None,
+                         planned_levels: Optional[rundir.PlannedLevels] = None) -> Optional[Dict[str, Any]]:
     """Rank 0 reads a run's checkpoints -> {'last', 'init'[, 'rewind', 'level_start'], 'note'},
     or None when no epoch finished yet; a damaged or foreign set is refused (UserError).  An
     unreadable last.pt falls back to previous.pt (with a note).  ``rewind_at``: WR's rewind
-    point (epoch, batch), past which rewind.pt must exist."""
+    point (epoch, batch), past which rewind.pt must exist.  ``planned_levels``: checkpoints of a run
+    that ``resolved`` makes deeper are this run's (``load_checkpoint``)."""
+    def load(path: Path, required: Sequence[str]) -> Dict[str, Any]:
+        return load_checkpoint(path, resolved, required, planned_levels)
+
     previous = checkpointing.previous_of(files.last_checkpoint)
     if not files.last_checkpoint.exists() and not previous.exists():
         return None
     note = None
     try:
-        last = load_checkpoint(files.last_checkpoint, resolved, required=LAST_CHECKPOINT_KEYS)
+        last = load(files.last_checkpoint, LAST_CHECKPOINT_KEYS)
     except checkpointing.CorruptCheckpoint as error:  # a missing last.pt is refused the same way
         if not previous.exists():
             raise
-        last = load_checkpoint(previous, resolved, required=LAST_CHECKPOINT_KEYS)
+        last = load(previous, LAST_CHECKPOINT_KEYS)
         note = (f"note: {str(error).split('; ')[0]}: resuming from {previous}, the checkpoint before it "
                 f"(the work since then is done again)")
-    state = {"last": last, "init": load_checkpoint(files.init_checkpoint, resolved, required=("model",)),
+    state = {"last": last, "init": load(files.init_checkpoint, ("model",)),
              "note": note}
     if files.rewind_checkpoint.exists():
-        state["rewind"] = load_checkpoint(files.rewind_checkpoint, resolved, required=("model", "optimizer", "schedule"))
+        state["rewind"] = load(files.rewind_checkpoint, ("model", "optimizer", "schedule"))
     elif rewind_at is not None:
         batches = last["partial_epoch"]["batches_done"] if last["phase"] == "mid_epoch" else 0
         if (last["level"], last["next_epoch"], batches) > (0, rewind_at.epoch, rewind_at.batch):
@@ -136,8 +145,7 @@ def read_run_checkpoints(files: ExperimentFiles, resolved: Dict[str, Any], rewin
                             f"(epoch {rewind_at.epoch}, batch {rewind_at.batch}); the experiment directory is "
                             f"incomplete: move it away to start over")
     if files.level_start_checkpoint.exists():
-        state["level_start"] = load_checkpoint(files.level_start_checkpoint, resolved,
-                                               required=("model", "optimizer", "schedule", "epoch", "batches_done"))
+        state["level_start"] = load(files.level_start_checkpoint, ("model", "optimizer", "schedule", "epoch", "batches_done"))
     return state
 
 

@@ -347,9 +347,22 @@ def _describe(values: Dict[str, Any]) -> str:
 def run_status(run: Run) -> str:
     """'new', 'finished', 'partial' (the harness resumes it) or 'conflict' (another config there:
     the harness will refuse it, naming the keys).  The harness's own rule: utils.runs.rundir.run_state
-    with the harness's defaults for keys an older config.yaml lacks."""
+    with the harness's defaults for keys an older config.yaml lacks, and the level plan's word on a
+    run this sweep makes deeper (utils.training.level_plan.deepening; a control's plan is its source
+    run's as this sweep configures it)."""
     import harness_params
-    state = rundir.run_state(run.directory, run.config, harness_params.defaults())
+    from utils.training.level_plan import deepening, plan_of_config
+    defaults = harness_params.defaults()
+
+    def plan_of(config):
+        if run.source is None:
+            return plan_of_config(config, defaults)
+        return plan_of_config(run.source.config, defaults).for_control(config.get("prune.levels"))
+
+    def planned_levels(stored, new, differing):
+        return deepening(differing, lambda: (plan_of(stored), plan_of(new)))
+
+    state = rundir.run_state(run.directory, run.config, defaults, planned_levels)
     return {"new": "new", "finished": "finished", "resume": "partial", "other": "conflict"}[state]
 
 

@@ -13,6 +13,9 @@ are set (no user sets them), never a branch in production code.
   ``HARNESS_TEST_KILL_MARKER``: only once, as above; ``HARNESS_TEST_KILL_RANK``: only on that
   rank; ``HARNESS_TEST_KILL_SIGNAL``: another signal than SIGKILL (e.g. SIGTERM: a
   preemption at an exact batch).
+* ``HARNESS_TEST_HOLD_AT`` / ``_HOLD_UNTIL``: the process waits at a named point (as
+  ``KILL_AT``'s) until the file ``HOLD_UNTIL`` exists, writing ``HOLD_UNTIL.held`` when it
+  starts waiting (a run held in its last seconds, its lock held, for a second launch to meet).
 * ``HARNESS_TEST_STEP_DELAY_S``: sleep after every step (a slow run to signal).
 * ``HARNESS_TEST_CORRUPT_MASKS_RANK``: that rank flips one mask bit after pruning.
 """
@@ -44,6 +47,8 @@ class FaultInjection(Callback):
     kill_rank: int = -1
     kill_signal: str = "SIGKILL"
     step_delay_s: float = 0.0
+    hold_at: str = ""
+    hold_until: str = ""
     steps_this_process: int = 0
 
     @classmethod
@@ -56,9 +61,11 @@ class FaultInjection(Callback):
         return cls(rank, int(get("CRASH_RANK", -1)), int(get("CRASH_AFTER_STEPS", -1)), get("CRASH_MARKER", ""),
                    int(get("CORRUPT_MASKS_RANK", -1)), int(get("RAISE_RANK", -1)), int(get("RAISE_AFTER_STEPS", -1)),
                    get("KILL_AT", ""), get("KILL_MARKER", ""), int(get("KILL_RANK", -1)),
-                   get("KILL_SIGNAL", "SIGKILL"), float(get("STEP_DELAY_S", 0.0)))
+                   get("KILL_SIGNAL", "SIGKILL"), float(get("STEP_DELAY_S", 0.0)), get("HOLD_AT", ""),
+                   get("HOLD_UNTIL", ""))
 
     def kill_if_at(self, *point: Any) -> None:
+        self.hold_if_at(*point)
         if not self.kill_at or self.kill_at != ":".join(str(p) for p in point):
             return
         if self.kill_rank not in (-1, self.rank):
@@ -69,6 +76,14 @@ class FaultInjection(Callback):
             open(self.kill_marker, "w").close()
         print(f"test hook: {self.kill_signal} at {self.kill_at} (rank {self.rank})", file=sys.stderr, flush=True)
         os.kill(os.getpid(), getattr(signal, self.kill_signal))
+
+    def hold_if_at(self, *point: Any) -> None:
+        if not self.hold_at or self.hold_at != ":".join(str(p) for p in point) or self.rank != 0:
+            return
+        open(self.hold_until + ".held", "w").close()
+        print(f"test hook: held at {self.hold_at} until {self.hold_until} exists", file=sys.stderr, flush=True)
+        while not os.path.exists(self.hold_until):
+            time.sleep(0.02)
 
     # ------------------------------------------------------------------ hooks
     def on_masks_agreed(self, info: LevelInfo) -> None:

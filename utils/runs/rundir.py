@@ -25,7 +25,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 import yaml
 
@@ -294,8 +294,10 @@ def semantic_difference(a: Mapping[str, Any], b: Mapping[str, Any], defaults: Ma
 
 
 # ---------------------------------------------------------------------------- state of a directory
-def is_finished(root) -> bool:
-    """Whether the run in ``root`` has finished its last level (its last.pt says so)."""
+def is_finished(root, levels: Optional[int] = None) -> bool:
+    """Whether the run in ``root`` has finished its last level (its last.pt says so); with
+    ``levels`` (how many the run has now: it may have been made deeper, or its control's source
+    may), only when that last level is level ``levels - 1`` or later."""
     path = RunFiles(Path(root)).last_checkpoint
     if not path.exists():
         return False
@@ -304,13 +306,24 @@ def is_finished(root) -> bool:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return False  # a corrupt checkpoint is refused, with a message, when resume loads it
-    return isinstance(state, dict) and bool(state.get("finished", False))
+    if not isinstance(state, dict) or not state.get("finished", False):
+        return False
+    return levels is None or int(state.get("level", -1)) + 1 >= levels
 
 
-def run_state(root, resolved: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
+# What the level plan says of a directory's run and a new config (the harness and the sweep pass
+# it; the rule is utils/training/level_plan.deepening): (stored config, new config, keys that
+# differ) -> how many levels the new config's run has when it is the stored run or goes deeper,
+# else None (with no key differing: its plan cannot be built here; the run's own flag decides).
+PlannedLevels = Callable[[Mapping[str, Any], Mapping[str, Any], List[str]], Optional[int]]
+
+
+def run_state(root, resolved: Mapping[str, Any], defaults: Mapping[str, Any],
+              planned_levels: Optional[PlannedLevels] = None) -> str:
     """What ``root`` holds for a run of config ``resolved``: 'new' (nothing yet), 'finished',
-    'resume' (the harness goes on from its checkpoint) or 'other' (another config's run, or
-    not a run directory: the harness refuses it, naming the keys)."""
+    'resume' (the harness goes on from its checkpoint; a run made deeper goes on too) or
+    'other' (another config's run, or not a run directory: the harness refuses it, naming the
+    keys)."""
     root = Path(root)
     if not root.exists() or (root.is_dir() and not any(p.name != LOCK_NAME for p in root.iterdir())):
         return "new"
@@ -318,9 +331,11 @@ def run_state(root, resolved: Mapping[str, Any], defaults: Mapping[str, Any]) ->
         existing = read_config(root)
     except RunDirError:
         return "other"
-    if semantic_difference(existing, resolved, defaults):
+    differing = semantic_difference(existing, resolved, defaults)
+    levels = planned_levels(existing, resolved, differing) if planned_levels is not None else None
+    if differing and levels is None:
         return "other"
-    return "finished" if is_finished(root) else "resume"
+    return "finished" if is_finished(root, levels) else "resume"
 
 
 @dataclass
@@ -344,7 +359,7 @@ def _launch_id_of(path: Path) -> Optional[str]:
 
 
 def decide(resolved: Mapping[str, Any], defaults: Mapping[str, Any], *, restarted: bool,
-           launch_id: Optional[str] = None) -> DirDecision:
+           launch_id: Optional[str] = None, planned_levels: Optional[PlannedLevels] = None) -> DirDecision:
     """Where this run goes and whether it resumes.  Creates nothing.
 
     * a new name -> fresh;
@@ -356,6 +371,7 @@ def decide(resolved: Mapping[str, Any], defaults: Mapping[str, Any], *, restarte
       ``RunFiles.create`` records); when that launch created none, it decides as the first
       attempt did.  Without a usable launch id, a restart of a resume=false run resumes
       the newest directory with the same config.
+    ``planned_levels``: the level plan's word on a run made deeper (``run_state``).
     """
     base = Path(resolved["experiment.base_dir"])
     name = resolved["experiment.name"]
@@ -369,27 +385,30 @@ def decide(resolved: Mapping[str, Any], defaults: Mapping[str, Any], *, restarte
         existing.append(path)
     first_free = candidates[len(existing)]
 
-    def resume_or_finished(path: Path) -> DirDecision:
-        return DirDecision("finished" if is_finished(path) else "resume", path)
+    def state_of(path: Path) -> str:
+        return run_state(path, resolved, defaults, planned_levels)
 
     if restarted:
         launch_id = usable_launch_id(launch_id)
         if launch_id is not None:
             for path in existing:
-                if _launch_id_of(path) == launch_id and run_state(path, resolved, defaults) in ("resume", "finished"):
-                    return resume_or_finished(path)
+                if _launch_id_of(path) == launch_id:
+                    state = state_of(path)
+                    if state in ("resume", "finished"):
+                        return DirDecision(state, path)
         elif not resolved["experiment.resume"]:
             for path in reversed(existing):
-                if run_state(path, resolved, defaults) in ("resume", "finished"):
-                    return resume_or_finished(path)
+                state = state_of(path)
+                if state in ("resume", "finished"):
+                    return DirDecision(state, path)
     if not resolved["experiment.resume"]:
         return DirDecision("fresh", first_free)
     root = base / name
-    state = run_state(root, resolved, defaults)
+    state = state_of(root)
     if state == "new":
         return DirDecision("fresh", root)
     if state != "other":
-        return resume_or_finished(root)
+        return DirDecision(state, root)
     if not RunFiles(root).config.exists():
         raise RunDirError(f"{root} exists but is not an experiment directory (no config.yaml); "
                           f"choose another experiment.name or experiment.base_dir")

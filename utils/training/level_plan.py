@@ -15,17 +15,26 @@ source's plan, the report counting a run's levels, the sweep's dry run describin
   density of all prunable weights each target gives (``levels.csv``'s ``target_density``).
   Without the layers' shapes (a report) a density that needs them is None; the count of levels
   never does.
+* Going deeper (``deepening``): a config that differs from a run's only in ``DEPTH_KEYS``
+  continues that run when the run's plan is the start of the new one, level for level
+  (``LevelPlan.extends``); the run directory's decision and the checkpoint check ask this one
+  rule (through the harness, which knows the defaults and a control's source).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Collection, List, Mapping, Optional, Tuple
 
 from utils.pruning.schedules import iterative_densities
 from utils.pruning.settings import PruneSettings, SettingsError
 from utils.pruning.structures import StructureRegistryError, get_structure
 from utils.pruning.structures.base import Shapes, Structure
 from utils.training.training_types import TrainingType, TrainingTypeError, get_training_type
+
+
+# The keys whose change can only lengthen (or shorten) a run's list of levels: a run's levels
+# so far do not depend on them except through the plan, which ``deepening`` compares.
+DEPTH_KEYS = frozenset({"prune.levels", "prune.target_density"})
 
 
 class PlanError(ValueError):
@@ -62,6 +71,11 @@ class LevelPlan:
 
     def target(self, level: int) -> Any:
         return self.levels[level].target
+
+    def extends(self, earlier: "LevelPlan") -> bool:
+        """Whether ``earlier``'s levels are this plan's first levels, each identical (index,
+        target density, target, whether it prunes): a run of ``earlier`` goes on into this one."""
+        return len(self.levels) >= len(earlier.levels) and self.levels[:len(earlier.levels)] == earlier.levels
 
     def for_control(self, levels: Optional[int]) -> "LevelPlan":
         """A control's plan of this (source's) plan: its first ``levels`` levels (all when None),
@@ -111,3 +125,21 @@ def plan_of_config(config: Mapping[str, Any], defaults: Optional[Mapping[str, An
         return plan_levels(settings, training_type, structure, shapes)
     except ValueError as error:
         raise PlanError(str(error)) from None
+
+
+def deepening(differing: Collection[str], plans: Callable[[], Tuple[LevelPlan, LevelPlan]]) -> Optional[int]:
+    """The number of levels of a run of a new config in a directory holding a run of another
+    (``differing``: the keys in which they differ in what they compute), when the new config is
+    that run's or goes deeper: every differing key is one of ``DEPTH_KEYS`` and the run's plan
+    is the start of the new one (``LevelPlan.extends``).  None: another run (a plan that cannot
+    be built counts as not the start).  ``plans``: () -> (the run's plan, the new config's plan),
+    asked only when the keys allow it."""
+    if not set(differing) <= DEPTH_KEYS:
+        return None
+    try:
+        stored, new = plans()
+    except (PlanError, ValueError):
+        return None
+    if differing and not new.extends(stored):
+        return None
+    return len(new)
