@@ -20,7 +20,7 @@ import harness_utils as hu
 from utils.core import distributed as du
 from utils.core.callbacks import AfterBackward, Callbacks, LevelInfo
 from utils.core.errors import MaskSyncError
-from utils.lottery import controls
+from utils.lottery import controls, level_zero
 from utils.lottery.early_bird import EarlyBird
 from utils.lottery.stability import StabilityAnalysis, StabilityRun
 from utils.models import mask_layers, pretrained
@@ -380,7 +380,7 @@ class ExperimentBase:
         if self.source is None or self.c["prune.control"] == "reinit":
             return 0
         controls.wait_for_level(self.source, 0, say=self.say)  # as level 0's masks would (every rank)
-        taken, message = du.decided_by_primary(lambda: controls.take_level_zero(
+        taken, message = du.decided_by_primary(lambda: level_zero.take_level_zero(
             self.source, controls.ControlRequest.from_config(self.c, self.structure), self.model, self.files.root,
             self.files.logs(), world_size=self.ctx.world_size, device_type=self.ctx.device.type,
             differing=hu.semantic_difference(self.source.config, self.c)), self.ctx.is_primary)

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from harness_params import as_tree, resolve
-from utils.lottery import controls
+from utils.lottery import controls, level_zero
 from utils.models.mask_layers import all_true_masks, is_subset, prepare_model, set_masks
 from utils.models.registry import get_model
 from utils.pruning.masks import compute_masks
@@ -216,7 +216,7 @@ def level_zero_check(tmp_path, source, *, model=None, world_size=1, device_type=
                             "training.epochs": 2, "training.device": "cpu", **overrides})
     src = controls.read_source(source, controls.ControlRequest.from_config(c), model_for(c))
     logs = fake_logs()
-    return controls.level_zero_difference(src, controls.ControlRequest.from_config(c), model or model_for(c),
+    return level_zero.level_zero_difference(src, controls.ControlRequest.from_config(c), model or model_for(c),
                                           world_size=world_size, device_type=device_type,
                                           columns={n: log.columns for n, log in logs.items()},
                                           differing=hu.semantic_difference(src.config, c))
@@ -248,7 +248,7 @@ def test_an_identical_level_0_is_taken_with_its_rows_masks_and_a_note(tmp_path, 
     root = tmp_path / "runs" / "control"
     (root / "masks").mkdir(parents=True)
     logs = fake_logs()
-    taken, message = controls.take_level_zero(src, controls.ControlRequest.from_config(c), model_for(c), root, logs,
+    taken, message = level_zero.take_level_zero(src, controls.ControlRequest.from_config(c), model_for(c), root, logs,
                                               world_size=1, device_type="cpu",
                                               differing=hu.semantic_difference(src.config, c))
     assert taken and message.startswith(f"level 0 taken from {full_source} (6 CSV rows copied")
@@ -304,7 +304,7 @@ def test_level_0_is_trained_when_the_sources_data_is_not_known_to_be_the_control
     src = controls.read_source(full_source, request, model_for(c))
 
     def why_not():
-        return controls.level_zero_difference(src, request, model_for(c), world_size=1, device_type="cpu",
+        return level_zero.level_zero_difference(src, request, model_for(c), world_size=1, device_type="cpu",
                                               columns={n: log.columns for n, log in fake_logs().items()},
                                               differing=hu.semantic_difference(src.config, c))
     assert why_not() is None
@@ -325,7 +325,7 @@ def test_a_stale_note_goes_when_level_0_is_trained(tmp_path, full_source):
     root = tmp_path / "runs" / "control"
     root.mkdir(parents=True)
     (RunFiles(root).reused.path).write_text("level,source,reason\n0,x,y\n")
-    taken, message = controls.take_level_zero(src, controls.ControlRequest.from_config(c), model_for(c), root,
+    taken, message = level_zero.take_level_zero(src, controls.ControlRequest.from_config(c), model_for(c), root,
                                               fake_logs(), world_size=1, device_type="cpu",
                                               differing=hu.semantic_difference(src.config, c))
     assert not taken and "differs from the source's in training.epochs" in message
@@ -366,7 +366,7 @@ def test_a_control_takes_its_sources_level_0_end_to_end(tmp_path, monkeypatch):
     assert "level 0 taken" not in run_in_process(control("taken"))[1]  # finished: nothing more to do
 
     with monkeypatch.context() as patch:
-        patch.setattr(controls, "level_zero_difference", lambda *a, **k: "retrained for the test")
+        patch.setattr(level_zero, "level_zero_difference", lambda *a, **k: "retrained for the test")
         code, out, err = run_in_process(control("trained"))
     assert code == 0, err
     assert "level 0 is trained, not taken from" in out and not (runs / "trained" / "reused.csv").exists()

@@ -39,31 +39,7 @@ source made before runs recorded their data is not checked), has no readable
 ``checkpoints/init.pt`` (key ``model``) fitting this model, or whose finished levels' mask
 files are missing, unreadable or do not fit this model's prunable layers (names, shapes).
 
-Level 0 taken, not retrained (``take_level_zero``): a ``none`` or ``shuffle`` control starts
-from its source's initial weights, and a source's level 0 is dense, so when nothing else
-differs the control's level 0 would be an exact copy of the source's -- the same training
-computed again.  It is taken instead: the source's level-0 rows of ``epochs.csv``,
-``levels.csv`` and ``layers.csv`` are copied (timing columns included: what the numbers cost),
-its ``masks/level_0.pt`` too, and ``reused.csv`` (``level, source, reason``) says which level
-came from where; the control trains from level 1 on.  All of these must hold, else it trains
-level 0 and says why in one line:
-
-* ``prune.control`` is ``none`` or ``shuffle`` (``reinit`` starts from its own weights);
-* ``prune.training_type`` is ``imp``: later levels start from the initial weights (the
-  source's ``init.pt``, which the control has).  ``wr`` and ``lrr`` start them from level 0's
-  rewind point or trained weights, which the source does not keep for others;
-* the configs are the same apart from ``prune.masks_from``, ``prune.control``,
-  ``prune.levels`` and the keys that never change results (the harness's rule: the caller
-  passes the keys that differ, ``differing``): same seed (so the same data order), loader,
-  optimizer, epochs, precision, ...; no stability analysis, Early-Bird or a structure with
-  columns of its own (channel, N:M: they write files of their own at level 0);
-* the source's level 0 is finished and dense (its mask keeps every weight), with every
-  epoch's row and every layer's row there, in CSV files with the control's columns;
-* the source records its data (``data.json``) and the control's files are that data still
-  (checked again here: the source may have been waited for);
-* it ran on the same device type as the control, with the same number of processes
-  whenever that changes the model (BatchNorm with per-rank statistics:
-  ``run_facts.batchnorm_processes``), as its last checkpoint records.
+Level 0 taken from the source instead of retrained: ``utils/lottery/level_zero.py``.
 
 Everything here takes plain arguments and a typed view of what a control asks
 (``ControlRequest``); nothing reads the global config.  A source's levels are its own level plan
@@ -76,7 +52,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -90,8 +66,6 @@ from utils.runs import data_identity
 from utils.runs.rundir import RunDirError, RunFiles, read_config
 
 CONTROLS = ("none", "reinit", "shuffle")
-# Keys in which a control may differ from its source and still train the same level 0.
-LEVEL_ZERO_FREE_KEYS = ("prune.masks_from", "prune.control", "prune.levels")
 # Keys whose values must be the same in the source's config and the control's.
 MATCHING_KEYS = ("model.name", "dataset.name", "prune.exclude")
 
@@ -161,7 +135,7 @@ class Source:
         return RunFiles(self.root).init_checkpoint
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
 
@@ -246,7 +220,7 @@ def _source_plan(source_config: Mapping[str, Any], defaults: Optional[Mapping[st
         return plan_levels(settings, training_type, structure, shapes), structure
     except (PlanError, KeyError, TypeError, ValueError) as error:
         raise ControlError(f"prune.masks_from={path}: its config.yaml does not say which levels it runs "
-                           f"({_first_line(error)})") from None
+                           f"({first_line(error)})") from None
 
 
 def _check_initial_weights(path: Path, model: nn.Module, source_path) -> Dict[str, torch.Tensor]:
@@ -255,7 +229,7 @@ def _check_initial_weights(path: Path, model: nn.Module, source_path) -> Dict[st
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 -- torch raises several types for a bad file
-        raise ControlError(f"prune.masks_from={source_path}: {path} cannot be read ({_first_line(error)})") from None
+        raise ControlError(f"prune.masks_from={source_path}: {path} cannot be read ({first_line(error)})") from None
     state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ControlError(f"prune.masks_from={source_path}: {path} holds no initial weights (key 'model')")
@@ -295,7 +269,7 @@ def finished_level_count(levels_csv: Path, what: str) -> int:
     except FileNotFoundError:
         return 0
     except OSError as error:
-        raise ControlError(f"{what}: cannot read levels.csv ({_first_line(error)})") from None
+        raise ControlError(f"{what}: cannot read levels.csv ({first_line(error)})") from None
     count = 0
     for row in rows:
         if not row or row[0] != str(count):
@@ -317,7 +291,7 @@ def load_level_masks(source: Source, level: int) -> Masks:
     try:
         masks = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001
-        raise ControlError(f"prune.masks_from={source.root}: {path} cannot be read ({_first_line(error)})") from None
+        raise ControlError(f"prune.masks_from={source.root}: {path} cannot be read ({first_line(error)})") from None
     if not isinstance(masks, dict) or not all(isinstance(v, torch.Tensor) for v in masks.values()):
         raise ControlError(f"prune.masks_from={source.root}: {path} is not a dict of layer name -> mask tensor")
     return _checked_masks(source, masks, path)
@@ -398,121 +372,3 @@ def wait_for_level(source: Source, level: int, *, poll_s: float = 30.0, timeout_
         step = poll_s if timeout_s is None else max(0.0, min(poll_s, timeout_s - waited))
         sleep(step)
         waited += step if step > 0 else math.inf
-
-
-# ------------------------------------------------------------------ level 0 taken from the source
-def _csv_rows(path: Path) -> Tuple[List[str], List[Dict[str, str]]]:
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
-
-
-def level_zero_difference(source: Source, request: ControlRequest, model: nn.Module, *, world_size: int,
-                          device_type: str, columns: Mapping[str, List[str]], differing: Sequence[str]) -> Optional[str]:
-    """None when this control's level 0 would be an exact copy of its source's (see the module
-    docstring), else why not (a phrase).  ``columns``: the control's CSV logs' columns
-    (``{"epochs": [...], "levels": [...], "layers": [...]}``); ``differing``: the keys in which
-    the control's config differs from the source's in what a run computes (the harness's rule)."""
-    from utils.runs import run_facts
-    from utils.training.training_types import get_training_type
-    control = request.control
-    if control not in ("none", "shuffle"):
-        return f"prune.control={control} starts from its own initial weights"
-    if source.ticket is not None:
-        return "the source is a ticket file, which holds no CSV rows to take"
-    kind = request.training_type
-    if not get_training_type(kind).resets_to_init:
-        return (f"prune.training_type={kind}: later levels start from level 0's trained state, which the "
-                f"source does not keep")
-    for key, on in (("analysis.stability", request.stability), ("prune.early_bird", request.early_bird)):
-        if on:
-            return f"{key}={on} writes files of its own at level 0"
-    structure = request.structure or source.structure
-    if structure.level_columns or structure.layer_columns:
-        return f"prune.structure={structure.settings.structure} writes files of its own at level 0"
-    differing = [k for k in differing if k not in LEVEL_ZERO_FREE_KEYS]
-    if differing:
-        return "its config differs from the source's in " + ", ".join(differing[:4]) + (" ..." if len(differing) > 4 else "")
-    if request.data is not None:
-        try:
-            recorded = data_identity.read_run_data(source.root)
-        except data_identity.DataChanged as error:
-            return str(error)
-        if recorded is None:
-            return "the source does not record which data it trained on (made before runs recorded it)"
-        changed = data_identity.data_change(recorded, request.data)
-        if changed:
-            return f"the source was trained on other data: {changed}"
-    if finished_levels(source) < 1:
-        return "the source's level 0 is not finished"
-    masks = load_level_masks(source, 0)
-    if not all(bool(mask.all()) for mask in masks.values()):
-        return "the source's level 0 is pruned (not dense)"
-    execution = run_facts.recorded_execution(source.root, source.config.get("training.device"))
-    if execution is None:
-        return "the source's checkpoints/last.pt does not say how it ran"
-    if execution.device_type != device_type:
-        return f"the source ran on {execution.device_type}, this run on {device_type}"
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    sync_bn = request.sync_bn
-    theirs = run_facts.batchnorm_processes(world_size=execution.world_size, device_type=execution.device_type,
-                                           sync_bn=source.config.get("distributed.sync_bn", "auto"),
-                                           has_batchnorm=has_batchnorm)
-    mine = run_facts.batchnorm_processes(world_size=world_size, device_type=device_type, sync_bn=sync_bn,
-                                         has_batchnorm=has_batchnorm)
-    if theirs != mine:
-        return (f"its BatchNorm statistics were per-rank over {theirs} process(es), this run's over {mine} "
-                f"(another model)")
-    expected = {"epochs": request.epochs, "levels": 1, "layers": len(source.layer_shapes)}
-    for name, wanted in columns.items():
-        path = source.root / f"{name}.csv"
-        try:
-            header, rows = _csv_rows(path)
-        except OSError as error:
-            return f"{path} cannot be read ({_first_line(error)})"
-        if header != list(wanted):
-            return f"{path} has other columns than this run's"
-        count = sum(1 for row in rows if row.get("level") == "0")
-        if name in expected and count != expected[name]:
-            return f"{path} has {count} level-0 rows, {expected[name]} expected"
-    return None
-
-
-def copy_level_zero(source: Source, root, logs: Mapping[str, Any]) -> int:
-    """Append the source's level-0 rows to the control's CSV logs (objects with ``append(row)``,
-    by name: epochs, levels, layers), write its level-0 masks and ``reused.csv``; -> rows copied."""
-    from utils.runs.checkpointing import atomic_torch_save
-    root = Path(root)
-    copied = 0
-    for name, log in logs.items():
-        _, rows = _csv_rows(source.root / f"{name}.csv")
-        for row in rows:
-            if row.get("level") == "0":
-                log.append(row)  # the strings as written: an exact copy
-                copied += 1
-    atomic_torch_save(load_level_masks(source, 0), RunFiles(root).masks(0))
-    reused = RunFiles(root).reused
-    reused.create()
-    reused.append({"level": 0, "source": str(source.root),
-                   "reason": "same config (masks_from, control, levels aside), seed and initial weights; dense level 0"})
-    return copied
-
-
-def take_level_zero(source: Source, request: ControlRequest, model: nn.Module, root, logs: Mapping[str, Any], *,
-                    world_size: int, device_type: str, differing: Sequence[str]) -> Tuple[bool, str]:
-    """Rank 0, in a fresh control directory: take the source's level 0 when it is identical
-    (``level_zero_difference``), else leave it to be trained (and remove a ``reused.csv`` an
-    interrupted start may have left).  -> (taken, the line to print)."""
-    root = Path(root)
-    try:
-        why_not = level_zero_difference(source, request, model, world_size=world_size, device_type=device_type,
-                                        columns={name: list(log.columns) for name, log in logs.items()},
-                                        differing=differing)
-    except ControlError as error:
-        why_not = str(error)
-    if why_not is not None:
-        RunFiles(root).reused.path.unlink(missing_ok=True)
-        return False, f"level 0 is trained, not taken from {source.root}: {why_not}"
-    rows = copy_level_zero(source, root, logs)
-    return True, (f"level 0 taken from {source.root} ({rows} CSV rows copied; see {RunFiles(root).reused.path}): "
-                  f"it would be an exact copy of the source's")
