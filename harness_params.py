@@ -314,6 +314,8 @@ def declare_sections() -> Config:
                        "the best epoch is chosen on the test set, and levels.csv says so)", default=0.0),
         val_seed=P(StrictInt(0), "Seed of the validation split (utils/data/validation.py): not experiment.seed, so "
                    "every seed and control of a study holds out the same samples", default=0),
+        train_samples=P(StrictInt(0), "Train on this many samples of the training file (after the validation split; "
+                        "drawn with dataset.val_seed, utils/data/validation.py); 0 = all", default=0),
         val_path=P(StrictStr(), "Validation .beton file (e.g. an image folder's val/ split written with --splits "
                    "train=train,test=val); '' = none", default=""),
     )

@@ -166,10 +166,13 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
             raise UserError(f"{key}: {error}") from None
         if summary.get("note"):
             notes.append(f"note: {key}: {summary['note']}")
-        if key == "dataset.train_path" and c["dataset.val_fraction"] > 0:
+        if key == "dataset.train_path":
             split = validation_split(c, summary["num_samples"])
-            notes.append(f"validation: {len(split[1])} of the {summary['num_samples']} training samples held out "
-                         f"(dataset.val_fraction={c['dataset.val_fraction']}, dataset.val_seed={c['dataset.val_seed']})")
+            if split is not None:
+                notes.append(f"training on {len(split[0])} of the {summary['num_samples']} samples of "
+                             f"{c['dataset.train_path']}, {len(split[1])} held out for validation "
+                             f"(dataset.val_fraction={c['dataset.val_fraction']}, dataset.train_samples="
+                             f"{c['dataset.train_samples']}, dataset.val_seed={c['dataset.val_seed']})")
     try:
         model = get_model(c["model.name"], num_classes=spec.num_classes, in_channels=spec.channels,
                           image_size=train_resolution)
@@ -198,15 +201,16 @@ def has_validation(c: Dict[str, Any]) -> bool:
 
 
 def validation_split(c: Dict[str, Any], num_samples: Optional[int] = None) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """dataset.val_fraction: (training indices, validation indices) of the training file, a function of its
-    sample count, the fraction and dataset.val_seed only (utils/data/validation.py); None without it."""
-    if not c["dataset.val_fraction"] > 0:
+    """dataset.val_fraction, dataset.train_samples: (training indices, validation indices) of the training file,
+    a function of its sample count, those keys and dataset.val_seed only (utils/data/validation.py); None
+    without either (every sample trains)."""
+    if not (c["dataset.val_fraction"] > 0 or c["dataset.train_samples"]):
         return None
     if num_samples is None:
         from utils.data.beton import BetonFile
         num_samples = BetonFile(c["dataset.train_path"]).num_samples
     try:
-        return split_indices(num_samples, c["dataset.val_fraction"], c["dataset.val_seed"])
+        return split_indices(num_samples, c["dataset.val_fraction"], c["dataset.val_seed"], c["dataset.train_samples"])
     except DataError as error:
         raise UserError(f"dataset.train_path={c['dataset.train_path']}: {error}") from None
 
@@ -223,10 +227,10 @@ def make_data_loader(c: Dict[str, Any], spec: Any, device: torch.device, *, trai
     path, indices = c["dataset.train_path" if train else "dataset.test_path"], None
     if train or validation:
         split = split if split is not None else validation_split(c)
-        if split is not None:
-            path, indices = c["dataset.train_path"], split[1 if validation else 0]
-        elif validation:
+        if validation and not c["dataset.val_fraction"] > 0:
             path = c["dataset.val_path"]
+        elif split is not None:
+            path, indices = c["dataset.train_path"], split[1 if validation else 0]
     try:
         return make_loader(path, spec, train=train and not validation,
                            batch_size=c["dataset.batch_size"], resolution=resolution,

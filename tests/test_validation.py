@@ -14,6 +14,7 @@ from tests.helpers import digits_config, write_config
 from tests.test_resume import assert_same_results, run_in_process
 from utils.data.beton import BetonFile
 from utils.data.loaders import make_loader
+from utils.data.sources import DataError
 from utils.data.specs import get_dataset_spec
 from utils.data.validation import split_indices
 from utils.training import selection
@@ -27,9 +28,16 @@ def test_the_split_is_deterministic_disjoint_and_independent_of_the_run_seed():
     assert not set(train) & set(val) and sorted(set(train) | set(val)) == list(range(1437))
     assert list(val) == sorted(val) and list(train) == sorted(train)
     assert not np.array_equal(val, split_indices(1437, 0.1, 1)[1]), "dataset.val_seed draws another split"
+    # dataset.train_samples: a subset of the rest, from the same permutation (validation unchanged; nested)
+    small, small_val = split_indices(1437, 0.1, 0, train_samples=300)
+    larger = split_indices(1437, 0.1, 0, train_samples=600)[0]
+    assert np.array_equal(small_val, val) and len(small) == 300 and set(small) <= set(larger) <= set(train)
+    assert len(split_indices(1437, 0.0, 0, train_samples=300)[1]) == 0
+    with pytest.raises(DataError, match="dataset.train_samples=1400: the training file has 1293"):
+        split_indices(1437, 0.1, 0, train_samples=1400)
     # experiment.seed is not an argument: every seed and control of a study holds out the same samples
     for seed in (0, 7):
-        config = {"dataset.val_fraction": 0.1, "dataset.val_seed": 0, "experiment.seed": seed}
+        config = {"dataset.val_fraction": 0.1, "dataset.val_seed": 0, "dataset.train_samples": 0, "experiment.seed": seed}
         assert np.array_equal(hu.validation_split(config, 1437)[1], val)
 
 

@@ -20,7 +20,7 @@ lists what each built-in reads from ``--root``).
   raw otherwise.
 
 ``--download`` lets torchvision fetch the files first (cifar10, cifar100, svhn, mnist,
-fashionmnist); tests never use it.  ``--skip-existing`` writes nothing when both output
+fashion_mnist); tests never use it.  ``--skip-existing`` writes nothing when both output
 files exist (``make data`` uses it; ``ensure_digits`` is the same for digits in Python).
 
 Every problem with the input (missing root or files, wrong shapes, an option that does not
