@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence, Tuple
 import pandas as pd
 
 from utils.core.atomic_io import atomic_output
-from utils.report.experiments import Group
+from utils.report.experiments import Group, best_label, selected_on
 from utils.report.tables import summarize
 
 
@@ -65,7 +65,7 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
     band_alpha = 0.2 if len(groups) <= 3 else 0.12
     all_densities = []
     for ax, metric, title in ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
-                              (axes[1], "best_test_acc", "best test accuracy (any epoch)")):
+                              (axes[1], "best_test_acc", best_label(selected_on([e for g in groups for e in g.members])))):
         for group in groups:
             frame = summaries[group.gid]
             if frame.empty:

@@ -17,7 +17,9 @@ from utils.report.experiments import (
     _level_list,
     _show,
     chance_margin,
+    best_label,
     differing_keys,
+    selected_on,
     value_in_table,
 )
 from utils.runs import rundir
@@ -154,7 +156,7 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
         if frame.empty:
             lines += ["No finished level yet.", ""]
             continue
-        lines += ["| level | target density | density | final test acc | best test acc | n |",
+        lines += [f"| level | target density | density | final test acc | {best_label(selected_on(group.members))} | n |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for row in frame.itertuples():
             n = int(row.n_seeds)
