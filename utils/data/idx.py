@@ -101,14 +101,20 @@ def find_idx_file(root: Path, torchvision_folder: str, stem: str) -> Path:
                     f"{', '.join(s for pair in STEMS.values() for s in pair)})")
 
 
-def read_idx_split(name: str, image_path: Path, label_path: Path, classes: Sequence[str],
+def read_idx_split(name: str, split: str, image_path: Path, label_path: Path, classes: Sequence[str],
                    unusual: List[str]) -> ArraySource:
-    """One split's images and labels; what differs from the published files goes to ``unusual``."""
+    """One split's (``train``, ``test``) images and labels; what differs from the published files goes
+    to ``unusual``: another count or size, else content whose MD5 differs."""
     contents = {path: read_idx_bytes(path) for path in (image_path, label_path)}
     images, labels = (parse_idx(data, path) for path, data in contents.items())
     if images.dtype != np.uint8 or images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{image_path}: images {images.dtype} {images.shape} with labels {labels.shape} in "
                         f"{label_path.name}; {name} needs uint8 (N, H, W) images and N labels")
+    count, height, width = images.shape
+    if (count, height, width) != (PUBLISHED_COUNTS[split], 28, 28):
+        unusual.append(f"{image_path.name} holds {count} images of {height}x{width} (the published {split} split: "
+                       f"{PUBLISHED_COUNTS[split]} of 28x28)")
+        return ArraySource(images, labels, classes)
     published = PUBLISHED_MD5.get(name, {})
     for path, data in contents.items():
         stem = path.name[:-3] if path.name.endswith(".gz") else path.name
@@ -126,12 +132,7 @@ def idx_dataset(name: str, torchvision_folder: str, classes: Sequence[str]) -> C
                  for split, stems in STEMS.items()}    # every file found before any is read
         splits, unusual = [], []
         for split, (image_path, label_path) in paths.items():
-            source = read_idx_split(name, image_path, label_path, classes, unusual)
-            count, height, width = source.images.shape[:3]
-            if (count, height, width) != (PUBLISHED_COUNTS[split], 28, 28):
-                unusual.append(f"{image_path.name} holds {count} images of {height}x{width} (the published "
-                               f"{split} split: {PUBLISHED_COUNTS[split]} of 28x28)")
-            splits.append(source)
+            splits.append(read_idx_split(name, split, image_path, label_path, classes, unusual))
         if unusual:
             warnings.warn(f"{name}: not the published files: {'; '.join(unusual)}; a subset or modified copy? "
                           f"using them as they are", stacklevel=2)
