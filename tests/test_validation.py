@@ -168,3 +168,18 @@ def test_a_validation_file_and_the_refusals(tmp_path, digits):
                                   "--experiment.name=tiny")
     assert code == 2 and "holds out 0" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "both").exists() and not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_control_trains_on_its_sources_samples(tmp_path, digits):
+    """Every control of a study holds out the same validation samples: another split is refused."""
+    config = write_config(tmp_path / "c.yaml", digits_config(digits, tmp_path / "runs", "source", **{
+        "dataset.val_fraction": 0.1, "prune.levels": 2, "training.epochs": 1}))
+    assert run_in_process(config)[0] == 0
+    source = str(tmp_path / "runs" / "source")
+    code, _, err = run_in_process(config, f"--prune.masks_from={source}", "--prune.control=shuffle",
+                                  "--experiment.name=other_split", "--dataset.val_seed=1")
+    assert code == 2 and "was made with dataset.val_seed=0, this run has dataset.val_seed=1" in err
+    code, out, err = run_in_process(config, f"--prune.masks_from={source}", "--prune.control=shuffle",
+                                    "--experiment.name=same_split")
+    assert code == 0, err
+    assert pd.read_csv(tmp_path / "runs" / "same_split" / "levels.csv").best_selected_on.tolist() == ["val", "val"]

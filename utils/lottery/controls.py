@@ -28,7 +28,8 @@ levels X has finished (``wait_for_level`` blocks until the next one is).
 
 Refused with a one-line ControlError (``read_source``): a source directory that does not
 exist, is the control's own, has no readable ``config.yaml``, is itself a control, was
-made with another ``model.name``, ``dataset.name`` or ``prune.exclude``, has no readable
+made with another ``model.name``, ``dataset.name``, ``prune.exclude`` or other training samples
+(``dataset.val_fraction``, ``val_seed``, ``train_samples``), has no readable
 ``checkpoints/init.pt`` (key ``model``) fitting this model, or whose finished levels' mask
 files are missing, unreadable or do not fit this model's prunable layers (names, shapes).
 
@@ -82,7 +83,9 @@ CONTROLS = ("none", "reinit", "shuffle")
 # Keys in which a control may differ from its source and still train the same level 0.
 LEVEL_ZERO_FREE_KEYS = ("prune.masks_from", "prune.control", "prune.levels")
 # Keys whose values must be the same in the source's config and the control's.
-MATCHING_KEYS = ("model.name", "dataset.name", "prune.exclude")
+# the training samples too: a control trains on its source's (the validation split and subset, by index)
+MATCHING_KEYS = ("model.name", "dataset.name", "prune.exclude", "dataset.val_fraction", "dataset.val_seed",
+                 "dataset.train_samples")
 
 
 class ControlError(ValueError):
@@ -184,7 +187,7 @@ def read_source(path, request: ControlRequest, model: nn.Module,
         raise ControlError(f"prune.masks_from={path} is itself a control (of {source_config['prune.masks_from']}); "
                            f"use its source")
     for key in MATCHING_KEYS:
-        mine, theirs = request.matching.get(key), source_config.get(key)
+        mine, theirs = request.matching.get(key), source_config.get(key, (defaults or {}).get(key))  # (older runs)
         if key == "prune.exclude":
             mine, theirs = list(mine or []), list(theirs or [])
         if mine != theirs:
