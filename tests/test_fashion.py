@@ -135,3 +135,18 @@ def test_the_installed_debian_files_if_present():
                                 FASHION_MNIST_CLASSES, unusual)
     assert unusual == [] and source.images.shape == (10000, 28, 28, 1)
     assert np.bincount(source.labels).tolist() == [1000] * 10
+
+
+def test_the_lenet_study_gives_controls_only_to_the_imp_runs(tmp_path):
+    from utils.launch.sweep_spec import SweepError, parse_sweep
+    sweep = parse_sweep(ROOT / "configs" / "sweeps" / "fashion_lenet_study.yaml")
+    names = [run.name for run in sweep.runs]
+    assert len(names) == 12
+    controls = [run for run in sweep.runs if run.source is not None]
+    assert len(controls) == 6 and all(run.source.values["prune.criterion"] == "magnitude" for run in controls)
+    assert sum(run.values.get("prune.criterion") == "random" and run.source is None for run in sweep.runs) == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {ROOT / 'configs' / 'lenet_300_100_imp_fashion.yaml'}\nzip: {{experiment.seed: [0]}}\n"
+                   "controls: {shuffle: {only_for: {prune.criterion: magnitude}}}\n")
+    with pytest.raises(SweepError, match="only_for: prune.criterion is not a grid or zip key"):
+        parse_sweep(bad)
