@@ -2,6 +2,8 @@
 # make demo  : digits .beton files + the quickstart IMP run under torchrun (2 CPU processes), its
 #              random-reinit and shuffled-mask controls (the IMP run's masks) + their report and figures
 #              (runs/quickstart_report/accuracy_vs_density.png; about 3 minutes on 2 cores)
+# make data-fashion : Fashion-MNIST from Debian's dataset-fashion-mnist (apt-get when root, else the command
+#              to run) -> data/fashion_mnist_{train,test}.beton and their write records
 # make test  : the test suite (fast CPU tests) on TEST_WORKERS=2 pytest-xdist workers
 # make bench : the benchmarks under bench/ (figures printed, never asserted)
 VENV ?= .venv
@@ -12,13 +14,16 @@ NPROC ?= 2
 # pytest-xdist workers for make test (tests run single-threaded; a file marked xdist_group stays on one worker)
 TEST_WORKERS ?= 2
 
-.PHONY: setup data demo test bench clean-demo
+.PHONY: setup data data-fashion demo test bench clean-demo
 
 setup:
 	@bash scripts/setup.sh
 
 data: setup
 	$(PY) -m utils.write_beton --dataset digits --out $(DATA) --skip-existing
+
+data-fashion: setup
+	@PY=$(PY) DATA=$(DATA) bash scripts/data_fashion.sh
 
 demo: data
 	$(TORCHRUN) --standalone --nproc_per_node=$(NPROC) harness.py --config configs/quickstart.yaml

@@ -27,6 +27,7 @@ from utils.core.errors import MaskSyncError
 from utils.models import mask_layers
 from utils.runs import checkpointing, trackers
 from utils.runs.run_control import Preempted, StopFlag
+from utils.training import selection
 from utils.training import step as training
 from utils.training.tta import FlipTTA
 
@@ -61,7 +62,7 @@ class Experiment(ExperimentBase):
         mask_layers.apply_masks_(self.model)  # the new masks on whatever weights the level starts from
         if self.ctx.is_primary:
             hu.atomic_torch_save(mask_layers.get_masks(self.model), self.files.masks(level))
-        self.level_stats = {"best_test_acc": 0.0, "train_time_s": 0.0}
+        self.level_stats = self.new_level_stats()
         self.callbacks.fire("on_level_start", self.level_info(level, extra={"start_epoch": start_epoch,
                                                                             "start_batch": start_batch}))
         return start_epoch
@@ -98,7 +99,7 @@ class Experiment(ExperimentBase):
     def finish_level(self, level: int, last_row: Dict[str, Any]) -> None:
         masks = mask_layers.get_masks(self.model)
         row = {"level": level, "target_density": self.plan[level].target_density, "density": mask_layers.overall_density(masks),
-               "final_test_acc": last_row["test_acc"], "best_test_acc": self.level_stats["best_test_acc"],
+               "final_test_acc": last_row["test_acc"], **selection.level_fields(self.level_stats),
                "train_time_s": self.level_stats["train_time_s"]}
         layers = [{"level": level, **layer} for layer in mask_layers.density_report(masks)]
         self.callbacks.fire("on_level_end", self.level_info(level, row=row, extra={"layers": layers}))
@@ -110,7 +111,8 @@ class Experiment(ExperimentBase):
         last = level == len(self.plan) - 1
         self.checkpoint(level=level, next_epoch=self.c["training.epochs"], phase="level_done", finished=last)
         self.say(f"level {level}: density {row['density']:.4f}, "
-                 f"test acc {last_row['test_acc']:.2f}% (best {self.level_stats['best_test_acc']:.2f}%)")
+                 f"test acc {last_row['test_acc']:.2f}% (best {row['best_test_acc']:.2f}% at epoch {row['best_epoch']}, "
+                 f"chosen on the {'validation' if row['best_selected_on'] == 'val' else 'test'} set)")
 
     def stop_if_requested(self) -> None:
         """At an epoch or level boundary, just after a checkpoint: nothing more to save."""
@@ -138,24 +140,26 @@ class Experiment(ExperimentBase):
         du.all_reduce_sum(state.sums)
         loss_sum, correct, count = state.sums.tolist()  # note: a CPU-GPU sync point, once per epoch
         test_loss, test_acc = self.evaluate()
-        self.level_stats["best_test_acc"] = max(self.level_stats["best_test_acc"], test_acc)
         self.level_stats["train_time_s"] += epoch_time
-        return {"level": level, "epoch": epoch, "lr": state.lr_at_start, "train_loss": loss_sum / count,
-                "train_acc": 100.0 * correct / count, "test_loss": test_loss, "test_acc": test_acc,
-                "epoch_time_s": epoch_time,
-                "images_per_s": state.steady_images_per_s(count) or count / epoch_time}
+        row = {"level": level, "epoch": epoch, "lr": state.lr_at_start, "train_loss": loss_sum / count,
+               "train_acc": 100.0 * correct / count, "test_loss": test_loss, "test_acc": test_acc,
+               "epoch_time_s": epoch_time, "images_per_s": state.steady_images_per_s(count) or count / epoch_time}
+        if self.val_loader is not None:
+            row["val_loss"], row["val_acc"] = self.evaluate(self.val_loader)
+        selection.record_epoch(self.level_stats, row, len(self.train_loader))  # the best epoch: on val, else test
+        return row
 
-    def evaluate(self) -> tuple:
-        """Loss and accuracy over the whole test set, each example counted once across ranks.
-        The bare model (ranks may hold different numbers of test batches) with rank 0's
-        BatchNorm statistics (the checkpointed ones) on every rank."""
-        model = self.model
+    def evaluate(self, loader=None) -> tuple:
+        """Loss and accuracy over the whole test set (or ``loader``'s data: validation), each example
+        counted once across ranks.  The bare model (ranks may hold different numbers of test batches)
+        with rank 0's BatchNorm statistics (the checkpointed ones) on every rank."""
+        model, loader = self.model, loader if loader is not None else self.test_loader
         du.broadcast_buffers_(model, exclude=mask_layers.mask_buffer_names(model))
         evaluated = FlipTTA(model) if self.c["training.flip_tta"] else model
-        loss_sum, correct, count = training.evaluate(evaluated, self.test_loader.batches(0), device=self.ctx.device,
+        loss_sum, correct, count = training.evaluate(evaluated, loader.batches(0), device=self.ctx.device,
                                                      autocast_dtype=self.autocast_dtype, reduce=du.all_reduce_sum)
-        if count != self.test_loader.num_samples:
-            raise RuntimeError(f"evaluation saw {int(count)} examples, the test set has {self.test_loader.num_samples}")
+        if count != loader.num_samples:
+            raise RuntimeError(f"evaluation saw {int(count)} examples, the data set has {loader.num_samples}")
         return loss_sum / count, 100.0 * correct / count
 
     def run(self) -> int:
@@ -166,7 +170,7 @@ class Experiment(ExperimentBase):
             self.say(f"{decision.root} is finished ({len(self.plan)} levels); nothing to do")
             return 0
         self.build_training_objects()
-        self.level_stats = {"best_test_acc": 0.0, "train_time_s": 0.0}
+        self.level_stats = self.new_level_stats()
         self.new_optimizer(0)
         self.callbacks += trackers.make_trackers(trackers.TrackerSettings.from_config(self.c), self.files.root,
                                                  self.ctx.is_primary)

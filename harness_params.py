@@ -323,6 +323,15 @@ def declare_sections() -> Config:
         augment=P(Choice(augment_names()), f"Training augmentation (utils/data/specs.py): {augmentations_help()}", default="default"),
         resolution=P(StrictInt(0), "Training image size; 0 = the dataset's own (ImageNet: RandomResizedCrop size)", default=0),
         eval_resolution=P(StrictInt(0), "Evaluation image size; 0 = the dataset's own (ImageNet: center crop, ratio 224/256)", default=0),
+        val_fraction=P(StrictFloat(0, 1, high_open=True), "Share of the training file held out as validation data "
+                       "(removed from training; the best and early-stopping epochs are chosen on it; 0 = none: "
+                       "the best epoch is chosen on the test set, and levels.csv says so)", default=0.0),
+        val_seed=P(StrictInt(0), "Seed of the validation split (utils/data/validation.py): not experiment.seed, so "
+                   "every seed and control of a study holds out the same samples", default=0),
+        train_samples=P(StrictInt(0), "Train on this many samples of the training file (after the validation split; "
+                        "drawn with dataset.val_seed, utils/data/validation.py); 0 = all", default=0),
+        val_path=P(StrictStr(), "Validation .beton file (e.g. an image folder's val/ split written with --splits "
+                   "train=train,test=val); '' = none", default=""),
     )
     Section("optimizer", "Optimizer").params(
         name=P(Choice(list(OPTIMIZERS)), "Optimizer (utils/training/optimizers.py)", default="sgd"),
@@ -611,6 +620,9 @@ def check_cross_fields(c: Dict[str, Any]) -> None:
         _fail(f"schedule.warmup_epochs={c['schedule.warmup_epochs']} must be less than training.epochs={epochs}")
     check_structure_fields(c, structure)
     check_speed_fields(c)
+    if c["dataset.val_fraction"] > 0 and c["dataset.val_path"]:
+        _fail(f"dataset.val_fraction={c['dataset.val_fraction']} and dataset.val_path={c['dataset.val_path']} both "
+              f"set; give one (a share of the training file held out, or a validation file)")
     if c["schedule.name"] == "triangular" and c["schedule.peak_epoch"] > epochs:
         _fail(f"schedule.peak_epoch={c['schedule.peak_epoch']} must be within training.epochs={epochs}")
 

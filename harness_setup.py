@@ -30,7 +30,7 @@ from utils.pruning.channel_graph import StructureError
 from utils.runs import checkpointing, run_lock
 from utils.runs.fault_injection import FaultInjection
 from utils.runs.run_control import ProgressBar, StopOnRequest, StopRequests
-from utils.training import progressive, rewind, slimming, sparse_training
+from utils.training import progressive, rewind, selection, slimming, sparse_training
 from utils.training import step as training
 from utils.training.level_plan import LevelPlan, deepening, plan_of_config
 from utils.training.training_types import get_training_type
@@ -49,6 +49,7 @@ class ExperimentBase:
         self.callbacks = Callbacks([cb for cb in (fault_injection,) if cb is not None])
         self.callbacks += [ProgressBar(ctx.is_primary and config["training.progress"]), StopOnRequest(self.stop_requests)]
         self._snip_loader = None
+        self.split = self.val_loader = None  # validation data (build_loaders): the split's indices, its loader
         self.lock = None  # rank 0: this directory's run lock, held for the run's life (utils/runs/run_lock.py)
         self.resume_partial_epoch: Optional[Dict[str, Any]] = None
         self.source = self.rewind_at = None
@@ -67,6 +68,7 @@ class ExperimentBase:
         inputs = hu.check_inputs(c, self.ctx.world_size, self.ctx.device)
         self.spec, self.model = inputs.spec, inputs.model
         self.train_resolution, self.eval_resolution = inputs.train_resolution, inputs.eval_resolution
+        self.split = inputs.split  # dataset.val_fraction: (training, validation) indices of the training file
         for note in inputs.notes:  # e.g. a .beton written by another tool: no record to check it against
             self.say(note)
         self.structure = hu.structure_of(c)  # what a level's masks keep: weights, channels, N:M groups, ...
@@ -201,8 +203,8 @@ class ExperimentBase:
         self.autocast_dtype, note = hu.autocast_dtype(c, self.ctx.device)
         if note:
             self.say(note)
-        self.train_loader, self.test_loader = hu.build_loaders(c, self.spec, self.ctx, self.train_resolution,
-                                                               self.eval_resolution)
+        self.train_loader, self.test_loader, self.val_loader = hu.build_loaders(
+            c, self.spec, self.ctx, self.train_resolution, self.eval_resolution, self.split)
         if self.training_type.captures_rewind:  # where later levels rewind to: (epoch, batches done in it)
             try:
                 point = rewind.rewind_point(c["prune.rewind_iteration"] or c["prune.rewind_epoch"] * len(self.train_loader),
@@ -250,7 +252,7 @@ class ExperimentBase:
             cache.setdefault(self.train_loader.output_resolution, self.train_loader)
             if res not in cache:
                 cache[res] = hu.make_data_loader(c, self.spec, self.ctx.device, train=True, resolution=res,
-                                                 rank=self.ctx.rank, world_size=self.ctx.world_size)
+                                                 rank=self.ctx.rank, world_size=self.ctx.world_size, split=self.split)
             self.train_loader = cache[res]
         else:
             self.train_loader.output_resolution = res
@@ -260,6 +262,11 @@ class ExperimentBase:
             self.train_model, self.model, self.optimizer, self.schedule, self.scaler, self.autocast_dtype,
             label_smoothing=self.c["optimizer.label_smoothing"], grad_clip=self.c["training.grad_clip"],
             after_backward=[cb.after_backward for cb in callbacks if cb.after_backward is not None])
+
+    def new_level_stats(self) -> Dict[str, Any]:
+        """A level's statistics before its first epoch: training time and the best and early-stopping
+        epochs, chosen on validation data when the run has some (utils/training/selection.py)."""
+        return selection.new_level_stats(hu.has_validation(self.c))
 
     def level_info(self, level: int, **fields: Any) -> LevelInfo:
         return LevelInfo(level=level, density=self.densities[level], model=self.model, root=self.files.root,
@@ -296,7 +303,8 @@ class ExperimentBase:
         analysis' BatchNorm statistics do not depend on the number of processes."""
         if self._snip_loader is None:
             self._snip_loader = hu.make_data_loader(self.c, self.spec, self.ctx.device, train=True,
-                                                    resolution=self.train_resolution, rank=0, world_size=1)
+                                                    resolution=self.train_resolution, rank=0, world_size=1,
+                                                    split=self.split)
         return self._snip_loader
 
     def check_masks_in_sync(self, masks) -> None:
@@ -419,7 +427,7 @@ class ExperimentBase:
         self.new_optimizer(last["level"])
         checkpointing.restore(last, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
                               scaler=self.scaler, keep_masks=False, rng=True, callbacks=self.callbacks)
-        self.level_stats = dict(last["level_stats"])
+        self.level_stats = {**self.new_level_stats(), **last["level_stats"]}  # (a key an older last.pt lacks)
         self.check_masks_in_sync(mask_layers.get_masks(self.model))
         self.say(hu.resume_message(self.files.root, last))
         if last["phase"] == "level_done":

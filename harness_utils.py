@@ -22,6 +22,7 @@ from utils.core.errors import UserError
 from utils.data.loaders import make_loader
 from utils.data.records import resolve_dataset_spec, validate_beton
 from utils.data.sources import DataError
+from utils.data.validation import split_indices
 from utils.models import mask_layers, pretrained
 from utils.models.blurpool import add_blurpool_
 from utils.models.registry import ModelError, get_model
@@ -56,6 +57,7 @@ from utils.runs.rundir import read_config as read_config_yaml  # noqa: F401
 from utils.training.optimizers import OPTIMIZERS, build_optimizer  # noqa: F401
 from utils.training.schedulers import LRSchedule, ScheduleSpec
 from utils.training.level_plan import LevelPlan, plan_levels
+from utils.training import selection
 from utils.training.training_types import get_training_type
 
 BN_BATCHES_EPOCH = 3_000_000  # data order of the batches the stability analysis re-estimates BatchNorm on
@@ -158,6 +160,7 @@ class Inputs:
     eval_resolution: int
     model: torch.nn.Module
     notes: List[str]
+    split: Optional[Tuple[np.ndarray, np.ndarray]] = None   # dataset.val_fraction: (training, validation) indices
 
 
 def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> Inputs:
@@ -174,14 +177,21 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
         raise UserError(str(error)) from None
     train_resolution = c["dataset.resolution"] or spec.resolution
     eval_resolution = c["dataset.eval_resolution"] or train_resolution
-    notes = []
-    for key in ("dataset.train_path", "dataset.test_path"):
+    notes, split = [], None
+    for key in ("dataset.train_path", "dataset.test_path") + (("dataset.val_path",) if c["dataset.val_path"] else ()):
         try:
             summary = validate_beton(c[key], spec)
         except DataError as error:
             raise UserError(f"{key}: {error}") from None
         if summary.get("note"):
             notes.append(f"note: {key}: {summary['note']}")
+        if key == "dataset.train_path":
+            split = validation_split(c, summary["num_samples"])
+            if split is not None:
+                notes.append(f"training on {len(split[0])} of the {summary['num_samples']} samples of "
+                             f"{c['dataset.train_path']}, {len(split[1])} held out for validation "
+                             f"(dataset.val_fraction={c['dataset.val_fraction']}, dataset.train_samples="
+                             f"{c['dataset.train_samples']}, dataset.val_seed={c['dataset.val_seed']})")
     try:
         model = get_model(c["model.name"], num_classes=spec.num_classes, in_channels=spec.channels,
                           image_size=train_resolution)
@@ -200,18 +210,52 @@ def check_inputs(c: Dict[str, Any], world_size: int, device: torch.device) -> In
         notes += pretrained.apply_given_weights(model, c["model.weights"], c["prune.masks_from"] and c["prune.control"])
     except pretrained.WeightsError as error:
         raise UserError(str(error)) from None
-    return Inputs(spec, train_resolution, eval_resolution, model, notes)
+    return Inputs(spec, train_resolution, eval_resolution, model, notes, split)
+
+
+def has_validation(c: Dict[str, Any]) -> bool:
+    """Whether the run has validation data (dataset.val_fraction or dataset.val_path): then its best and
+    early-stopping epochs are chosen on it (utils/training/selection.py), else the best on the test set."""
+    return c["dataset.val_fraction"] > 0 or bool(c["dataset.val_path"])
+
+
+def validation_split(c: Dict[str, Any], num_samples: Optional[int] = None) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """dataset.val_fraction, dataset.train_samples: (training indices, validation indices) of the training file,
+    a function of its sample count, those keys and dataset.val_seed only (utils/data/validation.py); None
+    without either (every sample trains)."""
+    if not (c["dataset.val_fraction"] > 0 or c["dataset.train_samples"]):
+        return None
+    if num_samples is None:
+        from utils.data.beton import BetonFile
+        num_samples = BetonFile(c["dataset.train_path"]).num_samples
+    try:
+        return split_indices(num_samples, c["dataset.val_fraction"], c["dataset.val_seed"], c["dataset.train_samples"])
+    except DataError as error:
+        raise UserError(f"dataset.train_path={c['dataset.train_path']}: {error}") from None
 
 
 def make_data_loader(c: Dict[str, Any], spec: Any, device: torch.device, *, train: bool, resolution: int,
-                     rank: int, world_size: int):
-    """A loader of the config's training (``train``) or test file for this rank's share."""
+                     rank: int, world_size: int, validation: bool = False,
+                     split: Optional[Tuple[np.ndarray, np.ndarray]] = None):
+    """A loader of the config's training (``train``), test or validation (``validation``) data for this
+    rank's share.  With dataset.val_fraction the training loader reads the training file's samples
+    left after the validation split (``split``; computed here when not given) and the validation loader
+    the held-out ones; dataset.val_path is a file of its own."""
+    if validation and not has_validation(c):
+        raise UserError("no validation data: set dataset.val_fraction or dataset.val_path")
+    path, indices = c["dataset.train_path" if train else "dataset.test_path"], None
+    if train or validation:
+        split = split if split is not None else validation_split(c)
+        if validation and not c["dataset.val_fraction"] > 0:
+            path = c["dataset.val_path"]
+        elif split is not None:
+            path, indices = c["dataset.train_path"], split[1 if validation else 0]
     try:
-        return make_loader(c["dataset.train_path" if train else "dataset.test_path"], spec, train=train,
+        return make_loader(path, spec, train=train and not validation,
                            batch_size=c["dataset.batch_size"], resolution=resolution,
                            num_workers=c["dataset.num_workers"], device=device, rank=rank, world_size=world_size,
                            seed=c["experiment.seed"], channels_last=c["training.channels_last"],
-                           backend=c["dataset.loader"])
+                           backend=c["dataset.loader"], indices=indices)
     except DataError as error:
         raise UserError(str(error)) from None
 
@@ -280,8 +324,10 @@ def extra_columns(c: Dict[str, Any], structure) -> Dict[str, List[str]]:
     (``Structure.level_columns``, ``layer_columns``) and ``instability`` (stability analysis);
     and the logs they add (``mask_updates``: a training type whose masks change during training)."""
     level = list(structure.level_columns) + (["instability"] if c["analysis.stability"] else [])
+    level += selection.VALIDATION_LEVEL_COLUMNS if has_validation(c) else []
     logs = ["mask_updates"] if get_training_type(c["prune.training_type"]).updates_masks else []
-    return {"level_extra": level, "layer_extra": list(structure.layer_columns), "extra_logs": logs}
+    return {"level_extra": level, "layer_extra": list(structure.layer_columns), "extra_logs": logs,
+            "epoch_extra": selection.VALIDATION_EPOCH_COLUMNS if has_validation(c) else []}
 
 
 # The config's pruning structure, made with its prune settings (the config loader's, which has
@@ -298,16 +344,19 @@ def level_plan(c: Dict[str, Any], model: torch.nn.Module, structure) -> LevelPla
         raise UserError(str(error)) from None
 
 
-def build_loaders(c: Dict[str, Any], spec: Any, ctx: Any, train_resolution: int, eval_resolution: int):
-    """-> (training loader, test loader) of this rank's share; a batch larger than the
-    training set is refused."""
-    shard = dict(rank=ctx.rank, world_size=ctx.world_size)
+def build_loaders(c: Dict[str, Any], spec: Any, ctx: Any, train_resolution: int, eval_resolution: int,
+                  split: Optional[Tuple[np.ndarray, np.ndarray]] = None):
+    """-> (training loader, test loader, validation loader or None) of this rank's share; a batch
+    larger than the training set is refused.  ``split``: dataset.val_fraction's indices (``Inputs.split``)."""
+    shard = dict(rank=ctx.rank, world_size=ctx.world_size, split=split)
     train = make_data_loader(c, spec, ctx.device, train=True, resolution=train_resolution, **shard)
     test = make_data_loader(c, spec, ctx.device, train=False, resolution=eval_resolution, **shard)
+    validation = (make_data_loader(c, spec, ctx.device, train=False, validation=True, resolution=eval_resolution,
+                                   **shard) if has_validation(c) else None)
     if len(train) == 0:
         raise UserError(f"dataset.batch_size={c['dataset.batch_size']} is larger than the training set "
                         f"({train.num_samples} samples): no full batch per epoch")
-    return train, test
+    return train, test, validation
 
 
 def create_experiment_dir(files: ExperimentFiles, resolved: Dict[str, Any], launch_id: Optional[str]) -> None:

@@ -256,7 +256,7 @@ def synthetic_dataset(dataset: str, out_dir, *, train: int, test: int, imagenet_
     cifar10/cifar100: random pixels in the CIFAR pickle layout, read by the writer's reader;
     imagenet: generated JPEGs in an ImageFolder tree, read by the writer's ImageFolder reader
     (``imagenet_side`` px, 10 classes of folders; the spec's 1000 classes are the label range);
-    other datasets (mnist, fashionmnist, svhn): random arrays of the stored size.
+    other datasets (mnist, fashion_mnist, svhn): random arrays of the stored size.
     """
     out_dir = Path(out_dir)
     outputs = tuple(out_dir / f"{dataset}_{split}.beton" for split in ("train", "test"))

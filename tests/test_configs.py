@@ -17,7 +17,9 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 REQUIRED = ["resnet18_lrr_imagenet", "resnet18_wr_imagenet", "resnet50_lrr_imagenet", "resnet20_imp_cifar10",
             "resnet20_wr_cifar10", "resnet20_lrr_cifar10", "vgg16_snip_cifar10", "vgg16_synflow_cifar10",
             "resnet18_erk_cifar100", "resnet18_balanced_cifar100", "lenet_300_100_imp_mnist", "quickstart",
-            "resnet20_slim_cifar10", "resnet20_earlybird_cifar10", "vit_imp_cifar10"]
+            "resnet20_slim_cifar10", "resnet20_earlybird_cifar10", "vit_imp_cifar10", "lenet_300_100_imp_fashion",
+            "conv2_imp_fashion"]
+SHORT_DATA_NAMES = {"fashion": "fashion_mnist"}   # a file name's data part: the dataset's name, or this short one
 
 
 def test_required_configs_exist():
@@ -31,7 +33,7 @@ def test_config_loads_validates_and_builds(path):
     if path.stem != "quickstart":
         model_part, method, data = path.stem.rsplit("_", 2)
         assert c["model.name"].startswith(model_part.split("_")[0])
-        assert data == c["dataset.name"]
+        assert SHORT_DATA_NAMES.get(data, data) == c["dataset.name"]
         expected = {"imp": ("training_type", "imp"), "wr": ("training_type", "wr"), "lrr": ("training_type", "lrr"),
                     "snip": ("criterion", "snip"), "synflow": ("criterion", "synflow"),
                     "erk": ("allocation", "erk"), "balanced": ("allocation", "balanced"),

@@ -45,14 +45,14 @@ def source(tmp_path):
     model = model_for(c, seed=7)
     torch.save({"format": 1, "config": c, "model": model.state_dict()}, root / "checkpoints" / "init.pt")
     masks = all_true_masks(model)
-    rows = ["level,target_density,density,final_test_acc,best_test_acc,train_time_s"]
+    rows = ["level,target_density,density,final_test_acc,best_test_acc,best_epoch,best_selected_on,train_time_s"]
     for level in range(4):
         if level:
             masks = compute_masks(model, density=0.8 ** level, criterion="random", allocation="global", seed=level)
             set_masks(model, masks)
         torch.save(masks, root / "masks" / f"level_{level}.pt")
         if level < 3:
-            rows.append(f"{level},{0.8 ** level},{0.8 ** level},90.0,91.0,1.0")
+            rows.append(f"{level},{0.8 ** level},{0.8 ** level},90.0,91.0,1,test,1.0")
     (root / "levels.csv").write_text("\n".join(rows) + "\n")
     return root
 

@@ -129,7 +129,7 @@ def ffcv_cifar_train(cifar):
 
 # --------------------------------------------------------------------------- registry
 def test_registry_specs_are_consistent():
-    assert {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagenet", "digits", "folder"} <= set(data_specs.DATASETS)
+    assert {"cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "imagenet", "digits", "folder"} <= set(data_specs.DATASETS)
     for spec in data_specs.DATASETS.values():
         assert spec.source is not None and callable(spec.source.read)     # the writer reads every entry
         data_specs.get_augment_policy(spec.train_augment)
@@ -147,7 +147,7 @@ def test_registry_specs_are_consistent():
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(DataError, match="valid names: cifar10, cifar100, digits, fashionmnist") as info:
+    with pytest.raises(DataError, match="valid names: cifar10, cifar100, digits, fashion_mnist") as info:
         get_dataset_spec("cifar11")
     assert "\n" not in str(info.value)
     with pytest.raises(DataError, match="unknown loader back-end 'jax'"):

@@ -24,7 +24,7 @@ def make_experiment(tmp_path, digits, **overrides) -> harness.Experiment:
     experiment.check_inputs()
     experiment.files = hu.ExperimentFiles(experiment.decide_directory().root)
     experiment.build_training_objects()
-    experiment.level_stats = {"best_test_acc": 0.0, "train_time_s": 0.0}
+    experiment.level_stats = experiment.new_level_stats()
     experiment.new_optimizer()
     experiment.start_fresh()
     return experiment

@@ -45,6 +45,7 @@ from utils.data.order import _check_int, batches_per_epoch, epoch_order
 from utils.data.records import _check_record, require_complete
 from utils.data.sources import DataError
 from utils.data.specs import DatasetSpec, _one_line, get_augment_policy
+from utils.data.validation import check_indices
 
 # --------------------------------------------------------------------------- loaders
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -63,7 +64,7 @@ class BetonLoader:
 
     def __init__(self, beton: BetonFile, spec: DatasetSpec, *, train: bool, global_batch_size: int,
                  num_workers: int, device, rank: int, world_size: int, seed: int, channels_last: bool,
-                 output_resolution: Optional[int], drop_last: bool):
+                 output_resolution: Optional[int], drop_last: bool, indices: Optional[np.ndarray] = None):
         self.path = beton.path
         self.spec = spec
         self.train = bool(train)
@@ -76,7 +77,11 @@ class BetonLoader:
         self.channels_last = bool(channels_last)
         self.policy = get_augment_policy(spec.train_augment)
         self.output_resolution = output_resolution     # None: stored size
-        self.num_samples = beton.num_samples
+        # ``indices``: the file's samples this loader reads (a validation split, utils/data/validation.py);
+        # the order is drawn over them and maps back to their index in the file, which is also the index
+        # the augmentation's random numbers are drawn for.  None: every sample of the file.
+        self.indices = None if indices is None else check_indices(indices, beton.num_samples, beton.path)
+        self.num_samples = beton.num_samples if self.indices is None else len(self.indices)
         # Validates rank / world size / divisibility once, here.
         epoch_order(0, seed=seed, epoch=0, rank=rank, world_size=world_size,
                     global_batch_size=global_batch_size)
@@ -97,10 +102,12 @@ class BetonLoader:
         """DataError when this back-end cannot serve ``spec`` (before the file is read)."""
 
     def order(self, epoch: int, start_batch: int = 0) -> np.ndarray:
-        """The sample indices this rank reads in ``epoch`` (see ``epoch_order``)."""
-        return epoch_order(self.num_samples, seed=self.seed, epoch=epoch, rank=self.rank,
-                           world_size=self.world_size, global_batch_size=self.global_batch_size,
-                           shuffle=self.shuffle, drop_last=self.drop_last, start_batch=start_batch)
+        """The file's sample indices this rank reads in ``epoch`` (see ``epoch_order``; with
+        ``indices``, the order of positions among them, mapped to their indices in the file)."""
+        positions = epoch_order(self.num_samples, seed=self.seed, epoch=epoch, rank=self.rank,
+                                world_size=self.world_size, global_batch_size=self.global_batch_size,
+                                shuffle=self.shuffle, drop_last=self.drop_last, start_batch=start_batch)
+        return positions if self.indices is None else self.indices[positions]
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         epoch = _check_int("epoch", epoch, 0)
@@ -340,7 +347,7 @@ class TorchBetonLoader(BetonLoader):
         """uint8 (B, H, W, C) stored images of a fixed-size dataset."""
         if self._cache_all:
             if self._array is None:
-                self._array = np.stack(self._map(self._image, range(self.num_samples)))
+                self._array = np.stack(self._map(self._image, range(self._beton.num_samples)))
             return self._array[indices]
         return np.stack(self._map(self._image, [int(i) for i in indices]))
 
@@ -410,14 +417,17 @@ def get_loader_backend(name: str) -> type:
 def make_loader(path, spec: DatasetSpec, *, train: bool, batch_size: int, num_workers: int, device,
                 rank: int = 0, world_size: int = 1, seed: int = 0, channels_last: bool = False,
                 backend: str = "ffcv", resolution: Optional[int] = None,
-                drop_last: Optional[bool] = None, **backend_options) -> BetonLoader:
+                drop_last: Optional[bool] = None, indices: Optional[np.ndarray] = None,
+                **backend_options) -> BetonLoader:
     """A loader over ``path`` for ``spec`` (validated first with ``validate_beton``).
 
     ``batch_size`` is the GLOBAL batch size: each of ``world_size`` ranks gets
     ``batch_size // world_size`` per batch.  ``train`` shuffles, augments (the spec's
     ``train_augment``) and drops the last partial global batch; evaluation does none of
     that and covers every sample exactly once over all ranks.  ``drop_last`` overrides
-    the default.  ``resolution``: output size for datasets with resized crops (ImageNet:
+    the default.  ``indices``: read only these samples of the file (sorted indices; e.g. one side
+    of ``utils.data.validation.split_indices``), the same ones on every rank and back-end.
+    ``resolution``: output size for datasets with resized crops (ImageNet:
     RandomResizedCrop size for training, center crop size for evaluation); other datasets
     are used at their stored size, which ``resolution`` may only repeat.
     ``backend_options``: ffcv back-end ``os_cache`` (default True) and ``batches_ahead``.
@@ -442,4 +452,5 @@ def make_loader(path, spec: DatasetSpec, *, train: bool, batch_size: int, num_wo
     return loader_class(beton, spec, train=train, global_batch_size=batch_size, num_workers=int(num_workers),
                         device=device, rank=rank, world_size=world_size, seed=seed,
                         channels_last=channels_last, output_resolution=output_resolution,
-                        drop_last=bool(train) if drop_last is None else bool(drop_last), **backend_options)
+                        drop_last=bool(train) if drop_last is None else bool(drop_last), indices=indices,
+                        **backend_options)

@@ -13,6 +13,9 @@ the ffcv and torch back-ends' bit for bit (on the same device).  Per epoch, the 
 uniforms go to the device once; batches never synchronize with the host.  JPEG-stored images
 are decoded with OpenCV, as in the torch back-end (ffcv's decoder may differ by a few levels).
 
+With ``indices`` (a validation split: ``utils/data/validation.py``) only those samples are decoded
+and held; the order and the random numbers are still those of their indices in the file.
+
 Refused with a one-line DataError: images of varying size (ImageNet: use ``ffcv``), random
 resized crops (``dataset.augment=rrc``), and a dataset that would not fit: on CUDA it may take
 at most ``MEMORY_FRACTION`` of the free memory that ``torch.cuda.mem_get_info`` reports
@@ -94,7 +97,9 @@ class MemoryBetonLoader(BetonLoader):
             shape = tuple(field.shape)
         else:
             shape = (spec.resolution, spec.resolution, spec.channels)    # validated: every image
-        count = beton.num_samples
+        # with ``indices`` (a validation split) only those samples are decoded; row k holds indices[k]
+        rows = np.arange(beton.num_samples) if self.indices is None else self.indices
+        count = len(rows)
         needed = count * int(np.prod(shape)) + count * 8
         free = free_memory(self.device)
         where = str(self.device) if self.device.type == "cuda" else "RAM"
@@ -102,15 +107,15 @@ class MemoryBetonLoader(BetonLoader):
             raise DataError(f"{beton.path}: dataset.loader=memory needs {_gib(needed)} on {where} for "
                             f"{count} images of {shape[0]}x{shape[1]}x{shape[2]}, {_gib(free)} free (it may "
                             f"use {MEMORY_FRACTION:.0%}); use dataset.loader=ffcv")
-        self._images = self._decode_all(beton, shape)
-        labels = np.asarray(beton.metadata[LABEL_FIELD], dtype=np.int64)
+        self._images = self._decode_all(beton, shape, rows)
+        labels = np.asarray(beton.metadata[LABEL_FIELD], dtype=np.int64)[rows]
         self._labels = torch.from_numpy(labels.copy()).to(self.device)
         self._uses_uniforms = self.train and (self.policy.horizontal_flip or self.policy.translate_padding > 0)
 
-    def _decode_all(self, beton: BetonFile, shape: tuple) -> torch.Tensor:
-        """(N, H, W, C) uint8 on the device, filled chunk by chunk (a CPU staging chunk,
-        never a whole host copy when the device is a GPU)."""
-        count = beton.num_samples
+    def _decode_all(self, beton: BetonFile, shape: tuple, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), H, W, C) uint8 on the device: the file's samples ``rows``, filled chunk by
+        chunk (a CPU staging chunk, never a whole host copy when the device is a GPU)."""
+        count = len(rows)
         on_cpu = self.device.type == "cpu"
         images = torch.empty((count, *shape), dtype=torch.uint8, device=self.device)
         staging = images if on_cpu else torch.empty((min(_CHUNK, count), *shape), dtype=torch.uint8,
@@ -120,7 +125,7 @@ class MemoryBetonLoader(BetonLoader):
             target = staging[begin:end] if on_cpu else staging[:end - begin]
             array = target.numpy()
             for i in range(begin, end):
-                array[i - begin] = beton.decode_image(i).reshape(shape)
+                array[i - begin] = beton.decode_image(int(rows[i])).reshape(shape)
             if not on_cpu:
                 images[begin:end].copy_(target)      # synchronous: the staging chunk is reused
         return images
@@ -134,7 +139,8 @@ class MemoryBetonLoader(BetonLoader):
         order = self.order(epoch, start_batch)
         if len(order) == 0:
             return
-        indices = torch.from_numpy(order).to(self.device, non_blocking=True)
+        rows = order if self.indices is None else np.searchsorted(self.indices, order)   # file index -> row
+        indices = torch.from_numpy(rows).to(self.device, non_blocking=True)
         uniforms = None
         if self._uses_uniforms:
             uniforms = torch.from_numpy(augment_uniforms(self.seed, epoch, order, 3)).to(self.device, non_blocking=True)

@@ -15,8 +15,9 @@ cifar10        ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` (torchvision
                uint8, channel planes) and ``labels``.
 cifar100       ``cifar-100-python/{train,test}``, labels from ``fine_labels``.
 svhn           ``{train,test}_32x32.mat`` (``X``: 32x32x3xN, ``y``: 1..10, 10 means digit 0).
-mnist          idx files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` under
-fashionmnist   ``MNIST/raw`` / ``FashionMNIST/raw`` (torchvision's layout), ``raw`` or ``--root``.
+mnist          idx files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` in ``--root`` (a flat
+fashion_mnist  folder: Debian's packages), ``MNIST/raw`` / ``FashionMNIST/raw`` (torchvision's layout)
+               or ``raw``: read by ``utils/data/idx.py``.
 imagenet       an ImageFolder tree ``train/<class>/*`` and ``val/<class>/*`` (class index =
                position of the name in the sorted train classes); any image PIL opens,
                converted to RGB, of any size.
@@ -34,7 +35,6 @@ warning, not a refusal.  Every problem with the input is a one-line ``DataError`
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import pickle
@@ -305,79 +305,6 @@ def _svhn(root: Optional[Path], options: ReadOptions = ReadOptions()) -> Split:
     return _read_svhn_mat(folder / "train_32x32.mat"), _read_svhn_mat(folder / "test_32x32.mat")
 
 
-_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (MNIST's format; gzip-compressed when the name ends in .gz)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as error:
-        raise DataError(f"{path}: cannot read ({error})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
-        raise DataError(f"{path}: not an idx file (bad magic number)")
-    dtype, ndim = _IDX_TYPES[data[2]], data[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    if len(data) != header + int(np.prod(shape)) * dtype.itemsize:
-        raise DataError(f"{path}: idx header says shape {shape} but the file holds {len(data) - header} data bytes")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-
-
-# The published files: MD5 of each .gz (the ones torchvision checks) and the image count of each split.
-_MNIST_MD5 = {
-    "mnist": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
-    "fashionmnist": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                     "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-                     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-                     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
-}
-_MNIST_COUNTS = {"train": 60000, "test": 10000}
-
-
-def _mnist_like(name: str, folder: str) -> Callable[[Optional[Path], ReadOptions], Split]:
-    stems = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-
-    def find(root: Path, stem: str) -> Path:
-        for where in (root / folder / "raw", root / "raw", root):
-            for candidate in (where / stem, where / f"{stem}.gz"):
-                if candidate.is_file():
-                    return candidate
-        raise DataError(f"{name}: {stem}[.gz] not found in {root / folder / 'raw'}, {root / 'raw'} or {root}")
-
-    def read(root: Optional[Path], options: ReadOptions = ReadOptions()) -> Split:
-        root = _require_root(root, name)
-        splits, unusual = [], []
-        for split in ("train", "test"):
-            image_path, label_path = (find(root, stem) for stem in stems[split])
-            images, labels = read_idx(image_path), read_idx(label_path)
-            if images.dtype != np.uint8 or images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-                raise DataError(f"{image_path}: images {images.dtype} {images.shape} with labels {labels.shape}; "
-                                f"{name} needs uint8 (N, H, W) images and N labels")
-            # Not the published files: another count or size, or a .gz whose MD5 differs (the
-            # uncompressed files torchvision extracts are judged by their .gz when it is beside them).
-            if images.shape != (_MNIST_COUNTS[split], 28, 28):
-                unusual.append(f"{image_path.name} holds {len(images)} images of {images.shape[1]}x"
-                               f"{images.shape[2]} (the published {split} split: {_MNIST_COUNTS[split]} of 28x28)")
-            for path in (image_path, label_path):
-                gz = path if path.name.endswith(".gz") else path.with_name(path.name + ".gz")
-                if gz.is_file() and hashlib.md5(gz.read_bytes()).hexdigest() != _MNIST_MD5[name][gz.name]:
-                    unusual.append(f"{gz.name} differs from the published file (MD5)")
-            splits.append(ArraySource(images, labels))
-        if unusual:
-            warnings.warn(f"{name}: not the standard files: {'; '.join(unusual)}; a subset or modified copy? "
-                          f"using them as they are", stacklevel=2)
-        return splits[0], splits[1]
-    return read
-
-
 def _imagenet(root: Optional[Path], options: ReadOptions = ReadOptions()) -> Split:
     root = _require_root(root, "imagenet")
     folders = split_folders(root, options.splits, ("val",))
@@ -447,14 +374,11 @@ def _torchvision_download(dataset_class: str, splits: Sequence[dict]) -> Callabl
     return download
 
 
-# The built-in datasets' sources (their registry entries in utils/data/specs.py name these).
+# The built-in datasets' sources (their registry entries in utils/data/specs.py name these; MNIST and
+# Fashion-MNIST: utils/data/idx.py).
 CIFAR10 = SourceFormat(_cifar("cifar10"), _torchvision_download("CIFAR10", [dict(train=True), dict(train=False)]))
 CIFAR100 = SourceFormat(_cifar("cifar100"), _torchvision_download("CIFAR100", [dict(train=True), dict(train=False)]))
 SVHN = SourceFormat(_svhn, _torchvision_download("SVHN", [dict(split="train"), dict(split="test")]))
-MNIST = SourceFormat(_mnist_like("mnist", "MNIST"),
-                     _torchvision_download("MNIST", [dict(train=True), dict(train=False)]))
-FASHIONMNIST = SourceFormat(_mnist_like("fashionmnist", "FashionMNIST"),
-                            _torchvision_download("FashionMNIST", [dict(train=True), dict(train=False)]))
 IMAGENET = SourceFormat(_imagenet, takes_splits=True)
 FOLDER = SourceFormat(read_image_folder, takes_splits=True)
 DIGITS = SourceFormat(_digits, needs_root=False)

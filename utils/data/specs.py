@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 from utils.core.registry import lookup
-from utils.data import sources
+from utils.data import idx, sources
 from utils.data.sources import DataError, SourceFormat
 
 
@@ -63,9 +63,11 @@ for _spec in (
         DatasetSpec("svhn", 32, 3, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
                     "crop", "rgb_raw", flip_changes_labels=True, source=sources.SVHN),
         DatasetSpec("mnist", 28, 1, 10, (0.1307,), (0.3081,), "none", "gray", flip_changes_labels=True,
-                    source=sources.MNIST),
-        DatasetSpec("fashionmnist", 28, 1, 10, (0.2860,), (0.3530,), "none", "gray", flip_changes_labels=True,
-                    source=sources.FASHIONMNIST),
+                    source=idx.MNIST, classes=idx.MNIST_CLASSES),
+        # Fashion-MNIST (Xiao et al. 2017): 28x28 grey photos of clothing; statistics over the 60,000
+        # training images.
+        DatasetSpec("fashion_mnist", 28, 1, 10, (0.2860,), (0.3530,), "none", "gray", flip_changes_labels=True,
+                    source=idx.FASHION_MNIST, classes=idx.FASHION_MNIST_CLASSES),
         DatasetSpec("imagenet", 224, 3, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                     "rrc", "rgb_jpg", fixed_size=False, source=sources.IMAGENET),
         # sklearn's 8x8 digits (values 0..16 stored as round(v * 255 / 16)); statistics over

@@ -22,7 +22,7 @@ lists what each built-in reads from ``--root``).
   raw otherwise.
 
 ``--download`` lets torchvision fetch the files first (cifar10, cifar100, svhn, mnist,
-fashionmnist); tests never use it.  An output file that exists already is refused in one line
+fashion_mnist); tests never use it.  An output file that exists already is refused in one line
 unless ``--overwrite`` (runs trained on it would otherwise meet other data under the same
 name).  ``--skip-existing`` keeps both files when they exist and their records match the
 request (dataset, name, source folder, split folders, channels, storage options; say so in a

@@ -33,7 +33,9 @@ levels of its source anyway: ``<source name>_<control>`` trains with the source'
 ``shuffle``: the source's seed and initial weights, so the level 0 of a ``shuffle`` control is the
 source's and is taken, not retrained) and to 1000 for ``reinit``, whose fresh initialisation must
 come from another seed (0 is refused).  ``overrides`` in a control's entry apply to that control's
-runs only.  Written ``controls: [reinit, shuffle]`` for the defaults.  Every expanded run is checked by the harness's own config
+runs only; ``only_for: {section.key: value}`` gives the control only to the sources with those grid or zip
+values (e.g. the IMP runs of a grid that also holds random pruning).  Written ``controls: [reinit, shuffle]``
+for the defaults.  Every expanded run is checked by the harness's own config
 validation before anything runs; a bad sweep file is refused in one line, exit status 2.
 Finished runs are skipped; a run with a directory but not finished is launched again and the
 harness resumes it; a re-run of the sweep only does what is missing.  When a run already there

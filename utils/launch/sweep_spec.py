@@ -22,7 +22,7 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 143
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SWEEP_KEYS = {"base", "name", "overrides", "grid", "zip", "controls", "launcher", "nproc_per_node", "runs_per_gpu",
               "slurm"}
-CONTROL_ENTRY_KEYS = {"seed_offset", "overrides"}
+CONTROL_ENTRY_KEYS = {"seed_offset", "overrides", "only_for"}
 DEFAULT_SEED_OFFSET = {"reinit": 1000}   # reinit needs another seed than its source's; the others keep it (0)
 # Set by the sweep for each control run (a control entry's overrides may not set them).
 CONTROL_SET_KEYS = ("prune.masks_from", "prune.control", "experiment.seed")
@@ -42,6 +42,7 @@ class ControlSpec:
     control: str                    # none, reinit or shuffle (prune.control)
     seed_offset: int                # the control's experiment.seed = its source's + seed_offset
     overrides: Dict[str, Any] = field(default_factory=dict)
+    only_for: Dict[str, Any] = field(default_factory=dict)   # grid/zip values a source must have ({}: every source)
 
 
 @dataclass
@@ -259,7 +260,10 @@ def parse_controls(section: Any, path: Path) -> List[ControlSpec]:
         _require(control != "none" or offset != 0 or extra,
                  f"{where}.none: with the source's seed and no overrides it would repeat the source run; "
                  f"give it a seed_offset or overrides")
-        specs.append(ControlSpec(control, offset, extra))
+        only_for = settings.get("only_for") or {}
+        _require(isinstance(only_for, dict), f"{where}.{control}: only_for must be a mapping of section.key: value "
+                                             f"(grid or zip values of the sources it applies to)")
+        specs.append(ControlSpec(control, offset, extra, _dotted(only_for, f"{where}.{control}: only_for")))
     return specs
 
 
@@ -297,6 +301,11 @@ def expand(sweep: Sweep) -> None:
         _require(not masks_from, f"sweep file {sweep.file}: run {source.name} is itself a control "
                                  f"(prune.masks_from={masks_from}); controls: apply to runs that prune")
         for spec in sweep.controls:  # the source's arguments, its seed aside (validate_runs sets the control's)
+            for key in spec.only_for:
+                _require(key in sweep.grid or key in sweep.zip, f"sweep file {sweep.file}: controls.{spec.control}."
+                                                                f"only_for: {key} is not a grid or zip key")
+            if any(source.values[key] != value for key, value in spec.only_for.items()):
+                continue
             argv = ["--config", str(sweep.base)]
             argv += [f"--{k}={cli_value(v)}" for k, v in {**sweep.overrides, **source.values, **spec.overrides}.items()
                      if k != "experiment.seed"]

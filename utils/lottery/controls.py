@@ -33,7 +33,8 @@ always trained (it holds no CSV rows to take).  Every check below applies to it 
 
 Refused with a one-line ControlError (``read_source``): a source directory that does not
 exist, is the control's own, has no readable ``config.yaml``, is itself a control, was
-made with another ``model.name``, ``dataset.name`` or ``prune.exclude``, was trained on other
+made with another ``model.name``, ``dataset.name``, ``prune.exclude`` or other training samples
+(``dataset.val_fraction``, ``val_seed``, ``train_samples``), was trained on other
 data than the control's files hold now (its ``data.json``: utils/runs/data_identity.py; a
 source made before runs recorded their data is not checked), has no readable
 ``checkpoints/init.pt`` (key ``model``) fitting this model, or whose finished levels' mask
@@ -67,7 +68,9 @@ from utils.runs.rundir import RunDirError, RunFiles, read_config
 
 CONTROLS = ("none", "reinit", "shuffle")
 # Keys whose values must be the same in the source's config and the control's.
-MATCHING_KEYS = ("model.name", "dataset.name", "prune.exclude")
+# the training samples too: a control trains on its source's (the validation split and subset, by index)
+MATCHING_KEYS = ("model.name", "dataset.name", "prune.exclude", "dataset.val_fraction", "dataset.val_seed",
+                 "dataset.train_samples")
 
 
 class ControlError(ValueError):
@@ -181,7 +184,7 @@ def read_source(path, request: ControlRequest, model: nn.Module,
         raise ControlError(f"prune.masks_from={path} is itself a control (of {source_config['prune.masks_from']}); "
                            f"use its source")
     for key in MATCHING_KEYS:
-        mine, theirs = request.matching.get(key), source_config.get(key)
+        mine, theirs = request.matching.get(key), source_config.get(key, (defaults or {}).get(key))  # (older runs)
         if key == "prune.exclude":
             mine, theirs = list(mine or []), list(theirs or [])
         if mine != theirs:

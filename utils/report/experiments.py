@@ -63,6 +63,25 @@ class ReportError(ValueError):
     pass
 
 
+def selected_on(experiments: Sequence["Experiment"]) -> str:
+    """What the runs' best epochs were chosen on (levels.csv ``best_selected_on``): "val", "test", or
+    "val or test" when they differ.  A run written before the column existed chose on the test set."""
+    seen = set()
+    for e in experiments:
+        column = e.levels["best_selected_on"] if "best_selected_on" in e.levels else pd.Series(["test"])
+        seen |= set(column.fillna("test").astype(str))
+    return "val or test" if len(seen) > 1 else (seen.pop() if seen else "test")
+
+
+def best_label(on: str) -> str:
+    """The name of the best-epoch accuracy, saying what its epoch was chosen on."""
+    if on == "val":
+        return "test acc at best val epoch"
+    if on == "test":
+        return "best test acc (epoch chosen on test)"
+    return "best-epoch test acc (chosen on val or test)"
+
+
 # ============================================================================ reading
 @dataclass
 class Experiment:

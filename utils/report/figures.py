@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 import pandas as pd
 
 from utils.core.atomic_io import atomic_output
-from utils.report.experiments import Group
+from utils.report.experiments import Group, best_label, selected_on
 from utils.report.tables import summarize
 
 
@@ -135,7 +135,7 @@ def plot_accuracy_vs_density(groups: Sequence[Group], summaries: Dict[str, pd.Da
     all_densities = []
     dense_points = {ax: [] for ax in axes}   # (accuracy, colour, marker, gid), drawn once the layout is done
     for ax, metric, title in ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
-                              (axes[1], "best_test_acc", "best test accuracy (any epoch)")):
+                              (axes[1], "best_test_acc", best_label(selected_on([e for g in groups for e in g.members])))):
         for index, group in enumerate(groups):
             frame = summaries[group.gid]
             if frame.empty:
@@ -220,7 +220,7 @@ def plot_accuracy_vs_cost(groups: Sequence[Group], summaries: Dict[str, pd.DataF
     annotate = sum(len(frame) for frame in shown.values()) <= 30
     costs = sorted({float(c) for frame in shown.values() for c in frame[COLUMN]})
     for ax, metric, title in ((axes[0], "final_test_acc", "final test accuracy (last epoch)"),
-                              (axes[1], "best_test_acc", "best test accuracy (any epoch)")):
+                              (axes[1], "best_test_acc", best_label(selected_on([e for g in groups for e in g.members])))):
         for group in groups:
             if group.gid not in shown:
                 continue

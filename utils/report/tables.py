@@ -35,7 +35,9 @@ from utils.report.experiments import (
     _level_list,
     _show,
     chance_margin,
+    best_label,
     differing_keys,
+    selected_on,
     value_in_table,
 )
 from utils.runs import rundir
@@ -335,7 +337,7 @@ def markdown(groups: Sequence[Group], summaries: Dict[str, pd.DataFrame], figure
             continue
         densities = named_densities(group, frame)
         lines += ["| level | " + " | ".join(map(density_header, densities.columns))
-                  + " | final test acc | best test acc | n | train cost (epochs) |",
+                  + f" | final test acc | {best_label(selected_on(group.members))} | n | train cost (epochs) |",
                   "|---:|" + "---:|" * len(densities.columns) + "---:|---:|---:|---:|"]
         for row, values in zip(frame.itertuples(), densities.itertuples(index=False)):
             n = int(row.n_seeds)

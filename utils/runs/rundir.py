@@ -35,7 +35,10 @@ from utils.runs.run_lock import LOCK_NAME
 CONFIG_NAME = "config.yaml"
 EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                  "epoch_time_s", "images_per_s"]
-LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
+# best_test_acc is the test accuracy of the epoch best_epoch, chosen on best_selected_on: "val" (validation
+# data) or "test" (no validation data: the maximum test accuracy; utils/training/selection.py)
+LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "best_epoch",
+                 "best_selected_on", "train_time_s"]
 LAYER_COLUMNS = ["level", "layer", "numel", "alive", "density"]
 STABILITY_COLUMNS = ["level", "alpha", "test_loss", "test_acc"]
 EARLY_BIRD_COLUMNS = ["epoch", "distance"]
@@ -145,6 +148,7 @@ class RunFiles:
     level_extra: Sequence[str] = ()   # columns features add to levels.csv / layers.csv (the harness says which)
     layer_extra: Sequence[str] = ()
     extra_logs: Sequence[str] = ()    # logs features add (the harness says which): "mask_updates"
+    epoch_extra: Sequence[str] = ()   # columns features add to epochs.csv (validation data: val_loss, val_acc)
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -202,7 +206,7 @@ class RunFiles:
 
     @property
     def epochs(self) -> CsvLog:
-        return CsvLog(self.root / "epochs.csv", EPOCH_COLUMNS)
+        return CsvLog(self.root / "epochs.csv", EPOCH_COLUMNS + list(self.epoch_extra))
 
     @property
     def levels(self) -> CsvLog:
