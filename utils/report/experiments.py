@@ -63,25 +63,6 @@ class ReportError(ValueError):
     pass
 
 
-def selected_on(experiments: Sequence["Experiment"]) -> str:
-    """What the runs' best epochs were chosen on (levels.csv ``best_selected_on``): "val", "test", or
-    "val or test" when they differ.  A run written before the column existed chose on the test set."""
-    seen = set()
-    for e in experiments:
-        column = e.levels["best_selected_on"] if "best_selected_on" in e.levels else pd.Series(["test"])
-        seen |= set(column.fillna("test").astype(str))
-    return "val or test" if len(seen) > 1 else (seen.pop() if seen else "test")
-
-
-def best_label(on: str) -> str:
-    """The name of the best-epoch accuracy, saying what its epoch was chosen on."""
-    if on == "val":
-        return "test acc at best val epoch"
-    if on == "test":
-        return "best test acc (epoch chosen on test)"
-    return "best-epoch test acc (chosen on val or test)"
-
-
 # ============================================================================ reading
 @dataclass
 class Experiment:
@@ -482,15 +463,6 @@ def structure_words(config: Mapping[str, Any]) -> str:
     except (StructureRegistryError, SettingsError):
         words = name  # cannot be imported here: the name the config gives
     return f"{words} " if words else ""
-
-
-def structure_keys(config: Mapping[str, Any]) -> Tuple[str, ...]:
-    """The config keys of the run's structure's own (``Structure.setting_keys``: N:M's prune.nm)."""
-    from utils.pruning.structures import StructureRegistryError, get_structure
-    try:
-        return tuple(get_structure(str(config.get("prune.structure") or "unstructured")).setting_keys)
-    except StructureRegistryError:
-        return ()
 
 
 def label_groups(groups: List[Group]) -> None:

@@ -16,7 +16,8 @@ from typing import Dict, List, Sequence, Tuple
 import pandas as pd
 
 from utils.core.atomic_io import atomic_output
-from utils.report.experiments import Group, best_label, selected_on
+from utils.report.experiments import Group
+from utils.report.labels import best_label, selected_on
 from utils.report.tables import summarize
 
 

@@ -26,8 +26,6 @@ import pandas as pd
 
 from utils.report import cost
 from utils.report.experiments import (
-    config_defaults,
-    structure_keys,
     BN_PROCESSES_KEY,
     DATA_KEY,
     IGNORED_FOR_GROUPING,
@@ -35,11 +33,11 @@ from utils.report.experiments import (
     _level_list,
     _show,
     chance_margin,
-    best_label,
+    config_defaults,
     differing_keys,
-    selected_on,
     value_in_table,
 )
+from utils.report.labels import best_label, selected_on, structure_keys
 from utils.runs import rundir
 
 
