@@ -42,7 +42,8 @@ def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
 
 def _config(tmp_path, **kw):
     c = {"experiment.base_dir": str(tmp_path), "experiment.name": "exp", "experiment.resume": True,
-         "prune.rate": 0.2, "training.progress": True}
+         "prune.rate": 0.2, "training.progress": True,
+         "dataset.train_path": str(tmp_path / "train.beton"), "dataset.test_path": str(tmp_path / "test.beton")}
     c.update(kw)
     return c
 
