@@ -88,7 +88,7 @@ def test_groups_are_seeds_of_one_config_with_mean_and_std(sweep):
     groups = report_experiments.make_groups(experiments)
     assert [sorted(e.seed for e in g.members) for g in groups] == [[0, 1, 2], [0, 1, 2]]
     assert report_experiments.differing_keys(groups) == ["prune.training_type"]
-    assert {g.label for g in groups} == {"training_type=imp", "training_type=lrr"}
+    assert {g.label for g in groups} == {"magnitude/global/imp", "magnitude/global/lrr"}
     for group in groups:
         kind = group.config["prune.training_type"]
         summary = report_tables.summarize(group)

@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import pandas as pd
 
 from utils.runs import rundir
+from utils.report.run_details import bn_processes_of, number_of_classes, reused_levels
 
 LEVEL_COLUMNS = ["level", "target_density", "density", "final_test_acc", "best_test_acc", "train_time_s"]
 EPOCH_COLUMNS = ["level", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
@@ -256,48 +257,6 @@ def load_experiment(experiment_dir) -> Experiment:
                       data=data_identity.data_signature(root), data_words=data_identity.data_words(root) or "not recorded")
 
 
-def bn_processes_of(root: Path, config: Dict[str, Any]) -> int:
-    """run_facts.batchnorm_processes of the run in ``root`` (1 when its checkpoints do not say)."""
-    from utils.runs import run_facts
-    execution = run_facts.recorded_execution(root, config.get("training.device"))
-    if execution is None or execution.world_size <= 1:
-        return 1
-    return run_facts.batchnorm_processes(world_size=execution.world_size, device_type=execution.device_type,
-                                         sync_bn=config.get("distributed.sync_bn", "auto"),
-                                         has_batchnorm=bool(run_facts.initial_weights_have_batchnorm(root)))
-
-
-def number_of_classes(config: Dict[str, Any]) -> Optional[int]:
-    """Classes of the run's data: the test set's write record, else the dataset registry."""
-    from utils.data import records
-    from utils.data import specs as data_specs
-    try:
-        record = records.read_record(str(config.get("dataset.test_path")))
-    except Exception:  # noqa: BLE001 -- an unreadable record: fall back on the registry
-        record = None
-    if isinstance(record, dict):
-        count = record.get("num_classes") or len(record.get("classes") or [])
-        if isinstance(count, int) and count > 0:
-            return count
-    try:
-        return int(data_specs.get_dataset_spec(str(config.get("dataset.name"))).num_classes)
-    except Exception:  # noqa: BLE001 -- a dataset this version does not know
-        return None
-
-
-def reused_levels(root: Path) -> List[str]:
-    """What a control took from its source instead of training (utils/lottery/controls.py writes it)."""
-    path = rundir.RunFiles(root).reused.path
-    if not path.is_file():
-        return []
-    try:
-        frame = pd.read_csv(path)
-        return [f"level {int(row.level)} taken from `{row.source}` (identical: not retrained)"
-                for row in frame.itertuples()]
-    except Exception:  # noqa: BLE001 -- a note only: never stops the report
-        return [f"{path.name} unreadable"]
-
-
 def expand_dirs(dirs: Sequence) -> List[Path]:
     """Experiment directories named, or held one level down (a sweep directory); in order, once each."""
     found: List[Path] = []
@@ -465,20 +424,41 @@ def structure_words(config: Mapping[str, Any]) -> str:
     return f"{words} " if words else ""
 
 
+METHOD_KEYS = ("prune.criterion", "prune.allocation", "prune.training_type")  # a label's first words
+
+
 def label_groups(groups: List[Group]) -> None:
+    """Each group's label: its method (structure, criterion/allocation/training type) when groups
+    differ in it, then the other keys in which groups differ, each only where the group sets it
+    away from the harness's default (absent = default).  When that would leave two groups the same
+    label, or one none, every differing key is named, as ``key=value``."""
     keys = [k for k in differing_keys(groups) if k not in CONTROL_KEYS]
     short = _short_names(keys)
+    defaults = config_defaults()
+
+    def method_words(c: Mapping[str, Any]) -> str:
+        return (f"{structure_words(c)}{c.get('prune.criterion', '?')}/{c.get('prune.allocation', '?')}/"
+                f"{c.get('prune.training_type', '?')}")
+
+    def concise(group: Group) -> str:
+        parts = [method_words(group.config)] if any(k in METHOD_KEYS for k in keys) else []
+        parts += [f"{short[k]}={_show(group_value(group, k))}" for k in keys if k not in METHOD_KEYS
+                  and (k not in defaults or _show(group_value(group, k)) != _show(defaults[k]))]
+        return ", ".join(parts)
+
+    def every_key(group: Group) -> str:
+        return ", ".join(f"{short[k]}={_show(group_value(group, k))}" for k in keys)
+
+    plain = [g for g in groups if not g.is_control]
+    texts = [concise(g) for g in plain]
+    use = concise if all(texts) and len(set(texts)) == len(texts) else every_key
     for group in groups:
         c = group.config
-        if keys:
-            text = ", ".join(f"{short[k]}={_show(group_value(group, k))}" for k in keys)
-        else:
-            text = (f"{c.get('model.name', '?')} {structure_words(c)}{c.get('prune.criterion', '?')}/"
-                    f"{c.get('prune.allocation', '?')}/{c.get('prune.training_type', '?')}")
+        text = use(group) if keys else f"{c.get('model.name', '?')} {method_words(c)}"
         if group.is_control:
             source = source_group(group, groups)
             origin = source.gid if source else Path(str(c["prune.masks_from"])).name
-            text = f"control {c.get('prune.control', 'none')} of {origin}" + (f", {text}" if keys else "")
+            text = f"control {c.get('prune.control', 'none')} of {origin}" + (f", {text}" if keys and text else "")
         group.label = text
 
 

@@ -1,9 +1,11 @@
-"""What the report's labels say: which set a best epoch was chosen on, a structure's own keys."""
+"""What the report's labels say: which set a best epoch was chosen on, a structure's own keys
+(a group's label itself: ``experiments.label_groups``)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence, Tuple
 
 import pandas as pd
+
 
 
 def selected_on(experiments: Sequence[Any]) -> str:
