@@ -747,7 +747,7 @@ def check_science_fields(c: Dict[str, Any]) -> None:
     if masks_from:
         if kind.one_shot:
             _fail(f"prune.masks_from takes the masks of every level from the source; prune.training_type={kind.name} "
-                  f"contradicts it (use imp, wr or lrr)")
+                  f"contradicts it (use {' or '.join(n for n, t in TRAINING_TYPES.items() if not t.one_shot)})")
         if c["prune.target_density"] is not None:
             _fail(f"prune.target_density={c['prune.target_density']} contradicts prune.masks_from (the source's masks "
                   f"fix the densities); give prune.levels, or neither to train all of the source's levels")

@@ -1,7 +1,7 @@
 """Every pair of choices, proven on real runs: an all-pairs (pairwise covering) array over the
 factors a user combines -- model kind x criterion x allocation x training type x structure x
 control x processes x loader -- each row a tiny run on the digits data (1 epoch a level, 2
-levels; at_init: one pruned level).
+levels; at_init, gmp, rigl, set: one pruned level).
 
 A run that applies must exit 0 and write exact densities (channel densities for channel
 structure) per level, masks nested level to level (shuffle controls redraw each level: the same
@@ -71,7 +71,7 @@ class Structure:
     overrides: Dict[str, object] = field(default_factory=dict, hash=False, compare=False)
 
 
-WEIGHT_CRITERIA = frozenset({"magnitude", "random", "snip", "synflow"})
+WEIGHT_CRITERIA = frozenset({"magnitude", "random", "snip", "synflow", "grasp"})
 MODEL_KINDS = [
     ModelKind("mlp", "lenet_300_100", batchnorm=False),
     ModelKind("bn_cnn", "tests.test_combinations:bn_cnn", batchnorm=True),
@@ -89,14 +89,16 @@ STRUCTURES = [
 FACTORS: List[Tuple[str, List]] = [
     ("model", [kind.name for kind in MODEL_KINDS]),
     ("structure", [s.name for s in STRUCTURES]),
-    ("criterion", ["magnitude", "random", "snip", "synflow", "bn_gamma"]),
+    ("criterion", ["magnitude", "random", "snip", "synflow", "grasp", "bn_gamma"]),
     ("allocation", ["global", "uniform", "erk", "balanced"]),
-    ("training_type", ["imp", "wr", "lrr", "at_init"]),
+    ("training_type", ["imp", "wr", "lrr", "finetune", "at_init", "gmp", "rigl", "set"]),
     ("control", ["off", "none", "reinit", "shuffle"]),   # off: no prune.masks_from
     ("processes", [1, 2]),
     ("loader", ["torch", "memory", "ffcv"]),
 ]
 KINDS = {kind.name: kind for kind in MODEL_KINDS}
+SPARSE_TRAINING_TYPES = ("gmp", "rigl", "set")         # masks change during the one run
+ONE_RUN_TYPES = ("at_init",) + SPARSE_TRAINING_TYPES    # one level at prune.target_density
 STRUCTURE_BY_NAME = {s.name: s for s in STRUCTURES}
 
 Row = Dict[str, object]
@@ -134,8 +136,10 @@ RULES = [
          "erk and balanced share weights among layers; channel structure allocates channels (global/uniform)"),
     Rule(("model", "criterion"), lambda m, c: c == "bn_gamma" and not KINDS[m].batchnorm,
          "bn_gamma needs a BatchNorm after every pruned layer"),
-    Rule(("control", "training_type"), lambda control, t: control != "off" and t == "at_init",
-         "a control trains every level of its source's masks; at_init prunes once by itself"),
+    Rule(("control", "training_type"), lambda control, t: control != "off" and t in ONE_RUN_TYPES,
+         "a control trains every level of its source's masks; at_init, gmp, rigl and set set masks by themselves"),
+    Rule(("structure", "training_type"), lambda s, t: s != "unstructured" and t in SPARSE_TRAINING_TYPES,
+         "gmp, rigl and set change single weights' masks during training: unstructured only"),
 ]
 
 
@@ -243,8 +247,10 @@ def run_config(row: Row, digits: Path, base: Path, name: str, source: Optional[P
                  "prune.criterion": row["criterion"], "prune.allocation": row["allocation"],
                  "prune.training_type": row["training_type"], "dataset.loader": row["loader"],
                  "training.epochs": 1, "prune.levels": 2, "prune.rate": 0.3, "prune.synflow_iterations": 10}
-    if row["training_type"] == "at_init":
+    if row["training_type"] in ONE_RUN_TYPES:
         overrides.update({"prune.levels": None, "prune.target_density": 0.5})
+    if row["training_type"] in SPARSE_TRAINING_TYPES:
+        overrides["prune.update_every"] = 4   # a few mask updates in the one epoch
     overrides.update(STRUCTURE_BY_NAME[row["structure"]].overrides)
     if row["training_type"] == "wr":
         overrides["prune.rewind_iteration"] = 5   # late resetting: level 0's 5th step
@@ -362,7 +368,7 @@ def assert_whole_channels(masks: Dict[str, torch.Tensor]) -> None:
 def check_run(row: Row, root: Path, runs: Runs) -> None:
     levels = pd.read_csv(root / "levels.csv")
     epochs = pd.read_csv(root / "epochs.csv")
-    expected_levels = [0] if row["training_type"] == "at_init" else [0, 1]
+    expected_levels = [0] if row["training_type"] in ONE_RUN_TYPES else [0, 1]
     assert levels.level.tolist() == expected_levels
     for column in ("train_loss", "test_loss", "test_acc"):
         assert epochs[column].map(math.isfinite).all(), f"epochs.csv {column} has NaN/inf"

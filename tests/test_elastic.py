@@ -30,7 +30,8 @@ def _experiment_dir(path: Path, config: dict, launch: str = "") -> None:
 
 def test_restart_resumes_the_directory_of_its_own_launch(tmp_path):
     config = {"experiment.base_dir": str(tmp_path), "experiment.name": "exp", "experiment.resume": False,
-              "prune.rate": 0.2}
+              "prune.rate": 0.2, "dataset.train_path": str(tmp_path / "train.beton"),
+              "dataset.test_path": str(tmp_path / "test.beton")}
     _experiment_dir(tmp_path / "exp", config, launch="first")
     _experiment_dir(tmp_path / "exp_1", config, launch="second")
     _experiment_dir(tmp_path / "exp_2", config, launch="third")

@@ -273,3 +273,18 @@ def test_the_report_counts_a_ticket_controls_levels_from_the_file(source):
     one = source.parent.parent / "one.safetensors"
     assert command("export", "--experiment", source, "--level", 0, "--out", one, "--without-trained")[0] == 0
     assert level_count({**control, "prune.masks_from": str(one)}) == (1, None)
+
+
+def test_a_control_from_the_file_refuses_other_data(source, digits):
+    """The file carries its run's data.json: a control whose training file is other data (here
+    the test file in its place) is refused in one line naming it, as one from the directory is."""
+    from utils.lottery.controls import ControlError, _check_source_data
+    ticket = ticket_file.read_ticket(ticket_of(source))
+    recorded = json.loads((source / "data.json").read_text())
+    assert ticket.metadata["run_data"] == recorded
+    same = {"train": recorded["train"]["path"], "test": recorded["test"]["path"]}
+    _check_source_data(ticket_of(source), ticket, same)   # its own data: accepted
+    other = {"train": recorded["test"]["path"], "test": recorded["test"]["path"]}
+    with pytest.raises(ControlError, match=r"was trained on other data: dataset.train_path=") as refused:
+        _check_source_data(ticket_of(source), ticket, other)
+    assert "\n" not in str(refused.value)

@@ -150,6 +150,24 @@ def _read_config(root: Path) -> Dict[str, Any]:
         raise ControlError(f"prune.masks_from={error}") from None
 
 
+def _check_source_data(root: Path, ticket: Optional[ticket_file.Ticket], data: Mapping[str, Any]) -> None:
+    """Refuse (one line) a source trained on other data than ``data`` ({role: path}) holds now: a
+    directory's ``data.json``, or the copy of it a ticket file carries (``run_data``; a file of a
+    run that recorded no data is not checked, as such a directory is not)."""
+    instead = "restore that data, or run the source again on the new data"
+    if ticket is not None:
+        recorded = ticket.metadata.get("run_data")
+        why = data_identity.data_change(recorded, data) if isinstance(recorded, dict) else None
+        if why:
+            raise ControlError(f"prune.masks_from={root} was trained on other data: {why}; cannot train a control "
+                               f"of it on this data: {instead}")
+        return
+    try:
+        data_identity.check_run_data(root, data, doing="train a control of it on this data", instead=instead)
+    except data_identity.DataChanged as error:
+        raise ControlError(f"prune.masks_from={error}") from None
+
+
 def _same_directory(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
@@ -190,11 +208,7 @@ def read_source(path, request: ControlRequest, model: nn.Module,
         if mine != theirs:
             raise ControlError(f"prune.masks_from={path} was made with {key}={theirs!r}, this run has {key}={mine!r}")
     if request.data is not None:
-        try:
-            data_identity.check_run_data(root, request.data, doing="train a control of it on this data",
-                                         instead="restore that data, or run the source again on the new data")
-        except data_identity.DataChanged as error:
-            raise ControlError(f"prune.masks_from={error}") from None
+        _check_source_data(root, ticket, request.data)
     layer_shapes = mask_layer_shapes(model)
     plan, structure = _source_plan(source_config, defaults, layer_shapes, path)
     if ticket is not None:

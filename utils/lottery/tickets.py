@@ -196,7 +196,7 @@ def export_ticket(directory, level: int, out=None, *, trained: bool = True) -> T
     metadata = {"level": level, "source": str(root.resolve()), "model": model, "data": data, "config": config,
                 "layers": layers, "density": alive / total if total else 1.0,
                 "levels": [_numbers(row) for row in files.levels.records()[:level + 1]],
-                "commit": commit_of(), "taken_from": taken_from}
+                "commit": commit_of(), "taken_from": taken_from, "run_data": _run_data(root)}
     path = Path(out) if out else files.ticket(level)
     if path.is_dir():
         raise UsageError(f"--out {path} is a directory")
@@ -356,6 +356,16 @@ def plain_inputs(experiment, level: Optional[int], ticket) -> Tuple[Dict[str, An
         masks = _level_masks(files, level)
         trained, _ = trained_state(Path(experiment), level, masks)
     return model_args, masks, trained, f"level {level} of {where}"
+
+
+def _run_data(root: Path) -> Optional[Dict[str, Any]]:
+    """The run's data.json (which data it trained and tested on), for a control from the file to
+    check its own data against; None when the run records none or it cannot be read."""
+    from utils.runs import data_identity
+    try:
+        return data_identity.read_run_data(root)
+    except data_identity.DataChanged:
+        return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -32,11 +32,8 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def recorded_execution(root, requested_device: Optional[str] = None) -> Optional[Execution]:
-    """World size and device type of the run in ``root`` as its last checkpoint records them
-    (None when there is no readable ``checkpoints/last.pt``).  ``requested_device``: the
-    config's ``training.device``; ``cpu``/``cuda`` are taken as said, ``auto`` (or None) is
-    CUDA exactly when the checkpoint holds a CUDA RNG state."""
+def _last_checkpoint(root) -> Optional[dict]:
+    """The run's ``checkpoints/last.pt`` as a dict, or None when it is missing or unreadable."""
     path = RunFiles(root).last_checkpoint
     if not path.is_file():
         return None
@@ -44,7 +41,16 @@ def recorded_execution(root, requested_device: Optional[str] = None) -> Optional
         state = _load(path)
     except Exception:  # noqa: BLE001 -- torch raises several types for a bad file
         return None
-    if not isinstance(state, dict):
+    return state if isinstance(state, dict) else None
+
+
+def recorded_execution(root, requested_device: Optional[str] = None) -> Optional[Execution]:
+    """World size and device type of the run in ``root`` as its last checkpoint records them
+    (None when there is no readable ``checkpoints/last.pt``).  ``requested_device``: the
+    config's ``training.device``; ``cpu``/``cuda`` are taken as said, ``auto`` (or None) is
+    CUDA exactly when the checkpoint holds a CUDA RNG state."""
+    state = _last_checkpoint(root)
+    if state is None:
         return None
     world_size = state.get("world_size", 1)
     if requested_device in ("cpu", "cuda"):
@@ -59,14 +65,8 @@ def recorded_iterations_per_epoch(root) -> Optional[int]:
     """Optimizer steps per epoch of the run in ``root`` (the progress its ``checkpoints/last.pt``
     saves: ``iterations_per_epoch``); None when it is not recorded (a run older than that field)
     or the file cannot be read.  The report turns a ``prune.rewind_iteration`` into epochs with it."""
-    path = RunFiles(root).last_checkpoint
-    if not path.is_file():
-        return None
-    try:
-        state = _load(path)
-    except Exception:  # noqa: BLE001 -- torch raises several types for a bad file
-        return None
-    value = state.get("iterations_per_epoch") if isinstance(state, dict) else None
+    state = _last_checkpoint(root)
+    value = state.get("iterations_per_epoch") if state is not None else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
