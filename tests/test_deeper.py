@@ -183,6 +183,7 @@ def test_a_sweep_that_raises_levels_finds_its_finished_runs_partial(tmp_path, di
     assert sweep_spec.run_status(Run(**{"prune.levels": 1})) == "conflict"
 
 
+@pytest.mark.slow  # ~30 s: torchrun twice; one process goes deeper in the tests above (RUN_SLOW=1 runs it)
 def test_two_processes_go_deeper_and_agree_on_what_to_do(tmp_path, digits):
     """Under torchrun rank 0 decides (under the lock) and every rank follows its decision."""
     from tests.helpers import run_harness
@@ -200,6 +201,7 @@ def test_two_processes_go_deeper_and_agree_on_what_to_do(tmp_path, digits):
     assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # ~35 s: a whole sweep twice; run_status of a deepened sweep is tested above (RUN_SLOW=1 runs it)
 def test_a_sweep_whose_file_raises_levels_continues_its_runs_and_their_controls(tmp_path, digits, monkeypatch, capsys):
     """One source and its shuffle control, 1 level each; the same sweep with prune.levels=2
     relaunches both and each goes on to level 1, level 0 unchanged (one run at a time: the
